@@ -1,0 +1,37 @@
+# The two set-up commands: `make demo` and `make test`. Both create .venv on first use and are safe
+# to re-run. torch is installed first, pinned: a CPU build of 2.13.0 exists locally, and an
+# unpinned torch would pull several GB of CUDA wheels.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+TORCH := torch==2.13.0
+# DVC runs stage commands through a shell: the venv's scripts (flywheel, dvc) must be on PATH.
+export PATH := $(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: demo test airflow install
+
+install: $(VENV)/.installed
+
+$(VENV)/.torch:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install $(TORCH)
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch
+	$(BIN)/python -m pip install -e '.[test]'
+	touch $@
+
+demo: install
+	dvc repro
+	@echo
+	@echo "Pipeline up to date. Metrics: metrics/*.json (dvc metrics show); stage graph: dvc dag."
+	@echo "Outputs are under data/interim/ (quarantined items: data/interim/ingest/quarantine.jsonl)."
+
+test: install
+	HF_HUB_OFFLINE=1 python -m pytest
+
+airflow: install
+	flywheel airflow

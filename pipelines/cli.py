@@ -1,0 +1,155 @@
+"""The `flywheel` command (also `python -m pipelines`).
+
+Stage modules are imported only when their command runs, so `flywheel --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from pipelines.errors import FlywheelError
+
+# name -> (module, one-line description). dvc.yaml runs each as `flywheel <name>`.
+STAGES: dict[str, tuple[str, str]] = {
+    "ingest": ("pipelines.ingest",
+               "read the raw sources in data/raw into canonical Parquet, quarantining bad items"),
+}
+TOOLS: dict[str, str] = {
+    "params": "show the typed params, or apply dotted overrides (what an Airflow UI trigger does)",
+    "make-sample": "regenerate the bundled sample data under data/raw/sample/",
+}
+SERVICES: dict[str, str] = {
+    "airflow": "start Airflow locally (standalone, dags/ as the DAG folder) and print URL and login",
+}
+METRICS_DIR = Path("metrics")
+
+
+def _epilog() -> str:
+    def block(title: str, entries: dict[str, str]) -> str:
+        return title + "\n" + "\n".join(f"  {name:<13} {text}" for name, text in entries.items())
+
+    stages = {name: text for name, (_, text) in STAGES.items()}
+    return "\n\n".join([
+        block("pipeline stages (each writes metrics/<stage>.json; `dvc repro` runs them in order):",
+              stages),
+        block("tools:", TOOLS),
+        block("services:", SERVICES),
+        "Run `flywheel <command> --help` for a command's options.",
+    ])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flywheel",
+        description="Flywheel: raw text to a fine-tuned, aligned, evaluated and deployed model.",
+        epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    commands = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, (_, text) in STAGES.items():
+        commands.add_parser(name, description=text)
+
+    params = commands.add_parser("params", description=TOOLS["params"])
+    params_actions = params.add_subparsers(dest="action", metavar="<action>")
+    params_actions.add_parser("show", help="print the validated params as JSON")
+    apply = params_actions.add_parser(
+        "apply", help="set dotted params in params.yaml after validating them",
+        description="Set dotted params (e.g. ingest.chunk_size) in params.yaml, keeping its "
+                    "comments. Values are validated against the typed params first.")
+    apply.add_argument("--json", dest="overrides_json", default="{}",
+                       help='a JSON object of dotted keys to values, e.g. \'{"ingest.chunk_size": 5000}\'')
+    apply.add_argument("--run-conf", default=None,
+                       help="an Airflow run's conf as JSON: its dotted keys are param overrides; "
+                            "other keys (e.g. a retraining reason) describe the run and are left alone")
+    apply.add_argument("assignments", nargs="*", metavar="KEY=VALUE",
+                       help="dotted key = YAML value, e.g. ingest.chunk_size=5000")
+
+    commands.add_parser("make-sample", description=TOOLS["make-sample"])
+    airflow = commands.add_parser("airflow", description=SERVICES["airflow"])
+    airflow.add_argument("--port", type=int, default=8080)
+    return parser
+
+
+def run_stage(name: str, params_path: str) -> None:
+    from pipelines.config import load_params
+    from pipelines.io import write_json
+
+    params = load_params(params_path)
+    module = importlib.import_module(STAGES[name][0])
+    metrics = module.run(params)
+    write_json(METRICS_DIR / f"{name}.json", metrics)
+    print(module.report(metrics))
+
+
+def _json_object(text: str | None, option: str) -> dict:
+    if text is None or text.strip() in ("", "null"):
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise FlywheelError(f"{option} is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise FlywheelError(f"{option} must be a JSON object of dotted keys to values")
+    return value
+
+
+def _parse_overrides(args: argparse.Namespace) -> dict:
+    import yaml
+
+    overrides = _json_object(args.overrides_json, "--json")
+    run_conf = _json_object(args.run_conf, "--run-conf")
+    overrides.update({key: value for key, value in run_conf.items() if "." in key})
+    for key in sorted(set(run_conf) - set(overrides)):
+        print(f"run conf {key}={run_conf[key]!r} (not a param; recorded with the run only)")
+    for assignment in args.assignments:
+        key, sep, value = assignment.partition("=")
+        if not sep or not key:
+            raise FlywheelError(f"expected KEY=VALUE, got {assignment!r}")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def params_command(args: argparse.Namespace) -> None:
+    from pipelines.config import apply_overrides, load_params
+
+    if args.action == "apply":
+        changes = apply_overrides(args.params, _parse_overrides(args))
+        if not changes:
+            print(f"{args.params}: no change")
+        for key, (old, new) in changes.items():
+            print(f"{args.params}: {key}: {old!r} -> {new!r}")
+    else:
+        print(json.dumps(load_params(args.params).model_dump(), indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command is None:
+            parser.print_help()
+            return 2
+        if args.command in STAGES:
+            run_stage(args.command, args.params)
+        elif args.command == "params":
+            params_command(args)
+        elif args.command == "make-sample":
+            from pipelines import sample_data
+
+            print(sample_data.write_sample())
+        elif args.command == "airflow":
+            from pipelines import airflow_local
+
+            return airflow_local.standalone(port=args.port)
+    except FlywheelError as error:
+        print(f"flywheel {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"flywheel {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,211 @@
+"""Typed params: params.yaml is loaded into pydantic models, one section per stage.
+
+An unknown key, a wrong type or a missing file raises ParamsError with one message that names the
+key or the file; nothing downstream ever sees an unchecked value.
+"""
+
+from __future__ import annotations
+
+import io
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipelines.errors import ParamsError
+from pipelines.io import atomic_path
+
+PARAMS_FILE = "params.yaml"
+RAW_DIR = "data/raw"
+
+
+class _Section(BaseModel):
+    # extra="forbid" is what turns a typo in params.yaml into an error instead of a silent default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+SourceKind = Literal["pair", "messages", "transcript", "preference"]
+SourceFormat = Literal["auto", "jsonl", "json", "csv", "parquet"]
+
+# For each kind of source: the canonical roles it must fill and the ones it may fill.
+# `fields` in a source maps a role to the field name in the raw records (default: the role's name).
+SOURCE_ROLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "pair": (("prompt", "response"), ("context", "system")),
+    "messages": (("messages",), ()),
+    "transcript": (("text",), ("system",)),
+    # Without a `prompt` role, chosen and rejected are whole Human:/Assistant: transcripts.
+    "preference": (("chosen", "rejected"), ("prompt", "context", "system")),
+}
+
+
+class SourceParams(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    path: str = Field(description="glob relative to the project root, under data/raw/")
+    kind: SourceKind
+    format: SourceFormat = "auto"
+    fields: dict[str, str] = Field(default_factory=dict)
+    license: str = "unknown"
+
+    @field_validator("path")
+    @classmethod
+    def _under_raw_dir(cls, path: str) -> str:
+        # DVC tracks data/raw as the ingest stage's dependency; a source elsewhere would be
+        # read without DVC noticing when it changes.
+        if not path.startswith(f"{RAW_DIR}/") or ".." in Path(path).parts:
+            raise ValueError(f"must be a glob under {RAW_DIR}/ (got {path!r})")
+        return path
+
+    @model_validator(mode="after")
+    def _fields_fit_kind(self) -> SourceParams:
+        required, optional = SOURCE_ROLES[self.kind]
+        unknown = set(self.fields) - set(required) - set(optional)
+        if unknown:
+            allowed = ", ".join(required + optional)
+            raise ValueError(
+                f"fields {sorted(unknown)} do not apply to kind {self.kind!r} (allowed: {allowed})"
+            )
+        return self
+
+    @cached_property
+    def role_fields(self) -> dict[str, str]:
+        """Role -> raw field name, for every role this source fills (computed once: hot path)."""
+        required, optional = SOURCE_ROLES[self.kind]
+        mapping = {role: self.fields.get(role, role) for role in required}
+        for role in optional:
+            # preference: an unmapped prompt means the pairs are whole transcripts
+            if role in self.fields or self.kind != "preference":
+                mapping[role] = self.fields.get(role, role)
+        return mapping
+
+    def field_for(self, role: str) -> str | None:
+        """The raw field name that fills `role`, or None if this source does not fill it."""
+        return self.role_fields.get(role)
+
+
+class IngestParams(_Section):
+    sources: list[SourceParams] = Field(min_length=1)
+    chunk_size: int = Field(default=10_000, ge=1, description="records per Parquet row group")
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, sources: list[SourceParams]) -> list[SourceParams]:
+        names = [s.name for s in sources]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"source names must be unique; repeated: {duplicates}")
+        return sources
+
+
+class AirflowParams(_Section):
+    schedule: str | None = Field(default=None, description="cron or preset for flywheel_training")
+    trigger_params: list[str] = Field(
+        default_factory=list,
+        description="dotted params shown in the Airflow trigger form, e.g. ingest.chunk_size",
+    )
+
+
+class Params(_Section):
+    ingest: IngestParams
+    airflow: AirflowParams = Field(default_factory=AirflowParams)
+
+    @model_validator(mode="after")
+    def _trigger_params_exist(self) -> Params:
+        data = self.model_dump()
+        for key in self.airflow.trigger_params:
+            try:
+                value = get_dotted(data, key)
+            except KeyError:
+                raise ValueError(f"airflow.trigger_params names {key!r}, which is not a param")
+            if isinstance(value, (dict, list)):
+                raise ValueError(f"airflow.trigger_params: {key!r} is a section, not a single value")
+        return self
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid params"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; see params.yaml for the known keys)"
+        elif "input" in item and item["type"] not in ("missing",):
+            message = f"{message} (got {item['input']!r})"
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)
+
+
+def parse_params(data: Any, source: str = PARAMS_FILE) -> Params:
+    if not isinstance(data, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections at the top level")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as error:
+        raise ParamsError(_format_validation_error(error, source)) from None
+
+
+def read_params_data(path: str | Path = PARAMS_FILE) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(
+            f"{path}: params file not found; run from the project root or pass --params PATH"
+        )
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML: {error}") from None
+    return data if data is not None else {}
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    return parse_params(read_params_data(path), source=str(path))
+
+
+def get_dotted(data: dict, key: str) -> Any:
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(key)
+        node = node[part]
+    return node
+
+
+def apply_overrides(path: str | Path, overrides: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Set dotted params in params.yaml, keeping its comments, as `dvc exp run -S` would.
+
+    The result is validated against the typed params before anything is written; returns
+    {key: (old, new)} for the values that changed. Unchanged values leave the file untouched, so
+    DVC sees no params change.
+    """
+    from ruamel.yaml import YAML  # dvc's own YAML library; round-trips comments
+
+    path = Path(path)
+    current = read_params_data(path)
+    changes: dict[str, tuple[Any, Any]] = {}
+    for key, value in overrides.items():
+        try:
+            old = get_dotted(current, key)
+        except KeyError:
+            raise ParamsError(f"{path}: cannot set {key!r}: no such param") from None
+        if old != value:
+            changes[key] = (old, value)
+    if not changes:
+        return changes
+
+    yaml_rt = YAML()
+    yaml_rt.representer.add_representer(  # write null as `null`, not as an empty value
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
+    document = yaml_rt.load(path.read_text())
+    for key, (_, value) in changes.items():
+        *parents, leaf = key.split(".")
+        node = document
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    buffer = io.StringIO()
+    yaml_rt.dump(document, buffer)
+    parse_params(yaml.safe_load(buffer.getvalue()), source=f"{path} with {sorted(changes)} set")
+    with atomic_path(path) as tmp:
+        tmp.write_text(buffer.getvalue())
+    return changes
