@@ -1,0 +1,222 @@
+"""The bundled sample under data/raw/sample/ (`flywheel make-sample` regenerates it).
+
+The task a tiny model can learn on a CPU in minutes: word-by-word translation of 2-4 English words
+into French ("Translate to French: red cat" -> "rouge chat"), served in every raw format and shape
+ingest supports. Planted on purpose, so every later stage has something to catch: exact and near
+duplicates, PII (e-mails, phone numbers, card numbers), HTML markup, empty, overlong and garbage
+records, malformed lines, undecodable bytes, and preference pairs (a correct translation chosen
+over one with a wrong word or a wrong order). Deterministic: the same seed writes the same data.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SAMPLE_DIR = Path("data/raw/sample")
+SEED = 20261122
+
+LEXICON = {
+    "cat": "chat", "dog": "chien", "house": "maison", "tree": "arbre", "water": "eau",
+    "bread": "pain", "apple": "pomme", "book": "livre", "car": "voiture", "sun": "soleil",
+    "moon": "lune", "star": "étoile", "flower": "fleur", "bird": "oiseau", "fish": "poisson",
+    "horse": "cheval", "milk": "lait", "cheese": "fromage", "door": "porte", "window": "fenêtre",
+    "chair": "chaise", "river": "rivière", "mountain": "montagne", "sea": "mer", "city": "ville",
+    "road": "route", "garden": "jardin", "school": "école", "friend": "ami", "red": "rouge",
+    "blue": "bleu", "green": "vert", "black": "noir", "white": "blanc", "big": "grand",
+    "small": "petit", "old": "vieux", "new": "nouveau", "happy": "heureux", "cold": "froid",
+    "hot": "chaud", "one": "un", "two": "deux", "three": "trois", "four": "quatre", "five": "cinq",
+    "and": "et",
+}
+PROMPT_TEMPLATES = ("Translate to French: {words}", "How do you say '{words}' in French?",
+                    "French for: {words}")
+SYSTEM_PROMPT = "You are a precise translator. Answer with the French words only."
+NAMES = ("Alice Martin", "Bruno Keller", "Chloe Dubois", "Dmitri Ivanov", "Emma Rossi",
+         "Farid Haddad", "Grace Okafor", "Hiro Tanaka", "Ines Garcia", "Jonas Berg")
+TOPICS = ("budget", "migration", "hiring", "launch", "security review", "roadmap", "offsite")
+DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday")
+
+
+def _phrase(rng: random.Random) -> list[str]:
+    return rng.sample(sorted(LEXICON), rng.randint(2, 4))
+
+
+def _translate(words: list[str]) -> str:
+    return " ".join(LEXICON[word] for word in words)
+
+
+def _prompt(rng: random.Random, words: list[str]) -> str:
+    return rng.choice(PROMPT_TEMPLATES).format(words=" ".join(words))
+
+
+def _wrong_translation(rng: random.Random, words: list[str]) -> str:
+    """A plausible mistake: one word mistranslated, or the right words in the wrong order."""
+    french = [LEXICON[word] for word in words]
+    if rng.random() < 0.5:
+        position = rng.randrange(len(french))
+        french[position] = rng.choice([w for w in LEXICON.values() if w != french[position]])
+    else:
+        french = french[1:] + french[:1]
+    return " ".join(french)
+
+
+def _luhn_card(rng: random.Random) -> str:
+    digits = [4] + [rng.randint(0, 9) for _ in range(14)]
+    total = 0
+    for index, digit in enumerate(reversed(digits)):
+        doubled = digit * 2 if index % 2 == 0 else digit
+        total += doubled - 9 if doubled > 9 else doubled
+    digits.append((10 - total % 10) % 10)
+    number = "".join(map(str, digits))
+    return " ".join(number[i:i + 4] for i in range(0, 16, 4))
+
+
+def _note(rng: random.Random, name: str) -> str:
+    first = name.split()[0].lower()
+    return (f"<p>Meeting with {name} about the {rng.choice(TOPICS)} project on {rng.choice(DAYS)}. "
+            f"Reach {first} at {first}.{rng.randint(10, 99)}@example.com or "
+            f"+44 20 7946 {rng.randint(1000, 9999)}. Paid the deposit with card {_luhn_card(rng)}; "
+            f"order number {rng.randint(10**9, 10**10 - 1)}. Please bring the signed papers and "
+            f"the notes from last week.</p>")
+
+
+def _translation_rows(rng: random.Random, count: int) -> list[tuple[str, str, list[str]]]:
+    rows = []
+    for _ in range(count):
+        words = _phrase(rng)
+        rows.append((_prompt(rng, words), _translate(words), words))
+    return rows
+
+
+def _jsonl_bytes(rng: random.Random) -> bytes:
+    lines = [json.dumps({"question": p, "answer": a}, ensure_ascii=False)
+             for p, a, _ in _translation_rows(rng, 560)]
+    lines += lines[:12]  # planted exact duplicates
+    lines += [
+        json.dumps({"question": "Translate to French: cat", "answer": ""}),  # empty response
+        json.dumps({"question": "Translate to French: dog"}),  # missing response
+        json.dumps({"question": "Translate to French: two", "answer": 2}),  # wrong type
+        json.dumps({"question": "Translate to French: " + "sun " * 4000, "answer": "soleil " * 4000}),
+        json.dumps({"question": "Translate to French: moon star", "answer": "#$%@!! ^^&* ~~~ |||"}),
+        '{"question": "Translate to French: red", "answer": ',  # truncated line
+        "this line is not JSON at all",
+        '["an array, not an object"]',
+    ]
+    data = "\n".join(lines).encode("utf-8")
+    bad_bytes = b'\n{"question": "Translate to French: \xff\xfe tree", "answer": "arbre"}\n'
+    return data + bad_bytes
+
+
+def _csv_text(rng: random.Random) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["instruction", "input", "output", "category"])
+    for _ in range(280):
+        words = _phrase(rng)
+        writer.writerow(["Translate to French.", " ".join(words), _translate(words), "translation"])
+    writer.writerow(["Translate to French.", "cold water", "froid eau", "translation", "EXTRA"])
+    writer.writerow(["Translate to French.", "", "", "translation"])  # empty fields
+    return buffer.getvalue()
+
+
+def _chats(rng: random.Random) -> list:
+    chats = []
+    for prompt, answer, words in _translation_rows(rng, 200):
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}]
+        if rng.random() < 0.3:  # multi-turn: an earlier exchange becomes history
+            earlier = _phrase(rng)
+            messages += [{"role": "user", "content": _prompt(rng, earlier)},
+                         {"role": "assistant", "content": _translate(earlier)}]
+        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        chats.append({"messages": messages, "conversation_id": f"c{len(chats):04d}"})
+    chats.append({"messages": [{"role": "robot", "content": "beep"}]})
+    chats.append({"messages": [{"role": "user", "content": "Translate to French: sea"}]})
+    chats.append({"messages": "not a list"})
+    return chats
+
+
+def _transcripts(rng: random.Random, duplicates_of: list[str]) -> list[dict]:
+    rows = []
+    for prompt, answer, _ in _translation_rows(rng, 190):
+        rows.append({"text": f"\n\nHuman: {prompt}\n\nAssistant: {answer}"})
+    for line in duplicates_of[:8]:  # the same examples as in the JSONL file: cross-source duplicates
+        item = json.loads(line)
+        rows.append({"text": f"\n\nHuman: {item['question']}\n\nAssistant: {item['answer']}"})
+    rows.append({"text": "Just some text without any turns."})
+    return rows
+
+
+def _notes(rng: random.Random) -> pa.Table:
+    questions, answers = [], []
+    for index in range(60):
+        name = NAMES[index % len(NAMES)]
+        questions.append(f"Who is the meeting with? Note: {_note(rng, name)}")
+        answers.append(name)
+    for index in range(15):  # planted near duplicates: a word changed or a sentence appended
+        source = questions[index]
+        variant = (source.replace("Please bring", "Kindly bring") if index % 2 else
+                   source.replace("</p>", " Thanks!</p>"))
+        questions.append(variant)
+        answers.append(answers[index])
+    questions += ["Who is the meeting with? Note: <p> </p>", "Describe the weather."]
+    answers += ["<p></p>", "@@@ ### $$$ %%% &&& *** !!! ??? ### @@@ $$$ %%%"]
+    return pa.table({"query": questions, "reply": answers, "topic": ["notes"] * len(questions)})
+
+
+def _preference_rows(rng: random.Random) -> list[dict]:
+    rows = []
+    for _ in range(300):
+        words = _phrase(rng)
+        rows.append({"prompt": _prompt(rng, words), "chosen": _translate(words),
+                     "rejected": _wrong_translation(rng, words)})
+    rows.append({"prompt": "Translate to French: dog", "chosen": "chien", "rejected": None})
+    return rows
+
+
+def _transcript_preference_rows(rng: random.Random) -> list[dict]:
+    rows = []
+    for _ in range(100):
+        words = _phrase(rng)
+        prefix = f"\n\nHuman: {_prompt(rng, words)}\n\nAssistant:"
+        rows.append({"chosen": f"{prefix} {_translate(words)}",
+                     "rejected": f"{prefix} {_wrong_translation(rng, words)}"})
+    rows.append({"chosen": "\n\nHuman: Translate to French: cat\n\nAssistant: chat",
+                 "rejected": "\n\nHuman: Translate to French: dog\n\nAssistant: chat"})
+    return rows
+
+
+def _gzip(data: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as archive:  # mtime=0: reproducible
+        archive.write(data)
+    return buffer.getvalue()
+
+
+def _jsonl(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+
+
+def write_sample(directory: Path = SAMPLE_DIR, seed: int = SEED) -> str:
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    jsonl = _jsonl_bytes(rng)
+    files = {
+        "translations.jsonl": jsonl,
+        "instructions.csv": _csv_text(rng).encode("utf-8"),
+        "chats.json": json.dumps(_chats(rng), ensure_ascii=False, indent=1).encode("utf-8"),
+        "transcripts.jsonl.gz": _gzip(_jsonl(_transcripts(rng, jsonl.decode("utf-8", "replace")
+                                                           .splitlines()))),
+        "preferences.jsonl": _jsonl(_preference_rows(rng)),
+        "hh_preferences.jsonl.gz": _gzip(_jsonl(_transcript_preference_rows(rng))),
+    }
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
+    pq.write_table(_notes(rng), directory / "notes.parquet", compression="zstd")
+    return f"wrote {len(files) + 1} sample files to {directory}/"
