@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def test_env(**extra: str) -> dict[str, str]:
+    """Environment for subprocesses: this venv first on PATH, nothing fetched from any hub."""
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", **extra}
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=test_env(**env), capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture
+def project_copy(tmp_path: Path) -> Path:
+    """A fresh git repository holding this checkout's files, as a new clone would."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    copy = tmp_path / "project"
+    for relative in filter(None, listed):
+        source = REPO / relative
+        if source.is_file():
+            (copy / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, copy / relative)
+    # Outputs of an earlier run in this checkout must not leak into the copy.
+    shutil.rmtree(copy / "data" / "interim", ignore_errors=True)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    run(git + ["init", "-q"], copy)
+    run(git + ["add", "-A"], copy)
+    run(git + ["commit", "-q", "-m", "copy"], copy)
+    return copy

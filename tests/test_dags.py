@@ -1,0 +1,82 @@
+"""The DAG folder parses cleanly, cheaply, and into the same graph DVC builds from dvc.yaml."""
+
+import json
+import textwrap
+
+from pipelines.dvc_graph import load_stages, upstream_of
+from tests.conftest import REPO, run
+
+HEAVY_MODULES = ("torch", "transformers", "pandas", "trl", "deepspeed", "great_expectations",
+                 "evidently", "dvc")
+
+DAGBAG_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from airflow.dag_processing.dagbag import DagBag
+    bag = DagBag(dag_folder=sys.argv[1])
+    dag = bag.dags.get("flywheel_training")
+    print(json.dumps({
+        "errors": {k: str(v) for k, v in bag.import_errors.items()},
+        "dags": sorted(bag.dags),
+        "upstream": {t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks} if dag else {},
+        "params": dict(dag.params.dump()) if dag else {},
+        "max_active_tasks": dag.max_active_tasks if dag else None,
+    }))
+""")
+
+
+def load_dagbag(dags_folder, tmp_path) -> dict:
+    result = run(["python", "-c", DAGBAG_SCRIPT, str(dags_folder)], tmp_path,
+                 AIRFLOW_HOME=str(tmp_path / "airflow"), AIRFLOW__CORE__LOAD_EXAMPLES="False")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_dags_folder_loads_without_import_errors(tmp_path):
+    bag = load_dagbag(REPO / "dags", tmp_path)
+    assert bag["errors"] == {}
+    assert "flywheel_training" in bag["dags"]
+    assert bag["upstream"]["ingest"] == ["apply_params"]
+    assert bag["params"] == {"ingest.chunk_size": 10000}
+    assert bag["max_active_tasks"] == 1  # one workspace, one DVC lock
+
+
+def test_dag_file_imports_nothing_heavy(tmp_path):
+    script = ("import sys, runpy; runpy.run_path(sys.argv[1]); "
+              f"print(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules))")
+    result = run(["python", "-c", script, str(REPO / "dags/flywheel_training.py")], tmp_path,
+                 AIRFLOW_HOME=str(tmp_path / "airflow"))
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+EXTRA_STAGES = textwrap.indent(textwrap.dedent("""
+      clean:
+        cmd: echo clean
+        deps: [data/interim/ingest/records.parquet]
+        outs: [data/interim/clean]
+        metrics: [{metrics/clean.json: {cache: false}}]
+      validate:
+        cmd: echo validate
+        deps: [data/interim/clean/records.parquet]
+        outs: [reports/validate]
+      report:
+        cmd: echo report
+        deps: [metrics, data/interim/ingest/quarantine.jsonl]
+        outs: [reports/summary.html]
+"""), "  ")
+
+
+def test_a_stage_added_to_dvc_yaml_appears_in_the_dag_with_dvcs_edges(project_copy, tmp_path):
+    dvc_yaml = project_copy / "dvc.yaml"
+    dvc_yaml.write_text(dvc_yaml.read_text() + EXTRA_STAGES)
+
+    # The graph DVC itself builds (edges point from a stage to the stages it depends on).
+    script = ("from dvc.repo import Repo; import json; g = Repo('.').index.graph; "
+              "print(json.dumps(sorted([v.addressing, u.addressing] for u, v in g.edges())))")
+    dvc_edges = json.loads(run(["python", "-c", script], project_copy).stdout)
+    ours = upstream_of(load_stages(dvc_yaml))
+    assert sorted([up, down] for down, ups in ours.items() for up in ups) == dvc_edges
+    assert ours["report"] == {"ingest", "clean"}  # via metrics/ and the quarantine file
+
+    bag = load_dagbag(project_copy / "dags", tmp_path)
+    assert bag["errors"] == {}
+    assert bag["upstream"] == {"apply_params": [], "ingest": ["apply_params"], "clean": ["ingest"],
+                               "validate": ["clean"], "report": ["clean", "ingest"]}

@@ -1,0 +1,81 @@
+
+import pytest
+import yaml
+
+from pipelines.config import apply_overrides, load_params, parse_params
+from pipelines.errors import ParamsError
+from tests.conftest import BIN, REPO, run
+
+
+def repo_params() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def test_the_shipped_params_load():
+    params = load_params(REPO / "params.yaml")
+    assert [s.name for s in params.ingest.sources][:2] == ["translations", "instructions"]
+
+
+def test_unknown_key_is_named():
+    data = repo_params()
+    data["ingest"]["chunk_sise"] = 10
+    with pytest.raises(ParamsError, match=r"ingest\.chunk_sise: unknown key"):
+        parse_params(data)
+
+
+def test_wrong_type_is_named_with_the_value():
+    data = repo_params()
+    data["ingest"]["sources"][1]["kind"] = "pairs"
+    with pytest.raises(ParamsError) as error:
+        parse_params(data)
+    assert "ingest.sources.1.kind" in str(error.value) and "'pairs'" in str(error.value)
+
+
+def test_source_outside_raw_dir_is_refused():
+    data = repo_params()
+    data["ingest"]["sources"][0]["path"] = "/etc/passwd"
+    with pytest.raises(ParamsError, match=r"ingest\.sources\.0\.path.*under data/raw/"):
+        parse_params(data)
+
+
+def test_fields_must_fit_the_kind():
+    data = repo_params()
+    data["ingest"]["sources"][2]["fields"] = {"response": "answer"}  # a messages source
+    with pytest.raises(ParamsError, match="do not apply to kind 'messages'"):
+        parse_params(data)
+
+
+def test_trigger_params_must_name_params():
+    data = repo_params()
+    data["airflow"]["trigger_params"] = ["ingest.no_such_knob"]
+    with pytest.raises(ParamsError, match="ingest.no_such_knob"):
+        parse_params(data)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ParamsError, match=r"nowhere\.yaml: params file not found"):
+        load_params(tmp_path / "nowhere.yaml")
+
+
+def test_apply_overrides_keeps_comments_and_validates(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text())
+    assert apply_overrides(path, {"ingest.chunk_size": 500}) == {"ingest.chunk_size": (10000, 500)}
+    text = path.read_text()
+    assert "chunk_size: 500" in text and "# records per Parquet row group" in text
+    assert load_params(path).ingest.chunk_size == 500
+    assert apply_overrides(path, {"ingest.chunk_size": 500}) == {}  # unchanged: file untouched
+    with pytest.raises(ParamsError, match="ingest.chunk_size"):
+        apply_overrides(path, {"ingest.chunk_size": -1})
+    assert load_params(path).ingest.chunk_size == 500  # a refused value writes nothing
+
+
+def test_cli_reports_bad_params_without_traceback(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("ingest:\n  sources: []\n  colour: blue\n")
+    result = run([str(BIN / "flywheel"), "--params", str(bad), "ingest"],
+                 tmp_path, check=False)
+    assert result.returncode == 2
+    assert "ingest.colour: unknown key" in result.stderr
+    assert "ingest.sources" in result.stderr
+    assert "Traceback" not in result.stderr
