@@ -7,3 +7,14 @@ class FlywheelError(Exception):
 
 class ParamsError(FlywheelError):
     """params.yaml is missing, malformed, or does not match the typed schema."""
+
+
+class StageFailed(FlywheelError):
+    """A stage ran and its verdict is a failure (e.g. a critical expectation failed).
+
+    `metrics` still describe the run: the CLI writes them before reporting the failure.
+    """
+
+    def __init__(self, message: str, metrics: dict):
+        super().__init__(message)
+        self.metrics = metrics

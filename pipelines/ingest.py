@@ -16,14 +16,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import orjson
-import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipelines.config import Params, SourceParams
 from pipelines.errors import FlywheelError
 from pipelines.formats import RawRow, detect_format, read_rows
-from pipelines.io import atomic_path
+from pipelines.io import ParquetChunkWriter, atomic_path
 from pipelines.records import PREFERENCE_SCHEMA, RECORD_SCHEMA, Rejected, map_item
 
 OUT_DIR = Path("data/interim/ingest")
@@ -31,34 +29,6 @@ RECORDS = OUT_DIR / "records.parquet"
 PREFERENCES = OUT_DIR / "preferences.parquet"
 QUARANTINE = OUT_DIR / "quarantine.jsonl"
 OUTPUTS = (RECORDS, PREFERENCES, QUARANTINE)
-
-
-class ParquetChunkWriter:
-    """Buffers rows column-wise and writes a row group every `chunk_size` rows: memory stays bounded."""
-
-    def __init__(self, path: Path, schema: pa.Schema, chunk_size: int):
-        self._schema = schema
-        self._chunk_size = chunk_size
-        self._columns: dict[str, list] = {name: [] for name in schema.names}
-        self._writer = pq.ParquetWriter(path, schema, compression="zstd")
-        self.rows = 0
-
-    def add(self, row: dict) -> None:
-        for name, column in self._columns.items():
-            column.append(row[name])
-        self.rows += 1
-        if len(self._columns["id"]) >= self._chunk_size:
-            self._flush()
-
-    def _flush(self) -> None:
-        self._writer.write_table(pa.table(self._columns, schema=self._schema))
-        for column in self._columns.values():
-            column.clear()
-
-    def close(self) -> None:
-        if self._columns["id"] or self.rows == 0:
-            self._flush()  # an empty output still carries the schema
-        self._writer.close()
 
 
 def resolve_sources(sources: list[SourceParams], root: Path) -> list[tuple[SourceParams, list[Path]]]:

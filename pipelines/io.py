@@ -10,6 +10,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
@@ -33,3 +36,40 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
 def write_json(target: str | os.PathLike, data: Any) -> None:
     with atomic_path(target) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+class ParquetChunkWriter:
+    """Buffers rows column-wise and writes a row group every `chunk_size` rows: memory stays bounded."""
+
+    def __init__(self, path: Path, schema: pa.Schema, chunk_size: int = 10_000):
+        self._schema = schema
+        self._chunk_size = chunk_size
+        self._columns: dict[str, list] = {name: [] for name in schema.names}
+        self._writer = pq.ParquetWriter(path, schema, compression="zstd")
+        self.rows = 0
+        self._buffered = 0
+
+    def add(self, row: dict) -> None:
+        for name, column in self._columns.items():
+            column.append(row[name])
+        self.rows += 1
+        self._buffered += 1
+        if self._buffered >= self._chunk_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._writer.write_table(pa.table(self._columns, schema=self._schema))
+        for column in self._columns.values():
+            column.clear()
+        self._buffered = 0
+
+    def close(self) -> None:
+        if self._buffered or self.rows == 0:
+            self._flush()  # an empty output still carries the schema
+        self._writer.close()
+
+
+def read_batches(path: str | os.PathLike, batch_size: int = 10_000) -> Iterator[list[dict]]:
+    """Rows of a Parquet file as dicts, a batch at a time (memory stays bounded)."""
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
+        yield batch.to_pylist()
