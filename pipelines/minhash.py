@@ -1,0 +1,165 @@
+"""Near-duplicate detection: MinHash signatures and LSH banding, vectorised over batches.
+
+Signatures: each document's word n-gram shingles are hashed to 64 bits, and each of `num_perm`
+hash functions h(x) = (a*x + b) >> 32 (multiply-shift, a odd) keeps its minimum over the
+shingles. Two documents agree on a signature position with probability equal to the Jaccard
+similarity of their shingle sets.
+
+LSH: signatures are cut into `bands` bands of `rows` rows; documents whose band matches in any
+band become candidate pairs, and a candidate is kept only if its estimated Jaccard similarity
+(the share of equal positions) reaches the threshold. Components of the kept pairs are the
+near-duplicate clusters.
+
+Everything per document happens in numpy over a batch at once; the Python-level work per
+document is tokenising and a dictionary lookup per word.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import string
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+
+# Words are what is left between white space once punctuation is blanked out: str.translate and
+# str.split run in C, which makes tokenising cheaper than a regular expression.
+_PUNCTUATION_TO_SPACE = str.maketrans(
+    {char: " " for char in string.punctuation.replace("_", "") + "\u2014\u2013\u2026\u00ab\u00bb"
+     "\u201c\u201d\u2018\u2019\u00bf\u00a1\u00b7"})
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_ROW_MULTIPLIERS = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
+                             0xD6E8FEB86659FD93, 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53,
+                             0x87C37B91114253D5, 0x4CF5AD432745937F], dtype=np.uint64)
+_WORD_CACHE_LIMIT = 2_000_000
+
+
+def tokenize(text: str) -> list[str]:
+    return text.casefold().translate(_PUNCTUATION_TO_SPACE).split()
+
+
+def _mix(values: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: spreads every input bit over the whole 64-bit word."""
+    values = (values ^ (values >> np.uint64(30))) * _M1
+    values = (values ^ (values >> np.uint64(27))) * _M2
+    return values ^ (values >> np.uint64(31))
+
+
+@dataclass(frozen=True)
+class MinHashSettings:
+    shingle_size: int = 3
+    num_perm: int = 128
+    bands: int = 32
+    rows: int = 4
+    threshold: float = 0.7
+    seed: int = 1
+
+
+class MinHasher:
+    def __init__(self, settings: MinHashSettings):
+        if settings.bands * settings.rows > settings.num_perm:
+            raise ValueError("bands * rows must not exceed num_perm")
+        self.settings = settings
+        rng = np.random.default_rng(settings.seed)
+        self._a = rng.integers(1, 2**63, settings.num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        self._b = rng.integers(0, 2**63, settings.num_perm, dtype=np.uint64)
+        self._word_hashes: dict[str, int] = {}
+
+    def _word_hashes_of(self, words: list[str]) -> np.ndarray:
+        cache = self._word_hashes
+        if len(cache) >= _WORD_CACHE_LIMIT:
+            cache.clear()  # bounded memory on open-ended vocabularies
+        for word in set(words).difference(cache):
+            cache[word] = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "little")
+        return np.fromiter(map(cache.__getitem__, words), dtype=np.uint64, count=len(words))
+
+    def _shingle_hashes(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """All shingle hashes of the batch, and where each document's shingles start."""
+        n = self.settings.shingle_size
+        tokens = [tokenize(text) for text in texts]
+        lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
+        # Each document's word hashes are followed by n zeros, so an n-gram never reaches into
+        # the next document, and a document shorter than n words is one shingle of all its words.
+        flat = np.zeros(int(lengths.sum()) + n * (len(tokens) + 1), dtype=np.uint64)
+        word_positions = np.arange(int(lengths.sum())) + n * np.repeat(np.arange(len(tokens)), lengths)
+        flat[word_positions] = self._word_hashes_of([word for words in tokens for word in words])
+        combined = np.zeros(len(flat) - n, dtype=np.uint64)
+        for k in range(n):
+            combined += flat[k:k + len(combined)] * _ROW_MULTIPLIERS[k]
+        shingle_counts = np.maximum(lengths - n + 1, 1)
+        doc_starts = np.concatenate([[0], np.cumsum(lengths + n)[:-1]])
+        offsets = np.concatenate([[0], np.cumsum(shingle_counts)[:-1]])
+        positions = (np.arange(int(shingle_counts.sum())) - np.repeat(offsets, shingle_counts)
+                     + np.repeat(doc_starts, shingle_counts))
+        return _mix(combined[positions]), offsets
+
+    def signatures(self, texts: Iterable[str], batch_size: int = 128) -> np.ndarray:
+        """(documents, num_perm) uint32 MinHash signatures."""
+        texts = list(texts)
+        result = np.empty((len(texts), self.settings.num_perm), dtype=np.uint32)
+        for start in range(0, len(texts), batch_size):
+            batch = texts[start:start + batch_size]
+            shingles, offsets = self._shingle_hashes(batch)
+            # Hash function i is x -> (a_i * x + b_i) mod 2^64, keeping the top 32 bits. Adding
+            # b_i to the shingles first (a_i * (x + b_i)) is the same family, and taking the top
+            # bits after the minimum gives the same minimum, so the big (num_perm, shingles) array
+            # costs one multiply and one reduction: the cheap part.
+            permuted = np.empty((len(self._a), len(shingles)), dtype=np.uint64)
+            np.add(shingles[None, :], self._b[:, None], out=permuted)
+            permuted *= self._a[:, None]
+            minima = np.minimum.reduceat(permuted, offsets, axis=1)
+            result[start:start + len(batch)] = (minima >> np.uint64(32)).T
+        return result
+
+
+def candidate_pairs(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """(k, 2) unique index pairs i < j that share at least one LSH band."""
+    found = []
+    for band in range(bands):
+        block = signatures[:, band * rows:(band + 1) * rows].astype(np.uint64)
+        key = np.full(len(signatures), band, dtype=np.uint64)
+        for k in range(rows):
+            key = _mix(key ^ (block[:, k] * _ROW_MULTIPLIERS[k]))
+        order = np.argsort(key, kind="stable")
+        sorted_keys = key[order]
+        is_start = np.ones(len(order), dtype=bool)
+        is_start[1:] = sorted_keys[1:] != sorted_keys[:-1]
+        if is_start.all():
+            continue
+        # Every member of a bucket is paired with the bucket's first member (a star): linear in
+        # the bucket size, and enough to connect the bucket's component.
+        first = order[np.flatnonzero(is_start)[np.cumsum(is_start) - 1]]
+        members = ~is_start
+        found.append(np.stack([first[members], order[members]], axis=1))
+    if not found:
+        return np.empty((0, 2), dtype=np.int64)
+    pairs = np.sort(np.concatenate(found), axis=1)
+    return np.unique(pairs, axis=0)
+
+
+def estimated_similarity(signatures: np.ndarray, pairs: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    similarity = np.empty(len(pairs), dtype=np.float64)
+    for start in range(0, len(pairs), chunk):
+        part = pairs[start:start + chunk]
+        similarity[start:start + chunk] = (signatures[part[:, 0]] == signatures[part[:, 1]]).mean(axis=1)
+    return similarity
+
+
+def near_duplicate_pairs(signatures: np.ndarray, settings: MinHashSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate pairs whose estimated Jaccard similarity reaches the threshold, with it."""
+    pairs = candidate_pairs(signatures, settings.bands, settings.rows)
+    similarity = estimated_similarity(signatures, pairs)
+    keep = similarity >= settings.threshold
+    return pairs[keep], similarity[keep]
+
+
+def cluster_labels(count: int, pairs: np.ndarray) -> np.ndarray:
+    """Connected components over the pairs: one label per document."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])),
+                       shape=(count, count))
+    return connected_components(graph, directed=False)[1]

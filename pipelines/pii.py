@@ -1,0 +1,118 @@
+"""PII and secret redaction with typed placeholders: [EMAIL], [PHONE], [IP_ADDRESS],
+[CARD_NUMBER], [IBAN], [SECRET].
+
+Shared by the clean stage and by serving (prompts are redacted before they are logged).
+Candidates found by regular expressions are checked before they are replaced: card numbers must
+pass the Luhn check (so order numbers survive), IBANs the ISO 7064 mod-97 check, IPv6 addresses
+Python's parser, phone numbers must have 9–15 digits and look like a phone, not a date.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections import Counter
+from typing import Callable
+
+PLACEHOLDERS = {"secret": "[SECRET]", "email": "[EMAIL]", "iban": "[IBAN]",
+                "card_number": "[CARD_NUMBER]", "ip_address": "[IP_ADDRESS]", "phone": "[PHONE]"}
+PLACEHOLDER_PATTERN = re.compile(r"\[(?:SECRET|EMAIL|IBAN|CARD_NUMBER|IP_ADDRESS|PHONE)\]")
+
+_SECRETS = re.compile(
+    r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----"
+    r"|\bAKIA[0-9A-Z]{16}\b"                           # AWS access key id
+    r"|\bgh[pousr]_[A-Za-z0-9]{36,}\b"                 # GitHub tokens
+    r"|\bgithub_pat_[A-Za-z0-9_]{40,}\b"
+    r"|\bsk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}"         # OpenAI / Anthropic style keys
+    r"|\bxox[abposr]-[A-Za-z0-9-]{10,}"                # Slack
+    r"|\bAIza[0-9A-Za-z_-]{35}\b"                      # Google API key
+    r"|\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"  # JWT
+    # key = value assignments: the name stays (group `keep`), the value goes
+    r"|(?P<keep>(?i:\b(?:api[_-]?key|secret|token|passw(?:or)?d|access[_-]?key)\b\s*[:=]\s*))"
+    r"['\"]?[A-Za-z0-9_\-/+=.]{8,}['\"]?",
+    re.DOTALL,
+)
+_EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+                    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,}\b")
+_IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b")
+_CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
+_IPV4 = re.compile(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}"
+                   r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d.])")
+_IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?:%\w+)?(?![\w:])")
+_PHONE = re.compile(r"(?<![\w+])(?:\+|\(\+?)?\d[\d ().-]{6,20}\d(?!\w)")
+_DATE_LIKE = re.compile(r"^\d{4}[-./]\d{1,2}[-./]\d{1,2}$|^\d{1,2}[-./]\d{1,2}[-./]\d{2,4}$")
+
+
+def luhn_valid(digits: str) -> bool:
+    total = 0
+    for index, char in enumerate(reversed(digits)):
+        digit = int(char)
+        if index % 2 == 1:
+            digit = digit * 2 - 9 if digit > 4 else digit * 2
+        total += digit
+    return total % 10 == 0
+
+
+def _card(match: re.Match) -> bool:
+    digits = re.sub(r"\D", "", match.group())
+    return 13 <= len(digits) <= 19 and luhn_valid(digits)
+
+
+def _iban(match: re.Match) -> bool:
+    compact = match.group().replace(" ", "")
+    if not 15 <= len(compact) <= 34:
+        return False
+    rearranged = compact[4:] + compact[:4]
+    return int("".join(str(int(char, 36)) for char in rearranged)) % 97 == 1
+
+
+def _ipv6(match: re.Match) -> bool:
+    try:
+        ipaddress.IPv6Address(match.group().split("%")[0])
+    except ValueError:
+        return False
+    return True
+
+
+def _phone(match: re.Match) -> bool:
+    text = match.group().strip()
+    digits = re.sub(r"\D", "", text)
+    if not 9 <= len(digits) <= 15 or _DATE_LIKE.match(text):
+        return False
+    groups = re.findall(r"\d+", text)
+    if text.startswith(("+", "(")):
+        return len(groups) >= 2
+    # Without a country code or area-code brackets, want the 555-123-4567 shape: a bare run of
+    # digits is an order or account number, and 3.14159265 is a number.
+    return len(groups) >= 3 and all(2 <= len(group) <= 5 for group in groups)
+
+
+# Order matters: a secret or e-mail may contain digit runs that look like phones.
+_DETECTORS: list[tuple[str, re.Pattern, Callable[[re.Match], bool] | None]] = [
+    ("secret", _SECRETS, None),
+    ("email", _EMAIL, None),
+    ("iban", _IBAN, _iban),
+    ("card_number", _CARD, _card),
+    ("ip_address", _IPV4, None),
+    ("ip_address", _IPV6, _ipv6),
+    ("phone", _PHONE, _phone),
+]
+
+
+def redact(text: str) -> tuple[str, Counter]:
+    """Return the text with PII replaced by typed placeholders, and the count per type."""
+    counts: Counter[str] = Counter()
+    for kind, pattern, is_valid in _DETECTORS:
+        def replace(match: re.Match, kind=kind, is_valid=is_valid) -> str:
+            if is_valid is not None and not is_valid(match):
+                return match.group()
+            counts[kind] += 1
+            return (match.groupdict().get("keep") or "") + PLACEHOLDERS[kind]
+
+        text = pattern.sub(replace, text)
+    return text, counts
+
+
+def find_pii(text: str) -> list[str]:
+    """The kinds of PII still present in `text` (what validation checks for after cleaning)."""
+    return sorted(kind for kind, count in redact(text)[1].items() if count)
