@@ -17,6 +17,12 @@ from pipelines.errors import FlywheelError
 STAGES: dict[str, tuple[str, str]] = {
     "ingest": ("pipelines.ingest",
                "read the raw sources in data/raw into canonical Parquet, quarantining bad items"),
+    "clean": ("pipelines.clean",
+              "normalise, redact PII, filter by quality, remove exact and near duplicates"),
+    "validate": ("pipelines.validate",
+                 "run the Great Expectations suite on the cleaned records; write Data Docs"),
+    "split": ("pipelines.split",
+              "split train/eval/test by id hash; drop train records that leak eval/test"),
 }
 TOOLS: dict[str, str] = {
     "params": "show the typed params, or apply dotted overrides (what an Airflow UI trigger does)",
@@ -77,11 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_stage(name: str, params_path: str) -> None:
     from pipelines.config import load_params
+    from pipelines.errors import StageFailed
     from pipelines.io import write_json
 
     params = load_params(params_path)
     module = importlib.import_module(STAGES[name][0])
-    metrics = module.run(params)
+    try:
+        metrics = module.run(params)
+    except StageFailed as failure:
+        write_json(METRICS_DIR / f"{name}.json", failure.metrics)
+        raise
     write_json(METRICS_DIR / f"{name}.json", metrics)
     print(module.report(metrics))
 
@@ -124,7 +135,7 @@ def params_command(args: argparse.Namespace) -> None:
         for key, (old, new) in changes.items():
             print(f"{args.params}: {key}: {old!r} -> {new!r}")
     else:
-        print(json.dumps(load_params(args.params).model_dump(), indent=2))
+        print(json.dumps(load_params(args.params).model_dump(by_alias=True), indent=2, default=str))
 
 
 def main(argv: list[str] | None = None) -> int:

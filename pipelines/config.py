@@ -98,6 +98,108 @@ class IngestParams(_Section):
         return sources
 
 
+class QualityFilterParams(_Section):
+    """Each filter removes a record with a reason named after it (see pipelines/clean.py)."""
+
+    min_prompt_chars: int = Field(default=1, ge=0)
+    min_response_chars: int = Field(default=1, ge=0)
+    max_chars: int = Field(default=20_000, ge=1, description="prompt + context + response")
+    max_duplicate_line_fraction: float = Field(default=0.3, ge=0, le=1)
+    repeated_ngram_size: int = Field(default=3, ge=1)
+    max_repeated_ngram_char_fraction: float = Field(default=0.3, ge=0, le=1)
+    max_symbol_word_ratio: float = Field(default=0.3, ge=0, le=1)
+    max_non_alpha_ratio: float = Field(default=0.6, ge=0, le=1)
+    max_pii_token_fraction: float = Field(default=0.5, ge=0, le=1)
+
+
+class MinHashParams(_Section):
+    shingle_size: int = Field(default=3, ge=1, description="words per shingle")
+    num_perm: int = Field(default=128, ge=8)
+    bands: int = Field(default=32, ge=1)
+    rows: int = Field(default=4, ge=1)
+    threshold: float = Field(default=0.7, gt=0, le=1, description="estimated Jaccard similarity")
+    seed: int = 1
+
+    @model_validator(mode="after")
+    def _bands_fit(self) -> MinHashParams:
+        if self.bands * self.rows > self.num_perm:
+            raise ValueError(f"bands * rows ({self.bands} * {self.rows}) exceeds num_perm "
+                             f"({self.num_perm})")
+        return self
+
+
+class DedupParams(_Section):
+    exact: bool = True
+    near: bool = True
+    minhash: MinHashParams = Field(default_factory=MinHashParams)
+
+
+class CleanParams(_Section):
+    strip_markup: bool = True
+    redact_pii: bool = True
+    filters: QualityFilterParams = Field(default_factory=QualityFilterParams)
+    dedup: DedupParams = Field(default_factory=DedupParams)
+    batch_size: int = Field(default=10_000, ge=1, description="records per batch (bounds memory)")
+
+
+Severity = Literal["critical", "warning"]
+
+
+class ValidateParams(_Section):
+    """The Great Expectations suite run on the cleaned records; each check has a severity."""
+
+    columns: list[str] = Field(default_factory=lambda: [
+        "id", "prompt", "response", "context", "system", "source", "license", "ingested_at",
+        "metadata"])
+    not_null: list[str] = Field(default_factory=lambda: ["id", "prompt", "response", "source"])
+    unique: list[str] = Field(default_factory=lambda: ["id"])
+    lengths: dict[str, tuple[int, int]] = Field(
+        default_factory=lambda: {"prompt": (1, 20_000), "response": (1, 20_000)})
+    no_pii_in: list[str] = Field(default_factory=lambda: ["prompt", "response", "context"])
+    row_count: tuple[int, int] = (1, 100_000_000)
+    min_unique_prompt_share: float = Field(default=0.5, ge=0, le=1)
+    severity: dict[str, Severity] = Field(
+        default_factory=dict,
+        description="override a check's severity: columns, not_null, unique, lengths, no_pii, "
+                    "row_count, unique_prompt_share")
+    failed_rows_shown: int = Field(default=5, ge=0)
+
+    @field_validator("severity")
+    @classmethod
+    def _known_checks(cls, severity: dict[str, str]) -> dict[str, str]:
+        unknown = set(severity) - set(VALIDATE_CHECKS)
+        if unknown:
+            raise ValueError(f"unknown checks {sorted(unknown)}; known: {list(VALIDATE_CHECKS)}")
+        return severity
+
+    def severity_of(self, check: str) -> str:
+        return self.severity.get(check, VALIDATE_CHECKS[check])
+
+
+# Default severity of each validation check.
+VALIDATE_CHECKS = {"columns": "critical", "not_null": "critical", "unique": "critical",
+                   "lengths": "critical", "no_pii": "critical", "row_count": "critical",
+                   "unique_prompt_share": "warning"}
+
+
+class SplitParams(_Section):
+    fractions: dict[Literal["train", "eval", "test"], float] = Field(
+        default_factory=lambda: {"train": 0.8, "eval": 0.1, "test": 0.1})
+    salt: str = Field(default="flywheel", description="changes the assignment when changed")
+    decontaminate_exact: bool = True
+    decontaminate_near: bool = True
+    decontamination_threshold: float = Field(default=0.7, gt=0, le=1)
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions_sum_to_one(cls, fractions: dict[str, float]) -> dict[str, float]:
+        if set(fractions) != {"train", "eval", "test"}:
+            raise ValueError("needs train, eval and test")
+        if any(value < 0 for value in fractions.values()) or abs(sum(fractions.values()) - 1) > 1e-9:
+            raise ValueError(f"must be non-negative and sum to 1 (got {fractions})")
+        return fractions
+
+
 class AirflowParams(_Section):
     schedule: str | None = Field(default=None, description="cron or preset for flywheel_training")
     trigger_params: list[str] = Field(
@@ -108,11 +210,14 @@ class AirflowParams(_Section):
 
 class Params(_Section):
     ingest: IngestParams
+    clean: CleanParams = Field(default_factory=CleanParams)
+    validate_: ValidateParams = Field(default_factory=ValidateParams, alias="validate")
+    split: SplitParams = Field(default_factory=SplitParams)
     airflow: AirflowParams = Field(default_factory=AirflowParams)
 
     @model_validator(mode="after")
     def _trigger_params_exist(self) -> Params:
-        data = self.model_dump()
+        data = self.model_dump(by_alias=True)
         for key in self.airflow.trigger_params:
             try:
                 value = get_dotted(data, key)

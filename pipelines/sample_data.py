@@ -42,6 +42,20 @@ NAMES = ("Alice Martin", "Bruno Keller", "Chloe Dubois", "Dmitri Ivanov", "Emma 
          "Farid Haddad", "Grace Okafor", "Hiro Tanaka", "Ines Garcia", "Jonas Berg")
 TOPICS = ("budget", "migration", "hiring", "launch", "security review", "roadmap", "offsite")
 DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday")
+NOTE_SENTENCES = (
+    "Please bring the signed papers and the notes from last week.",
+    "The slides still need a section on costs and one on risks.",
+    "We agreed to move the review to the small room on the third floor.",
+    "Lunch is booked at the place by the station for twelve people.",
+    "Ask facilities about the broken projector before the session starts.",
+    "The draft contract has two open questions about support hours.",
+    "Send the summary to the whole team once the numbers are final.",
+    "Remember that the visitors need badges from the front desk.",
+    "The new intern joins the call and will take the minutes.",
+    "Travel costs go on the shared sheet, not on personal cards.",
+    "The demo environment must be reset the evening before.",
+    "Keep the second half of the hour free for open questions.",
+)
 
 
 def _phrase(rng: random.Random) -> list[str]:
@@ -80,11 +94,11 @@ def _luhn_card(rng: random.Random) -> str:
 
 def _note(rng: random.Random, name: str) -> str:
     first = name.split()[0].lower()
+    extra = " ".join(rng.sample(NOTE_SENTENCES, 3))
     return (f"<p>Meeting with {name} about the {rng.choice(TOPICS)} project on {rng.choice(DAYS)}. "
-            f"Reach {first} at {first}.{rng.randint(10, 99)}@example.com or "
+            f"{extra} Reach {first} at {first}.{rng.randint(10, 99)}@example.com or "
             f"+44 20 7946 {rng.randint(1000, 9999)}. Paid the deposit with card {_luhn_card(rng)}; "
-            f"order number {rng.randint(10**9, 10**10 - 1)}. Please bring the signed papers and "
-            f"the notes from last week.</p>")
+            f"order number {rng.randint(10**9, 10**10 - 1)}.</p>")
 
 
 def _translation_rows(rng: random.Random, count: int) -> list[tuple[str, str, list[str]]]:
@@ -161,7 +175,7 @@ def _notes(rng: random.Random) -> pa.Table:
         answers.append(name)
     for index in range(15):  # planted near duplicates: a word changed or a sentence appended
         source = questions[index]
-        variant = (source.replace("Please bring", "Kindly bring") if index % 2 else
+        variant = (source.replace("Meeting with", "Meeting held with") if index % 2 else
                    source.replace("</p>", " Thanks!</p>"))
         questions.append(variant)
         answers.append(answers[index])

@@ -23,13 +23,35 @@ DAG_TEST_SCRIPT = textwrap.dedent("""
 """)
 
 
+STAGES = ("ingest", "clean", "validate", "split")
+
+
+def metrics(project, stage: str) -> dict:
+    return json.loads((project / f"metrics/{stage}.json").read_text())
+
+
 def test_dvc_repro_builds_the_outputs_and_a_second_run_is_a_no_op(project_copy):
     first = run(["dvc", "repro"], project_copy)
-    assert "Running stage 'ingest'" in first.stdout
-    metrics = json.loads((project_copy / "metrics/ingest.json").read_text())
-    assert metrics["read"] == metrics["records"] + metrics["preferences"] + metrics["quarantined"]
-    records = pq.read_table(project_copy / "data/interim/ingest/records.parquet")
-    assert records.num_rows == metrics["records"] > 1000
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in first.stdout
+    ingest = metrics(project_copy, "ingest")
+    assert ingest["read"] == ingest["records"] + ingest["preferences"] + ingest["quarantined"]
+
+    # The sample's planted problems are caught, and every count adds up stage to stage.
+    clean = metrics(project_copy, "clean")
+    assert clean["in"] == ingest["records"] == clean["kept"] + clean["removed"]
+    assert clean["removed_by_reason"]["exact_duplicate"] >= 20  # 12 + 8 planted, some chance ones
+    assert clean["removed_by_reason"]["near_duplicate"] >= 15   # 15 planted note variants
+    for reason in ("empty_response", "too_long", "symbol_ratio"):
+        assert clean["removed_by_reason"][reason] >= 1
+    assert clean["pii_redacted"]["email"] >= 75 and clean["pii_redacted"]["card_number"] >= 75
+    kept = pq.read_table(project_copy / "data/interim/clean/records.parquet").to_pylist()
+    assert not any("@example.com" in (r["prompt"] + r["response"]) for r in kept)
+    assert metrics(project_copy, "validate")["success"] is True
+    split = metrics(project_copy, "split")
+    assert split["in"] == clean["kept"] == (split["train"] + split["eval"] + split["test"]
+                                             + split["decontaminated"])
+    assert (project_copy / "reports/validate/index.html").is_file()
 
     second = run(["dvc", "repro"], project_copy)
     assert "Running stage" not in second.stdout
@@ -52,7 +74,8 @@ def dag_test(project, env, conf: dict) -> dict:
 
 def test_airflow_dag_run_applies_trigger_params_and_runs_the_stages(project_copy, airflow_home):
     outcome = dag_test(project_copy, airflow_home, {"ingest.chunk_size": 500, "reason": "manual"})
-    assert outcome == {"state": "success", "tasks": {"apply_params": "success", "ingest": "success"}}
+    assert outcome == {"state": "success",
+                       "tasks": {name: "success" for name in ("apply_params", *STAGES)}}
     # The form's value reached params.yaml (and so DVC's record of the run) ...
     params = yaml.safe_load((project_copy / "params.yaml").read_text())
     assert params["ingest"]["chunk_size"] == 500
@@ -70,5 +93,6 @@ def test_airflow_dag_run_applies_trigger_params_and_runs_the_stages(project_copy
 def test_airflow_run_with_a_bad_param_fails_before_any_stage(project_copy, airflow_home):
     outcome = dag_test(project_copy, airflow_home, {"ingest.chunk_size": -5})
     assert outcome["state"] == "failed"
-    assert outcome["tasks"] == {"apply_params": "failed", "ingest": "upstream_failed"}
+    assert outcome["tasks"] == {"apply_params": "failed",
+                                **{name: "upstream_failed" for name in STAGES}}
     assert not (project_copy / "data/interim/ingest/records.parquet").exists()

@@ -1,0 +1,39 @@
+"""Small builders shared by the stage tests."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from pipelines.config import parse_params
+from pipelines.records import RECORD_SCHEMA, content_id
+from tests.conftest import REPO
+
+
+def record(prompt: str, response: str, *, context: str | None = None, source: str = "test") -> dict:
+    return {"id": content_id(prompt, response, context, None, []), "prompt": prompt,
+            "response": response, "context": context, "system": None, "source": source,
+            "license": "CC0-1.0", "ingested_at": datetime(2026, 1, 1, tzinfo=timezone.utc),
+            "metadata": json.dumps({"file": "test", "line": 1})}
+
+
+def write_records(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(records, schema=RECORD_SCHEMA), path)
+
+
+def read_rows(path: Path) -> list[dict]:
+    return pq.read_table(path).to_pylist()
+
+
+def repo_params(**overrides):
+    """The shipped params.yaml with some sections' keys replaced, e.g. clean={'strip_markup': False}."""
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in overrides.items():
+        data[section] = {**data.get(section, {}), **values}
+    return parse_params(data)
