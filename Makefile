@@ -21,14 +21,14 @@ $(VENV)/.torch:
 	touch $@
 
 $(VENV)/.installed: pyproject.toml $(VENV)/.torch
-	$(BIN)/python -m pip install -e '.[test]'
+	$(BIN)/python -m pip install -e '.[test,bench]'
 	touch $@
 
 demo: install
 	dvc repro
 	@echo
 	@echo "Pipeline up to date. Metrics: metrics/*.json (dvc metrics show); stage graph: dvc dag."
-	@echo "Outputs are under data/interim/ (quarantined items: data/interim/ingest/quarantine.jsonl)."
+	@echo "Outputs: data/interim/ (quarantine, removed records), data/processed/ (splits), reports/validate/index.html (Data Docs)."
 
 test: install
 	HF_HUB_OFFLINE=1 python -m pytest
