@@ -111,7 +111,7 @@ def _translation_rows(rng: random.Random, count: int) -> list[tuple[str, str, li
 
 def _jsonl_bytes(rng: random.Random) -> bytes:
     lines = [json.dumps({"question": p, "answer": a}, ensure_ascii=False)
-             for p, a, _ in _translation_rows(rng, 560)]
+             for p, a, _ in _translation_rows(rng, 3000)]
     lines += lines[:12]  # planted exact duplicates
     lines += [
         json.dumps({"question": "Translate to French: cat", "answer": ""}),  # empty response
@@ -132,7 +132,7 @@ def _csv_text(rng: random.Random) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["instruction", "input", "output", "category"])
-    for _ in range(280):
+    for _ in range(1200):
         words = _phrase(rng)
         writer.writerow(["Translate to French.", " ".join(words), _translate(words), "translation"])
     writer.writerow(["Translate to French.", "cold water", "froid eau", "translation", "EXTRA"])
@@ -142,7 +142,7 @@ def _csv_text(rng: random.Random) -> str:
 
 def _chats(rng: random.Random) -> list:
     chats = []
-    for prompt, answer, words in _translation_rows(rng, 200):
+    for prompt, answer, words in _translation_rows(rng, 800):
         messages = [{"role": "system", "content": SYSTEM_PROMPT}]
         if rng.random() < 0.3:  # multi-turn: an earlier exchange becomes history
             earlier = _phrase(rng)
@@ -158,7 +158,7 @@ def _chats(rng: random.Random) -> list:
 
 def _transcripts(rng: random.Random, duplicates_of: list[str]) -> list[dict]:
     rows = []
-    for prompt, answer, _ in _translation_rows(rng, 190):
+    for prompt, answer, _ in _translation_rows(rng, 800):
         rows.append({"text": f"\n\nHuman: {prompt}\n\nAssistant: {answer}"})
     for line in duplicates_of[:8]:  # the same examples as in the JSONL file: cross-source duplicates
         item = json.loads(line)
