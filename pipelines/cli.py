@@ -23,6 +23,8 @@ STAGES: dict[str, tuple[str, str]] = {
                  "run the Great Expectations suite on the cleaned records; write Data Docs"),
     "split": ("pipelines.split",
               "split train/eval/test by id hash; drop train records that leak eval/test"),
+    "finetune": ("pipelines.finetune",
+                 "supervised fine-tuning (TRL, DeepSpeed-ready) of the base model -> models/sft"),
 }
 TOOLS: dict[str, str] = {
     "params": "show the typed params, or apply dotted overrides (what an Airflow UI trigger does)",
@@ -93,6 +95,8 @@ def run_stage(name: str, params_path: str) -> None:
     except StageFailed as failure:
         write_json(METRICS_DIR / f"{name}.json", failure.metrics)
         raise
+    if metrics is None:
+        return  # a launched worker other than rank 0: rank 0 writes the outputs
     write_json(METRICS_DIR / f"{name}.json", metrics)
     print(module.report(metrics))
 

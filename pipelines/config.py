@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
 
 from pipelines.errors import ParamsError
 from pipelines.io import atomic_path
@@ -200,6 +201,68 @@ class SplitParams(_Section):
         return fractions
 
 
+class TinyModelParams(_Section):
+    """A small Llama built from config, for demos and tests (no download)."""
+
+    hidden_size: int = Field(default=128, ge=8)
+    intermediate_size: int = Field(default=384, ge=8)
+    num_layers: int = Field(default=3, ge=1)
+    num_heads: int = Field(default=4, ge=1)
+    vocab_size: int = Field(default=1024, ge=300, description="BPE vocabulary trained on train data")
+    max_position_embeddings: int = Field(default=512, ge=16)
+
+
+class LoraParams(_Section):
+    r: int = Field(default=16, ge=1)
+    alpha: int = Field(default=32, ge=1)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    merge: bool = Field(default=True, description="merge the adapter into the weights for serving")
+
+
+class TrainingParams(_Section):
+    epochs: float = Field(default=12, gt=0)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    batch_size: int = Field(default=1, ge=1, description="rows per device step (packed rows when packing)")
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    max_length: int = Field(default=256, ge=16, description="tokens per row; with packing, per packed row")
+    packing: bool = True
+    seed: int = 0
+    save_steps: int = Field(default=500, ge=1, description="checkpoint every N optimizer steps")
+    logging_steps: int = Field(default=50, ge=1)
+    eval_examples: int = Field(default=200, ge=0, description="held-out prompts decoded for exact match")
+    max_new_tokens: int = Field(default=32, ge=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+
+class DistributedParams(_Section):
+    launcher: Literal["none", "deepspeed", "accelerate"] = "none"
+    num_gpus: int = Field(default=0, ge=0, description="GPUs per node; 0 trains on the CPU")
+    num_nodes: int = Field(default=1, ge=1)
+    hostfile: str | None = Field(default=None, description="DeepSpeed hostfile, for several nodes")
+    deepspeed_config: str | None = Field(default=None, description="e.g. infra/deepspeed/zero2.json")
+
+    @model_validator(mode="after")
+    def _launcher_fits(self) -> DistributedParams:
+        if self.launcher == "none" and (self.num_gpus > 1 or self.num_nodes > 1):
+            raise ValueError("several GPUs or nodes need launcher: deepspeed or accelerate")
+        if self.num_nodes > 1 and not self.hostfile and self.launcher == "deepspeed":
+            raise ValueError("several nodes with deepspeed need a hostfile")
+        return self
+
+
+class FinetuneParams(_Section):
+    base_model: str = Field(default="tiny", description="'tiny', a hub id, or a local model directory")
+    tiny: TinyModelParams = Field(default_factory=TinyModelParams)
+    method: Literal["full", "lora"] = "full"
+    lora: LoraParams = Field(default_factory=LoraParams)
+    training: TrainingParams = Field(default_factory=TrainingParams)
+    distributed: DistributedParams = Field(default_factory=DistributedParams)
+
+
 class AirflowParams(_Section):
     schedule: str | None = Field(default=None, description="cron or preset for flywheel_training")
     trigger_params: list[str] = Field(
@@ -209,10 +272,13 @@ class AirflowParams(_Section):
 
 
 class Params(_Section):
+    _source_file: Path | None = PrivateAttr(default=None)  # where these params were read from
+
     ingest: IngestParams
     clean: CleanParams = Field(default_factory=CleanParams)
     validate_: ValidateParams = Field(default_factory=ValidateParams, alias="validate")
     split: SplitParams = Field(default_factory=SplitParams)
+    finetune: FinetuneParams = Field(default_factory=FinetuneParams)
     airflow: AirflowParams = Field(default_factory=AirflowParams)
 
     @model_validator(mode="after")
@@ -264,7 +330,14 @@ def read_params_data(path: str | Path = PARAMS_FILE) -> dict:
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
-    return parse_params(read_params_data(path), source=str(path))
+    params = parse_params(read_params_data(path), source=str(path))
+    params._source_file = Path(path)
+    return params
+
+
+def source_file(params: Params) -> Path:
+    """The params file these params came from (a launched worker re-reads the same file)."""
+    return params._source_file or Path(PARAMS_FILE)
 
 
 def get_dotted(data: dict, key: str) -> Any:
