@@ -12,14 +12,14 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def test_env(**extra: str) -> dict[str, str]:
+def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for subprocesses: this venv first on PATH, nothing fetched from any hub."""
     return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", **extra}
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=cwd, env=test_env(**env), capture_output=True, text=True)
+    result = subprocess.run(cmd, cwd=cwd, env=subprocess_env(**env), capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -43,3 +43,37 @@ def project_copy(tmp_path: Path) -> Path:
     run(git + ["add", "-A"], copy)
     run(git + ["commit", "-q", "-m", "copy"], copy)
     return copy
+
+
+@pytest.fixture(scope="session")
+def sample_splits(tmp_path_factory) -> Path:
+    """data/processed/{train,eval,test}.parquet made from the bundled sample, once per session."""
+    from pipelines import clean, ingest, split
+    from pipelines.config import load_params
+
+    root = tmp_path_factory.mktemp("sample")
+    shutil.copytree(REPO / "data/raw/sample", root / "data/raw/sample")
+    params = load_params(REPO / "params.yaml")
+    for stage in (ingest, clean, split):
+        stage.run(params, root=root)
+    return root / "data/processed"
+
+
+def project_with(tmp_path: Path, splits: Path, **sections) -> Path:
+    """A scratch project: the sample's splits and params.yaml with some keys replaced, given as
+    dotted keys per section, e.g. finetune={"training.epochs": 1}."""
+    import yaml
+
+    root = tmp_path / "project"
+    shutil.copytree(splits, root / "data/processed")
+    shutil.copytree(REPO / "infra", root / "infra")
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in sections.items():
+        for dotted, value in values.items():
+            node = data[section]
+            *parents, leaf = dotted.split(".")
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return root

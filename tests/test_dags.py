@@ -36,7 +36,9 @@ def test_dags_folder_loads_without_import_errors(tmp_path):
     assert "flywheel_training" in bag["dags"]
     assert bag["upstream"]["ingest"] == ["apply_params"]
     assert bag["upstream"]["split"] == ["clean", "validate"]
-    assert bag["params"] == {"ingest.chunk_size": 10000, "clean.dedup.minhash.threshold": 0.7}
+    assert bag["params"] == {"ingest.chunk_size": 10000, "clean.dedup.minhash.threshold": 0.7,
+                             "finetune.training.epochs": 12.0, "finetune.training.learning_rate": 0.001,
+                             "finetune.method": "full"}
     assert bag["max_active_tasks"] == 1  # one workspace, one DVC lock
 
 
@@ -53,11 +55,11 @@ EXTRA_STAGES = textwrap.indent(textwrap.dedent("""
         cmd: echo tokenizer
         deps: [data/processed/train.parquet]
         outs: [models/tokenizer]
-      finetune:
-        cmd: echo finetune
+      distill:
+        cmd: echo distill
         deps: [data/processed, models/tokenizer/vocab.json]
-        outs: [models/sft]
-        metrics: [{metrics/finetune.json: {cache: false}}]
+        outs: [models/distilled]
+        metrics: [{metrics/distill.json: {cache: false}}]
       report:
         cmd: echo report
         deps: [metrics/ingest.json, metrics/validate.json, data/interim/ingest/quarantine.jsonl]
@@ -75,12 +77,12 @@ def test_a_stage_added_to_dvc_yaml_appears_in_the_dag_with_dvcs_edges(project_co
     dvc_edges = json.loads(run(["python", "-c", script], project_copy).stdout)
     ours = upstream_of(load_stages(dvc_yaml))
     assert sorted([up, down] for down, ups in ours.items() for up in ups) == dvc_edges
-    assert ours["finetune"] == {"split", "tokenizer"}  # a directory dep, a file inside an out
+    assert ours["distill"] == {"split", "tokenizer"}  # a directory dep, a file inside an out
     assert ours["report"] == {"ingest", "validate"}  # metrics files are outputs too
 
     bag = load_dagbag(project_copy / "dags", tmp_path)
     assert bag["errors"] == {}
     assert bag["upstream"] == {
         "apply_params": [], "ingest": ["apply_params"], "clean": ["ingest"], "validate": ["clean"],
-        "split": ["clean", "validate"], "tokenizer": ["split"], "finetune": ["split", "tokenizer"],
-        "report": ["ingest", "validate"]}
+        "split": ["clean", "validate"], "finetune": ["split"], "tokenizer": ["split"],
+        "distill": ["split", "tokenizer"], "report": ["ingest", "validate"]}

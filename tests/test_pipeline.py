@@ -23,7 +23,10 @@ DAG_TEST_SCRIPT = textwrap.dedent("""
 """)
 
 
-STAGES = ("ingest", "clean", "validate", "split")
+STAGES = ("ingest", "clean", "validate", "split", "finetune")
+# Fine-tuning to the learning thresholds is test_finetune's job; here a fraction of an epoch
+# shows the stage runs in the pipeline.
+QUICK_FINETUNE = {"finetune.training.epochs": 0.2, "finetune.training.eval_examples": 10}
 
 
 def metrics(project, stage: str) -> dict:
@@ -31,6 +34,7 @@ def metrics(project, stage: str) -> dict:
 
 
 def test_dvc_repro_builds_the_outputs_and_a_second_run_is_a_no_op(project_copy):
+    run(["flywheel", "params", "apply", "--json", json.dumps(QUICK_FINETUNE)], project_copy)
     first = run(["dvc", "repro"], project_copy)
     for stage in STAGES:
         assert f"Running stage '{stage}'" in first.stdout
@@ -52,6 +56,8 @@ def test_dvc_repro_builds_the_outputs_and_a_second_run_is_a_no_op(project_copy):
     assert split["in"] == clean["kept"] == (split["train"] + split["eval"] + split["test"]
                                              + split["decontaminated"])
     assert (project_copy / "reports/validate/index.html").is_file()
+    assert (project_copy / "models/sft/model.safetensors").is_file()
+    assert metrics(project_copy, "finetune")["steps"] > 0
 
     second = run(["dvc", "repro"], project_copy)
     assert "Running stage" not in second.stdout
@@ -73,7 +79,8 @@ def dag_test(project, env, conf: dict) -> dict:
 
 
 def test_airflow_dag_run_applies_trigger_params_and_runs_the_stages(project_copy, airflow_home):
-    outcome = dag_test(project_copy, airflow_home, {"ingest.chunk_size": 500, "reason": "manual"})
+    outcome = dag_test(project_copy, airflow_home,
+                       {"ingest.chunk_size": 500, "reason": "manual", **QUICK_FINETUNE})
     assert outcome == {"state": "success",
                        "tasks": {name: "success" for name in ("apply_params", *STAGES)}}
     # The form's value reached params.yaml (and so DVC's record of the run) ...

@@ -1,0 +1,148 @@
+"""Fine-tuning with real TRL and DeepSpeed on the CPU, on the bundled sample's splits."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipelines import finetune, modeling
+from pipelines.config import parse_params
+from pipelines.errors import FlywheelError
+from tests.conftest import BIN, project_with, run, subprocess_env
+
+pytestmark = pytest.mark.slow
+
+QUICK = {"training.epochs": 0.3, "training.eval_examples": 20, "training.logging_steps": 10}
+
+
+def flywheel_finetune(root, check=True):
+    return run([str(BIN / "flywheel"), "finetune"], root, check=check)
+
+
+def metrics_of(root) -> dict:
+    return json.loads((root / "metrics/finetune.json").read_text())
+
+
+def test_sft_learns_the_sample_task_within_five_minutes(sample_splits, tmp_path):
+    root = project_with(tmp_path, sample_splits)
+    flywheel_finetune(root)
+    metrics = metrics_of(root)
+    assert metrics["train_seconds"] < 300
+    assert metrics["exact_match_before"] < 0.05
+    assert metrics["eval_loss_after"] <= metrics["eval_loss_before"] / 2
+    assert metrics["exact_match_after"] >= 0.8, metrics
+
+    # A standard Hugging Face model directory, reloadable on its own, with its lineage.
+    model_dir = root / finetune.OUT_DIR
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert (model_dir / "model.safetensors").is_file()
+    assert tokenizer.chat_template == modeling.CHAT_TEMPLATE
+    answer = modeling.generate(model, tokenizer, [[{"role": "user", "content":
+                                                    "Translate to French: red cat"}]], max_new_tokens=8)
+    assert answer == ["rouge chat"]
+    card = (model_dir / "README.md").read_text()
+    assert modeling.file_md5(root / "data/processed/train.parquet") in card
+    assert "exact_match_after" in card and "code_revision" in card
+    assert (root / finetune.LIVE_DIR / "plots/metrics/train/loss.tsv").is_file()
+    assert not (root / finetune.CHECKPOINTS).exists()  # finished runs leave nothing to resume
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(sample_splits, tmp_path):
+    root = project_with(tmp_path, sample_splits, finetune={
+        **QUICK, "training.epochs": 2, "training.save_steps": 40})
+    worker = subprocess.Popen([str(BIN / "flywheel"), "finetune"], cwd=root, env=subprocess_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    checkpoints = root / finetune.CHECKPOINTS
+    deadline = time.monotonic() + 240
+    while not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
+        assert worker.poll() is None, "training ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within 4 minutes"
+        time.sleep(0.5)
+    time.sleep(1)  # let the checkpoint finish writing its last files
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    assert not (root / finetune.OUT_DIR).exists()
+
+    output = flywheel_finetune(root).stdout
+    metrics = metrics_of(root)
+    assert metrics["resumed_from_step"] >= 40 and "resumed from step" in output
+    assert metrics["steps"] > metrics["resumed_from_step"]
+    assert (root / finetune.OUT_DIR / "model.safetensors").is_file()
+
+
+def test_deepspeed_zero2_through_the_launcher_on_cpu(sample_splits, tmp_path):
+    root = project_with(tmp_path, sample_splits, finetune={
+        **QUICK, "distributed.launcher": "deepspeed",
+        "distributed.deepspeed_config": "infra/deepspeed/zero2.json"})
+    result = flywheel_finetune(root)
+    assert "launching:" in result.stdout
+    assert "deepspeed --no_local_rank --num_gpus 1 --module pipelines" in result.stdout
+    metrics = metrics_of(root)
+    assert (metrics["engine"], metrics["zero_stage"], metrics["world_size"]) == ("DeepSpeedEngine", 2, 1)
+    assert metrics["steps"] > 0
+    assert (root / finetune.OUT_DIR / "model.safetensors").is_file()
+
+
+def test_lora_adapter_is_merged_into_plain_weights(sample_splits, tmp_path):
+    root = project_with(tmp_path, sample_splits, finetune={**QUICK, "method": "lora"})
+    flywheel_finetune(root)
+    model_dir = root / finetune.OUT_DIR
+    assert not (model_dir / "adapter_config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert not any("lora" in name for name, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("case, sections, message", [
+    ("no GPUs", {"finetune": {"distributed.num_gpus": 2, "distributed.launcher": "deepspeed"}},
+     "ask for 2 GPU(s) per node but this machine has 0"),
+    ("missing model", {"finetune": {"base_model": "./no/such/model"}},
+     "'./no/such/model': no such model directory"),
+])
+def test_bad_configuration_is_one_clear_message(sample_splits, tmp_path, case, sections, message):
+    root = project_with(tmp_path, sample_splits, **sections)
+    result = flywheel_finetune(root, check=False)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_empty_train_split_is_a_clear_error(sample_splits, tmp_path):
+    import pyarrow.parquet as pq
+
+    root = project_with(tmp_path, sample_splits)
+    train = root / "data/processed/train.parquet"
+    pq.write_table(pq.read_table(train).slice(0, 0), train)
+    result = flywheel_finetune(root, check=False)
+    assert result.returncode == 2 and "the train split is empty" in result.stderr
+
+
+def test_tokenizer_without_chat_template_is_refused(tmp_path):
+    tokenizer = modeling.train_tokenizer(["hello world"] * 20, 300)
+    tokenizer.chat_template = None
+    model = modeling.build_tiny_model(tokenizer, parse_params({"ingest": {"sources": [
+        {"name": "x", "path": "data/raw/x.jsonl", "kind": "pair"}]}}).finetune.tiny, seed=0)
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    with pytest.raises(FlywheelError, match="has no chat template"):
+        modeling.load_pretrained(str(tmp_path / "base"))
+
+
+def test_multi_node_launch_commands():
+    deepspeed = parse_params({"ingest": {"sources": [{"name": "x", "path": "data/raw/x", "kind": "pair"}]},
+                              "finetune": {"distributed": {
+                                  "launcher": "deepspeed", "num_gpus": 8, "num_nodes": 2,
+                                  "hostfile": "infra/deepspeed/hostfile",
+                                  "deepspeed_config": "infra/deepspeed/zero3.json"}}})
+    command = finetune.launch_command(deepspeed.finetune.distributed, "params.yaml")
+    assert command[1:] == ["--no_local_rank", "--num_gpus", "8", "--num_nodes", "2", "--hostfile", "infra/deepspeed/hostfile",
+                           "--module", "pipelines", "--params", "params.yaml", "finetune"]
+    accelerate = deepspeed.finetune.distributed.model_copy(update={"launcher": "accelerate"})
+    command = finetune.launch_command(accelerate, "params.yaml")
+    assert command[1:] == ["launch", "--num_processes", "16", "--num_machines", "2", "--use_deepspeed",
+                           "--deepspeed_config_file", "infra/deepspeed/zero3.json", "-m", "pipelines",
+                           "--params", "params.yaml", "finetune"]
