@@ -4,9 +4,10 @@
     python benchmarks/train_throughput.py --mfu        # on a CUDA GPU: ~1B Llama, bf16, seq 2048
 
 Packing vs padding: the same variable-length examples (8 to 400 words, log-uniform), the same
-tiny Llama and tokenizer, one epoch each through TRL's SFTTrainer: once with packing (best-fit
-decreasing into rows of max_length, no padding), once padding each batch to its longest example.
-Both count real (non-padding) tokens per second of training. Goal (issue #4): >= 1.8x from packing.
+tiny Llama and tokenizer, one epoch each through TRL's SFTTrainer: with packing (best-fit
+decreasing into rows, no padding) and with padding each batch to its longest example, at three
+sizes where a packed row and a padded batch hold about as many examples. Both count real
+(non-padding) tokens per second of training. Goal (issue #4): >= 1.8x from packing.
 
 MFU: model FLOPs utilisation of SFT steps of a ~1B-parameter Llama built from config, bf16, sequence
 length 2048: achieved FLOPs (6 x parameters x tokens, plus attention) over the GPU's dense bf16 peak.
@@ -50,34 +51,36 @@ def train_once(examples: list[dict], packing: bool, max_length: int, batch_size:
     model = modeling.build_tiny_model(tokenizer, TinyModelParams(), seed=0)
     config = SFTConfig(output_dir="/tmp/flywheel-throughput", num_train_epochs=1, max_length=max_length,
                        packing=packing, per_device_train_batch_size=batch_size, assistant_only_loss=True,
-                       save_strategy="no", eval_strategy="no", report_to=[], logging_steps=1,
+                       save_strategy="no", eval_strategy="no", report_to=[], logging_steps=1000,
                        use_cpu=not torch.cuda.is_available(), bf16=False, disable_tqdm=True)
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(examples),
                          processing_class=tokenizer)
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
-    tokens = max(entry.get("num_tokens", 0) for entry in trainer.state.log_history)
-    return seconds, int(tokens)
+    tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])  # real tokens, one epoch
+    return seconds, tokens
 
 
 def packing_vs_padding(count: int) -> None:
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
     examples = variable_length_examples(count)
-    max_length = 512
-    # The padded run gets the batch that holds about as many real tokens per step as a packed row.
-    packed_seconds, packed_tokens = train_once(examples, packing=True, max_length=max_length, batch_size=1)
-    padded_seconds, padded_tokens = train_once(examples, packing=False, max_length=max_length, batch_size=4)
-    packed_rate, padded_rate = packed_tokens / packed_seconds, padded_tokens / padded_seconds
-    print(f"{count:,} examples of 8-400 words; tiny Llama ({'GPU' if torch.cuda.is_available() else 'CPU'}, "
-          f"{torch.get_num_threads()} threads), one epoch each, max_length {max_length}")
-    print(f"  packing (bfd, 1 row of {max_length})   {packed_tokens:>9,} tokens in {packed_seconds:6.1f} s "
-          f"= {packed_rate:8,.0f} tokens/s")
-    print(f"  padding (batches of 4)            {padded_tokens:>9,} tokens in {padded_seconds:6.1f} s "
-          f"= {padded_rate:8,.0f} tokens/s")
-    print(f"  packing speed-up: {packed_rate / padded_rate:.2f}x   (goal: >= 1.8x)")
+    print(f"{count:,} examples of 8-400 words; tiny Llama on "
+          f"{'a GPU' if torch.cuda.is_available() else f'the CPU ({torch.get_num_threads()} threads)'}; "
+          "one epoch per run; tokens are real (non-padding) tokens")
+    # Pairs that see about the same number of examples per step: a packed row of 2n tokens
+    # holds about as many of these examples (~107 tokens each) as a padded batch of n/64.
+    pairs = [(256, 2), (512, 4), (1024, 8)]
+    print(f"{'':<34}{'tokens/s':>10}{'seconds':>9}")
+    for row_tokens, batch in pairs:
+        packed_seconds, packed_tokens = train_once(examples, packing=True, max_length=row_tokens, batch_size=1)
+        padded_seconds, padded_tokens = train_once(examples, packing=False, max_length=512, batch_size=batch)
+        packed, padded = packed_tokens / packed_seconds, padded_tokens / padded_seconds
+        print(f"  packing, rows of {row_tokens:>4} tokens       {packed:>10,.0f}{packed_seconds:>9.1f}")
+        print(f"  padding, batches of {batch}               {padded:>10,.0f}{padded_seconds:>9.1f}"
+              f"   -> packing {packed / padded:.2f}x")
+    print("goal (issue #4): >= 1.8x from packing")
 
 
 H100_BF16_DENSE_FLOPS = 989e12
