@@ -139,7 +139,7 @@ def _precision(requested: str) -> dict:
     return {"bf16": requested == "bf16", "fp16": requested == "fp16"}
 
 
-def sft_config(config: FinetuneParams, output_dir: Path):
+def sft_config(config: FinetuneParams, output_dir: Path, has_eval: bool):
     import torch
     from trl import SFTConfig
 
@@ -162,7 +162,7 @@ def sft_config(config: FinetuneParams, output_dir: Path):
         save_steps=training.save_steps,
         save_total_limit=2,
         logging_steps=training.logging_steps,
-        eval_strategy="epoch",
+        eval_strategy="epoch" if has_eval else "no",
         report_to=[],
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
@@ -205,7 +205,8 @@ def _save(trainer, tokenizer, config: FinetuneParams, target: Path) -> None:
 def _zero_stage(distributed: DistributedParams) -> int | None:
     if not distributed.deepspeed_config:
         return None
-    return json.loads(Path(distributed.deepspeed_config).read_text()).get("zero_optimization", {}).get("stage", 0)
+    settings = json.loads(Path(distributed.deepspeed_config).read_text())
+    return settings.get("zero_optimization", {}).get("stage", 0)
 
 
 def _tokens_seen(trainer, since_step: int) -> int:
@@ -242,7 +243,7 @@ def train(params: Params, root: Path) -> dict | None:
         return Dataset.from_list([{"messages": modeling.record_messages(row)} for row in rows])
 
     live = Live(str(root / LIVE_DIR), resume=bool(resume_from), dvcyaml=False, save_dvc_exp=False)
-    trainer = SFTTrainer(model=model, args=sft_config(config, root / CHECKPOINTS),
+    trainer = SFTTrainer(model=model, args=sft_config(config, root / CHECKPOINTS, bool(eval_rows)),
                          train_dataset=as_dataset(train_rows),
                          eval_dataset=as_dataset(eval_rows) if eval_rows else None,
                          processing_class=tokenizer, peft_config=_peft_config(config),
