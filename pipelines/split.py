@@ -11,6 +11,7 @@ between splits. Counts add up: in = train + eval + test + decontaminated.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 from collections import Counter
 from pathlib import Path
@@ -62,9 +63,8 @@ def contaminated(records: list[dict], splits: list[str], params: Params) -> dict
             if match is not None:
                 found[i] = ("exact_contamination", match, 1.0)
     if config.decontaminate_near and held_out:
-        settings = minhash_settings(params.clean)
-        settings = minhash.MinHashSettings(**{**settings.__dict__,
-                                              "threshold": config.decontamination_threshold})
+        settings = dataclasses.replace(minhash_settings(params.clean),
+                                       threshold=config.decontamination_threshold)
         signatures = minhash.MinHasher(settings).signatures(map(dedup_text, records))
         pairs, similarity = minhash.near_duplicate_pairs(signatures, settings)
         for (a, b), value in zip(pairs.tolist(), similarity.tolist()):
