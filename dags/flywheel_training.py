@@ -5,7 +5,8 @@ edit to this file. Each task runs `dvc repro --single-item <stage>` in the proje
 skips a stage whose inputs have not changed. The first task applies the values of a manual
 trigger's form to params.yaml (as `dvc exp run -S` would), after validating them.
 
-Kept cheap to parse: no pipeline code, torch or pandas is imported here.
+Kept cheap to parse: besides Airflow it imports only PyYAML and pipelines.dvc_graph (which needs
+nothing more); no stage code, pydantic models, torch or pandas.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
 
 
 def _get(data: dict, dotted: str):
+    # pipelines.config.get_dotted does this too, but importing it would load the stage stack.
     for part in dotted.split("."):
         data = data[part]
     return data

@@ -59,7 +59,8 @@ def exact_key(record: dict) -> bytes:
     return hashlib.blake2b("\x1f".join(parts).encode(), digest_size=12).digest()
 
 
-def clean_record(record: dict, params: CleanParams, pii_counts: Counter) -> dict:
+def clean_record(record: dict, params: CleanParams, pii_counts: Counter) -> tuple[dict, bool]:
+    """The record with normalised, redacted text, and whether any PII was found in it."""
     cleaned = dict(record)
     found_pii = False
     for name in TEXT_FIELDS:
@@ -69,8 +70,7 @@ def clean_record(record: dict, params: CleanParams, pii_counts: Counter) -> dict
             pii_counts.update(counts)
             found_pii = found_pii or bool(counts)
         cleaned[name] = value or None if name in ("context", "system") else value
-    cleaned["_had_pii"] = found_pii
-    return cleaned
+    return cleaned, found_pii
 
 
 def quality_problem(record: dict, limits: QualityFilterParams) -> tuple[str, str] | None:
@@ -183,8 +183,8 @@ def run(params: Params, root: Path = Path(".")) -> dict:
             batch_survivors = []
             for record in batch:
                 total += 1
-                cleaned = clean_record(record, config, pii_counts)
-                records_with_pii += cleaned.pop("_had_pii")
+                cleaned, had_pii = clean_record(record, config, pii_counts)
+                records_with_pii += had_pii
                 problem = quality_problem(cleaned, config.filters)
                 if problem:
                     removed.add(removed_row(cleaned, *problem))
