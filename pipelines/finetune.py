@@ -17,16 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from pipelines import modeling
-from pipelines.config import DistributedParams, FinetuneParams, Params, source_file
+from pipelines import distributed, modeling
+from pipelines.config import FinetuneParams, Params
 from pipelines.errors import FlywheelError
 from pipelines.io import read_batches
 from pipelines.split import OUTPUTS as SPLITS
@@ -35,66 +31,6 @@ OUT_DIR = Path("models/sft")
 CHECKPOINTS = Path("models/.checkpoints/sft")
 LIVE_DIR = Path("dvclive/finetune")
 METRICS = Path("metrics/finetune.json")
-
-
-# ---------------------------------------------------------------------------------------------
-# Hardware and launching
-
-
-def check_hardware(distributed: DistributedParams) -> None:
-    import torch
-
-    available = torch.cuda.device_count()
-    if distributed.num_gpus > available:
-        raise FlywheelError(
-            f"params ask for {distributed.num_gpus} GPU(s) per node but this machine has "
-            f"{available}; set finetune.distributed.num_gpus: 0 to train on the CPU")
-    if distributed.deepspeed_config and not Path(distributed.deepspeed_config).is_file():
-        raise FlywheelError(f"DeepSpeed config {distributed.deepspeed_config!r} not found "
-                            "(see infra/deepspeed/)")
-    if distributed.hostfile and not Path(distributed.hostfile).is_file():
-        raise FlywheelError(f"hostfile {distributed.hostfile!r} not found")
-
-
-def is_worker() -> bool:
-    """True inside a process started by a launcher (they all set LOCAL_RANK)."""
-    return "LOCAL_RANK" in os.environ
-
-
-def launch_command(distributed: DistributedParams, params_file: Path) -> list[str]:
-    """The launcher command that starts one worker per GPU (one CPU worker with num_gpus 0)."""
-    scripts = Path(sys.executable).parent
-    stage = ["--params", str(params_file), "finetune"]
-    processes_per_node = max(distributed.num_gpus, 1)
-    if distributed.launcher == "deepspeed":
-        # --no_local_rank: workers read LOCAL_RANK from the environment, not from an argument.
-        command = [str(scripts / "deepspeed"), "--no_local_rank", "--num_gpus", str(processes_per_node)]
-        if distributed.num_nodes > 1:
-            command += ["--num_nodes", str(distributed.num_nodes), "--hostfile", distributed.hostfile]
-        return command + ["--module", "pipelines", *stage]
-    command = [str(scripts / "accelerate"), "launch",
-               "--num_processes", str(processes_per_node * distributed.num_nodes),
-               "--num_machines", str(distributed.num_nodes)]
-    if distributed.num_gpus == 0:
-        command.append("--cpu")
-    if distributed.deepspeed_config:
-        command += ["--use_deepspeed", "--deepspeed_config_file", distributed.deepspeed_config]
-    return command + ["-m", "pipelines", *stage]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _single_process_rank_env() -> None:
-    """DeepSpeed wants a process group even for one process: give it rank 0 of 1."""
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,14 +67,6 @@ def resumable_checkpoint(directory: Path, expected: str) -> str | None:
 # Training
 
 
-def _precision(requested: str) -> dict:
-    import torch
-
-    if requested == "auto":
-        requested = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    return {"bf16": requested == "bf16", "fp16": requested == "fp16"}
-
-
 def sft_config(config: FinetuneParams, output_dir: Path, has_eval: bool):
     import torch
     from trl import SFTConfig
@@ -167,7 +95,7 @@ def sft_config(config: FinetuneParams, output_dir: Path, has_eval: bool):
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
         deepspeed=config.distributed.deepspeed_config,
-        **_precision(training.precision),
+        **distributed.precision_flags(training.precision),
     )
 
 
@@ -202,13 +130,6 @@ def _save(trainer, tokenizer, config: FinetuneParams, target: Path) -> None:
     staging.rename(target)
 
 
-def _zero_stage(distributed: DistributedParams) -> int | None:
-    if not distributed.deepspeed_config:
-        return None
-    settings = json.loads(Path(distributed.deepspeed_config).read_text())
-    return settings.get("zero_optimization", {}).get("stage", 0)
-
-
 def _tokens_seen(trainer, since_step: int) -> int:
     """Tokens trained on in this run (TRL logs a running count, restored on resume)."""
     counts = [(entry["step"], entry["num_tokens"]) for entry in trainer.state.log_history
@@ -218,7 +139,6 @@ def _tokens_seen(trainer, since_step: int) -> int:
 
 
 def train(params: Params, root: Path) -> dict | None:
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str((root / ".cache/torch_extensions").resolve()))
     from datasets import Dataset
     from dvclive import Live
     from dvclive.huggingface import DVCLiveCallback
@@ -230,9 +150,6 @@ def train(params: Params, root: Path) -> dict | None:
     if not train_rows:
         raise FlywheelError("the train split is empty: nothing to fine-tune on; check the clean "
                             "and split metrics (metrics/clean.json, metrics/split.json)")
-    if config.distributed.deepspeed_config and not is_worker():
-        _single_process_rank_env()
-
     resume_from = resumable_checkpoint(root / CHECKPOINTS, fingerprint(config, root))
     texts = (turn["content"] for row in train_rows for turn in modeling.record_messages(row))
     model, tokenizer = modeling.load_base(config, texts)
@@ -250,7 +167,7 @@ def train(params: Params, root: Path) -> dict | None:
                          callbacks=[DVCLiveCallback(live=live)])
     probe = eval_rows[:config.training.eval_examples]
     # DeepSpeed builds an evaluation-only engine before training for ZeRO-3 alone.
-    can_evaluate_first = eval_rows and _zero_stage(config.distributed) in (None, 3)
+    can_evaluate_first = eval_rows and distributed.zero_stage(config.distributed) in (None, 3)
     before = {"eval_loss": trainer.evaluate()["eval_loss"] if can_evaluate_first else None,
               "exact_match": _exact_match(trainer.model, tokenizer, probe, config)}
     started = time.perf_counter()
@@ -276,7 +193,7 @@ def train(params: Params, root: Path) -> dict | None:
         "parameters": sum(p.numel() for p in trainer.model.parameters()),
         "method": config.method, "base_model": config.base_model,
         "engine": type(trainer.model_wrapped).__name__, "world_size": trainer.args.world_size,
-        "zero_stage": _zero_stage(config.distributed),
+        "zero_stage": distributed.zero_stage(config.distributed),
     }
     lineage = {"data": {name: {"path": str(SPLITS[name]), "md5": modeling.file_md5(root / SPLITS[name])}
                         for name in ("train", "eval")},
@@ -288,15 +205,7 @@ def train(params: Params, root: Path) -> dict | None:
 
 
 def run(params: Params, root: Path = Path(".")) -> dict | None:
-    distributed = params.finetune.distributed
-    check_hardware(distributed)
-    if distributed.launcher != "none" and not is_worker():
-        command = launch_command(distributed, source_file(params))
-        print("launching:", " ".join(command), flush=True)
-        if subprocess.call(command, cwd=root) != 0:
-            raise FlywheelError(f"the {distributed.launcher} launcher's workers failed (see above)")
-        return json.loads((root / METRICS).read_text())
-    return train(params, root)
+    return distributed.run_stage("finetune", "finetune", params.finetune.distributed, params, root, train)
 
 
 def report(metrics: dict) -> str:

@@ -9,7 +9,7 @@ import time
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipelines import finetune, modeling
+from pipelines import distributed, finetune, modeling
 from pipelines.config import parse_params
 from pipelines.errors import FlywheelError
 from tests.conftest import BIN, project_with, run, subprocess_env
@@ -27,9 +27,8 @@ def metrics_of(root) -> dict:
     return json.loads((root / "metrics/finetune.json").read_text())
 
 
-def test_sft_learns_the_sample_task_within_five_minutes(sample_splits, tmp_path):
-    root = project_with(tmp_path, sample_splits)
-    flywheel_finetune(root)
+def test_sft_learns_the_sample_task_within_five_minutes(trained_sft):
+    root = trained_sft
     metrics = metrics_of(root)
     assert metrics["train_seconds"] < 300
     assert metrics["exact_match_before"] < 0.05
@@ -138,11 +137,11 @@ def test_multi_node_launch_commands():
                                   "launcher": "deepspeed", "num_gpus": 8, "num_nodes": 2,
                                   "hostfile": "infra/deepspeed/hostfile",
                                   "deepspeed_config": "infra/deepspeed/zero3.json"}}})
-    command = finetune.launch_command(deepspeed.finetune.distributed, "params.yaml")
+    command = distributed.launch_command(deepspeed.finetune.distributed, "params.yaml", "finetune")
     assert command[1:] == ["--no_local_rank", "--num_gpus", "8", "--num_nodes", "2", "--hostfile", "infra/deepspeed/hostfile",
                            "--module", "pipelines", "--params", "params.yaml", "finetune"]
     accelerate = deepspeed.finetune.distributed.model_copy(update={"launcher": "accelerate"})
-    command = finetune.launch_command(accelerate, "params.yaml")
+    command = distributed.launch_command(accelerate, "params.yaml", "rlhf")
     assert command[1:] == ["launch", "--num_processes", "16", "--num_machines", "2", "--use_deepspeed",
                            "--deepspeed_config_file", "infra/deepspeed/zero3.json", "-m", "pipelines",
-                           "--params", "params.yaml", "finetune"]
+                           "--params", "params.yaml", "rlhf"]
