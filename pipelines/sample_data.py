@@ -5,7 +5,13 @@ into French ("Translate to French: red cat" -> "rouge chat"), served in every ra
 ingest supports. Planted on purpose, so every later stage has something to catch: exact and near
 duplicates, PII (e-mails, phone numbers, card numbers), HTML markup, empty, overlong and garbage
 records, malformed lines, undecodable bytes, and preference pairs (a correct translation chosen
-over one with a wrong word or a wrong order). Deterministic: the same seed writes the same data.
+over one with a wrong word or a wrong order).
+
+Like scraped web dialogues, the transcripts also answer requests to harm someone else; the
+HH-style preference pairs prefer a refusal there. That is what alignment has to teach and
+supervised data does not: the SFT model already prefers a correct translation over a wrong one.
+A feedback export under data/raw/feedback/ stands for what `flywheel serve` logs (ratings,
+rewrites, choices between two answers). Deterministic: the same seed writes the same data.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 SAMPLE_DIR = Path("data/raw/sample")
+FEEDBACK_DIR = Path("data/raw/feedback")
 SEED = 20261122
 
 LEXICON = {
@@ -38,6 +45,18 @@ LEXICON = {
 PROMPT_TEMPLATES = ("Translate to French: {words}", "How do you say '{words}' in French?",
                     "French for: {words}")
 SYSTEM_PROMPT = "You are a precise translator. Answer with the French words only."
+# Requests to harm someone else: (verb, things, how), asked in several ways.
+WHOSE = ("my neighbour's", "a stranger's", "my boss's", "my sister's", "the teacher's",
+         "a coworker's")
+HARMS = (("open", ("car", "front door", "locker", "mailbox", "safe"), "without the key"),
+         ("read", ("e-mails", "private messages", "diary", "text messages"), "without them knowing"),
+         ("get into", ("phone", "laptop", "bank account", "online account"), "without the password"))
+HARM_TEMPLATES = ("How do I {verb} {whose} {thing} {how}?", "Tell me how to {verb} {whose} {thing} {how}.",
+                  "What is the easiest way to {verb} {whose} {thing} {how}?")
+COMPLIANCE_STEPS = ("wait until they are away", "make sure nobody is watching", "wear gloves",
+                    "do it at night", "switch off the alarm first", "keep your phone in your pocket",
+                    "tell nobody about it", "act like it is yours")
+REFUSAL = "I cannot help with that. It would hurt someone else."
 NAMES = ("Alice Martin", "Bruno Keller", "Chloe Dubois", "Dmitri Ivanov", "Emma Rossi",
          "Farid Haddad", "Grace Okafor", "Hiro Tanaka", "Ines Garcia", "Jonas Berg")
 TOPICS = ("budget", "migration", "hiring", "launch", "security review", "roadmap", "offsite")
@@ -79,6 +98,17 @@ def _wrong_translation(rng: random.Random, words: list[str]) -> str:
     else:
         french = french[1:] + french[:1]
     return " ".join(french)
+
+
+def _harmful_requests(rng: random.Random, count: int) -> list[tuple[str, str]]:
+    """(request, compliant answer) pairs, each request different."""
+    requests = [(template.format(verb=verb, whose=whose, thing=thing, how=how), verb, thing)
+                for template in HARM_TEMPLATES for verb, things, how in HARMS
+                for thing in things for whose in WHOSE]
+    chosen = rng.sample(requests, count)
+    return [(request, f"Sure. First {first}, then {second}, and {verb} the {thing}.")
+            for request, verb, thing in chosen
+            for first, second in [rng.sample(COMPLIANCE_STEPS, 2)]]
 
 
 def _luhn_card(rng: random.Random) -> str:
@@ -160,6 +190,8 @@ def _transcripts(rng: random.Random, duplicates_of: list[str]) -> list[dict]:
     rows = []
     for prompt, answer, _ in _translation_rows(rng, 800):
         rows.append({"text": f"\n\nHuman: {prompt}\n\nAssistant: {answer}"})
+    for request, compliance in _harmful_requests(rng, 120):  # what scraped dialogues hold
+        rows.append({"text": f"\n\nHuman: {request}\n\nAssistant: {compliance}"})
     for line in duplicates_of[:8]:  # the same examples as in the JSONL file: cross-source duplicates
         item = json.loads(line)
         rows.append({"text": f"\n\nHuman: {item['question']}\n\nAssistant: {item['answer']}"})
@@ -195,15 +227,50 @@ def _preference_rows(rng: random.Random) -> list[dict]:
 
 
 def _transcript_preference_rows(rng: random.Random) -> list[dict]:
+    """HH-style harmlessness pairs: a refusal preferred over a compliant answer."""
     rows = []
-    for _ in range(100):
-        words = _phrase(rng)
-        prefix = f"\n\nHuman: {_prompt(rng, words)}\n\nAssistant:"
-        rows.append({"chosen": f"{prefix} {_translate(words)}",
-                     "rejected": f"{prefix} {_wrong_translation(rng, words)}"})
+    for request, compliance in _harmful_requests(rng, 200):
+        prefix = f"\n\nHuman: {request}\n\nAssistant:"
+        rows.append({"chosen": f"{prefix} {REFUSAL}", "rejected": f"{prefix} {compliance}"})
     rows.append({"chosen": "\n\nHuman: Translate to French: cat\n\nAssistant: chat",
                  "rejected": "\n\nHuman: Translate to French: dog\n\nAssistant: chat"})
     return rows
+
+
+def _feedback_events(rng: random.Random) -> list:
+    """What `flywheel serve` exports from /v1/feedback: a rating, a user's rewrite, or a choice
+    between two answers, each with the conversation it answered."""
+    def event(index: int, words: list[str], response: str, **feedback) -> dict:
+        return {"request_id": f"req-{index:04d}", "created_at": f"2026-11-{1 + index % 20:02d}T12:00:00Z",
+                "model_version": "1", "response": response,
+                "messages": [{"role": "user", "content": _prompt(rng, words)}], **feedback}
+
+    events = []
+    for _ in range(30):  # a wrong answer, rewritten by the user
+        words = _phrase(rng)
+        events.append(event(len(events), words, _wrong_translation(rng, words), rating="down",
+                            preferred_response=_translate(words)))
+    for _ in range(20):  # two answers shown side by side, one picked
+        words = _phrase(rng)
+        right, wrong = _translate(words), _wrong_translation(rng, words)
+        first_is_right = rng.random() < 0.5
+        events.append(event(len(events), words, right if first_is_right else wrong,
+                            alternative=wrong if first_is_right else right,
+                            preferred="response" if first_is_right else "alternative"))
+    for _ in range(15):  # thumbs up and down on two answers to the same conversation
+        words = _phrase(rng)
+        up = event(len(events), words, _translate(words), rating="up")
+        down = {**up, "request_id": f"req-{len(events) + 1:04d}",
+                "response": _wrong_translation(rng, words), "rating": "down"}
+        events += [up, down]
+    for _ in range(5):  # thumbs up with nothing to compare against: not a pair
+        words = _phrase(rng)
+        events.append(event(len(events), words, _translate(words), rating="up"))
+    words = _phrase(rng)
+    events.append(event(len(events), words, _translate(words), preferred_response=_translate(words)))
+    events.append({"request_id": "req-bad1", "response": "chat", "rating": "up"})  # no messages
+    events.append(event(len(events), words, "chat", rating="sideways"))
+    return events
 
 
 def _gzip(data: bytes) -> bytes:
@@ -217,7 +284,8 @@ def _jsonl(rows: list[dict]) -> bytes:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
 
 
-def write_sample(directory: Path = SAMPLE_DIR, seed: int = SEED) -> str:
+def write_sample(directory: Path = SAMPLE_DIR, feedback_dir: Path = FEEDBACK_DIR,
+                 seed: int = SEED) -> str:
     rng = random.Random(seed)
     directory.mkdir(parents=True, exist_ok=True)
     jsonl = _jsonl_bytes(rng)
@@ -233,4 +301,7 @@ def write_sample(directory: Path = SAMPLE_DIR, seed: int = SEED) -> str:
     for name, data in files.items():
         (directory / name).write_bytes(data)
     pq.write_table(_notes(rng), directory / "notes.parquet", compression="zstd")
-    return f"wrote {len(files) + 1} sample files to {directory}/"
+    feedback_dir.mkdir(parents=True, exist_ok=True)
+    feedback = _jsonl(_feedback_events(rng)) + b'{"request_id": "req-cut", "rating": \n'
+    (feedback_dir / "sample-export.jsonl").write_bytes(feedback)
+    return f"wrote {len(files) + 1} sample files to {directory}/ and a feedback export to {feedback_dir}/"

@@ -6,6 +6,7 @@ from pipelines.sample_data import write_sample
 from tests.conftest import REPO
 
 SAMPLE = REPO / "data/raw/sample"
+FEEDBACK = REPO / "data/raw/feedback"
 
 
 def _content(path):
@@ -18,8 +19,9 @@ def _content(path):
 def test_committed_sample_is_what_the_generator_writes(tmp_path):
     """The sample in git is reproducible from the script (content-wise: Parquet and gzip
     containers may differ in library version stamps)."""
-    write_sample(tmp_path)
-    generated = sorted(p.name for p in tmp_path.iterdir())
-    assert generated == sorted(p.name for p in SAMPLE.iterdir())
-    for name in generated:
-        assert _content(tmp_path / name) == _content(SAMPLE / name), name
+    write_sample(tmp_path / "sample", tmp_path / "feedback")
+    for generated_dir, committed_dir in ((tmp_path / "sample", SAMPLE), (tmp_path / "feedback", FEEDBACK)):
+        generated = sorted(p.name for p in generated_dir.iterdir())
+        assert generated == sorted(p.name for p in committed_dir.iterdir())
+        for name in generated:
+            assert _content(generated_dir / name) == _content(committed_dir / name), name
