@@ -25,6 +25,12 @@ STAGES: dict[str, tuple[str, str]] = {
               "split train/eval/test by id hash; drop train records that leak eval/test"),
     "finetune": ("pipelines.finetune",
                  "supervised fine-tuning (TRL, DeepSpeed-ready) of the base model -> models/sft"),
+    "preferences": ("pipelines.preferences",
+                    "preference pairs from ingest, serving feedback and the SFT model's own samples"),
+    "reward": ("pipelines.reward",
+               "train a reward model on the preference pairs (TRL RewardTrainer) -> models/reward"),
+    "rlhf": ("pipelines.rlhf",
+             "align the SFT model with the pairs: DPO, or reward model + GRPO/RLOO -> models/aligned"),
 }
 TOOLS: dict[str, str] = {
     "params": "show the typed params, or apply dotted overrides (what an Airflow UI trigger does)",

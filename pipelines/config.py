@@ -22,6 +22,14 @@ PARAMS_FILE = "params.yaml"
 RAW_DIR = "data/raw"
 
 
+def glob_under_raw_dir(path: str) -> str:
+    # DVC tracks data/raw as a stage dependency; input elsewhere would be read without DVC
+    # noticing when it changes.
+    if not path.startswith(f"{RAW_DIR}/") or ".." in Path(path).parts:
+        raise ValueError(f"must be a glob under {RAW_DIR}/ (got {path!r})")
+    return path
+
+
 class _Section(BaseModel):
     # extra="forbid" is what turns a typo in params.yaml into an error instead of a silent default.
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -52,11 +60,7 @@ class SourceParams(_Section):
     @field_validator("path")
     @classmethod
     def _under_raw_dir(cls, path: str) -> str:
-        # DVC tracks data/raw as the ingest stage's dependency; a source elsewhere would be
-        # read without DVC noticing when it changes.
-        if not path.startswith(f"{RAW_DIR}/") or ".." in Path(path).parts:
-            raise ValueError(f"must be a glob under {RAW_DIR}/ (got {path!r})")
-        return path
+        return glob_under_raw_dir(path)
 
     @model_validator(mode="after")
     def _fields_fit_kind(self) -> SourceParams:
@@ -263,6 +267,104 @@ class FinetuneParams(_Section):
     distributed: DistributedParams = Field(default_factory=DistributedParams)
 
 
+class OnPolicyParams(_Section):
+    """Pairs from the SFT model's own samples, judged against train references."""
+
+    prompts: int = Field(default=300, ge=0, description="train prompts to sample; 0 turns this off")
+    samples: int = Field(default=4, ge=2, description="answers sampled per prompt")
+    temperature: float = Field(default=1.0, gt=0)
+    max_new_tokens: int = Field(default=32, ge=1)
+    seed: int = 0
+
+
+class PreferencesParams(_Section):
+    feedback: str = Field(default=f"{RAW_DIR}/feedback/*.jsonl",
+                          description="glob of feedback exports from `flywheel serve`")
+    on_policy: OnPolicyParams = Field(default_factory=OnPolicyParams)
+    redact_pii: bool = True
+    max_chars: int = Field(default=20_000, ge=1, description="prompt + context + longer response")
+    eval_fraction: float = Field(default=0.1, ge=0, lt=1, description="held-out pairs, by prompt")
+    salt: str = "flywheel"
+    decontaminate: bool = Field(default=True, description="drop pairs whose prompt is an SFT eval/test prompt")
+
+    @field_validator("feedback")
+    @classmethod
+    def _feedback_under_raw_dir(cls, path: str) -> str:
+        return glob_under_raw_dir(path)
+
+
+class AlignTrainingParams(_Section):
+    """Training knobs shared by the reward model and the policy."""
+
+    epochs: float = Field(default=3, gt=0)
+    learning_rate: float = Field(default=5e-4, gt=0)
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
+    batch_size: int = Field(default=8, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    max_length: int = Field(default=256, ge=16)
+    seed: int = 0
+    logging_steps: int = Field(default=10, ge=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+
+class RewardModelParams(_Section):
+    training: AlignTrainingParams = Field(default_factory=AlignTrainingParams)
+    center_rewards_coefficient: float | None = Field(
+        default=0.01, ge=0, description="keeps rewards centred on zero (Eisenstein et al.)")
+
+
+DpoLossType = Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair",
+                      "apo_zero", "apo_down", "sigmoid_norm", "sft"]
+
+
+class DpoParams(_Section):
+    beta: float = Field(default=0.1, gt=0, description="higher: stay closer to the reference")
+    loss_type: list[DpoLossType] = Field(default_factory=lambda: ["sigmoid", "sft"], min_length=1)
+    loss_weights: list[float] | None = Field(default=None, description="one per loss type; default all 1")
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5, description="robust DPO: share of flipped labels")
+    reference_model: str = Field(default="sft", description="'sft' (the model being aligned) or a model dir")
+    training: AlignTrainingParams = Field(default_factory=AlignTrainingParams)
+
+    @model_validator(mode="after")
+    def _one_weight_per_loss(self) -> DpoParams:
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(f"loss_weights has {len(self.loss_weights)} values for "
+                             f"{len(self.loss_type)} loss types")
+        return self
+
+
+class RewardWeights(_Section):
+    reward_model: float = 1.0
+    correctness: float = Field(default=1.0, description="1 when the answer matches a train reference")
+    length: float = Field(default=0.1, description="weight of minus the share of max_completion_length used")
+
+
+class GrpoParams(_Section):
+    trainer: Literal["grpo", "rloo"] = "grpo"
+    num_generations: int = Field(default=4, ge=2, description="answers sampled per prompt")
+    max_completion_length: int = Field(default=32, ge=1)
+    temperature: float = Field(default=1.0, gt=0)
+    beta: float = Field(default=0.04, ge=0, description="KL penalty to the reference (SFT) model")
+    reference_prompts: int = Field(default=200, ge=0,
+                                   description="train prompts with a reference, for the correctness reward")
+    reward_weights: RewardWeights = Field(default_factory=RewardWeights)
+    training: AlignTrainingParams = Field(
+        default_factory=lambda: AlignTrainingParams(epochs=1, learning_rate=1e-4))
+
+
+class RlhfParams(_Section):
+    method: Literal["dpo", "reward+grpo"] = "dpo"
+    on_missing_preferences: Literal["skip", "fail"] = Field(
+        default="skip", description="skip: pass the SFT model through, saying so in its card")
+    reward_model: RewardModelParams = Field(default_factory=RewardModelParams)
+    dpo: DpoParams = Field(default_factory=DpoParams)
+    grpo: GrpoParams = Field(default_factory=GrpoParams)
+    eval_examples: int = Field(default=200, ge=0, description="held-out prompts decoded for exact match")
+    max_new_tokens: int = Field(default=32, ge=1)
+    distributed: DistributedParams = Field(default_factory=DistributedParams)
+
+
 class AirflowParams(_Section):
     schedule: str | None = Field(default=None, description="cron or preset for flywheel_training")
     trigger_params: list[str] = Field(
@@ -279,6 +381,8 @@ class Params(_Section):
     validate_: ValidateParams = Field(default_factory=ValidateParams, alias="validate")
     split: SplitParams = Field(default_factory=SplitParams)
     finetune: FinetuneParams = Field(default_factory=FinetuneParams)
+    preferences: PreferencesParams = Field(default_factory=PreferencesParams)
+    rlhf: RlhfParams = Field(default_factory=RlhfParams)
     airflow: AirflowParams = Field(default_factory=AirflowParams)
 
     @model_validator(mode="after")

@@ -102,9 +102,9 @@ def load_base(params: FinetuneParams, training_texts: Iterable[str]):
     return load_pretrained(params.base_model)
 
 
-def generate(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int,
-             batch_size: int = 32) -> list[str]:
-    """Greedy answers to conversations that end with a user turn."""
+def _decode_new(model, tokenizer, conversations: list[list[dict]], batch_size: int,
+                **generation) -> list[str]:
+    """Generate after each conversation's generation prompt; the new text, stripped."""
     import torch
 
     side = tokenizer.padding_side
@@ -118,14 +118,32 @@ def generate(model, tokenizer, conversations: list[list[dict]], *, max_new_token
             encoded = tokenizer(prompts, return_tensors="pt", padding=True,
                                 add_special_tokens=False).to(model.device)
             with torch.no_grad():
-                output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
-                                        eos_token_id=tokenizer.eos_token_id,
-                                        pad_token_id=tokenizer.pad_token_id)
+                output = model.generate(**encoded, eos_token_id=tokenizer.eos_token_id,
+                                        pad_token_id=tokenizer.pad_token_id, **generation)
             new_tokens = output[:, encoded["input_ids"].shape[1]:]
             answers += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     finally:
         tokenizer.padding_side = side
     return answers
+
+
+def generate(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int,
+             batch_size: int = 32) -> list[str]:
+    """Greedy answers to conversations that end with a user turn."""
+    return _decode_new(model, tokenizer, conversations, batch_size, max_new_tokens=max_new_tokens,
+                       do_sample=False)
+
+
+def sample(model, tokenizer, conversations: list[list[dict]], *, samples: int, temperature: float,
+           max_new_tokens: int, seed: int, batch_size: int = 32) -> list[list[str]]:
+    """`samples` answers per conversation, drawn at `temperature` (reproducible for a seed)."""
+    import torch
+
+    torch.manual_seed(seed)
+    flat = _decode_new(model, tokenizer, conversations, max(1, batch_size // samples),
+                       max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                       top_k=0, top_p=1.0, num_return_sequences=samples)
+    return [flat[i:i + samples] for i in range(0, len(flat), samples)]
 
 
 def exact_match(predictions: list[str], references: list[str]) -> float:
@@ -155,16 +173,18 @@ def code_revision(root: Path = Path(".")) -> str:
 
 
 def write_model_card(directory: Path, *, title: str, base_model: str, lineage: dict,
-                     params: dict, metrics: dict) -> None:
+                     params: dict, metrics: dict, pipeline_tag: str = "text-generation",
+                     notes: str = "") -> None:
     """README.md in the Hugging Face model-card format: YAML front matter, then lineage."""
     import yaml
 
-    front = {"library_name": "transformers", "pipeline_tag": "text-generation",
+    front = {"library_name": "transformers", "pipeline_tag": pipeline_tag,
              "tags": ["flywheel"], "base_model": None if base_model == "tiny" else base_model}
     body = [
         f"# {title}", "",
         f"Base model: `{base_model}`" + (" (a tiny Llama built from config, tokenizer trained on "
                                          "the training data)" if base_model == "tiny" else ""), "",
+        *([notes, ""] if notes else []),
         "## Lineage", "", "```yaml", yaml.safe_dump(lineage, sort_keys=False).strip(), "```", "",
         "## Params", "", "```yaml", yaml.safe_dump(params, sort_keys=False).strip(), "```", "",
         "## Metrics", "", "```yaml", yaml.safe_dump(metrics, sort_keys=False).strip(), "```", "",
@@ -175,3 +195,35 @@ def write_model_card(directory: Path, *, title: str, base_model: str, lineage: d
     (directory / "README.md").write_text(text)
     (directory / "lineage.json").write_text(json.dumps(
         {"lineage": lineage, "params": params, "metrics": metrics}, indent=2, default=str) + "\n")
+
+
+def response_logprobs(model, tokenizer, conversations: list[list[dict]], responses: list[str], *,
+                      batch_size: int = 32) -> list[float]:
+    """The summed log-probability the model gives each response after its conversation, under the
+    chat template (the same tokens training and serving see)."""
+    import torch
+
+    scores = []
+    model.eval()
+    for start in range(0, len(conversations), batch_size):
+        prompt_ids, full_ids = [], []
+        for conversation, response in zip(conversations[start:start + batch_size],
+                                          responses[start:start + batch_size]):
+            prompt = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+            full = tokenizer.apply_chat_template(
+                [*conversation, {"role": "assistant", "content": response}], tokenize=False)
+            prompt_ids.append(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            full_ids.append(tokenizer(full, add_special_tokens=False)["input_ids"])
+        width = max(map(len, full_ids))
+        pad = tokenizer.pad_token_id
+        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in full_ids])
+        attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in full_ids])
+        with torch.no_grad():
+            logits = model(input_ids=input_ids.to(model.device),
+                           attention_mask=attention.to(model.device)).logits.float()
+        token_logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(
+            -1, input_ids[:, 1:, None].to(model.device)).squeeze(-1).cpu()
+        for row, (prompt, full) in enumerate(zip(prompt_ids, full_ids)):
+            # Token t is predicted at position t-1: the response's tokens are prompt_len..len-1.
+            scores.append(float(token_logprobs[row, len(prompt) - 1:len(full) - 1].sum()))
+    return scores

@@ -133,7 +133,7 @@ def parse_transcript(text: str) -> list[tuple[str, str]]:
     return [(role_of[parts[i]], parts[i + 1].strip()) for i in range(1, len(parts), 2)]
 
 
-def _split_conversation(turns: list[tuple[str, str]]) -> tuple[str | None, list[dict], str, str]:
+def split_conversation(turns: list[tuple[str, str]]) -> tuple[str | None, list[dict], str, str]:
     """(system, history, prompt, response): the last user turn and the assistant reply to it."""
     system = "\n\n".join(text for role, text in turns if role == "system" and text.strip()) or None
     dialogue = [(role, text) for role, text in turns if role != "system"]
@@ -149,7 +149,7 @@ def _split_conversation(turns: list[tuple[str, str]]) -> tuple[str | None, list[
 
 
 def _map_conversation(turns, source: SourceParams, item: dict, system: str | None = None) -> dict:
-    turn_system, history, prompt, response = _split_conversation(turns)
+    turn_system, history, prompt, response = split_conversation(turns)
     return {"prompt": prompt, "response": response, "context": None,
             "system": system or turn_system, "history": history, "extra": _extra(item, source)}
 
@@ -168,8 +168,8 @@ def _map_preference(item: dict, source: SourceParams) -> dict:
         if chosen_turns[:-1] != rejected_turns[:-1]:
             raise Rejected("preference_prefix_mismatch",
                            "chosen and rejected transcripts differ before their last turn")
-        turn_system, history, prompt, chosen = _split_conversation(chosen_turns)
-        _, _, _, rejected = _split_conversation(rejected_turns)
+        turn_system, history, prompt, chosen = split_conversation(chosen_turns)
+        _, _, _, rejected = split_conversation(rejected_turns)
         system = system or turn_system
     fields = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "context": context,
               "system": system, "history": history, "extra": _extra(item, source)}

@@ -46,7 +46,7 @@ def assign(record_id: str, config: SplitParams) -> str:
     return SPLITS[-1]
 
 
-def _prompt_key(record: dict) -> str:
+def prompt_key(record: dict) -> str:
     return text.dedup_key(f"{record['prompt']}\n{record['context'] or ''}")
 
 
@@ -57,9 +57,9 @@ def contaminated(records: list[dict], splits: list[str], params: Params) -> dict
     found: dict[int, tuple[str, str, float]] = {}
     if config.decontaminate_exact:
         # The same prompt in train and in eval/test leaks the answer, whatever the response says.
-        held_out_keys = {_prompt_key(records[i]): records[i]["id"] for i in held_out}
+        held_out_keys = {prompt_key(records[i]): records[i]["id"] for i in held_out}
         for i, name in enumerate(splits):
-            match = held_out_keys.get(_prompt_key(records[i])) if name == "train" else None
+            match = held_out_keys.get(prompt_key(records[i])) if name == "train" else None
             if match is not None:
                 found[i] = ("exact_contamination", match, 1.0)
     if config.decontaminate_near and held_out:

@@ -46,17 +46,41 @@ def project_copy(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def sample_splits(tmp_path_factory) -> Path:
-    """data/processed/{train,eval,test}.parquet made from the bundled sample, once per session."""
+def sample_project(tmp_path_factory) -> Path:
+    """The bundled sample (raw data, feedback export) ingested, cleaned and split, once per session."""
     from pipelines import clean, ingest, split
     from pipelines.config import load_params
 
     root = tmp_path_factory.mktemp("sample")
-    shutil.copytree(REPO / "data/raw/sample", root / "data/raw/sample")
+    shutil.copytree(REPO / "data/raw", root / "data/raw")
+    shutil.copytree(REPO / "infra", root / "infra")
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
     params = load_params(REPO / "params.yaml")
     for stage in (ingest, clean, split):
         stage.run(params, root=root)
-    return root / "data/processed"
+    return root
+
+
+@pytest.fixture(scope="session")
+def sample_splits(sample_project) -> Path:
+    """data/processed/{train,eval,test}.parquet made from the bundled sample."""
+    return sample_project / "data/processed"
+
+
+@pytest.fixture(scope="session")
+def trained_sft(sample_project, tmp_path_factory) -> Path:
+    """A project whose models/sft is fine-tuned on the sample with the shipped params (the
+    fine-tuning test checks how well it learned; alignment starts from it)."""
+    root = tmp_path_factory.mktemp("sft") / "project"
+    shutil.copytree(sample_project, root)
+    run([str(BIN / "flywheel"), "finetune"], root)
+    return root
+
+
+def copy_project(source: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "project"
+    shutil.copytree(source, root)
+    return root
 
 
 def project_with(tmp_path: Path, splits: Path, **sections) -> Path:

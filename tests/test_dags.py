@@ -85,4 +85,6 @@ def test_a_stage_added_to_dvc_yaml_appears_in_the_dag_with_dvcs_edges(project_co
     assert bag["upstream"] == {
         "apply_params": [], "ingest": ["apply_params"], "clean": ["ingest"], "validate": ["clean"],
         "split": ["clean", "validate"], "finetune": ["split"], "tokenizer": ["split"],
-        "distill": ["split", "tokenizer"], "report": ["ingest", "validate"]}
+        "distill": ["split", "tokenizer"], "report": ["ingest", "validate"],
+        "preferences": ["finetune", "ingest", "split"], "reward": ["finetune", "preferences"],
+        "rlhf": ["finetune", "preferences", "reward", "split"]}

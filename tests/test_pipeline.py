@@ -23,10 +23,12 @@ DAG_TEST_SCRIPT = textwrap.dedent("""
 """)
 
 
-STAGES = ("ingest", "clean", "validate", "split", "finetune")
-# Fine-tuning to the learning thresholds is test_finetune's job; here a fraction of an epoch
-# shows the stage runs in the pipeline.
-QUICK_FINETUNE = {"finetune.training.epochs": 0.2, "finetune.training.eval_examples": 10}
+STAGES = ("ingest", "clean", "validate", "split", "finetune", "preferences", "reward", "rlhf")
+# Training to the learning thresholds is test_finetune's and test_rlhf's job; here a fraction of
+# an epoch shows each training stage runs in the pipeline.
+QUICK_TRAINING = {"finetune.training.epochs": 0.2, "finetune.training.eval_examples": 10,
+                  "preferences.on_policy.prompts": 40, "rlhf.reward_model.training.epochs": 0.2,
+                  "rlhf.dpo.training.epochs": 0.2, "rlhf.eval_examples": 10}
 
 
 def metrics(project, stage: str) -> dict:
@@ -34,7 +36,7 @@ def metrics(project, stage: str) -> dict:
 
 
 def test_dvc_repro_builds_the_outputs_and_a_second_run_is_a_no_op(project_copy):
-    run(["flywheel", "params", "apply", "--json", json.dumps(QUICK_FINETUNE)], project_copy)
+    run(["flywheel", "params", "apply", "--json", json.dumps(QUICK_TRAINING)], project_copy)
     first = run(["dvc", "repro"], project_copy)
     for stage in STAGES:
         assert f"Running stage '{stage}'" in first.stdout
@@ -58,6 +60,8 @@ def test_dvc_repro_builds_the_outputs_and_a_second_run_is_a_no_op(project_copy):
     assert (project_copy / "reports/validate/index.html").is_file()
     assert (project_copy / "models/sft/model.safetensors").is_file()
     assert metrics(project_copy, "finetune")["steps"] > 0
+    assert metrics(project_copy, "rlhf")["aligned"] is True
+    assert (project_copy / "models/aligned/model.safetensors").is_file()
 
     second = run(["dvc", "repro"], project_copy)
     assert "Running stage" not in second.stdout
@@ -80,7 +84,7 @@ def dag_test(project, env, conf: dict) -> dict:
 
 def test_airflow_dag_run_applies_trigger_params_and_runs_the_stages(project_copy, airflow_home):
     outcome = dag_test(project_copy, airflow_home,
-                       {"ingest.chunk_size": 500, "reason": "manual", **QUICK_FINETUNE})
+                       {"ingest.chunk_size": 500, "reason": "manual", **QUICK_TRAINING})
     assert outcome == {"state": "success",
                        "tasks": {name: "success" for name in ("apply_params", *STAGES)}}
     # The form's value reached params.yaml (and so DVC's record of the run) ...
