@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pipelines import alignment, distributed, modeling, reward, text
 from pipelines.config import GrpoParams, Params, RlhfParams
+from pipelines.errors import FlywheelError
 from pipelines.finetune import OUT_DIR as SFT_MODEL, load_split
 from pipelines.preferences import OUTPUTS as PREFERENCE_SPLITS, origin_of
 from pipelines.split import OUTPUTS as SFT_SPLITS
@@ -195,7 +196,8 @@ def train(params: Params, root: Path) -> dict | None:
         return _pass_sft_through(root, config, alignment.no_pairs(config, "rlhf"))
     reward_model = reward.load(root)
     if config.method == "reward+grpo" and reward_model is None:
-        return _pass_sft_through(root, config, alignment.no_pairs(config, "rlhf"))
+        raise FlywheelError(f"{reward.OUT_DIR} holds no trained reward model (see its README.md): "
+                            "run the reward stage first (dvc repro reward)")
     model, tokenizer = alignment.load_sft(root)
     probe = load_split(root / SFT_SPLITS["eval"])[:config.eval_examples]
     before = measure(model, tokenizer, eval_pairs, probe, reward_model, config)
