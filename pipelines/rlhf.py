@@ -18,6 +18,7 @@ greedy answers, and the KL divergence from the SFT model.
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import time
@@ -124,14 +125,15 @@ def length_penalty(max_tokens: int):
 
 def grpo_prompts(grpo: GrpoParams, train_pairs: list[dict], root: Path) -> list[dict]:
     """The preference prompts (scored by the reward model) and, for the correctness reward,
-    train prompts with their reference answers."""
-    prompts = {text.dedup_key(str(alignment.prompt_messages(p))): {"prompt": alignment.prompt_messages(p),
-                                                                    "reference": None}
-               for p in train_pairs}
+    train prompts with their reference answers; each conversation once."""
+    prompts: dict[str, dict] = {}
+    for pair in train_pairs:
+        messages = alignment.prompt_messages(pair)
+        prompts[json.dumps(messages)] = {"prompt": messages, "reference": None}
     records = load_split(root / SFT_SPLITS["train"])
     for row in random.Random(0).sample(records, min(grpo.reference_prompts, len(records))):
         messages = modeling.record_messages(row, with_response=False)
-        prompts[text.dedup_key(str(messages))] = {"prompt": messages, "reference": row["response"]}
+        prompts[json.dumps(messages)] = {"prompt": messages, "reference": row["response"]}
     return list(prompts.values())
 
 
