@@ -77,7 +77,8 @@ def test_a_stage_added_to_dvc_yaml_appears_in_the_dag_with_dvcs_edges(project_co
     dvc_edges = json.loads(run(["python", "-c", script], project_copy).stdout)
     ours = upstream_of(load_stages(dvc_yaml))
     assert sorted([up, down] for down, ups in ours.items() for up in ups) == dvc_edges
-    assert ours["distill"] == {"split", "tokenizer"}  # a directory dep, a file inside an out
+    # a directory dep (data/processed holds split's and preferences' outputs), a file inside an out
+    assert ours["distill"] == {"split", "preferences", "tokenizer"}
     assert ours["report"] == {"ingest", "validate"}  # metrics files are outputs too
 
     bag = load_dagbag(project_copy / "dags", tmp_path)
@@ -85,6 +86,6 @@ def test_a_stage_added_to_dvc_yaml_appears_in_the_dag_with_dvcs_edges(project_co
     assert bag["upstream"] == {
         "apply_params": [], "ingest": ["apply_params"], "clean": ["ingest"], "validate": ["clean"],
         "split": ["clean", "validate"], "finetune": ["split"], "tokenizer": ["split"],
-        "distill": ["split", "tokenizer"], "report": ["ingest", "validate"],
+        "distill": ["preferences", "split", "tokenizer"], "report": ["ingest", "validate"],
         "preferences": ["finetune", "ingest", "split"], "reward": ["finetune", "preferences"],
         "rlhf": ["finetune", "preferences", "reward", "split"]}
