@@ -86,7 +86,7 @@ def test_dpo_prefers_what_people_chose_without_losing_the_task(with_pairs, tmp_p
     card = (model_dir / "README.md").read_text()
     assert modeling.file_md5(root / "models/sft/model.safetensors") in card
     assert modeling.file_md5(root / preferences.OUTPUTS["train"]) in card
-    assert (root / rlhf.LIVE_DIR / "plots/metrics/train/rewards/margins.tsv").is_file()
+    assert (root / rlhf.LIVE_DIR / "plots/metrics/rewards/margins.tsv").is_file()
 
 
 def test_reward_model_and_grpo_optimise_online(with_pairs, tmp_path):
