@@ -34,6 +34,24 @@ def as_conversational(pair: dict) -> dict:
             "rejected": [{"role": "assistant", "content": pair["rejected"]}]}
 
 
+def chosen_wins(pairs: list[dict], score) -> list[bool]:
+    """For each pair, whether its chosen response scores above its rejected one;
+    score(prompts, responses) gives one number per (conversation, response)."""
+    prompts = [prompt_messages(pair) for pair in pairs]
+    chosen = score(prompts, [pair["chosen"] for pair in pairs])
+    rejected = score(prompts, [pair["rejected"] for pair in pairs])
+    return [c > r for c, r in zip(chosen, rejected)]
+
+
+def share(flags: list[bool]) -> float | None:
+    return sum(flags) / len(flags) if flags else None
+
+
+def share_by_source(pairs: list[dict], flags: list[bool]) -> dict[str, float | None]:
+    return {source: share([flag for pair, flag in zip(pairs, flags) if pair["source"] == source])
+            for source in sorted({pair["source"] for pair in pairs})}
+
+
 def load_sft(root: Path):
     model_dir = root / SFT_MODEL
     if not (model_dir / "config.json").is_file():

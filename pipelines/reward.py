@@ -44,16 +44,15 @@ def score(model, tokenizer, conversations: list[list[dict]], *, batch_size: int 
     return scores
 
 
-def pairwise_accuracy(model, tokenizer, pairs: list[dict]) -> float | None:
-    """Share of pairs whose chosen response gets the higher reward."""
-    if not pairs:
-        return None
-    conversations = [alignment.prompt_messages(pair) for pair in pairs]
-    chosen = score(model, tokenizer, [c + [{"role": "assistant", "content": p["chosen"]}]
-                                      for c, p in zip(conversations, pairs)])
-    rejected = score(model, tokenizer, [c + [{"role": "assistant", "content": p["rejected"]}]
-                                        for c, p in zip(conversations, pairs)])
-    return sum(c > r for c, r in zip(chosen, rejected)) / len(pairs)
+def score_answers(model, tokenizer, prompts: list[list[dict]], answers: list[str]) -> list[float]:
+    """The reward of each answer to its conversation."""
+    return score(model, tokenizer, [prompt + [{"role": "assistant", "content": answer}]
+                                    for prompt, answer in zip(prompts, answers)])
+
+
+def ranks_chosen_first(model, tokenizer, pairs: list[dict]) -> list[bool]:
+    """Per pair, whether the reward model scores the chosen response higher."""
+    return alignment.chosen_wins(pairs, lambda prompts, answers: score_answers(model, tokenizer, prompts, answers))
 
 
 def load(root: Path):
@@ -101,20 +100,19 @@ def train(params: Params, root: Path) -> dict | None:
     trainer = RewardTrainer(model=model, args=args, train_dataset=dataset(train_pairs),
                             eval_dataset=dataset(eval_pairs) if eval_pairs else None,
                             processing_class=tokenizer, callbacks=[callback])
-    accuracy_before = pairwise_accuracy(model, tokenizer, eval_pairs)
+    accuracy_before = alignment.share(ranks_chosen_first(model, tokenizer, eval_pairs))
     started = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - started
     if not trainer.is_world_process_zero():
         return None
-    accuracy_after = pairwise_accuracy(trainer.model, tokenizer, eval_pairs)
-    by_source = {source: pairwise_accuracy(trainer.model, tokenizer, [p for p in eval_pairs if p["source"] == source])
-                 for source in sorted({p["source"] for p in eval_pairs})}
+    ranked_first = ranks_chosen_first(trainer.model, tokenizer, eval_pairs)
     callback.live.end()
 
     metrics = {"trained": True, "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
-               "pairwise_accuracy_before": accuracy_before, "pairwise_accuracy": accuracy_after,
-               "pairwise_accuracy_by_source": by_source,
+               "pairwise_accuracy_before": accuracy_before,
+               "pairwise_accuracy": alignment.share(ranked_first),
+               "pairwise_accuracy_by_source": alignment.share_by_source(eval_pairs, ranked_first),
                "steps": result.global_step, "train_seconds": round(seconds, 1)}
 
     def write(staging: Path) -> None:

@@ -40,14 +40,10 @@ CHECKPOINTS = Path("models/.checkpoints/rlhf")
 # Measuring a policy
 
 
-def preference_accuracy(model, tokenizer, pairs: list[dict]) -> float | None:
-    """Share of pairs whose chosen response the model finds more likely than the rejected one."""
-    if not pairs:
-        return None
-    prompts = [alignment.prompt_messages(pair) for pair in pairs]
-    chosen = modeling.response_logprobs(model, tokenizer, prompts, [p["chosen"] for p in pairs])
-    rejected = modeling.response_logprobs(model, tokenizer, prompts, [p["rejected"] for p in pairs])
-    return sum(c > r for c, r in zip(chosen, rejected)) / len(pairs)
+def prefers_chosen(model, tokenizer, pairs: list[dict]) -> list[bool]:
+    """Per pair, whether the model finds the chosen response more likely than the rejected one."""
+    return alignment.chosen_wins(
+        pairs, lambda prompts, responses: modeling.response_logprobs(model, tokenizer, prompts, responses))
 
 
 def measure(model, tokenizer, pairs: list[dict], probe: list[dict], reward_model, config: RlhfParams) -> dict:
@@ -56,18 +52,16 @@ def measure(model, tokenizer, pairs: list[dict], probe: list[dict], reward_model
     the on-policy pairs, whose chosen answers are the SFT model's own likeliest ones."""
     task_answers = modeling.generate(model, tokenizer, [modeling.record_messages(r, with_response=False)
                                                         for r in probe], max_new_tokens=config.max_new_tokens)
-    collected = [pair for pair in pairs if origin_of(pair) != "on_policy"]
-    measured = {"preference_accuracy": preference_accuracy(model, tokenizer, pairs),
-                "preference_accuracy_collected": preference_accuracy(model, tokenizer, collected),
-                "preference_accuracy_by_source": {
-                    source: preference_accuracy(model, tokenizer, [p for p in pairs if p["source"] == source])
-                    for source in sorted({p["source"] for p in pairs})},
+    preferred = prefers_chosen(model, tokenizer, pairs)
+    collected = [flag for pair, flag in zip(pairs, preferred) if origin_of(pair) != "on_policy"]
+    measured = {"preference_accuracy": alignment.share(preferred),
+                "preference_accuracy_collected": alignment.share(collected),
+                "preference_accuracy_by_source": alignment.share_by_source(pairs, preferred),
                 "exact_match": modeling.exact_match(task_answers, [r["response"] for r in probe])}
     if reward_model is not None and pairs:
         prompts = [alignment.prompt_messages(pair) for pair in pairs]
         answers = modeling.generate(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens)
-        scores = reward.score(*reward_model, [p + [{"role": "assistant", "content": a}]
-                                              for p, a in zip(prompts, answers)])
+        scores = reward.score_answers(*reward_model, prompts, answers)
         measured["reward_of_answers"] = sum(scores) / len(scores)
     return measured
 
