@@ -3,7 +3,6 @@ arguments, loading the SFT model, and what to do when there is no preference dat
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from pipelines import distributed, modeling
@@ -86,14 +85,14 @@ def training_args(training: AlignTrainingParams, dist: DistributedParams, *, has
         deepspeed=dist.deepspeed_config, **distributed.precision_flags(training.precision))
 
 
-def replace_dir(target: Path, write) -> None:
-    """Call write(staging) on a directory beside `target`, then swap it in: never half a model."""
-    staging = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    write(staging)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+def lineage(root: Path) -> dict:
+    """Where a reward or aligned model came from: the SFT model and preference files (md5s, as
+    in dvc.lock) and the code revision."""
+    return {"started_from": {"path": str(SFT_MODEL),
+                             "md5": modeling.file_md5(root / SFT_MODEL / "model.safetensors")},
+            "data": {f"preferences_{name}": {"path": str(path), "md5": modeling.file_md5(root / path)}
+                     for name, path in PREFERENCE_SPLITS.items()},
+            "code_revision": modeling.code_revision(root)}
 
 
 def live_callback(root: Path, directory: Path):

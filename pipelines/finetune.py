@@ -24,7 +24,7 @@ from pathlib import Path
 from pipelines import distributed, modeling
 from pipelines.config import FinetuneParams, Params
 from pipelines.errors import FlywheelError
-from pipelines.io import read_batches
+from pipelines.io import atomic_dir, read_batches
 from pipelines.split import OUTPUTS as SPLITS
 
 OUT_DIR = Path("models/sft")
@@ -117,17 +117,13 @@ def _exact_match(model, tokenizer, rows: list[dict], config: FinetuneParams) -> 
 
 def _save(trainer, tokenizer, config: FinetuneParams, target: Path) -> None:
     """Write the final model beside `target`, then swap it in: never a half-written model."""
-    staging = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    model = trainer.model
-    if config.method == "lora" and config.lora.merge:
-        model = model.merge_and_unload()  # plain weights: serving needs no PEFT
-        model.save_pretrained(staging)
-    else:
-        trainer.save_model(str(staging))  # gathers ZeRO-3 shards; a LoRA adapter when unmerged
-    tokenizer.save_pretrained(staging)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    with atomic_dir(target) as staging:
+        if config.method == "lora" and config.lora.merge:
+            # plain weights: serving needs no PEFT
+            trainer.model.merge_and_unload().save_pretrained(staging)
+        else:
+            trainer.save_model(str(staging))  # gathers ZeRO-3 shards; a LoRA adapter when unmerged
+        tokenizer.save_pretrained(staging)
 
 
 def _tokens_seen(trainer, since_step: int) -> int:

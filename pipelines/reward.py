@@ -17,7 +17,7 @@ from pathlib import Path
 from pipelines import alignment, distributed, modeling
 from pipelines.config import Params
 from pipelines.finetune import OUT_DIR as SFT_MODEL
-from pipelines.preferences import OUTPUTS as PREFERENCE_SPLITS
+from pipelines.io import atomic_dir
 
 OUT_DIR = Path("models/reward")
 LIVE_DIR = Path("dvclive/reward")
@@ -66,10 +66,8 @@ def load(root: Path):
 
 
 def _skip(root: Path, reason: str) -> dict:
-    def write(staging: Path) -> None:
+    with atomic_dir(root / OUT_DIR) as staging:
         (staging / "README.md").write_text(f"# No reward model\n\nNot trained: {reason}.\n")
-
-    alignment.replace_dir(root / OUT_DIR, write)
     return {"trained": False, "reason": reason}
 
 
@@ -115,23 +113,14 @@ def train(params: Params, root: Path) -> dict | None:
                "pairwise_accuracy_by_source": alignment.share_by_source(eval_pairs, ranked_first),
                "steps": result.global_step, "train_seconds": round(seconds, 1)}
 
-    def write(staging: Path) -> None:
+    with atomic_dir(root / OUT_DIR) as staging:
         trainer.save_model(str(staging))
         tokenizer.save_pretrained(staging)
         modeling.write_model_card(
             staging, title="Flywheel reward model", base_model=str(SFT_MODEL),
-            lineage=_lineage(root), params=config.reward_model.model_dump(), metrics=metrics,
-            pipeline_tag="text-classification")
-
-    alignment.replace_dir(root / OUT_DIR, write)
+            lineage=alignment.lineage(root), params=config.reward_model.model_dump(),
+            metrics=metrics, pipeline_tag="text-classification")
     return metrics
-
-
-def _lineage(root: Path) -> dict:
-    return {"started_from": {"path": str(SFT_MODEL), "md5": modeling.file_md5(root / SFT_MODEL / "model.safetensors")},
-            "data": {name: {"path": str(path), "md5": modeling.file_md5(root / path)}
-                     for name, path in PREFERENCE_SPLITS.items()},
-            "code_revision": modeling.code_revision(root)}
 
 
 def run(params: Params, root: Path = Path(".")) -> dict | None:

@@ -28,7 +28,8 @@ from pipelines import alignment, distributed, modeling, reward, text
 from pipelines.config import GrpoParams, Params, RlhfParams
 from pipelines.errors import FlywheelError
 from pipelines.finetune import OUT_DIR as SFT_MODEL, load_split
-from pipelines.preferences import OUTPUTS as PREFERENCE_SPLITS, origin_of
+from pipelines.io import atomic_dir
+from pipelines.preferences import origin_of
 from pipelines.split import OUTPUTS as SFT_SPLITS
 
 OUT_DIR = Path("models/aligned")
@@ -158,11 +159,7 @@ def grpo_trainer(config: RlhfParams, model, tokenizer, train_pairs, reward_model
 
 
 def _lineage(root: Path) -> dict:
-    lineage = {"started_from": {"path": str(SFT_MODEL),
-                                "md5": modeling.file_md5(root / SFT_MODEL / "model.safetensors")},
-               "data": {f"preferences_{name}": {"path": str(path), "md5": modeling.file_md5(root / path)}
-                        for name, path in PREFERENCE_SPLITS.items()},
-               "code_revision": modeling.code_revision(root)}
+    lineage = alignment.lineage(root)
     if (root / reward.OUT_DIR / "model.safetensors").is_file():
         lineage["reward_model"] = {"path": str(reward.OUT_DIR),
                                    "md5": modeling.file_md5(root / reward.OUT_DIR / "model.safetensors")}
@@ -172,15 +169,13 @@ def _lineage(root: Path) -> dict:
 def _pass_sft_through(root: Path, config: RlhfParams, reason: str) -> dict:
     metrics = {"aligned": False, "method": config.method, "reason": reason}
 
-    def write(staging: Path) -> None:
+    with atomic_dir(root / OUT_DIR) as staging:
         shutil.copytree(root / SFT_MODEL, staging, dirs_exist_ok=True)
         modeling.write_model_card(staging, title="Flywheel model (SFT, not aligned)",
                                   base_model=str(SFT_MODEL), lineage=_lineage(root),
                                   params=config.model_dump(), metrics=metrics,
                                   notes=f"**Alignment was skipped: {reason}.** These are the SFT "
                                         "model's weights, unchanged.")
-
-    alignment.replace_dir(root / OUT_DIR, write)
     return metrics
 
 
@@ -220,14 +215,12 @@ def train(params: Params, root: Path) -> dict | None:
                "kl_from_sft": kl, "sft": before, "aligned_model": after,
                "training_log": _last_logged(trainer)}
 
-    def write(staging: Path) -> None:
+    with atomic_dir(root / OUT_DIR) as staging:
         trainer.save_model(str(staging))
         tokenizer.save_pretrained(staging)
         modeling.write_model_card(staging, title=f"Flywheel aligned model ({config.method})",
                                   base_model=str(SFT_MODEL), lineage=_lineage(root),
                                   params=config.model_dump(), metrics=metrics)
-
-    alignment.replace_dir(root / OUT_DIR, write)
     shutil.rmtree(root / CHECKPOINTS, ignore_errors=True)
     return metrics
 
