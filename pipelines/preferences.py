@@ -261,9 +261,9 @@ def held_out_prompts(root: Path) -> dict[str, str]:
     return keys
 
 
-def assign(pair: dict, config: PreferencesParams) -> str:
-    """train or eval by a hash of the prompt, so one prompt's pairs never straddle the split."""
-    digest = hashlib.sha256(f"{config.salt}\x1f{prompt_key(pair)}".encode()).digest()
+def assign(prompt: str, config: PreferencesParams) -> str:
+    """train or eval by a hash of the prompt key, so one prompt's pairs never straddle the split."""
+    digest = hashlib.sha256(f"{config.salt}\x1f{prompt}".encode()).digest()
     return "eval" if int.from_bytes(digest[:8], "big") / 2**64 < config.eval_fraction else "train"
 
 
@@ -287,11 +287,11 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     for pair in candidates:
         try:
             cleaned = clean_pair(pair, config, pii_counts)
-            split = contaminating.get(prompt_key(cleaned))
+            prompt = prompt_key(cleaned)
+            split = contaminating.get(prompt)
             if split:
                 raise Rejected(f"{split}_prompt", f"the prompt is in the SFT {split} split")
-            key = (prompt_key(cleaned), text.dedup_key(cleaned["chosen"]),
-                   text.dedup_key(cleaned["rejected"]))
+            key = (prompt, text.dedup_key(cleaned["chosen"]), text.dedup_key(cleaned["rejected"]))
             if key in seen:
                 raise Rejected("duplicate", f"same pair as {seen[key]}")
             seen[key] = cleaned["id"]
@@ -299,7 +299,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
             reasons[rejected.reason] += 1
             removed.append(_removed_pair(pair, rejected.reason, rejected.detail))
             continue
-        kept[assign(cleaned, config)].append(cleaned)
+        kept[assign(prompt, config)].append(cleaned)
 
     _write(root, kept, removed)
     by_source = defaultdict(lambda: {"train": 0, "eval": 0})
