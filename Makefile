@@ -28,7 +28,8 @@ demo: install
 	dvc repro
 	@echo
 	@echo "Pipeline up to date. Metrics: metrics/*.json (dvc metrics show); stage graph: dvc dag."
-	@echo "Outputs: data/interim/ (quarantine, removed records), data/processed/ (splits), reports/validate/index.html (Data Docs)."
+	@echo "Outputs: data/interim/ (quarantine, removed records), data/processed/ (splits, preference pairs), reports/validate/index.html (Data Docs)."
+	@echo "Models: models/sft/, models/reward/, models/aligned/ (each with a model card, README.md); curves: dvc plots show."
 
 test: install
 	HF_HUB_OFFLINE=1 python -m pytest
