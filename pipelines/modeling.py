@@ -103,8 +103,9 @@ def load_base(params: FinetuneParams, training_texts: Iterable[str]):
 
 
 def _decode_new(model, tokenizer, conversations: list[list[dict]], batch_size: int,
-                **generation) -> list[str]:
-    """Generate after each conversation's generation prompt; the new text, stripped."""
+                **generation) -> list[tuple[str, int]]:
+    """Generate after each conversation's generation prompt: (the new text stripped, the number of
+    tokens generated) per answer."""
     import torch
 
     side = tokenizer.padding_side
@@ -121,7 +122,9 @@ def _decode_new(model, tokenizer, conversations: list[list[dict]], batch_size: i
                 output = model.generate(**encoded, eos_token_id=tokenizer.eos_token_id,
                                         pad_token_id=tokenizer.pad_token_id, **generation)
             new_tokens = output[:, encoded["input_ids"].shape[1]:]
-            answers += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            counts = (new_tokens != tokenizer.pad_token_id).sum(dim=1).tolist()
+            answers += [(text.strip(), count) for text, count in zip(texts, counts)]
     finally:
         tokenizer.padding_side = side
     return answers
@@ -130,8 +133,19 @@ def _decode_new(model, tokenizer, conversations: list[list[dict]], batch_size: i
 def generate(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int,
              batch_size: int = 32) -> list[str]:
     """Greedy answers to conversations that end with a user turn."""
-    return _decode_new(model, tokenizer, conversations, batch_size, max_new_tokens=max_new_tokens,
-                       do_sample=False)
+    return [text for text, _ in _decode_new(model, tokenizer, conversations, batch_size,
+                                            max_new_tokens=max_new_tokens, do_sample=False)]
+
+
+def timed_answer(model, tokenizer, conversation: list[dict], *, max_new_tokens: int) -> tuple[str, int, float]:
+    """One greedy answer generated alone, as a single request is served:
+    (text, tokens generated, seconds)."""
+    import time
+
+    started = time.perf_counter()
+    [(text, count)] = _decode_new(model, tokenizer, [conversation], 1,
+                                  max_new_tokens=max_new_tokens, do_sample=False)
+    return text, count, time.perf_counter() - started
 
 
 def sample(model, tokenizer, conversations: list[list[dict]], *, samples: int, temperature: float,
@@ -143,7 +157,7 @@ def sample(model, tokenizer, conversations: list[list[dict]], *, samples: int, t
     flat = _decode_new(model, tokenizer, conversations, max(1, batch_size // samples),
                        max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
                        top_k=0, top_p=1.0, num_return_sequences=samples)
-    return [flat[i:i + samples] for i in range(0, len(flat), samples)]
+    return [[text for text, _ in flat[i:i + samples]] for i in range(0, len(flat), samples)]
 
 
 def exact_match(predictions: list[str], references: list[str]) -> float:
@@ -201,6 +215,13 @@ def response_logprobs(model, tokenizer, conversations: list[list[dict]], respons
                       batch_size: int = 32) -> list[float]:
     """The summed log-probability the model gives each response after its conversation, under the
     chat template (the same tokens training and serving see)."""
+    return [total for total, _ in response_token_logprobs(model, tokenizer, conversations, responses,
+                                                          batch_size=batch_size)]
+
+
+def response_token_logprobs(model, tokenizer, conversations: list[list[dict]], responses: list[str], *,
+                            batch_size: int = 32) -> list[tuple[float, int]]:
+    """(summed log-probability, number of tokens) of each response after its conversation."""
     import torch
 
     scores = []
@@ -225,5 +246,6 @@ def response_logprobs(model, tokenizer, conversations: list[list[dict]], respons
             -1, input_ids[:, 1:, None].to(model.device)).squeeze(-1).cpu()
         for row, (prompt, full) in enumerate(zip(prompt_ids, full_ids)):
             # Token t is predicted at position t-1: the response's tokens are prompt_len..len-1.
-            scores.append(float(token_logprobs[row, len(prompt) - 1:len(full) - 1].sum()))
+            scores.append((float(token_logprobs[row, len(prompt) - 1:len(full) - 1].sum()),
+                           len(full) - len(prompt)))
     return scores
