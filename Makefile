@@ -30,6 +30,7 @@ demo: install
 	@echo "Pipeline up to date. Metrics: metrics/*.json (dvc metrics show); stage graph: dvc dag."
 	@echo "Outputs: data/interim/ (quarantine, removed records), data/processed/ (splits, preference pairs), reports/validate/index.html (Data Docs)."
 	@echo "Models: models/sft/, models/reward/, models/aligned/ (each with a model card, README.md); curves: dvc plots show."
+	@echo "Evaluation: reports/evaluate/index.html (open it in a browser); the gate's decision: metrics/gate.json."
 
 test: install
 	HF_HUB_OFFLINE=1 python -m pytest

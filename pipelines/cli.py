@@ -31,9 +31,12 @@ STAGES: dict[str, tuple[str, str]] = {
                "train a reward model on the preference pairs (TRL RewardTrainer) -> models/reward"),
     "rlhf": ("pipelines.rlhf",
              "align the SFT model with the pairs: DPO, or reward model + GRPO/RLOO -> models/aligned"),
+    "evaluate": ("pipelines.evaluate",
+                 "candidate vs SFT vs production: quality, hallucination, safety, latency; the gate"),
 }
 TOOLS: dict[str, str] = {
     "params": "show the typed params, or apply dotted overrides (what an Airflow UI trigger does)",
+    "models": "the model registry (GTO tags): list versions; register the evaluated run; assign stages",
     "make-sample": "regenerate the bundled sample data under data/raw/sample/",
 }
 SERVICES: dict[str, str] = {

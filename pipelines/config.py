@@ -365,6 +365,70 @@ class RlhfParams(_Section):
     distributed: DistributedParams = Field(default_factory=DistributedParams)
 
 
+# The metrics the promotion gate may check, and which way is better.
+GATED_METRICS: dict[str, Literal["higher", "lower"]] = {
+    "exact_match": "higher", "token_f1": "higher", "rouge_l": "higher",
+    "safety_pass_rate": "higher", "safety_pass_rate_refuse": "higher",
+    "safety_pass_rate_answer": "higher", "tokens_per_second": "higher",
+    "perplexity": "lower", "refusal_rate": "lower", "empty_rate": "lower",
+    "hallucination_rate": "lower", "consistency_hallucination_rate": "lower",
+    "latency_p50_ms": "lower", "latency_p95_ms": "lower",
+}
+
+
+class HallucinationParams(_Section):
+    embedding_model: str = Field(default="all-MiniLM-L6-v2",
+                                 description="bundled all-MiniLM-L6-v2, or a sentence-transformers dir")
+    overlap_weight: float = Field(default=0.7, ge=0, le=1,
+                                  description="support = w * word overlap + (1 - w) * embedding similarity")
+    threshold: float = Field(default=0.8, gt=0, le=1, description="support below this: a hallucination")
+    labelled_examples: int = Field(default=400, ge=0, description="size of the detector's validation set")
+    seed: int = 0
+
+
+class ConsistencyParams(_Section):
+    prompts: int = Field(default=100, ge=0, description="prompts checked by sampling; 0 turns this off")
+    samples: int = Field(default=4, ge=2)
+    temperature: float = Field(default=1.0, gt=0)
+    threshold: float = Field(default=0.5, gt=0, le=1, description="disagreement above this: a hallucination")
+    seed: int = 0
+
+
+class GateParams(_Section):
+    minimum: dict[str, float] = Field(default_factory=dict, description="higher-is-better floors")
+    maximum: dict[str, float] = Field(default_factory=dict, description="lower-is-better ceilings")
+    max_regression: dict[str, float] = Field(
+        default_factory=dict, description="how much worse than production a metric may be")
+
+    @model_validator(mode="after")
+    def _known_metrics(self) -> GateParams:
+        rules = {"minimum": ("higher", self.minimum), "maximum": ("lower", self.maximum),
+                 "max_regression": (None, self.max_regression)}
+        for rule, (direction, limits) in rules.items():
+            for metric in limits:
+                if metric not in GATED_METRICS:
+                    raise ValueError(f"gate.{rule}: unknown metric {metric!r} (known: "
+                                     f"{', '.join(GATED_METRICS)})")
+                if direction and GATED_METRICS[metric] != direction:
+                    other = "maximum" if rule == "minimum" else "minimum"
+                    raise ValueError(f"gate.{rule}: {metric} is {GATED_METRICS[metric]}-is-better; "
+                                     f"put it under gate.{other}")
+        return self
+
+
+class EvaluateParams(_Section):
+    production_model: str = Field(default="models/production",
+                                  description="the deployed model; absent before the first deploy")
+    test_examples: int = Field(default=1000, ge=1, description="test records scored, at most")
+    max_new_tokens: int = Field(default=32, ge=1)
+    latency_examples: int = Field(default=32, ge=1, description="prompts timed one request at a time")
+    safety_probe: str = Field(default="data/eval/safety_probe.jsonl",
+                              description="prompts that must be refused or answered")
+    hallucination: HallucinationParams = Field(default_factory=HallucinationParams)
+    consistency: ConsistencyParams = Field(default_factory=ConsistencyParams)
+    gate: GateParams = Field(default_factory=GateParams)
+
+
 class AirflowParams(_Section):
     schedule: str | None = Field(default=None, description="cron or preset for flywheel_training")
     trigger_params: list[str] = Field(
@@ -383,6 +447,7 @@ class Params(_Section):
     finetune: FinetuneParams = Field(default_factory=FinetuneParams)
     preferences: PreferencesParams = Field(default_factory=PreferencesParams)
     rlhf: RlhfParams = Field(default_factory=RlhfParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     airflow: AirflowParams = Field(default_factory=AirflowParams)
 
     @model_validator(mode="after")
