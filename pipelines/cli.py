@@ -86,6 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("assignments", nargs="*", metavar="KEY=VALUE",
                        help="dotted key = YAML value, e.g. ingest.chunk_size=5000")
 
+    models = commands.add_parser("models", description=TOOLS["models"])
+    models.add_argument("--json", action="store_true", help="print the versions as JSON")
+    models_actions = models.add_subparsers(dest="action", metavar="<action>")
+    models_actions.add_parser("list", help="versions, stages, gate decision, metrics, lineage (default)")
+    models_actions.add_parser(
+        "register", help="register the evaluated run committed at HEAD: staging if the gate "
+                         "passed, rejected with its reasons if not")
+    assign = models_actions.add_parser("assign", help="move a version to a stage (e.g. prod)")
+    assign.add_argument("version", help="e.g. v0.0.1")
+    assign.add_argument("stage", help="e.g. staging, prod")
+
     commands.add_parser("make-sample", description=TOOLS["make-sample"])
     airflow = commands.add_parser("airflow", description=SERVICES["airflow"])
     airflow.add_argument("--port", type=int, default=8080)
@@ -151,6 +162,23 @@ def params_command(args: argparse.Namespace) -> None:
         print(json.dumps(load_params(args.params).model_dump(by_alias=True), indent=2, default=str))
 
 
+def models_command(args: argparse.Namespace) -> None:
+    from pipelines import registry
+
+    if args.action == "register":
+        entry = registry.register()
+        what = "already registered as" if entry["already_registered"] else "registered"
+        print(f"{registry.ARTIFACT} {what} {entry['version']} "
+              f"(stage: {', '.join(entry['stages'])}) at commit {entry['commit'][:10]}")
+        print(entry["message"])
+    elif args.action == "assign":
+        registry.assign(args.version, args.stage)
+        print(f"{registry.ARTIFACT} {args.version} -> {args.stage}")
+    else:
+        listed = registry.versions()
+        print(json.dumps(listed, indent=2, default=str) if args.json else registry.describe(listed))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -162,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
             run_stage(args.command, args.params)
         elif args.command == "params":
             params_command(args)
+        elif args.command == "models":
+            models_command(args)
         elif args.command == "make-sample":
             from pipelines import sample_data
 

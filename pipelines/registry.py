@@ -1,0 +1,166 @@
+"""The model registry, in the DVC ecosystem: `artifacts` in dvc.yaml name the model
+(flywheel-model: models/aligned), and GTO git tags give it versions and stages. A version is a
+commit: its dvc.lock pins the model's weights and the data they came from, its metrics/ hold the
+evaluation and the gate's decision. So the registry needs nothing but the git repository, and
+`dvc artifacts get . flywheel-model --stage prod` (or `--rev <version tag>`) fetches a version.
+
+  flywheel models                    versions, stages, gate decision, key metrics and lineage
+  flywheel models register           the committed evaluation at HEAD becomes a new version:
+                                     stage `staging` if the gate passed, `rejected` (reasons in
+                                     the tag message) if not
+  flywheel models assign V STAGE     move a version to a stage (deploy: staging -> prod);
+                                     a rejected version is never promoted
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from pipelines.errors import FlywheelError
+
+ARTIFACT = "flywheel-model"
+PROMOTED = "staging"
+REJECTED = "rejected"
+GATE_FILE = "metrics/gate.json"
+EVALUATE_FILE = "metrics/evaluate.json"
+SHOWN_METRICS = ("exact_match", "token_f1", "hallucination_rate", "safety_pass_rate")
+
+
+def _git(root: Path, *args: str, check: bool = True) -> str:
+    result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise FlywheelError(f"git {' '.join(args)}: {result.stderr.strip()}")
+    return result.stdout
+
+
+def _repo(root: Path) -> Path:
+    result = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise FlywheelError(f"{root.resolve()} is not a git repository: the registry is kept in git "
+                            "tags (git init, then commit the evaluated run)")
+    return Path(result.stdout.strip())
+
+
+def _committed_json(repo: Path, revision: str, path: str) -> dict | None:
+    result = subprocess.run(["git", "show", f"{revision}:{path}"], cwd=repo, capture_output=True, text=True)
+    return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+def _author(repo: Path) -> dict:
+    """GTO signs its tags; a fresh machine may have no git identity configured."""
+    name = _git(repo, "config", "user.name", check=False).strip() or "flywheel"
+    email = _git(repo, "config", "user.email", check=False).strip() or "flywheel@localhost"
+    return {"author": name, "author_email": email}
+
+
+def _summary(gate: dict, evaluation: dict | None) -> str:
+    candidate = (evaluation or {}).get("models", {}).get("candidate", {})
+    figures = ", ".join(f"{name} {candidate[name]:.3f}" for name in SHOWN_METRICS
+                        if candidate.get(name) is not None)
+    lines = [f"gate {'passed' if gate['passed'] else 'rejected'}: judged on {gate['judged_against']}"]
+    lines += [f"- {reason}" for reason in gate["reasons"]]
+    return "\n".join(lines + ([figures] if figures else []))
+
+
+def versions(root: Path = Path(".")) -> list[dict]:
+    """Every registered version, newest first: stages, the gate's decision and lineage."""
+    import gto.api
+    from gto.exceptions import ArtifactNotFound
+
+    repo = _repo(root)
+    try:
+        shown = gto.api.show(str(repo), ARTIFACT)
+    except ArtifactNotFound:
+        return []  # nothing registered yet
+    listed = []
+    for entry in shown:
+        commit = entry["commit_hexsha"]
+        stages = [s["stage"] for s in entry["stages"] if s["is_active"]]
+        evaluation = _committed_json(repo, commit, EVALUATE_FILE) or {}
+        listed.append({
+            "version": entry["version"], "commit": commit, "created_at": str(entry["created_at"]),
+            "stages": stages, "message": entry.get("message", ""),
+            "gate": _committed_json(repo, commit, GATE_FILE),
+            "metrics": {name: evaluation.get("models", {}).get("candidate", {}).get(name)
+                        for name in SHOWN_METRICS},
+            "lineage": _lineage(repo, commit),
+        })
+    return listed
+
+
+def _lineage(repo: Path, commit: str) -> dict:
+    """What dvc.lock at the version's commit pins: the model's and its data's md5s."""
+    text = _git(repo, "show", f"{commit}:dvc.lock", check=False)
+    stages = (yaml.safe_load(text) or {}).get("stages", {}) if text else {}
+    outs = {out["path"]: out.get("md5") for stage in stages.values() for out in stage.get("outs", [])}
+    wanted = ("models/aligned", "models/sft", "data/processed/train.parquet",
+              "data/processed/test.parquet", "data/processed/preferences/train.parquet")
+    return {path: outs[path] for path in wanted if path in outs}
+
+
+def register(root: Path = Path(".")) -> dict:
+    """The evaluated run committed at HEAD becomes a version, staged by the gate's decision."""
+    import gto.api
+
+    repo = _repo(root)
+    gate = _committed_json(repo, "HEAD", GATE_FILE)
+    if gate is None:
+        raise FlywheelError(f"{GATE_FILE} is not committed at HEAD: run `dvc repro evaluate`, then "
+                            f"commit the run (git add dvc.lock metrics && git commit)")
+    pending = _git(repo, "status", "--porcelain", "--", "dvc.lock", "metrics").strip()
+    if pending:
+        raise FlywheelError("the evaluated run is not committed (dvc.lock or metrics/ changed "
+                            "since HEAD): commit it first, so the version pins what was evaluated\n"
+                            + pending)
+    head = _git(repo, "rev-parse", "HEAD").strip()
+    for entry in versions(repo):
+        if entry["commit"] == head:
+            return {**entry, "already_registered": True}
+    message = _summary(gate, _committed_json(repo, "HEAD", EVALUATE_FILE))
+    author = _author(repo)
+    registration = gto.api.register(str(repo), ARTIFACT, "HEAD", message=message, **author)
+    stage = PROMOTED if gate["passed"] else REJECTED
+    gto.api.assign(str(repo), ARTIFACT, stage, version=registration.version, message=message, **author)
+    return {"version": registration.version, "commit": head, "stages": [stage], "message": message,
+            "already_registered": False}
+
+
+def assign(version: str, stage: str, root: Path = Path(".")) -> None:
+    """Move `version` to `stage`; a version the gate rejected is never promoted."""
+    import gto.api
+
+    repo = _repo(root)
+    known = {entry["version"]: entry for entry in versions(repo)}
+    if version not in known:
+        raise FlywheelError(f"{ARTIFACT} has no version {version!r} (known: {', '.join(known) or 'none'})")
+    gate = known[version]["gate"] or {}
+    if stage != REJECTED and (REJECTED in known[version]["stages"] or not gate.get("passed")):
+        reasons = "; ".join(gate.get("reasons", [])) or "no passing gate decision committed with it"
+        raise FlywheelError(f"{ARTIFACT} {version} was rejected by the promotion gate and cannot go "
+                            f"to {stage!r}: {reasons}")
+    gto.api.assign(str(repo), ARTIFACT, stage, version=version,
+                   message=f"{version} -> {stage}", **_author(repo))
+
+
+def describe(listed: list[dict]) -> str:
+    if not listed:
+        return (f"{ARTIFACT}: no versions yet. Run the pipeline (dvc repro), commit the run, then "
+                "`flywheel models register`.")
+    lines = [f"{ARTIFACT}: {len(listed)} version(s), newest first"]
+    for entry in listed:
+        figures = "  ".join(f"{name} {value:.3f}" for name, value in entry["metrics"].items()
+                            if value is not None)
+        lines.append(f"  {entry['version']:<9} {','.join(entry['stages']) or '-':<18} "
+                     f"commit {entry['commit'][:10]}  {entry['created_at'][:19]}")
+        if figures:
+            lines.append(f"    metrics: {figures}")
+        gate = entry["gate"] or {}
+        for reason in gate.get("reasons", []):
+            lines.append(f"    rejected: {reason}")
+        for path, md5 in entry["lineage"].items():
+            lines.append(f"    {path}: {md5}")
+    return "\n".join(lines)
