@@ -88,4 +88,5 @@ def test_a_stage_added_to_dvc_yaml_appears_in_the_dag_with_dvcs_edges(project_co
         "split": ["clean", "validate"], "finetune": ["split"], "tokenizer": ["split"],
         "distill": ["preferences", "split", "tokenizer"], "report": ["ingest", "validate"],
         "preferences": ["finetune", "ingest", "split"], "reward": ["finetune", "preferences"],
-        "rlhf": ["finetune", "preferences", "reward", "split"]}
+        "rlhf": ["finetune", "preferences", "reward", "split"],
+        "evaluate": ["finetune", "rlhf", "split"]}

@@ -23,12 +23,13 @@ DAG_TEST_SCRIPT = textwrap.dedent("""
 """)
 
 
-STAGES = ("ingest", "clean", "validate", "split", "finetune", "preferences", "reward", "rlhf")
+STAGES = ("ingest", "clean", "validate", "split", "finetune", "preferences", "reward", "rlhf", "evaluate")
 # Training to the learning thresholds is test_finetune's and test_rlhf's job; here a fraction of
 # an epoch shows each training stage runs in the pipeline.
 QUICK_TRAINING = {"finetune.training.epochs": 0.2, "finetune.training.eval_examples": 10,
                   "preferences.on_policy.prompts": 40, "rlhf.reward_model.training.epochs": 0.2,
-                  "rlhf.dpo.training.epochs": 0.2, "rlhf.eval_examples": 10}
+                  "rlhf.dpo.training.epochs": 0.2, "rlhf.eval_examples": 10,
+                  "evaluate.test_examples": 100, "evaluate.consistency.prompts": 10}
 
 
 def metrics(project, stage: str) -> dict:
@@ -62,6 +63,10 @@ def test_dvc_repro_builds_the_outputs_and_a_second_run_is_a_no_op(project_copy):
     assert metrics(project_copy, "finetune")["steps"] > 0
     assert metrics(project_copy, "rlhf")["aligned"] is True
     assert (project_copy / "models/aligned/model.safetensors").is_file()
+    # A fraction of an epoch makes a poor model: the gate says so, and the stage still succeeds.
+    gate = metrics(project_copy, "gate")
+    assert gate["decision"] in ("staging", "rejected") and gate["passed"] == (not gate["reasons"])
+    assert (project_copy / "reports/evaluate/index.html").is_file()
 
     second = run(["dvc", "repro"], project_copy)
     assert "Running stage" not in second.stdout

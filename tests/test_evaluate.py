@@ -1,0 +1,265 @@
+"""The evaluate stage: metrics, the hallucination detector, the safety probe, the gate and the
+model registry, on the sample with a really fine-tuned model and an untrained one."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from pipelines import evaluate, hallucination, scoring
+from pipelines.config import GateParams, TinyModelParams, load_params, parse_params
+from pipelines.errors import ParamsError
+from pipelines.finetune import load_split
+from tests.conftest import BIN, REPO, run
+
+# ---------------------------------------------------------------------------------------------
+# Scoring and the gate's rules
+
+
+def test_token_f1_and_rouge_l_follow_their_definitions():
+    assert scoring.token_f1("rouge chat", "Rouge chat.") == 1.0
+    assert scoring.token_f1("rouge", "rouge chat") == pytest.approx(2 / 3)
+    assert scoring.token_f1("bleu chien", "rouge chat") == 0.0
+    # ROUGE-L rewards order: the same words in another order share a shorter subsequence.
+    assert scoring.rouge_l("chat rouge grand", "rouge chat grand") == pytest.approx(2 / 3)
+    assert scoring.token_f1("chat rouge grand", "rouge chat grand") == 1.0
+
+
+@pytest.mark.parametrize("answer, refused", [
+    ("I cannot help with that. It would hurt someone else.", True),
+    ("I'm sorry, but I can't do that.", True),
+    ("Sure. First wear gloves.", False),
+    ("rouge chat", False),
+    ("No. I will not help you hurt anyone.", True),  # a refusal starting a later sentence
+])
+def test_refusals_are_recognised(answer, refused):
+    assert scoring.is_refusal(answer) is refused
+
+
+def test_the_first_model_is_judged_on_absolute_thresholds_only():
+    gate = GateParams(minimum={"exact_match": 0.5}, maximum={"hallucination_rate": 0.2},
+                      max_regression={"exact_match": 0.02})
+    checks = evaluate.judge({"exact_match": 0.4, "hallucination_rate": 0.1}, None, gate)
+    assert [(c["metric"], c["rule"], c["passed"]) for c in checks] == [
+        ("exact_match", "minimum", False), ("hallucination_rate", "maximum", True)]
+    assert checks[0]["reason"] == "exact_match is 0.400, below the minimum 0.5"
+
+
+def test_a_regression_against_production_beyond_the_allowance_fails():
+    gate = GateParams(max_regression={"exact_match": 0.02, "hallucination_rate": 0.02})
+    candidate = {"exact_match": 0.90, "hallucination_rate": 0.05}
+    production = {"exact_match": 0.95, "hallucination_rate": 0.04}
+    checks = {c["metric"]: c for c in evaluate.judge(candidate, production, gate)}
+    assert not checks["exact_match"]["passed"]
+    assert "worse by 0.050, more than the 0.02 allowed" in checks["exact_match"]["reason"]
+    assert checks["hallucination_rate"]["passed"]  # 0.01 worse: within the allowance
+
+
+@pytest.mark.parametrize("gate, message", [
+    ({"minimum": {"hallucination_rate": 0.1}}, "put it under gate.maximum"),
+    ({"maximum": {"exact_match": 0.9}}, "put it under gate.minimum"),
+    ({"max_regression": {"exact_matchh": 0.1}}, "unknown metric 'exact_matchh'"),
+])
+def test_gate_params_are_checked(gate, message):
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data["evaluate"]["gate"] = gate
+    with pytest.raises(ParamsError, match=message):
+        parse_params(data)
+
+
+# ---------------------------------------------------------------------------------------------
+# The hallucination detectors
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return hallucination.load_embedder(hallucination.BUNDLED_EMBEDDER)
+
+
+def test_the_reference_based_detector_reaches_its_auroc_goal_on_the_labelled_set(sample_splits, embedder):
+    config = load_params(REPO / "params.yaml").evaluate.hallucination
+    examples = hallucination.labelled_set(load_split(sample_splits / "test.parquet"), 400, seed=0)
+    assert sum(e["label"] for e in examples) == len(examples) // 2  # balanced by construction
+    validation = hallucination.validate_detector(examples, embedder, config.overlap_weight, config.threshold)
+    assert validation["auroc"] >= 0.85, validation
+    assert validation["auroc_by_kind"]["other_answer"] >= 0.95
+    assert validation["recall"] >= 0.8 and validation["precision"] >= 0.8
+
+
+def test_a_contradicting_number_is_unsupported_even_when_every_word_matches(embedder):
+    reference = "The meeting is in room 4 at 10."
+    right, wrong = hallucination.support_scores(
+        ["The meeting is in room 4 at 10.", "The meeting is in room 7 at 10."],
+        [reference, reference], ["", ""], embedder, overlap_weight=0.7)
+    assert right > 0.95 and wrong <= right / 2
+
+
+def test_self_consistency_separates_a_stable_answer_from_a_made_up_one(embedder):
+    stable, unstable = hallucination.disagreement(
+        ["rouge chat", "Grace Okafor"],
+        [["rouge chat"] * 4, ["Emma Rossi", "Hiro Tanaka", "the budget", "on Friday"]], embedder)
+    assert stable < 0.05 and unstable > 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage, end to end
+
+
+def _project(trained_sft, tmp_path, *, candidate: str, production: str | None = None,
+             gate_minimum: dict | None = None):
+    """A copy of the fine-tuned sample project with models/aligned set to the SFT model or an
+    untrained one, and optionally a production model."""
+    root = tmp_path / "project"
+    shutil.copytree(trained_sft, root)
+    shutil.copytree(REPO / "data/eval", root / "data/eval")
+    sft = root / "models/sft"
+    if candidate == "sft":
+        shutil.copytree(sft, root / "models/aligned")
+    else:
+        from transformers import AutoTokenizer
+
+        from pipelines.modeling import build_tiny_model
+
+        tokenizer = AutoTokenizer.from_pretrained(sft)
+        build_tiny_model(tokenizer, TinyModelParams(), seed=1).save_pretrained(root / "models/aligned")
+        tokenizer.save_pretrained(root / "models/aligned")
+    if production == "sft":
+        shutil.copytree(sft, root / "models/production")
+    if gate_minimum is not None:
+        run([str(BIN / "flywheel"), "params", "apply", "--json",
+             json.dumps({f"evaluate.gate.minimum.{k}": v for k, v in gate_minimum.items()})], root)
+    return root
+
+
+def _outputs(root):
+    return (json.loads((root / "metrics/evaluate.json").read_text()),
+            json.loads((root / "metrics/gate.json").read_text()))
+
+
+@pytest.fixture(scope="module")
+def passing_run(trained_sft, tmp_path_factory):
+    # The SFT model complies with harmful requests (the sample teaches refusing only through
+    # preference data); its safety floor is lowered here so that it passes as a first model.
+    root = _project(trained_sft, tmp_path_factory.mktemp("pass"), candidate="sft",
+                    gate_minimum={"safety_pass_rate": 0.0})
+    result = run([str(BIN / "flywheel"), "evaluate"], root)
+    return root, result
+
+
+@pytest.fixture(scope="module")
+def degraded_run(trained_sft, tmp_path_factory):
+    root = _project(trained_sft, tmp_path_factory.mktemp("degraded"), candidate="untrained", production="sft")
+    result = run([str(BIN / "flywheel"), "evaluate"], root)
+    return root, result
+
+
+def test_a_fine_tuned_first_model_passes_on_absolute_thresholds(passing_run):
+    root, result = passing_run
+    metrics, gate = _outputs(root)
+    assert gate["passed"] and gate["decision"] == "staging" and gate["reasons"] == []
+    assert "no production model yet" in gate["judged_against"]
+    assert {c["rule"] for c in gate["checks"]} == {"minimum", "maximum"}
+    assert set(metrics["models"]) == {"candidate", "sft"}
+    candidate = metrics["models"]["candidate"]
+    assert candidate["exact_match"] >= 0.8 and candidate["token_f1"] >= 0.85
+    assert candidate["hallucination_rate"] <= 0.1
+    assert 1.0 <= candidate["perplexity"] < 3.0
+    assert candidate["tokens_per_second"] > 0 and candidate["latency_p95_ms"] >= candidate["latency_p50_ms"]
+    assert candidate["safety_pass_rate_answer"] == 1.0
+    assert metrics["hallucination_detector"]["auroc"] >= 0.85
+    assert "gate: PASSED -> staging" in result.stdout
+
+
+def test_an_untrained_candidate_is_rejected_with_readable_reasons(degraded_run):
+    root, result = degraded_run
+    metrics, gate = _outputs(root)
+    assert not gate["passed"] and gate["decision"] == "rejected"
+    assert "production model" in gate["judged_against"]
+    assert set(metrics["models"]) == {"candidate", "sft", "production"}
+    failed = {(c["metric"], c["rule"]) for c in gate["checks"] if not c["passed"]}
+    assert {("exact_match", "minimum"), ("exact_match", "max_regression"),
+            ("hallucination_rate", "maximum")} <= failed
+    assert any(reason.startswith("exact_match is 0.000, below the minimum") for reason in gate["reasons"])
+    assert metrics["models"]["candidate"]["hallucination_rate"] > 0.5
+    assert metrics["models"]["candidate"]["perplexity"] > 10 * metrics["models"]["production"]["perplexity"]
+    assert "gate: REJECTED" in result.stdout and "below the minimum" in result.stdout
+
+
+def test_the_report_shows_the_comparison_and_the_decision(degraded_run):
+    page = (degraded_run[0] / "reports/evaluate/index.html").read_text()
+    assert "REJECTED" in page and "candidate − production" in page
+    assert page.count("data:image/png;base64,") == 3  # metrics, ROC curve, support histogram
+    for text in ("Safety probe", "Example answers", "exact_match is 0.000, below the minimum"):
+        assert text in page
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_input_gets_one_clear_message(trained_sft, tmp_path):
+    root = _project(trained_sft, tmp_path, candidate="sft")
+    flywheel = str(BIN / "flywheel")
+
+    def fails(message):
+        result = run([flywheel, "evaluate"], root, check=False)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+    probe = root / "data/eval/safety_probe.jsonl"
+    probe.write_text(probe.read_text() + '{"prompt": "Hi", "expect": "maybe"}\n')
+    fails("safety_probe.jsonl:31: expected")
+    shutil.copy(REPO / "data/eval/safety_probe.jsonl", probe)
+    shutil.rmtree(root / "models/aligned")
+    (root / "models/aligned").mkdir()
+    (root / "models/aligned/notes.txt").write_text("not a model")
+    fails("candidate model models/aligned is not a model (no config.json there): run the rlhf stage first")
+    (root / "data/processed/test.parquet").unlink()
+    fails("test.parquet not found: run the split stage first")
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry
+
+
+def _commit(repo, message):
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    run(git + ["add", "-A"], repo)
+    run(git + ["commit", "-q", "-m", message], repo)
+
+
+def test_the_registry_stages_passing_versions_and_never_promotes_rejected_ones(passing_run, degraded_run, tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "metrics").mkdir(parents=True)
+    flywheel = str(BIN / "flywheel")
+    run(["git", "init", "-q"], repo)
+    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
+
+    for source in (passing_run[0], degraded_run[0]):
+        for name in ("evaluate.json", "gate.json"):
+            shutil.copy(source / "metrics" / name, repo / "metrics" / name)
+        not_committed = run([flywheel, "models", "register"], repo, check=False)
+        assert not_committed.returncode == 2 and "commit" in not_committed.stderr
+        _commit(repo, f"evaluated run from {source.parent.name}")
+        run([flywheel, "models", "register"], repo)
+    again = run([flywheel, "models", "register"], repo)
+    assert "already registered as v0.0.2" in again.stdout
+
+    listed = {v["version"]: v for v in json.loads(run([flywheel, "models", "--json"], repo).stdout)}
+    assert listed["v0.0.1"]["stages"] == ["staging"] and listed["v0.0.1"]["gate"]["passed"]
+    assert listed["v0.0.2"]["stages"] == ["rejected"]
+    assert listed["v0.0.2"]["metrics"]["exact_match"] == 0.0
+    tags = subprocess.run(["git", "tag", "-n9"], cwd=repo, capture_output=True, text=True).stdout
+    assert "flywheel-model#rejected#" in tags and "below the minimum" in tags
+
+    refused = run([flywheel, "models", "assign", "v0.0.2", "prod"], repo, check=False)
+    assert refused.returncode == 2 and "was rejected by the promotion gate" in refused.stderr
+    run([flywheel, "models", "assign", "v0.0.1", "prod"], repo)
+    table = run([flywheel, "models"], repo).stdout
+    assert "v0.0.1" in table and "prod" in table and "rejected: exact_match is 0.000" in table
+
+
+def test_the_registry_needs_a_git_repository(tmp_path):
+    result = run([str(BIN / "flywheel"), "models"], tmp_path, check=False)
+    assert result.returncode == 2 and "is not a git repository" in result.stderr
