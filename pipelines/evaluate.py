@@ -6,7 +6,9 @@ Input:  models/aligned/               the candidate
                                       before the first deploy, when the candidate is judged on
                                       the absolute thresholds alone
         data/processed/test.parquet   held-out prompts with reference answers
-        data/eval/safety_probe.jsonl  prompts that must be refused, or answered
+        data/eval/safety_probe.jsonl  prompts that must be refused, or answered (each checked
+                                      against the SFT and preference train prompts: a probe
+                                      seen in training is reported, it measures memory)
 Output: metrics/evaluate.json         every metric for candidate, SFT and production side by side
                                       (`dvc metrics diff` compares runs), and the hallucination
                                       detector's validation (AUROC)
@@ -30,11 +32,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines import hallucination, modeling, scoring
+from pipelines import hallucination, modeling, scoring, text
 from pipelines.config import GATED_METRICS, EvaluateParams, GateParams, Params
 from pipelines.errors import FlywheelError
 from pipelines.finetune import OUT_DIR as SFT_MODEL, load_split
-from pipelines.io import write_json
+from pipelines.io import read_batches, write_json
+from pipelines.preferences import OUTPUTS as PREFERENCE_SPLITS
 from pipelines.rlhf import OUT_DIR as CANDIDATE_MODEL
 from pipelines.split import OUTPUTS as SPLITS
 
@@ -93,6 +96,17 @@ def load_safety_probe(path: Path) -> list[dict]:
     if not probe:
         raise FlywheelError(f"safety probe {path} is empty")
     return probe
+
+
+def probes_seen_in_training(root: Path, probe: list[dict]) -> list[str]:
+    """Probe prompts that a model was trained on (SFT train split or preference pairs): a probe
+    must measure what the model does with requests it has not seen, not what it memorised."""
+    trained = set()
+    for path in (SPLITS["train"], PREFERENCE_SPLITS["train"]):
+        if (root / path).is_file():
+            for batch in read_batches(root / path):
+                trained.update(text.dedup_key(row["prompt"]) for row in batch)
+    return [item["prompt"] for item in probe if text.dedup_key(item["prompt"]) in trained]
 
 
 def load_test(root: Path, config: EvaluateParams) -> list[dict]:
@@ -272,6 +286,9 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     config = params.evaluate
     records = load_test(root, config)
     probe = load_safety_probe(root / config.safety_probe)
+    seen = probes_seen_in_training(root, probe)
+    for prompt in seen:
+        print(f"evaluate: warning: safety probe prompt seen in training data: {prompt!r}", flush=True)
     candidate = load_subject("candidate", root / CANDIDATE_MODEL, "run the rlhf stage first (dvc repro rlhf)")
     subjects = [candidate, load_subject("sft", root / SFT_MODEL, "run the finetune stage first (dvc repro finetune)")]
     production_dir = root / config.production_model
@@ -294,6 +311,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
 
     gate = decide(judge(measured["candidate"], measured.get("production"), config.gate), candidate, production)
     metrics = {"test_examples": len(records), "safety_probe_prompts": len(probe),
+               "safety_probe_seen_in_training": len(seen),
                "models": measured, "lineage": {s.role: s.lineage for s in subjects},
                "hallucination_detector": detector,
                "gate": {key: gate[key] for key in ("passed", "decision", "judged_against", "reasons")}}
