@@ -1,6 +1,7 @@
 """The DAG folder parses cleanly, cheaply, and into the same graph DVC builds from dvc.yaml."""
 
 import json
+import re
 import textwrap
 
 from pipelines.dvc_graph import load_stages, upstream_of
@@ -69,7 +70,12 @@ EXTRA_STAGES = textwrap.indent(textwrap.dedent("""
 
 def test_a_stage_added_to_dvc_yaml_appears_in_the_dag_with_dvcs_edges(project_copy, tmp_path):
     dvc_yaml = project_copy / "dvc.yaml"
-    dvc_yaml.write_text(dvc_yaml.read_text() + EXTRA_STAGES)
+    text = dvc_yaml.read_text()
+    # At the end of the `stages:` mapping: before the next top-level line (artifacts, a comment).
+    body = text.index("\nstages:") + len("\nstages:")
+    later = re.search(r"^\S", text[body:], re.M)
+    cut = body + later.start() if later else len(text)
+    dvc_yaml.write_text(text[:cut].rstrip("\n") + "\n" + EXTRA_STAGES + "\n" + text[cut:])
 
     # The graph DVC itself builds (edges point from a stage to the stages it depends on).
     script = ("from dvc.repo import Repo; import json; g = Repo('.').index.graph; "
@@ -89,4 +95,4 @@ def test_a_stage_added_to_dvc_yaml_appears_in_the_dag_with_dvcs_edges(project_co
         "distill": ["preferences", "split", "tokenizer"], "report": ["ingest", "validate"],
         "preferences": ["finetune", "ingest", "split"], "reward": ["finetune", "preferences"],
         "rlhf": ["finetune", "preferences", "reward", "split"],
-        "evaluate": ["finetune", "rlhf", "split"]}
+        "evaluate": ["finetune", "preferences", "rlhf", "split"]}
