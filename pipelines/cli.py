@@ -37,6 +37,7 @@ STAGES: dict[str, tuple[str, str]] = {
 TOOLS: dict[str, str] = {
     "params": "show the typed params, or apply dotted overrides (what an Airflow UI trigger does)",
     "models": "the model registry (GTO tags): list versions; register the evaluated run; assign stages",
+    "export-feedback": "write the request log's feedback to data/raw/feedback/ for the preferences stage",
     "make-sample": "regenerate the bundled sample data under data/raw/sample/",
 }
 SERVICES: dict[str, str] = {
@@ -96,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     assign = models_actions.add_parser("assign", help="move a version to a stage (e.g. prod)")
     assign.add_argument("version", help="e.g. v0.0.1")
     assign.add_argument("stage", help="e.g. staging, prod")
+
+    export = commands.add_parser("export-feedback", description=TOOLS["export-feedback"])
+    export.add_argument("--out", default=None,
+                        help="JSON-lines file (default: data/raw/feedback/export-<UTC time>.jsonl)")
+    export.add_argument("--db", default=None, help="SQLAlchemy URL of the request log "
+                        "(default: $FLYWHEEL_REQUEST_LOG_URL, else the SQLite file)")
 
     commands.add_parser("make-sample", description=TOOLS["make-sample"])
     airflow = commands.add_parser("airflow", description=SERVICES["airflow"])
@@ -179,6 +186,20 @@ def models_command(args: argparse.Namespace) -> None:
         print(json.dumps(listed, indent=2, default=str) if args.json else registry.describe(listed))
 
 
+def export_feedback_command(args: argparse.Namespace) -> None:
+    from datetime import datetime, timezone
+
+    from pipelines.request_log import RequestLog
+
+    out = Path(args.out or f"data/raw/feedback/export-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.jsonl")
+    log = RequestLog(args.db)
+    try:
+        count = log.export_feedback(out)
+    finally:
+        log.close()
+    print(f"wrote {count:,} feedback events to {out} (the preferences stage reads data/raw/feedback/*.jsonl)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -192,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
             params_command(args)
         elif args.command == "models":
             models_command(args)
+        elif args.command == "export-feedback":
+            export_feedback_command(args)
         elif args.command == "make-sample":
             from pipelines import sample_data
 
