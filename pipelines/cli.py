@@ -41,6 +41,7 @@ TOOLS: dict[str, str] = {
     "make-sample": "regenerate the bundled sample data under data/raw/sample/",
 }
 SERVICES: dict[str, str] = {
+    "serve": "serve a model over an OpenAI-compatible HTTP API, logging every request (see serve in params.yaml)",
     "airflow": "start Airflow locally (standalone, dags/ as the DAG folder) and print URL and login",
 }
 METRICS_DIR = Path("metrics")
@@ -105,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: $FLYWHEEL_REQUEST_LOG_URL, else the SQLite file)")
 
     commands.add_parser("make-sample", description=TOOLS["make-sample"])
+    serve = commands.add_parser("serve", description=SERVICES["serve"])
+    serve.add_argument("--host", default=None, help="default: serve.host in params.yaml")
+    serve.add_argument("--port", type=int, default=None, help="default: serve.port in params.yaml")
+    serve.add_argument("--model", default=None, help="a model directory (default: serve.model)")
+
     airflow = commands.add_parser("airflow", description=SERVICES["airflow"])
     airflow.add_argument("--port", type=int, default=8080)
     return parser
@@ -219,6 +225,14 @@ def main(argv: list[str] | None = None) -> int:
             from pipelines import sample_data
 
             print(sample_data.write_sample())
+        elif args.command == "serve":
+            from pipelines import serve
+            from pipelines.config import load_params
+
+            config = load_params(args.params).serve
+            if args.model:
+                config = config.model_copy(update={"model": args.model})
+            return serve.serve(config, host=args.host, port=args.port)
         elif args.command == "airflow":
             from pipelines import airflow_local
 

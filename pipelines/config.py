@@ -429,6 +429,18 @@ class EvaluateParams(_Section):
     gate: GateParams = Field(default_factory=GateParams)
 
 
+class ServeParams(_Section):
+    model: str = Field(default="models/aligned", description="the model directory to serve")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    max_batch_size: int = Field(default=16, ge=1, description="requests generated together, at most")
+    max_wait_ms: float = Field(default=10.0, ge=0, description="how long a request waits for others to batch with")
+    max_prompt_chars: int = Field(default=8000, ge=1)
+    max_tokens: int = Field(default=256, ge=1, description="the most a request may ask for")
+    default_max_tokens: int = Field(default=64, ge=1)
+    rate_limit_per_minute: int = Field(default=600, ge=1, description="requests per API key (or client)")
+
+
 class AirflowParams(_Section):
     schedule: str | None = Field(default=None, description="cron or preset for flywheel_training")
     trigger_params: list[str] = Field(
@@ -448,6 +460,7 @@ class Params(_Section):
     preferences: PreferencesParams = Field(default_factory=PreferencesParams)
     rlhf: RlhfParams = Field(default_factory=RlhfParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    serve: ServeParams = Field(default_factory=ServeParams)
     airflow: AirflowParams = Field(default_factory=AirflowParams)
 
     @model_validator(mode="after")
