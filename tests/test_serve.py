@@ -1,0 +1,167 @@
+"""flywheel serve as a real process on a loopback port, queried with the official openai client,
+logging to SQLite and to the PostgreSQL server on 127.0.0.1:5432; stopped with SIGTERM."""
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from pipelines.request_log import RequestLog
+from tests.conftest import BIN, REPO, run, subprocess_env
+
+openai = pytest.importorskip("openai")
+
+KEY, OTHER_KEY = "test-key-1", "test-key-2"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def server(request, trained_sft, tmp_path_factory):
+    """The fine-tuned sample model served; yields (base URL, process, request log URL)."""
+    root = tmp_path_factory.mktemp("serve")
+    if request.param == "sqlite":
+        log_url = f"sqlite:///{root / 'requests.sqlite'}"
+    else:
+        psycopg = pytest.importorskip("psycopg")
+        name = f"flywheel_serve_{int(time.time() * 1000) % 10**9}"
+        with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as admin:
+            admin.execute(f"CREATE DATABASE {name}")
+        log_url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    port = _free_port()
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    run([str(BIN / "flywheel"), "params", "apply", "serve.rate_limit_per_minute=60",
+         "serve.max_tokens=64", "serve.max_prompt_chars=2000"], root)
+    process = subprocess.Popen(
+        [str(BIN / "flywheel"), "serve", "--port", str(port), "--model", str(trained_sft / "models/sft")],
+        cwd=root, env=subprocess_env(FLYWHEEL_API_KEYS=f"{KEY},{OTHER_KEY}",
+                                     FLYWHEEL_REQUEST_LOG_URL=log_url),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/readyz").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.5)
+    yield base, process, log_url
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    if request.param == "postgresql":
+        with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def _client(base, key=KEY):
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+
+
+def test_the_openai_client_gets_chat_and_text_completions_with_the_model_version(server):
+    base, _, _ = server
+    client = _client(base)
+    chat = client.chat.completions.create(
+        model="sft", messages=[{"role": "system", "content": "You are a precise translator. Answer "
+                                "with the French words only."},
+                               {"role": "user", "content": "Translate to French: red cat"}])
+    assert chat.choices[0].message.content == "rouge chat"
+    assert chat.choices[0].finish_reason == "stop" and chat.id.startswith("chatcmpl-")
+    assert chat.system_fingerprint.startswith("md5-") and chat.usage.completion_tokens >= 2
+    text = client.completions.create(model="sft", prompt="<|user|> French for: big dog<|end|><|assistant|>",
+                                     max_tokens=1)
+    assert text.choices[0].finish_reason == "length" and text.usage.completion_tokens == 1
+    assert [m.id for m in client.models.list()] == ["sft"]
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server):
+    base, _, _ = server
+    words = ["red cat", "big dog", "old house", "blue sea", "green tree", "small bird", "hot bread",
+             "new book"] * 2
+    client = _client(base, OTHER_KEY)
+
+    def ask(phrase):
+        return client.chat.completions.create(
+            model="sft", messages=[{"role": "user", "content": f"Translate to French: {phrase}"}],
+            max_tokens=16).choices[0].message.content
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, words))
+    assert answers[:8] == answers[8:]  # the same prompt gets the same answer whatever its batch
+    assert answers[0] == "rouge chat"
+    metrics = httpx.get(f"{base}/metrics").text
+    batches = float(_metric(metrics, "flywheel_batch_size_count"))
+    requests = float(_metric(metrics, "flywheel_batch_size_sum"))
+    assert requests / batches > 1.5, "concurrent requests were not batched"
+
+
+def _metric(text: str, name: str) -> str:
+    return next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " "))
+
+
+@pytest.mark.parametrize("body, headers, status, message", [
+    ({"messages": [{"role": "user", "content": "hi"}]}, {}, 401, "missing or invalid API key"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, {"Authorization": "Bearer wrong"}, 401, "invalid API key"),
+    ({"messages": []}, None, 400, "messages: List should have at least 1 item"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, None, 400, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000}, None, 400,
+     "max_tokens 1000 is above this server's limit of 64"),
+    ({"messages": [{"role": "user", "content": "x" * 3000}]}, None, 400, "at most 2,000"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream": True}, None, 400, "stream"),
+])
+def test_bad_requests_get_clear_json_errors(server, body, headers, status, message):
+    base, _, _ = server
+    response = httpx.post(f"{base}/v1/chat/completions", json=body,
+                          headers={"Authorization": f"Bearer {KEY}"} if headers is None else headers)
+    assert response.status_code == status
+    assert message in response.json()["error"]["message"]
+
+
+def test_a_key_over_its_rate_limit_gets_429_and_other_keys_do_not(server):
+    base, _, _ = server
+    limited = "Bearer " + OTHER_KEY
+    statuses = [httpx.get(f"{base}/v1/models", headers={"Authorization": limited}).status_code
+                for _ in range(70)]
+    assert 429 in statuses and statuses.count(200) <= 60
+    assert httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+
+
+def test_feedback_and_sigterm_leave_every_answered_request_in_the_log(server, tmp_path):
+    base, process, log_url = server
+    client = _client(base)
+    answered = [client.chat.completions.create(
+        model="sft", messages=[{"role": "user", "content": f"Mail me at ann{i}@example.com: red cat"}])
+        for i in range(5)]
+    ok = httpx.post(f"{base}/v1/feedback", headers={"Authorization": f"Bearer {KEY}"},
+                    json={"request_id": answered[0].id, "preferred_response": "rouge chat"})
+    assert ok.status_code == 200 and ok.json()["status"] == "recorded"
+    unknown = httpx.post(f"{base}/v1/feedback", headers={"Authorization": f"Bearer {KEY}"},
+                         json={"request_id": "chatcmpl-nope", "rating": "up"})
+    assert unknown.status_code == 404
+
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert "stopped;" in output and KEY not in output
+    log = RequestLog(log_url)
+    try:
+        for completion in answered:
+            stored = log.get_request(completion.id)
+            assert stored is not None and stored["status"] == 200
+            assert "[EMAIL]" in stored["messages"][-1]["content"]  # redacted before it was stored
+        exported = tmp_path / "feedback.jsonl"
+        assert log.export_feedback(exported) == 1
+        assert json.loads(exported.read_text())["preferred_response"] == "rouge chat"
+    finally:
+        log.close()
