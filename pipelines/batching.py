@@ -37,6 +37,13 @@ class Answer:
     finish_reason: str          # "stop": the model ended it; "length": max_tokens reached
 
 
+def _options(job: Job, tokenizer) -> dict:
+    """model.generate's decoding arguments for a job."""
+    sampling = {"do_sample": True, "temperature": job.temperature, "top_p": job.top_p, "top_k": 0}
+    return {**(sampling if job.temperature > 0 else {"do_sample": False}),
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+
+
 def generate_batch(model, tokenizer, jobs: list[Job]) -> list[Answer]:
     """One model.generate call for jobs that decode the same way."""
     import torch
@@ -44,13 +51,9 @@ def generate_batch(model, tokenizer, jobs: list[Job]) -> list[Answer]:
     tokenizer.padding_side = "left"  # generation continues from the right edge
     encoded = tokenizer([job.prompt for job in jobs], return_tensors="pt", padding=True,
                         add_special_tokens=False).to(model.device)
-    sampling = jobs[0].temperature > 0
-    options = {"do_sample": True, "temperature": jobs[0].temperature, "top_p": jobs[0].top_p,
-               "top_k": 0} if sampling else {"do_sample": False}
     with torch.no_grad():
         output = model.generate(**encoded, max_new_tokens=max(job.max_tokens for job in jobs),
-                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                **options)
+                                **_options(jobs[0], tokenizer))
     answers = []
     for row, job in enumerate(jobs):
         new = output[row, encoded["input_ids"].shape[1]:].tolist()[:job.max_tokens]
@@ -62,6 +65,23 @@ def generate_batch(model, tokenizer, jobs: list[Job]) -> list[Answer]:
                               completion_tokens=len(new) + int(ended),
                               finish_reason="stop" if ended else "length"))
     return answers
+
+
+def stream_generate(model, tokenizer, job: Job):
+    """The answer's text piece by piece as the model generates it (one request, not batched:
+    a streamed answer should not wait for a batch to finish)."""
+    import torch
+    from transformers import TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
+    encoded = tokenizer(job.prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+
+    def run():
+        with torch.no_grad():
+            model.generate(**encoded, max_new_tokens=job.max_tokens, streamer=streamer, **_options(job, tokenizer))
+
+    threading.Thread(target=run, name="stream", daemon=True).start()
+    return iter(streamer)
 
 
 class Batcher:

@@ -1,6 +1,7 @@
 """flywheel serve: the model behind an HTTP API the OpenAI client library speaks.
 
-  POST /v1/chat/completions, POST /v1/completions, GET /v1/models
+  POST /v1/chat/completions, POST /v1/completions (both also with stream: true, as server-sent
+       events), GET /v1/models
   POST /v1/feedback     {request_id, rating | preferred_response | alternative + preferred}
   GET  /healthz         the process is up;  GET /readyz: the model is loaded
   GET  /metrics         Prometheus: requests, latency, batch sizes, tokens, errors
@@ -265,20 +266,26 @@ def create_app(config: ServeParams, model_dir: Path, request_log, api_keys: list
         asked = body.max_completion_tokens or body.max_tokens or config.default_max_tokens
         if asked > config.max_tokens:
             raise ApiError(400, f"max_tokens {asked} is above this server's limit of {config.max_tokens}")
-        if body.stream:
-            raise ApiError(400, "stream: true is not supported yet; send the request without it")
         return asked
 
-    async def complete(endpoint: str, client: str, messages: list[dict], prompt: str, body: _Request):
+    def prepare(endpoint: str, messages: list[dict], prompt: str, body: _Request):
+        """(the engine, the job) for a request, after its limits are checked."""
         from pipelines.batching import Job
 
         if len(prompt) > config.max_prompt_chars:
             raise ApiError(400, f"the prompt is {len(prompt):,} characters; this server takes at most "
                                 f"{config.max_prompt_chars:,}")
         serving = engine()
-        started = time.perf_counter()
         job = Job(prompt=serving.chat_prompt(messages) if endpoint.endswith("chat/completions") else prompt,
                   max_tokens=budget(body), temperature=body.temperature, top_p=body.top_p)
+        return serving, job
+
+    def new_id(endpoint: str) -> str:
+        return f"{'chatcmpl' if endpoint.endswith('chat/completions') else 'cmpl'}-{uuid.uuid4().hex}"
+
+    async def complete(endpoint: str, client: str, messages: list[dict], prompt: str, body: _Request):
+        serving, job = prepare(endpoint, messages, prompt, body)
+        started = time.perf_counter()
         logged_key = client if api_keys else None  # without keys the client is an address: not logged
         try:
             answer = await asyncio.wrap_future(serving.batcher.submit(job))
@@ -286,22 +293,67 @@ def create_app(config: ServeParams, model_dir: Path, request_log, api_keys: list
             request_log.log_request(endpoint=endpoint, messages=messages, response=None, status=500,
                                     model_version=serving.version, api_key=logged_key, error=str(error))
             raise ApiError(500, "generation failed; see the server log", "server_error") from None
-        prefix = "chatcmpl" if endpoint.endswith("chat/completions") else "cmpl"
         request_id = request_log.log_request(
             endpoint=endpoint, messages=messages, response=answer.text, status=200,
             model_version=serving.version, prompt_tokens=answer.prompt_tokens,
             completion_tokens=answer.completion_tokens,
             latency_ms=1000 * (time.perf_counter() - started),
-            api_key=logged_key, request_id=f"{prefix}-{uuid.uuid4().hex}")
+            api_key=logged_key, request_id=new_id(endpoint))
         usage = {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
                  "total_tokens": answer.prompt_tokens + answer.completion_tokens}
         return request_id, answer, usage, serving
+
+    def stream(endpoint: str, client: str, messages: list[dict], prompt: str, body: _Request, chunk):
+        """Server-sent events: a chunk per piece of text as it is generated, a last chunk with the
+        finish reason, then [DONE]. The whole answer is logged when the stream ends."""
+        from fastapi.responses import StreamingResponse
+
+        from pipelines.batching import stream_generate
+
+        serving, job = prepare(endpoint, messages, prompt, body)
+        request_id, started = new_id(endpoint), time.perf_counter()
+        pieces = stream_generate(serving.model, serving.tokenizer, job)
+
+        async def events():
+            text = ""
+            try:
+                while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
+                    piece = piece if text else piece.lstrip()  # the answer starts after a space
+                    if piece:
+                        text += piece
+                        yield f"data: {json.dumps(chunk(request_id, serving, piece, None))}\n\n"
+                # Counted by re-tokenising the answer: the streamer hands over text, not tokens.
+                tokens = len(serving.tokenizer(text, add_special_tokens=False)["input_ids"])
+                finish = "length" if tokens >= job.max_tokens else "stop"
+                yield f"data: {json.dumps(chunk(request_id, serving, '', finish))}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                request_log.log_request(
+                    endpoint=endpoint, messages=messages, response=text.strip(), status=200,
+                    model_version=serving.version, latency_ms=1000 * (time.perf_counter() - started),
+                    completion_tokens=len(serving.tokenizer(text, add_special_tokens=False)["input_ids"]),
+                    api_key=client if api_keys else None, request_id=request_id)
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    def chat_chunk(request_id, serving, piece, finish):
+        return {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": serving.name, "system_fingerprint": serving.version,
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": piece} if piece else {},
+                             "finish_reason": finish}]}
+
+    def text_chunk(request_id, serving, piece, finish):
+        return {"id": request_id, "object": "text_completion", "created": int(time.time()),
+                "model": serving.name, "system_fingerprint": serving.version,
+                "choices": [{"index": 0, "text": piece, "finish_reason": finish, "logprobs": None}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         client = authorise(request)
         messages = [m.model_dump() for m in body.messages]
         prompt = "\n".join(m["content"] for m in messages)
+        if body.stream:
+            return stream("/v1/chat/completions", client, messages, prompt, body, chat_chunk)
         request_id, answer, usage, serving = await complete("/v1/chat/completions", client, messages, prompt, body)
         return {"id": request_id, "object": "chat.completion", "created": int(time.time()),
                 "model": serving.name, "system_fingerprint": serving.version,
@@ -313,6 +365,8 @@ def create_app(config: ServeParams, model_dir: Path, request_log, api_keys: list
     async def completions(body: CompletionRequest, request: Request):
         client = authorise(request)
         messages = [{"role": "user", "content": body.prompt}]
+        if body.stream:
+            return stream("/v1/completions", client, messages, body.prompt, body, text_chunk)
         request_id, answer, usage, serving = await complete("/v1/completions", client, messages, body.prompt, body)
         return {"id": request_id, "object": "text_completion", "created": int(time.time()),
                 "model": serving.name, "system_fingerprint": serving.version,

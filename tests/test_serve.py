@@ -86,6 +86,20 @@ def test_the_openai_client_gets_chat_and_text_completions_with_the_model_version
     assert [m.id for m in client.models.list()] == ["sft"]
 
 
+def test_streamed_answers_arrive_as_server_sent_events_and_match_the_whole_answer(server):
+    base, _, _ = server
+    client = _client(base)
+    messages = [{"role": "user", "content": "Translate to French: red cat"}]
+    chunks = list(client.chat.completions.create(model="sft", messages=messages, stream=True))
+    assert len(chunks) >= 3  # the pieces, then the finish reason
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "rouge chat"
+    assert chunks[-1].choices[0].finish_reason == "stop" and len({c.id for c in chunks}) == 1
+    prompt = "<|user|> French for: big dog<|end|><|assistant|>"
+    whole = client.completions.create(model="sft", prompt=prompt, max_tokens=16).choices[0].text
+    pieces = list(client.completions.create(model="sft", prompt=prompt, stream=True, max_tokens=16))
+    assert "".join(p.choices[0].text for p in pieces) == whole != ""
+
+
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server):
     base, _, _ = server
     words = ["red cat", "big dog", "old house", "blue sea", "green tree", "small bird", "hot bread",
@@ -119,7 +133,7 @@ def _metric(text: str, name: str) -> str:
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000}, None, 400,
      "max_tokens 1000 is above this server's limit of 64"),
     ({"messages": [{"role": "user", "content": "x" * 3000}]}, None, 400, "at most 2,000"),
-    ({"messages": [{"role": "user", "content": "hi"}], "stream": True}, None, 400, "stream"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 5}, None, 400, "temperature"),
 ])
 def test_bad_requests_get_clear_json_errors(server, body, headers, status, message):
     base, _, _ = server
