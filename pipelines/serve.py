@@ -34,6 +34,8 @@ from pipelines.errors import FlywheelError
 
 KEYS_VARIABLE = "FLYWHEEL_API_KEYS"
 KEYS_FILE_VARIABLE = "FLYWHEEL_API_KEYS_FILE"
+ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/feedback",
+                       "/healthz", "/readyz", "/metrics"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,7 +215,6 @@ def create_app(config: ServeParams, model_dir: Path, request_log, api_keys: list
         print(f"flywheel serve: stopped; {request_log.written:,} requests logged", flush=True)
 
     app = FastAPI(title="Flywheel serving", docs_url=None, redoc_url=None, lifespan=lifespan)
-    app.state.state = state
 
     def engine() -> Engine:
         if state["engine"] is None:
@@ -238,7 +239,8 @@ def create_app(config: ServeParams, model_dir: Path, request_log, api_keys: list
     async def observe(request: Request, call_next):
         started = time.perf_counter()
         response = await call_next(request)
-        endpoint = request.url.path
+        # Label by route, not by whatever path a client sent: metrics cardinality stays bounded.
+        endpoint = request.url.path if request.url.path in ENDPOINTS else "other"
         requests_total.labels(endpoint, str(response.status_code)).inc()
         latency.labels(endpoint).observe(time.perf_counter() - started)
         if response.status_code >= 400:
