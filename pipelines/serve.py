@@ -16,6 +16,7 @@ FLYWHEEL_API_KEYS_FILE (one per line); with neither, the API is open (a warning 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -128,6 +129,12 @@ class RateLimiter:
 # The model
 
 
+def require_model(model_dir: Path) -> None:
+    if not (model_dir / "config.json").is_file():
+        raise FlywheelError(f"{model_dir} is not a model (no config.json there); set serve.model in "
+                            "params.yaml or run the pipeline first (dvc repro)")
+
+
 def model_version(model_dir: Path) -> str:
     """The registry version recorded with the model (by deploy), else a hash of its weights."""
     lineage = model_dir / "lineage.json"
@@ -151,9 +158,7 @@ class Engine:
 
         from pipelines import batching, modeling
 
-        if not (model_dir / "config.json").is_file():
-            raise FlywheelError(f"{model_dir} is not a model (no config.json there); set serve.model "
-                                "in params.yaml or run the pipeline first (dvc repro)")
+        require_model(model_dir)
         self.model, self.tokenizer = modeling.load_pretrained(str(model_dir))
         self.model.eval()
         self.name = model_dir.name
@@ -316,6 +321,11 @@ def create_app(config: ServeParams, model_dir: Path, request_log, api_keys: list
         request_id, started = new_id(endpoint), time.perf_counter()
         pieces = stream_generate(serving.model, serving.tokenizer, job)
 
+        @functools.cache
+        def count_tokens(text: str) -> int:
+            """Tokens in the answer, by re-tokenising it: the streamer hands over text, not tokens."""
+            return len(serving.tokenizer(text, add_special_tokens=False)["input_ids"])
+
         async def events():
             text = ""
             try:
@@ -324,17 +334,15 @@ def create_app(config: ServeParams, model_dir: Path, request_log, api_keys: list
                     if piece:
                         text += piece
                         yield f"data: {json.dumps(chunk(request_id, serving, piece, None))}\n\n"
-                # Counted by re-tokenising the answer: the streamer hands over text, not tokens.
-                tokens = len(serving.tokenizer(text, add_special_tokens=False)["input_ids"])
-                finish = "length" if tokens >= job.max_tokens else "stop"
+                finish = "length" if count_tokens(text) >= job.max_tokens else "stop"
                 yield f"data: {json.dumps(chunk(request_id, serving, '', finish))}\n\n"
                 yield "data: [DONE]\n\n"
-            finally:
+            finally:  # also when the client goes away mid-stream: what was sent is logged
                 request_log.log_request(
                     endpoint=endpoint, messages=messages, response=text.strip(), status=200,
                     model_version=serving.version, latency_ms=1000 * (time.perf_counter() - started),
-                    completion_tokens=len(serving.tokenizer(text, add_special_tokens=False)["input_ids"]),
-                    api_key=client if api_keys else None, request_id=request_id)
+                    completion_tokens=count_tokens(text), api_key=client if api_keys else None,
+                    request_id=request_id)
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -425,9 +433,7 @@ def serve(config: ServeParams, *, host: str | None = None, port: int | None = No
         print(f"flywheel serve: no API keys ({KEYS_VARIABLE} / {KEYS_FILE_VARIABLE} unset): the API "
               "is open to anyone who can reach it", flush=True)
     model_dir = Path(config.model)
-    if not (model_dir / "config.json").is_file():
-        raise FlywheelError(f"{model_dir} is not a model (no config.json there); set serve.model in "
-                            "params.yaml or run the pipeline first (dvc repro)")
+    require_model(model_dir)  # before the port opens: a typo'd path fails at once, not at readyz
     request_log = RequestLog()
     app = create_app(config, model_dir, request_log, keys)
     host, port = host or config.host, port or config.port
