@@ -66,28 +66,33 @@ def _summary(gate: dict, evaluation: dict | None) -> str:
     return "\n".join(lines + ([figures] if figures else []))
 
 
-def versions(root: Path = Path(".")) -> list[dict]:
-    """Every registered version, newest first: stages, the gate's decision and lineage."""
+def _registered(repo: Path) -> list[dict]:
+    """What the tags say, newest first: version, commit, when, active stages, message."""
     import gto.api
     from gto.exceptions import ArtifactNotFound
 
-    repo = _repo(root)
     try:
         shown = gto.api.show(str(repo), ARTIFACT)
     except ArtifactNotFound:
         return []  # nothing registered yet
+    return [{"version": entry["version"], "commit": entry["commit_hexsha"],
+             "created_at": str(entry["created_at"]),
+             "stages": [s["stage"] for s in entry["stages"] if s["is_active"]],
+             "message": entry.get("message", "")} for entry in shown]
+
+
+def versions(root: Path = Path(".")) -> list[dict]:
+    """Every registered version, newest first: stages, the gate's decision, metrics and lineage
+    as committed with it."""
+    repo = _repo(root)
     listed = []
-    for entry in shown:
-        commit = entry["commit_hexsha"]
-        stages = [s["stage"] for s in entry["stages"] if s["is_active"]]
-        evaluation = _committed_json(repo, commit, EVALUATE_FILE) or {}
+    for entry in _registered(repo):
+        evaluation = _committed_json(repo, entry["commit"], EVALUATE_FILE) or {}
         listed.append({
-            "version": entry["version"], "commit": commit, "created_at": str(entry["created_at"]),
-            "stages": stages, "message": entry.get("message", ""),
-            "gate": _committed_json(repo, commit, GATE_FILE),
+            **entry, "gate": _committed_json(repo, entry["commit"], GATE_FILE),
             "metrics": {name: evaluation.get("models", {}).get("candidate", {}).get(name)
                         for name in SHOWN_METRICS},
-            "lineage": _lineage(repo, commit),
+            "lineage": _lineage(repo, entry["commit"]),
         })
     return listed
 
@@ -117,7 +122,7 @@ def register(root: Path = Path(".")) -> dict:
                             "since HEAD): commit it first, so the version pins what was evaluated\n"
                             + pending)
     head = _git(repo, "rev-parse", "HEAD").strip()
-    for entry in versions(repo):
+    for entry in _registered(repo):
         if entry["commit"] == head:
             return {**entry, "already_registered": True}
     message = _summary(gate, _committed_json(repo, "HEAD", EVALUATE_FILE))
@@ -134,10 +139,10 @@ def assign(version: str, stage: str, root: Path = Path(".")) -> None:
     import gto.api
 
     repo = _repo(root)
-    known = {entry["version"]: entry for entry in versions(repo)}
+    known = {entry["version"]: entry for entry in _registered(repo)}
     if version not in known:
         raise FlywheelError(f"{ARTIFACT} has no version {version!r} (known: {', '.join(known) or 'none'})")
-    gate = known[version]["gate"] or {}
+    gate = _committed_json(repo, known[version]["commit"], GATE_FILE) or {}
     if stage != REJECTED and (REJECTED in known[version]["stages"] or not gate.get("passed")):
         reasons = "; ".join(gate.get("reasons", [])) or "no passing gate decision committed with it"
         raise FlywheelError(f"{ARTIFACT} {version} was rejected by the promotion gate and cannot go "
