@@ -10,7 +10,13 @@ TORCH := torch==2.13.0
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: demo test airflow install
+# The Docker tests (image build, run, query) need an engine: DOCKER_HOST's, or a private dockerd
+# that `make docker-engine` starts (installing Debian's docker.io if missing, root only), and a base
+# image that needs no registry (`make docker-base`). `make test DOCKER_TESTS=0` skips them.
+DOCKER_TESTS ?= 1
+ENGINE := infra/docker/engine.sh
+
+.PHONY: demo test airflow install docker-engine docker-base
 
 install: $(VENV)/.installed
 
@@ -31,9 +37,20 @@ demo: install
 	@echo "Outputs: data/interim/ (quarantine, removed records), data/processed/ (splits, preference pairs), reports/validate/index.html (Data Docs)."
 	@echo "Models: models/sft/, models/reward/, models/aligned/ (each with a model card, README.md); curves: dvc plots show."
 	@echo "Evaluation: reports/evaluate/index.html (open it in a browser); the gate's decision: metrics/gate.json."
+	@echo
+	@echo "Registering the evaluated run (a git commit of dvc.lock, params, metrics and report, then a GTO tag):"
+	flywheel models register --commit
+	flywheel deploy --target local
 
-test: install
-	HF_HUB_OFFLINE=1 python -m pytest
+test: install $(if $(filter 1,$(DOCKER_TESTS)),docker-base)
+	$(if $(filter 1,$(DOCKER_TESTS)),DOCKER_HOST="$$($(ENGINE) host)") HF_HUB_OFFLINE=1 \
+		python -m pytest $(if $(filter 1,$(DOCKER_TESTS)),,-m "not docker")
+
+docker-engine:
+	$(ENGINE) start
+
+docker-base: docker-engine
+	$(ENGINE) base
 
 airflow: install
 	flywheel airflow

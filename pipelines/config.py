@@ -441,6 +441,35 @@ class ServeParams(_Section):
     rate_limit_per_minute: int = Field(default=600, ge=1, description="requests per API key (or client)")
 
 
+class PackageParams(_Section):
+    image: str = Field(default="flywheel-model", description="image repository; the tag is the registry version")
+    base_image: str = Field(default="python:3.11-slim",
+                            description="needs python3 3.11 with venv; `make docker-base` builds one offline")
+    bake_model: bool = Field(default=True, description="copy the model into the image (else mount it at /srv/model)")
+    wheelhouse: str = Field(default=".cache/wheelhouse", description="where the host-built wheels are kept")
+
+
+class KubernetesParams(_Section):
+    namespace: str = "default"
+    replicas: int = Field(default=2, ge=1)
+    max_replicas: int = Field(default=6, ge=1, description="HorizontalPodAutoscaler ceiling")
+    target_cpu_percent: int = Field(default=70, ge=1, le=100)
+    cpu: str = "2"
+    memory: str = "4Gi"
+    gpus: int = Field(default=0, ge=0, description="nvidia.com/gpu per pod; 0 for CPU serving")
+    api_keys_secret: str | None = Field(default=None, description="a Secret with key api-keys (comma-separated)")
+    rollout_timeout_s: int = Field(default=300, ge=1)
+
+
+class DeployParams(_Section):
+    target: Literal["local", "docker", "kubernetes"] = "local"
+    host: str = Field(default="127.0.0.1", description="where the stable endpoint listens")
+    port: int = Field(default=8000, ge=1, le=65535, description="the stable endpoint's port")
+    health_timeout_s: float = Field(default=180.0, gt=0, description="how long a new version may take to get ready")
+    smoke_prompt: str = "What is the capital of France?"
+    kubernetes: KubernetesParams = Field(default_factory=KubernetesParams)
+
+
 class AirflowParams(_Section):
     schedule: str | None = Field(default=None, description="cron or preset for flywheel_training")
     trigger_params: list[str] = Field(
@@ -461,6 +490,8 @@ class Params(_Section):
     rlhf: RlhfParams = Field(default_factory=RlhfParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     serve: ServeParams = Field(default_factory=ServeParams)
+    package: PackageParams = Field(default_factory=PackageParams)
+    deploy: DeployParams = Field(default_factory=DeployParams)
     airflow: AirflowParams = Field(default_factory=AirflowParams)
 
     @model_validator(mode="after")
