@@ -10,6 +10,8 @@ evaluation and the gate's decision. So the registry needs nothing but the git re
                                      the tag message) if not
   flywheel models assign V STAGE     move a version to a stage (deploy: staging -> prod);
                                      a rejected version is never promoted
+  flywheel models register --commit  commit the evaluated run (dvc.lock, params, metrics,
+                                     plots, report) first, if it changed
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pipelines.errors import FlywheelError
 
 ARTIFACT = "flywheel-model"
 PROMOTED = "staging"
+PRODUCTION = "prod"
 REJECTED = "rejected"
 GATE_FILE = "metrics/gate.json"
 EVALUATE_FILE = "metrics/evaluate.json"
@@ -107,11 +110,29 @@ def _lineage(repo: Path, commit: str) -> dict:
     return {path: outs[path] for path in wanted if path in outs}
 
 
-def register(root: Path = Path(".")) -> dict:
+# What an evaluated run changes and a version must pin, for `register --commit`.
+RUN_FILES = ("dvc.lock", "params.yaml", "metrics", "dvclive", "reports")
+
+
+def commit_run(repo: Path) -> str | None:
+    """Commit the evaluated run's files if they changed; the new commit's id, or None."""
+    present = [path for path in RUN_FILES if (repo / path).exists()]
+    _git(repo, "add", "-A", "--", *present)
+    if not _git(repo, "diff", "--cached", "--name-only").strip():
+        return None
+    identity = _author(repo)
+    _git(repo, "-c", f"user.name={identity['author']}", "-c", f"user.email={identity['author_email']}",
+         "commit", "-q", "-m", "Evaluated run: dvc.lock, params, metrics and report for the registry")
+    return _git(repo, "rev-parse", "HEAD").strip()
+
+
+def register(root: Path = Path("."), commit: bool = False) -> dict:
     """The evaluated run committed at HEAD becomes a version, staged by the gate's decision."""
     import gto.api
 
     repo = _repo(root)
+    if commit:
+        commit_run(repo)
     gate = _committed_json(repo, "HEAD", GATE_FILE)
     if gate is None:
         raise FlywheelError(f"{GATE_FILE} is not committed at HEAD: run `dvc repro evaluate`, then "
@@ -134,10 +155,8 @@ def register(root: Path = Path(".")) -> dict:
             "already_registered": False}
 
 
-def assign(version: str, stage: str, root: Path = Path(".")) -> None:
-    """Move `version` to `stage`; a version the gate rejected is never promoted."""
-    import gto.api
-
+def require_promotable(version: str, stage: str, root: Path = Path(".")) -> None:
+    """`version` exists and, unless `stage` is `rejected`, the gate passed it."""
     repo = _repo(root)
     known = {entry["version"]: entry for entry in _registered(repo)}
     if version not in known:
@@ -147,8 +166,43 @@ def assign(version: str, stage: str, root: Path = Path(".")) -> None:
         reasons = "; ".join(gate.get("reasons", [])) or "no passing gate decision committed with it"
         raise FlywheelError(f"{ARTIFACT} {version} was rejected by the promotion gate and cannot go "
                             f"to {stage!r}: {reasons}")
-    gto.api.assign(str(repo), ARTIFACT, stage, version=version,
+
+
+def assign(version: str, stage: str, root: Path = Path(".")) -> None:
+    """Move `version` to `stage`; a version the gate rejected is never promoted."""
+    import gto.api
+
+    repo = _repo(root)
+    require_promotable(version, stage, repo)
+    if any(entry["version"] == version and stage in entry["stages"] for entry in _registered(repo)):
+        return  # already there (e.g. the same version deployed again)
+    # force: a version that was in `stage` before (a rollback to it) gets a new, newest tag there.
+    gto.api.assign(str(repo), ARTIFACT, stage, version=version, force=True,
                    message=f"{version} -> {stage}", **_author(repo))
+
+
+def latest(stage: str, root: Path = Path(".")) -> str:
+    """The newest version currently in `stage`."""
+    for entry in _registered(_repo(root)):
+        if stage in entry["stages"]:
+            return entry["version"]
+    raise FlywheelError(f"{ARTIFACT} has no version in stage {stage!r}; see `flywheel models` "
+                        "(a version reaches staging when `flywheel models register` finds the gate passed)")
+
+
+def fetch(version: str, out: Path, root: Path = Path(".")) -> Path:
+    """Materialise a version's model files into `out` from the DVC cache (or remote) with
+    `dvc artifacts get`: exactly the weights its commit's dvc.lock pins."""
+    repo = _repo(root)
+    if version not in {entry["version"] for entry in _registered(repo)}:
+        raise FlywheelError(f"{ARTIFACT} has no version {version!r}; see `flywheel models`")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["dvc", "artifacts", "get", ".", ARTIFACT, "--rev", version,
+                             "-o", str(out.resolve()), "--force"], cwd=repo, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise FlywheelError(f"cannot fetch {ARTIFACT} {version}: {(result.stderr or result.stdout).strip()}\n"
+                            "Its files must be in the DVC cache or a configured remote (dvc push / dvc pull).")
+    return out
 
 
 def describe(listed: list[dict]) -> str:
