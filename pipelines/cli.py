@@ -40,9 +40,17 @@ TOOLS: dict[str, str] = {
     "export-feedback": "write the request log's feedback to data/raw/feedback/ for the preferences stage",
     "make-sample": "regenerate the bundled sample data under data/raw/sample/",
 }
+# What happens to a registered version after the pipeline: image, rollout, what serves.
+RELEASE: dict[str, str] = {
+    "package": "build the serving image of a registered version (Docker; hermetic, from a host wheelhouse)",
+    "deploy": "health-gated rollout of a registered version (local | docker | kubernetes); prod on success",
+    "status": "what is deployed: version, target, URL, health",
+    "undeploy": "stop the deployed version and its endpoint",
+}
 SERVICES: dict[str, str] = {
     "serve": "serve a model over an OpenAI-compatible HTTP API, logging every request (see serve in params.yaml)",
     "airflow": "start Airflow locally (standalone, dags/ as the DAG folder) and print URL and login",
+    "router": "the stable endpoint deploy keeps in front of the serving version (started by deploy)",
 }
 METRICS_DIR = Path("metrics")
 
@@ -56,6 +64,7 @@ def _epilog() -> str:
         block("pipeline stages (each writes metrics/<stage>.json; `dvc repro` runs them in order):",
               stages),
         block("tools:", TOOLS),
+        block("release (after `flywheel models register`):", RELEASE),
         block("services:", SERVICES),
         "Run `flywheel <command> --help` for a command's options.",
     ])
@@ -92,9 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--json", action="store_true", help="print the versions as JSON")
     models_actions = models.add_subparsers(dest="action", metavar="<action>")
     models_actions.add_parser("list", help="versions, stages, gate decision, metrics, lineage (default)")
-    models_actions.add_parser(
+    register = models_actions.add_parser(
         "register", help="register the evaluated run committed at HEAD: staging if the gate "
                          "passed, rejected with its reasons if not")
+    register.add_argument("--commit", action="store_true",
+                          help="commit the evaluated run first (dvc.lock, params.yaml, metrics/, "
+                               "dvclive/, reports/) if it changed")
     assign = models_actions.add_parser("assign", help="move a version to a stage (e.g. prod)")
     assign.add_argument("version", help="e.g. v0.0.1")
     assign.add_argument("stage", help="e.g. staging, prod")
@@ -106,10 +118,29 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: $FLYWHEEL_REQUEST_LOG_URL, else the SQLite file)")
 
     commands.add_parser("make-sample", description=TOOLS["make-sample"])
+
+    package = commands.add_parser("package", description=RELEASE["package"])
+    package.add_argument("version", nargs="?", help="default: the newest version in staging")
+    package.add_argument("--base-image", default=None, help="default: package.base_image")
+    deploy = commands.add_parser("deploy", description=RELEASE["deploy"])
+    deploy.add_argument("version", nargs="?", help="default: the newest version in staging")
+    deploy.add_argument("--target", choices=("local", "docker", "kubernetes"), default=None,
+                        help="default: deploy.target")
+    deploy.add_argument("--model", default=None,
+                        help="deploy this model directory instead of a registered version "
+                             "(local target; the registry is left alone)")
+    status = commands.add_parser("status", description=RELEASE["status"])
+    status.add_argument("--json", action="store_true")
+    commands.add_parser("undeploy", description=RELEASE["undeploy"])
     serve = commands.add_parser("serve", description=SERVICES["serve"])
     serve.add_argument("--host", default=None, help="default: serve.host in params.yaml")
     serve.add_argument("--port", type=int, default=None, help="default: serve.port in params.yaml")
     serve.add_argument("--model", default=None, help="a model directory (default: serve.model)")
+
+    router = commands.add_parser("router", description=SERVICES["router"])
+    router.add_argument("--host", default="127.0.0.1")
+    router.add_argument("--port", type=int, required=True)
+    router.add_argument("--route", required=True, help="the JSON file naming the backend")
 
     airflow = commands.add_parser("airflow", description=SERVICES["airflow"])
     airflow.add_argument("--port", type=int, default=8080)
@@ -179,7 +210,7 @@ def models_command(args: argparse.Namespace) -> None:
     from pipelines import registry
 
     if args.action == "register":
-        entry = registry.register()
+        entry = registry.register(commit=args.commit)
         what = "already registered as" if entry["already_registered"] else "registered"
         print(f"{registry.ARTIFACT} {what} {entry['version']} "
               f"(stage: {', '.join(entry['stages'])}) at commit {entry['commit'][:10]}")
@@ -206,6 +237,26 @@ def export_feedback_command(args: argparse.Namespace) -> None:
     print(f"wrote {count:,} feedback events to {out} (the preferences stage reads data/raw/feedback/*.jsonl)")
 
 
+def release_command(args: argparse.Namespace) -> int:
+    from pipelines import deploy
+    from pipelines.config import load_params
+
+    if args.command == "package":
+        from pipelines import package
+
+        print(package.report(package.package(load_params(args.params), args.version, args.base_image)))
+    elif args.command == "deploy":
+        print(deploy.report(deploy.deploy(load_params(args.params), args.version, args.target, args.model)))
+    elif args.command == "status":
+        state = deploy.status()
+        print(json.dumps(state, indent=2) if args.json else deploy.describe_status(state))
+        return 0 if state["deployed"] else 1
+    elif args.command == "undeploy":
+        stopped = deploy.undeploy()
+        print(f"stopped {stopped['stopped']} ({stopped['target']})" if stopped["stopped"] else "nothing is deployed")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -221,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             models_command(args)
         elif args.command == "export-feedback":
             export_feedback_command(args)
+        elif args.command in RELEASE:
+            return release_command(args)
         elif args.command == "make-sample":
             from pipelines import sample_data
 
@@ -233,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.model:
                 config = config.model_copy(update={"model": args.model})
             return serve.serve(config, host=args.host, port=args.port)
+        elif args.command == "router":
+            from pipelines import router
+
+            return router.run(args.host, args.port, Path(args.route))
         elif args.command == "airflow":
             from pipelines import airflow_local
 
