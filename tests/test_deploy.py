@@ -198,12 +198,13 @@ def test_the_image_is_built_hermetically_runs_as_non_root_and_answers(release_re
     docker = pytest.importorskip("docker")
     repo = tmp_path / "project"
     shutil.copytree(release_repo, repo, symlinks=True)
-    run([FLYWHEEL, "params", "apply", f"deploy.port={_free_port()}"], repo)
+    # Its own image name: the engine may be a developer's, holding their real flywheel-model tags.
+    run([FLYWHEEL, "params", "apply", f"deploy.port={_free_port()}", "package.image=flywheel-test-model"], repo)
 
     built = run([FLYWHEEL, "package", "v0.0.1"], repo)
-    assert "built flywheel-model:v0.0.1" in built.stdout
+    assert "built flywheel-test-model:v0.0.1" in built.stdout
     record = json.loads((repo / "build/package/v0.0.1.json").read_text())
-    assert record["tag"] == "flywheel-model:v0.0.1" and record["size_bytes"] > 100e6
+    assert record["tag"] == "flywheel-test-model:v0.0.1" and record["size_bytes"] > 100e6
     engine = docker.from_env()
     image = engine.images.get(record["image_id"])
     assert image.attrs["Config"]["User"] == "flywheel"
@@ -228,3 +229,4 @@ def test_the_image_is_built_hermetically_runs_as_non_root_and_answers(release_re
         run([FLYWHEEL, "undeploy"], repo)
     with pytest.raises(docker.errors.NotFound):
         engine.containers.get(state["backend"]["ref"])
+    engine.images.remove(record["tag"])
