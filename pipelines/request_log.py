@@ -36,6 +36,7 @@ from pipelines.io import atomic_path
 URL_VARIABLE = "FLYWHEEL_REQUEST_LOG_URL"
 DEFAULT_URL = "sqlite:///data/serving/requests.sqlite"
 RATINGS = ("up", "down")
+CANARY_PREFIX = "canary:"  # logged endpoint of a monitor's canary request: not user traffic
 PREFERRED = ("response", "alternative")
 
 metadata = MetaData()
@@ -222,12 +223,30 @@ class RequestLog:
         with self._engine.connect() as connection:
             return connection.execute(select(func.count()).select_from(requests_table)).scalar_one()
 
-    def export_feedback(self, target: Path) -> int:
-        """Feedback joined with its request, one JSON line each, in the preferences stage's format."""
+    def requests_between(self, start: datetime, end: datetime) -> list[dict]:
+        """Logged requests with start <= created_at < end, oldest first (canaries included: their
+        endpoint starts with CANARY_PREFIX)."""
+        query = (select(requests_table).where(requests_table.c.created_at >= start,
+                                              requests_table.c.created_at < end)
+                 .order_by(requests_table.c.created_at))
+        with self._engine.connect() as connection:
+            return [dict(row) for row in connection.execute(query).mappings()]
+
+    def feedback_between(self, start: datetime, end: datetime) -> list[dict]:
+        query = select(feedback_table).where(feedback_table.c.created_at >= start,
+                                             feedback_table.c.created_at < end)
+        with self._engine.connect() as connection:
+            return [dict(row) for row in connection.execute(query).mappings()]
+
+    def export_feedback(self, target: Path, since: datetime | None = None) -> int:
+        """Feedback joined with its request, one JSON line each, in the preferences stage's format
+        (only feedback given at or after `since`, when set)."""
         query = (select(feedback_table, requests_table.c.messages, requests_table.c.response,
                         requests_table.c.model_version)
                  .join(requests_table, feedback_table.c.request_id == requests_table.c.id)
                  .order_by(feedback_table.c.id))
+        if since is not None:
+            query = query.where(feedback_table.c.created_at >= since)
         with self._engine.connect() as connection:
             rows = connection.execute(query).mappings().all()
         with atomic_path(target) as tmp:

@@ -33,6 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipelines.config import ServeParams
 from pipelines.errors import FlywheelError
 
+CANARY_HEADER = "x-flywheel-canary"
+CANARY_PREFIX = "canary:"  # as pipelines.request_log.CANARY_PREFIX (not imported: it loads SQLAlchemy)
 KEYS_VARIABLE = "FLYWHEEL_API_KEYS"
 KEYS_FILE_VARIABLE = "FLYWHEEL_API_KEYS_FILE"
 ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/feedback",
@@ -290,18 +292,20 @@ def create_app(config: ServeParams, model_dir: Path, request_log, api_keys: list
     def new_id(endpoint: str) -> str:
         return f"{'chatcmpl' if endpoint.endswith('chat/completions') else 'cmpl'}-{uuid.uuid4().hex}"
 
-    async def complete(endpoint: str, client: str, messages: list[dict], prompt: str, body: _Request):
+    async def complete(endpoint: str, client: str, messages: list[dict], prompt: str, body: _Request,
+                       canary: bool = False):
         serving, job = prepare(endpoint, messages, prompt, body)
         started = time.perf_counter()
         logged_key = client if api_keys else None  # without keys the client is an address: not logged
+        logged_endpoint = f"{CANARY_PREFIX}{endpoint}" if canary else endpoint
         try:
             answer = await asyncio.wrap_future(serving.batcher.submit(job))
         except Exception as error:
-            request_log.log_request(endpoint=endpoint, messages=messages, response=None, status=500,
+            request_log.log_request(endpoint=logged_endpoint, messages=messages, response=None, status=500,
                                     model_version=serving.version, api_key=logged_key, error=str(error))
             raise ApiError(500, "generation failed; see the server log", "server_error") from None
         request_id = request_log.log_request(
-            endpoint=endpoint, messages=messages, response=answer.text, status=200,
+            endpoint=logged_endpoint, messages=messages, response=answer.text, status=200,
             model_version=serving.version, prompt_tokens=answer.prompt_tokens,
             completion_tokens=answer.completion_tokens,
             latency_ms=1000 * (time.perf_counter() - started),
@@ -364,7 +368,9 @@ def create_app(config: ServeParams, model_dir: Path, request_log, api_keys: list
         prompt = "\n".join(m["content"] for m in messages)
         if body.stream:
             return stream("/v1/chat/completions", client, messages, prompt, body, chat_chunk)
-        request_id, answer, usage, serving = await complete("/v1/chat/completions", client, messages, prompt, body)
+        # The monitor's canary queries are marked so that they are not counted as user traffic.
+        request_id, answer, usage, serving = await complete("/v1/chat/completions", client, messages, prompt,
+                                                            body, canary=CANARY_HEADER in request.headers)
         return {"id": request_id, "object": "chat.completion", "created": int(time.time()),
                 "model": serving.name, "system_fingerprint": serving.version,
                 "choices": [{"index": 0, "finish_reason": answer.finish_reason,
