@@ -16,7 +16,7 @@ export DVC_NO_ANALYTICS := 1
 DOCKER_TESTS ?= 1
 ENGINE := infra/docker/engine.sh
 
-.PHONY: demo test airflow install docker-engine docker-base
+.PHONY: demo test airflow install docker-engine docker-base monitoring-ui
 
 install: $(VENV)/.installed
 
@@ -54,3 +54,7 @@ docker-base: docker-engine
 
 airflow: install
 	flywheel airflow
+
+# The Evidently UI over every monitoring run (flywheel monitor adds each to this workspace).
+monitoring-ui: install
+	evidently ui --workspace data/monitoring/workspace --host 127.0.0.1 --port 8001

@@ -46,6 +46,7 @@ RELEASE: dict[str, str] = {
     "deploy": "health-gated rollout of a registered version (local | docker | kubernetes); prod on success",
     "status": "what is deployed: version, target, URL, health",
     "undeploy": "stop the deployed version and its endpoint",
+    "monitor": "judge the deployed model's recent traffic (drift, quality, operations); ask for retraining",
 }
 SERVICES: dict[str, str] = {
     "serve": "serve a model over an OpenAI-compatible HTTP API, logging every request (see serve in params.yaml)",
@@ -132,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", description=RELEASE["status"])
     status.add_argument("--json", action="store_true")
     commands.add_parser("undeploy", description=RELEASE["undeploy"])
+    monitor = commands.add_parser("monitor", description=RELEASE["monitor"])
+    monitor.add_argument("--db", default=None, help="SQLAlchemy URL of the request log "
+                         "(default: $FLYWHEEL_REQUEST_LOG_URL, else the SQLite file)")
     serve = commands.add_parser("serve", description=SERVICES["serve"])
     serve.add_argument("--host", default=None, help="default: serve.host in params.yaml")
     serve.add_argument("--port", type=int, default=None, help="default: serve.port in params.yaml")
@@ -251,6 +255,18 @@ def release_command(args: argparse.Namespace) -> int:
         state = deploy.status()
         print(json.dumps(state, indent=2) if args.json else deploy.describe_status(state))
         return 0 if state["deployed"] else 1
+    elif args.command == "monitor":
+        from pipelines import monitor
+        from pipelines.io import write_json
+        from pipelines.request_log import RequestLog
+
+        request_log = RequestLog(args.db)
+        try:
+            result = monitor.run(load_params(args.params), request_log=request_log)
+        finally:
+            request_log.close()
+        write_json(METRICS_DIR / "monitor.json", result)
+        print(monitor.report(result))
     elif args.command == "undeploy":
         stopped = deploy.undeploy()
         print(f"stopped {stopped['stopped']} ({stopped['target']})" if stopped["stopped"] else "nothing is deployed")

@@ -470,6 +470,50 @@ class DeployParams(_Section):
     kubernetes: KubernetesParams = Field(default_factory=KubernetesParams)
 
 
+class DriftParams(_Section):
+    text_auc: float = Field(default=0.6, gt=0.5, le=1.0,
+                            description="Evidently's domain classifier ROC AUC above this: the prompts drifted")
+    embedding_auc: float = Field(default=0.6, gt=0.5, le=1.0,
+                                 description="the classifier on prompt embeddings: ROC AUC above this = drift")
+    descriptor_p: float = Field(default=0.01, gt=0, lt=1, description="K-S p-value below this: a descriptor drifted")
+    min_signals: int = Field(default=2, ge=1, le=3, description="of text, embeddings, descriptors")
+
+
+MONITORED_MAXIMA = ("hallucination_rate", "consistency_hallucination_rate", "empty_rate", "refusal_rate",
+                    "negative_feedback_rate", "error_rate", "latency_p95_ms")
+
+
+class MonitorParams(_Section):
+    schedule: str | None = Field(default="@hourly", description="flywheel_monitoring's schedule")
+    window_hours: float = Field(default=24.0, gt=0, description="the traffic each run looks at")
+    min_requests: int = Field(default=100, ge=1, description="fewer in the window: insufficient data")
+    max_requests: int = Field(default=2000, ge=100, description="a larger window is sampled (seeded) to this")
+    reference: str = Field(default="data/processed/train.parquet", description="the prompts drift is judged against")
+    reference_size: int = Field(default=2000, ge=100)
+    embedding_model: str = "all-MiniLM-L6-v2"
+    seed: int = 0
+    drift: DriftParams = Field(default_factory=DriftParams)
+    maximum: dict[str, float] = Field(default_factory=lambda: {
+        "hallucination_rate": 0.2, "consistency_hallucination_rate": 0.5, "empty_rate": 0.05,
+        "refusal_rate": 0.3, "negative_feedback_rate": 0.3, "error_rate": 0.01, "latency_p95_ms": 2000.0})
+    endpoint: str | None = Field(default=None, description="the live API; default: what `flywheel status` shows")
+    canaries: int = Field(default=50, ge=0, description="held-out test prompts sent to the live endpoint")
+    canary_source: str = "data/processed/test.parquet"
+    consistency_prompts: int = Field(default=10, ge=0, description="real prompts re-asked to check self-consistency")
+    consistency_samples: int = Field(default=3, ge=1)
+    consistency_threshold: float = Field(default=0.5, gt=0, lt=1)
+    cooldown_hours: float = Field(default=24.0, ge=0, description="no second retraining trigger within this")
+    export_dir: str = Field(default="data/raw/feedback", description="where a failed run exports its window")
+
+    @field_validator("maximum")
+    @classmethod
+    def _known_maxima(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - set(MONITORED_MAXIMA))
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown}; known: {list(MONITORED_MAXIMA)}")
+        return value
+
+
 class AirflowParams(_Section):
     schedule: str | None = Field(default=None, description="cron or preset for flywheel_training")
     trigger_params: list[str] = Field(
@@ -492,6 +536,7 @@ class Params(_Section):
     serve: ServeParams = Field(default_factory=ServeParams)
     package: PackageParams = Field(default_factory=PackageParams)
     deploy: DeployParams = Field(default_factory=DeployParams)
+    monitor: MonitorParams = Field(default_factory=MonitorParams)
     airflow: AirflowParams = Field(default_factory=AirflowParams)
 
     @model_validator(mode="after")

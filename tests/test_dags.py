@@ -4,6 +4,8 @@ import json
 import re
 import textwrap
 
+import pytest
+
 from pipelines.dvc_graph import load_stages, upstream_of
 from tests.conftest import REPO, run
 
@@ -34,7 +36,7 @@ def load_dagbag(dags_folder, tmp_path) -> dict:
 def test_dags_folder_loads_without_import_errors(tmp_path):
     bag = load_dagbag(REPO / "dags", tmp_path)
     assert bag["errors"] == {}
-    assert "flywheel_training" in bag["dags"]
+    assert bag["dags"] == ["flywheel_monitoring", "flywheel_training"]
     assert bag["upstream"]["ingest"] == ["apply_params"]
     assert bag["upstream"]["split"] == ["clean", "validate"]
     assert bag["params"] == {"ingest.chunk_size": 10000, "clean.dedup.minhash.threshold": 0.7,
@@ -43,10 +45,11 @@ def test_dags_folder_loads_without_import_errors(tmp_path):
     assert bag["max_active_tasks"] == 1  # one workspace, one DVC lock
 
 
-def test_dag_file_imports_nothing_heavy(tmp_path):
+@pytest.mark.parametrize("dag_file", ["flywheel_training.py", "flywheel_monitoring.py"])
+def test_dag_file_imports_nothing_heavy(dag_file, tmp_path):
     script = ("import sys, runpy; runpy.run_path(sys.argv[1]); "
               f"print(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules))")
-    result = run(["python", "-c", script, str(REPO / "dags/flywheel_training.py")], tmp_path,
+    result = run(["python", "-c", script, str(REPO / "dags" / dag_file)], tmp_path,
                  AIRFLOW_HOME=str(tmp_path / "airflow"))
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
