@@ -473,7 +473,7 @@ class DeployParams(_Section):
 class DriftParams(_Section):
     text_auc: float = Field(default=0.6, gt=0.5, le=1.0,
                             description="Evidently's domain classifier ROC AUC above this: the prompts drifted")
-    embedding_auc: float = Field(default=0.6, gt=0.5, le=1.0,
+    embedding_auc: float = Field(default=0.56, gt=0.5, le=1.0,
                                  description="the classifier on prompt embeddings: ROC AUC above this = drift")
     descriptor_p: float = Field(default=0.01, gt=0, lt=1, description="K-S p-value below this: a descriptor drifted")
     min_signals: int = Field(default=2, ge=1, le=3, description="of text, embeddings, descriptors")

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,13 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for subprocesses: this venv first on PATH, nothing fetched from any hub."""
     return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", **extra}
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (for a server a test starts)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:

@@ -6,26 +6,18 @@ on a real Docker engine, and Kubernetes manifests rendered."""
 import json
 import os
 import shutil
-import socket
-import subprocess
 import threading
 import time
 
 import pytest
 import yaml
 
-from tests.conftest import BIN, REPO, run
+from tests.conftest import BIN, REPO, free_port, run
 
 openai = pytest.importorskip("openai")
 
 FLYWHEEL = str(BIN / "flywheel")
 OFFLINE_BASE_IMAGE = "flywheel-base:bookworm"  # what `make docker-base` builds
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _git(repo, *args):
@@ -69,7 +61,7 @@ def release_repo(trained_sft, tmp_path_factory):
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"artifacts": {"flywheel-model": {
         "path": "models/aligned", "type": "model"}}}))
     (repo / ".gitignore").write_text("/data/serving/\n/models/releases/\n/models/production\n/build/\n")
-    run([FLYWHEEL, "params", "apply", f"deploy.port={_free_port()}", "deploy.health_timeout_s=120",
+    run([FLYWHEEL, "params", "apply", f"deploy.port={free_port()}", "deploy.health_timeout_s=120",
          f"package.base_image={OFFLINE_BASE_IMAGE}", f"package.wheelhouse={REPO / '.cache/wheelhouse'}"],
         repo)
     good = trained_sft / "models/sft"
@@ -199,7 +191,7 @@ def test_the_image_is_built_hermetically_runs_as_non_root_and_answers(release_re
     repo = tmp_path / "project"
     shutil.copytree(release_repo, repo, symlinks=True)
     # Its own image name: the engine may be a developer's, holding their real flywheel-model tags.
-    run([FLYWHEEL, "params", "apply", f"deploy.port={_free_port()}", "package.image=flywheel-test-model"], repo)
+    run([FLYWHEEL, "params", "apply", f"deploy.port={free_port()}", "package.image=flywheel-test-model"], repo)
 
     built = run([FLYWHEEL, "package", "v0.0.1"], repo)
     assert "built flywheel-test-model:v0.0.1" in built.stdout

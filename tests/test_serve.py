@@ -4,7 +4,6 @@ logging to SQLite and to the PostgreSQL server on 127.0.0.1:5432; stopped with S
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,17 +12,11 @@ import httpx
 import pytest
 
 from pipelines.request_log import RequestLog
-from tests.conftest import BIN, REPO, run, subprocess_env
+from tests.conftest import BIN, REPO, free_port, run, subprocess_env
 
 openai = pytest.importorskip("openai")
 
 KEY, OTHER_KEY = "test-key-1", "test-key-2"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -38,7 +31,7 @@ def server(request, trained_sft, tmp_path_factory):
         with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as admin:
             admin.execute(f"CREATE DATABASE {name}")
         log_url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    port = _free_port()
+    port = free_port()
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
     run([str(BIN / "flywheel"), "params", "apply", "serve.rate_limit_per_minute=60",
          "serve.max_tokens=64", "serve.max_prompt_chars=2000"], root)
