@@ -203,7 +203,7 @@ def endpoint_url(config: MonitorParams) -> str | None:
     return state.get("url") if state and state.get("target") != "kubernetes" else None
 
 
-def _ask(url: str, prompt: str, temperature: float = 0.0) -> str:
+def _ask(url: str, messages: list[dict], temperature: float = 0.0) -> str:
     import httpx
 
     from pipelines.serve import CANARY_HEADER, load_api_keys
@@ -214,7 +214,7 @@ def _ask(url: str, prompt: str, temperature: float = 0.0) -> str:
         headers["authorization"] = f"Bearer {keys[0]}"
     response = httpx.post(f"{url}/v1/chat/completions", headers=headers, timeout=120, json={
         "model": "flywheel-model", "max_tokens": 64, "temperature": temperature,
-        "messages": [{"role": "user", "content": prompt}]})
+        "messages": messages})
     response.raise_for_status()
     return response.json()["choices"][0]["message"]["content"]
 
@@ -230,16 +230,17 @@ def live_quality(url: str | None, requests: list[dict], embedder, params: Params
     import httpx
     import pyarrow.parquet as pq
 
-    from pipelines import evaluate, hallucination
+    from pipelines import evaluate, hallucination, modeling
 
     try:
         records = sample(pq.read_table(config.canary_source).to_pylist(), config.canaries, config.seed)
-        answers = [_ask(url, record["prompt"]) for record in records]
-        prompts = sample([prompt_of(row["messages"]) for row in requests if row["status"] == 200],
-                         config.consistency_prompts, config.seed)
-        greedy = [_ask(url, prompt) for prompt in prompts]
-        drawn = [[_ask(url, prompt, temperature=1.0) for _ in range(config.consistency_samples)]
-                 for prompt in prompts]
+        # A canary is asked as evaluate asks it: with its system prompt, history and context.
+        answers = [_ask(url, modeling.record_messages(record, with_response=False)) for record in records]
+        asked = sample([row["messages"] for row in requests if row["status"] == 200],
+                       config.consistency_prompts, config.seed)
+        greedy = [_ask(url, messages) for messages in asked]
+        drawn = [[_ask(url, messages, temperature=1.0) for _ in range(config.consistency_samples)]
+                 for messages in asked]
     except (httpx.HTTPError, OSError) as error:
         raise FlywheelError(f"the live endpoint {url} did not answer the monitor: {error}") from None
     judged = [item["hallucinated"] for item in
@@ -251,7 +252,7 @@ def live_quality(url: str | None, requests: list[dict], embedder, params: Params
                  f"{len(records)} canaries from {config.canary_source}, {len(judged)} judged"),
         _maximum("consistency_hallucination_rate",
                  sum(s > config.consistency_threshold for s in scores) / len(scores) if scores else None,
-                 config, f"{len(prompts)} real prompts x {config.consistency_samples} samples"),
+                 config, f"{len(asked)} real prompts x {config.consistency_samples} samples"),
     ]
 
 
