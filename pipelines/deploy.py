@@ -37,7 +37,7 @@ from pipelines import package, registry
 from pipelines.config import DeployParams, Params, source_file
 from pipelines.errors import FlywheelError
 from pipelines.io import atomic_path, write_json
-from pipelines.serve import load_api_keys
+from pipelines.serve import client_headers
 
 SERVING_DIR = Path("data/serving")
 STATE_FILE = SERVING_DIR / "deployment.json"
@@ -87,10 +87,7 @@ def free_port() -> int:
 
 
 def _http(url: str, body: dict | None = None, timeout: float = 10.0) -> tuple[int, dict]:
-    headers = {"content-type": "application/json"}
-    keys = load_api_keys()
-    if keys:
-        headers["authorization"] = f"Bearer {keys[0]}"
+    headers = {"content-type": "application/json", **client_headers()}
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, headers=headers)
     try:

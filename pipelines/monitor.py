@@ -206,12 +206,9 @@ def endpoint_url(config: MonitorParams) -> str | None:
 def _ask(url: str, messages: list[dict], temperature: float = 0.0) -> str:
     import httpx
 
-    from pipelines.serve import CANARY_HEADER, load_api_keys
+    from pipelines.serve import CANARY_HEADER, client_headers
 
-    headers = {CANARY_HEADER: "1"}
-    keys = load_api_keys()
-    if keys:
-        headers["authorization"] = f"Bearer {keys[0]}"
+    headers = {CANARY_HEADER: "1", **client_headers()}
     response = httpx.post(f"{url}/v1/chat/completions", headers=headers, timeout=120, json={
         "model": "flywheel-model", "max_tokens": 64, "temperature": temperature,
         "messages": messages})

@@ -103,6 +103,13 @@ def load_api_keys() -> list[str]:
     return keys
 
 
+def client_headers() -> dict[str, str]:
+    """Headers for this project's own clients of the API (deploy's checks, the monitor's
+    canaries): the first configured key as a bearer token, none when the API is open."""
+    keys = load_api_keys()
+    return {"authorization": f"Bearer {keys[0]}"} if keys else {}
+
+
 def key_name(key: str) -> str:
     """What the log and metrics call a key: a hash prefix, never the key."""
     return "k-" + hashlib.sha256(key.encode()).hexdigest()[:8]

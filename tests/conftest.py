@@ -2,12 +2,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from pipelines.deploy import free_port  # noqa: F401 - tests import it from here
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -17,13 +18,6 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for subprocesses: this venv first on PATH, nothing fetched from any hub."""
     return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", **extra}
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on (for a server a test starts)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
