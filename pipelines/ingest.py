@@ -70,7 +70,6 @@ class _SourceCounts:
 def run(params: Params, root: Path = Path(".")) -> dict:
     config = params.ingest
     plan = resolve_sources(config.sources, root)
-    ingested_at = datetime.now(timezone.utc).replace(microsecond=0)
     counts = {source.name: _SourceCounts() for source, _ in plan}
 
     with contextlib.ExitStack() as stack:
@@ -86,6 +85,10 @@ def run(params: Params, root: Path = Path(".")) -> dict:
             for path in files:
                 tally.files += 1
                 relative = path.relative_to(root).as_posix()
+                # The file's modification time, not the clock: ingest re-run on unchanged files
+                # (say, because data/raw/feedback changed) writes the same bytes, so DVC skips
+                # every stage downstream of it.
+                ingested_at = datetime.fromtimestamp(int(path.stat().st_mtime), timezone.utc)
                 for row in read_rows(path, detect_format(path, source.format)):
                     tally.read += 1
                     if tally.read % 1000 == 0:

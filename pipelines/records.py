@@ -1,6 +1,7 @@
 """The canonical record and the mappings from raw items to it.
 
-Records: id, prompt, response, context, system, source, license, ingested_at, metadata (JSON).
+Records: id, prompt, response, context, system, source, license, ingested_at (the raw file's
+modification time), metadata (JSON).
 Preference pairs: the same with chosen/rejected in place of response.
 A raw item that cannot be mapped raises Rejected with a named reason (the quarantine reason).
 """
