@@ -471,12 +471,10 @@ class DeployParams(_Section):
 
 
 class DriftParams(_Section):
-    text_auc: float = Field(default=0.6, gt=0.5, le=1.0,
-                            description="Evidently's domain classifier ROC AUC above this: the prompts drifted")
-    embedding_auc: float = Field(default=0.56, gt=0.5, le=1.0,
-                                 description="the classifier on prompt embeddings: ROC AUC above this = drift")
-    descriptor_p: float = Field(default=0.01, gt=0, lt=1, description="K-S p-value below this: a descriptor drifted")
-    min_signals: int = Field(default=2, ge=1, le=3, description="of text, embeddings, descriptors")
+    # The chance that one run calls in-distribution traffic drifted, split evenly over the three
+    # signals (Bonferroni), so it holds however the signals correlate and at any window size.
+    p_value: float = Field(default=0.01, gt=0, lt=0.5,
+                           description="the drift verdict's false-alarm rate on in-distribution traffic")
 
 
 MONITORED_MAXIMA = ("hallucination_rate", "consistency_hallucination_rate", "empty_rate", "refusal_rate",
@@ -486,7 +484,7 @@ MONITORED_MAXIMA = ("hallucination_rate", "consistency_hallucination_rate", "emp
 class MonitorParams(_Section):
     schedule: str | None = Field(default="@hourly", description="flywheel_monitoring's schedule")
     window_hours: float = Field(default=24.0, gt=0, description="the traffic each run looks at")
-    min_requests: int = Field(default=100, ge=1, description="fewer in the window: insufficient data")
+    min_prompts: int = Field(default=100, ge=2, description="fewer distinct prompts in the window: insufficient data")
     max_requests: int = Field(default=2000, ge=100, description="a larger window is sampled (seeded) to this")
     reference: str = Field(default="data/processed/train.parquet", description="the prompts drift is judged against")
     reference_size: int = Field(default=2000, ge=100)

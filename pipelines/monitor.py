@@ -2,12 +2,14 @@
 
 One run judges the last `monitor.window_hours` of the request log:
 
-  input drift    the window's prompts against the training prompts (monitor.reference), with
-                 Evidently 0.7: text drift (its domain classifier: ROC AUC of telling the two
-                 apart from the text), embedding drift (the same classifier on all-MiniLM-L6-v2
-                 embeddings, computed offline), and K-S drift of offline descriptors (length,
-                 word count, non-letter share from Evidently; digit share and questions, ours).
-                 Drifted when at least `drift.min_signals` of the three say so.
+  input drift    the window's distinct prompts against the training prompts (each record's user
+                 turn, as a client sends it), with Evidently 0.7: text drift (its domain
+                 classifier: ROC AUC of telling the two apart from the text), embedding drift (the
+                 same classifier on all-MiniLM-L6-v2 embeddings, computed offline), and K-S drift
+                 of offline descriptors (length, word count, non-letter share from Evidently; digit
+                 share and questions, ours). Each signal is a test at drift.p_value / 3 (the AUCs
+                 against what chance gives at the window's size, see chance_auc); any one drifts
+                 the verdict, whose false-alarm rate therefore stays below drift.p_value.
   output quality canaries (held-out test prompts sent to the live endpoint, judged against their
                  references by the evaluate stage's detector), self-consistency of a sample of
                  real prompts re-asked at temperature 1, empty and refusal rates of the logged
@@ -16,11 +18,11 @@ One run judges the last `monitor.window_hours` of the request log:
 
 Each check has a value, a threshold and pass/fail in metrics/monitor.json; the Evidently report of
 the run is written to reports/monitoring/<time>.html and added to the Evidently workspace in
-data/monitoring/workspace (`make monitoring-ui`). A window with fewer than `min_requests` requests
-gets "insufficient data", not a verdict. A window larger than `max_requests` is sampled uniformly
-(seeded) for the drift tests, whose power only grows with the sample: the run stays well under a
-minute for 100,000 logged requests. How many prompts a verdict needs is measured by
-benchmarks/monitor_drift.py (a moderate task-mix shift is caught reliably from about 500).
+data/monitoring/workspace (`make monitoring-ui`). A window with fewer than `min_prompts` distinct
+prompts gets "insufficient data", not a verdict. A window larger than `max_requests` is sampled
+uniformly (seeded) for the drift tests, whose power only grows with the sample: the run stays well
+under a minute for 100,000 logged requests. What a verdict catches at which window size is
+measured by benchmarks/monitor_drift.py.
 
 When a check fails, and no retraining was asked for within `cooldown_hours`, the window's traffic
 and feedback (already PII-redacted in the log) are exported to `export_dir` (data/raw/feedback/,
@@ -89,7 +91,12 @@ def reference_prompts(config: MonitorParams) -> list[str]:
     path = Path(config.reference)
     if not path.is_file():
         raise FlywheelError(f"monitor.reference {path} not found: run the pipeline first (dvc repro split)")
-    prompts = pq.read_table(path, columns=["prompt"]).column("prompt").to_pylist()
+    from pipelines.modeling import record_messages
+
+    # Each record's user turn as a client would send it (an instruction's input follows it after a
+    # blank line): that, not the bare `prompt` column, is what prompt_of() reads from the log.
+    records = pq.read_table(path, columns=["prompt", "context"]).to_pylist()
+    prompts = [prompt_of(record_messages(record, with_response=False)) for record in records]
     # Distinct prompts, as drift() compares them.
     return sample(list(dict.fromkeys(p for p in prompts if p)), config.reference_size, config.seed)
 
@@ -134,13 +141,33 @@ def _dataset(prompts: list[str], embeddings):
         CustomColumnDescriptor("prompt", _is_question, alias="question")])
 
 
+def chance_auc(n_reference: int, n_current: int, p_value: float) -> float:
+    """The ROC AUC a domain classifier exceeds with probability `p_value` by chance alone.
+
+    Evidently's classifiers (text and embeddings) are fitted on a random half of the two samples
+    and scored on the other half (train_test_split, test_size=0.5, random_state=42). When both
+    samples come from one distribution the held-out AUC is the Mann-Whitney statistic of
+    exchangeable scores: mean 0.5, variance (n1 + n2 + 1) / (12 n1 n2) for the n1 reference and
+    n2 current prompts in that half. So the threshold adapts to the window: a fixed AUC cut-off
+    would be too strict for large windows and would fire by chance on small ones.
+    """
+    import numpy as np
+    from scipy.stats import norm
+    from sklearn.model_selection import train_test_split
+
+    labels = np.r_[np.zeros(n_reference), np.ones(n_current)]
+    _, held_out = train_test_split(labels, test_size=0.5, random_state=42, shuffle=True)
+    n1, n2 = int((held_out == 0).sum()), int((held_out == 1).sum())
+    return 0.5 + norm.isf(p_value) * ((n1 + n2 + 1) / (12 * n1 * n2)) ** 0.5
+
+
 def drift(reference: list[str], current: list[str], embedder, config: MonitorParams):
     """(checks, the Evidently snapshot) for the current prompts against the reference."""
     from evidently import Report
     from evidently.metrics import EmbeddingsDrift, ValueDrift
 
     # Distinct prompts on both sides: a prompt asked many times would otherwise sit on both sides
-    # of the domain classifier's own train/test split and read as drift.
+    # of the domain classifier's own train/test split, be learnt by heart and read as drift.
     reference, current = list(dict.fromkeys(reference)), list(dict.fromkeys(current))
     report = Report([ValueDrift(column="prompt"), EmbeddingsDrift(embeddings_name="prompt_embedding"),
                      *[ValueDrift(column=name, method="ks") for name in DESCRIPTORS]])
@@ -148,22 +175,26 @@ def drift(reference: list[str], current: list[str], embedder, config: MonitorPar
                           _dataset(reference, embedder.encode(reference)))
     values = [float(metric["value"]) for metric in snapshot.dict()["metrics"]]
     text_auc, embedding_auc, p_values = values[0], values[1], dict(zip(DESCRIPTORS, values[2:]))
-    settings = config.drift
-    drifted_descriptors = sorted(name for name, p in p_values.items() if p < settings.descriptor_p)
-    signals = {"text": text_auc > settings.text_auc, "embeddings": embedding_auc > settings.embedding_auc,
+    # Drifted when any signal is significant at p_value / 3: by the union bound the verdict's
+    # false-alarm rate stays below p_value however the three signals correlate.
+    alpha = config.drift.p_value / 3
+    auc_limit = chance_auc(len(reference), len(current), alpha)
+    descriptor_limit = alpha / len(DESCRIPTORS)  # five K-S tests make one signal
+    drifted_descriptors = sorted(name for name, p in p_values.items() if p < descriptor_limit)
+    signals = {"text": text_auc > auc_limit, "embeddings": embedding_auc > auc_limit,
                "descriptors": bool(drifted_descriptors)}
+    sizes = f"{len(current)} distinct prompts against {len(reference)}"
     checks = [
-        Check("text_drift_auc", text_auc, settings.text_auc, not signals["text"],
-              "Evidently domain classifier on the prompt text"),
-        Check("embedding_drift_auc", embedding_auc, settings.embedding_auc, not signals["embeddings"],
+        Check("text_drift_auc", text_auc, auc_limit, not signals["text"],
+              f"Evidently domain classifier on the prompt text; {sizes}"),
+        Check("embedding_drift_auc", embedding_auc, auc_limit, not signals["embeddings"],
               "Evidently classifier on all-MiniLM-L6-v2 embeddings"),
-        Check("descriptor_drift_min_p", min(p_values.values()), settings.descriptor_p, not drifted_descriptors,
+        Check("descriptor_drift_min_p", min(p_values.values()), descriptor_limit, not drifted_descriptors,
               "K-S p-values: " + ", ".join(f"{name} {p:.2g}" for name, p in p_values.items())),
     ]
-    drifted = sum(signals.values())
-    checks.append(Check("input_drift", float(drifted), float(settings.min_signals),
-                        drifted < settings.min_signals,
-                        f"{drifted} of 3 signals drifted ({', '.join(k for k, v in signals.items() if v) or 'none'})"))
+    drifted = [name for name, hit in signals.items() if hit]
+    checks.append(Check("input_drift", float(len(drifted)), 1.0, not drifted,
+                        f"{len(drifted)} of 3 signals drifted ({', '.join(drifted) or 'none'})"))
     return checks, snapshot
 
 
@@ -312,11 +343,13 @@ def run(params: Params, now: datetime | None = None, request_log=None) -> dict:
         requests, feedback = load_window(request_log, now, config.window_hours)
         result = {"at": now.isoformat(), "window_hours": config.window_hours, "requests": len(requests),
                   "feedback_events": len(feedback), "retrain": None}
-        if len(requests) < config.min_requests:
-            return {**result, "verdict": INSUFFICIENT, "checks": [],
-                    "detail": f"{len(requests)} requests in the window; a verdict needs {config.min_requests}"}
-        embedder = load_embedder(config.embedding_model)
         current = [prompt_of(row["messages"]) for row in sample(requests, config.max_requests, config.seed)]
+        distinct = len(set(current))
+        if distinct < config.min_prompts:
+            return {**result, "verdict": INSUFFICIENT, "checks": [],
+                    "detail": f"{len(requests)} requests, {distinct} distinct prompts in the window; "
+                              f"a verdict needs {config.min_prompts} distinct prompts"}
+        embedder = load_embedder(config.embedding_model)
         drift_checks, snapshot = drift(reference_prompts(config), current, embedder, config)
         checks = drift_checks + logged_quality(requests, feedback, config) + \
             live_quality(endpoint_url(config), requests, embedder, params)

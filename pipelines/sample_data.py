@@ -280,6 +280,19 @@ def _gzip(data: bytes) -> bytes:
     return buffer.getvalue()
 
 
+# A topic the sample never shows, for drift checks: operations questions about infrastructure.
+TOOLS = ("kubernetes", "postgres", "nginx", "terraform", "kafka", "redis", "spark", "elasticsearch")
+ACTIONS = ("rotate the TLS certificates of", "tune the connection pool of", "back up", "upgrade",
+           "debug a memory leak in", "set up replication for", "migrate", "monitor disk usage of")
+
+
+def off_topic_prompts(count: int, seed: int = 0) -> list[str]:
+    """Questions on a topic the sample never trains on (traffic that has drifted)."""
+    rng = random.Random(seed)
+    return [f"How do I {rng.choice(ACTIONS)} {rng.choice(TOOLS)} {rng.randint(2, 9)}.{rng.randint(0, 20)} "
+            f"on a cluster of {rng.randint(3, 40)} nodes without downtime?" for _ in range(count)]
+
+
 def _jsonl(rows: list[dict]) -> bytes:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
 
