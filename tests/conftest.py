@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,12 +29,44 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess
     return result
 
 
-@pytest.fixture
-def project_copy(tmp_path: Path) -> Path:
-    """A fresh git repository holding this checkout's files, as a new clone would."""
+def wait_until_ready(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Poll `url` until it answers 200; fail with the process's output if it exits first."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None:
+            output = process.stdout.read() if process.stdout else ""
+            raise AssertionError(f"{process.args} exited with {process.returncode} before {url} answered:\n{output}")
+        assert time.monotonic() < deadline, f"{url} did not answer within {timeout} s"
+        time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def postgres_database(prefix: str):
+    """A fresh database on the local PostgreSQL server (trust auth): yields its SQLAlchemy URL,
+    drops it afterwards."""
+    psycopg = pytest.importorskip("psycopg")
+    name = f"{prefix}_{time.time_ns() % 10**12}"
+    admin_dsn = "host=127.0.0.1 user=postgres dbname=postgres"
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def git_copy(copy: Path) -> Path:
+    """A fresh git repository at `copy` holding this checkout's files, as a new clone would."""
     listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
                             capture_output=True, text=True, check=True).stdout.split("\0")
-    copy = tmp_path / "project"
     for relative in filter(None, listed):
         source = REPO / relative
         if source.is_file():
@@ -40,11 +74,21 @@ def project_copy(tmp_path: Path) -> Path:
             shutil.copy2(source, copy / relative)
     # Outputs of an earlier run in this checkout must not leak into the copy.
     shutil.rmtree(copy / "data" / "interim", ignore_errors=True)
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
-    run(git + ["init", "-q"], copy)
-    run(git + ["add", "-A"], copy)
-    run(git + ["commit", "-q", "-m", "copy"], copy)
+    commit_all(copy, "copy", init=True)
     return copy
+
+
+def commit_all(repo: Path, message: str, init: bool = False) -> None:
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    if init:
+        run(git + ["init", "-q"], repo)
+    run(git + ["add", "-A"], repo)
+    run(git + ["commit", "-q", "-m", message], repo)
+
+
+@pytest.fixture
+def project_copy(tmp_path: Path) -> Path:
+    return git_copy(tmp_path / "project")
 
 
 @pytest.fixture(scope="session")

@@ -37,3 +37,11 @@ def repo_params(**overrides):
     for section, values in overrides.items():
         data[section] = {**data.get(section, {}), **values}
     return parse_params(data)
+
+
+# Training to the learning thresholds is test_finetune's and test_rlhf's job; where a test runs the
+# whole pipeline, a fraction of an epoch shows each training stage runs in it.
+QUICK_TRAINING = {"finetune.training.epochs": 0.2, "finetune.training.eval_examples": 10,
+                  "preferences.on_policy.prompts": 40, "rlhf.reward_model.training.epochs": 0.2,
+                  "rlhf.dpo.training.epochs": 0.2, "rlhf.eval_examples": 10,
+                  "evaluate.test_examples": 100, "evaluate.consistency.prompts": 10}

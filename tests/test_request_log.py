@@ -3,27 +3,18 @@
 
 import json
 import threading
-import uuid
 
 import pytest
 
 from pipelines.errors import FlywheelError
 from pipelines.preferences import parse_feedback
 from pipelines.request_log import FeedbackError, RequestLog
-from tests.conftest import BIN, run
-
-POSTGRES_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
-
+from tests.conftest import BIN, postgres_database, run
 
 @pytest.fixture
 def postgres_url():
-    psycopg = pytest.importorskip("psycopg")
-    name = f"flywheel_test_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
-        admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    with postgres_database("flywheel_test") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -1,18 +1,18 @@
 """flywheel serve as a real process on a loopback port, queried with the official openai client,
 logging to SQLite and to the PostgreSQL server on 127.0.0.1:5432; stopped with SIGTERM."""
 
+import contextlib
 import json
 import shutil
 import signal
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
 from pipelines.request_log import RequestLog
-from tests.conftest import BIN, REPO, free_port, run, subprocess_env
+from tests.conftest import BIN, REPO, free_port, postgres_database, run, subprocess_env, wait_until_ready
 
 openai = pytest.importorskip("openai")
 
@@ -23,40 +23,26 @@ KEY, OTHER_KEY = "test-key-1", "test-key-2"
 def server(request, trained_sft, tmp_path_factory):
     """The fine-tuned sample model served; yields (base URL, process, request log URL)."""
     root = tmp_path_factory.mktemp("serve")
-    if request.param == "sqlite":
-        log_url = f"sqlite:///{root / 'requests.sqlite'}"
-    else:
-        psycopg = pytest.importorskip("psycopg")
-        name = f"flywheel_serve_{int(time.time() * 1000) % 10**9}"
-        with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as admin:
-            admin.execute(f"CREATE DATABASE {name}")
-        log_url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    port = free_port()
-    shutil.copy(REPO / "params.yaml", root / "params.yaml")
-    run([str(BIN / "flywheel"), "params", "apply", "serve.rate_limit_per_minute=60",
-         "serve.max_tokens=64", "serve.max_prompt_chars=2000"], root)
-    process = subprocess.Popen(
-        [str(BIN / "flywheel"), "serve", "--port", str(port), "--model", str(trained_sft / "models/sft")],
-        cwd=root, env=subprocess_env(FLYWHEEL_API_KEYS=f"{KEY},{OTHER_KEY}",
-                                     FLYWHEEL_REQUEST_LOG_URL=log_url),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/readyz").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert process.poll() is None, process.stdout.read()
-        time.sleep(0.5)
-    yield base, process, log_url
-    if process.poll() is None:
-        process.kill()
-        process.wait()
-    if request.param == "postgresql":
-        with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    with contextlib.ExitStack() as stack:
+        if request.param == "sqlite":
+            log_url = f"sqlite:///{root / 'requests.sqlite'}"
+        else:
+            log_url = stack.enter_context(postgres_database("flywheel_serve"))
+        port = free_port()
+        shutil.copy(REPO / "params.yaml", root / "params.yaml")
+        run([str(BIN / "flywheel"), "params", "apply", "serve.rate_limit_per_minute=60",
+             "serve.max_tokens=64", "serve.max_prompt_chars=2000"], root)
+        process = subprocess.Popen(
+            [str(BIN / "flywheel"), "serve", "--port", str(port), "--model", str(trained_sft / "models/sft")],
+            cwd=root, env=subprocess_env(FLYWHEEL_API_KEYS=f"{KEY},{OTHER_KEY}",
+                                         FLYWHEEL_REQUEST_LOG_URL=log_url),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        base = f"http://127.0.0.1:{port}"
+        wait_until_ready(f"{base}/readyz", process)
+        yield base, process, log_url
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def _client(base, key=KEY):
