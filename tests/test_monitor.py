@@ -1,40 +1,42 @@
 """flywheel monitor on real request logs (SQLite) against the sample's training prompts: traffic
 from the held-out split passes, traffic on another topic fails the drift check, exports the
-window for training and asks for retraining once (then cools down); too little traffic gets no
-verdict; the flywheel_monitoring DAG turns a failed run into a flywheel_training run."""
+window for training and asks for retraining once (then cools down); canaries and self-consistency
+are judged on a live `flywheel serve`; too little traffic gets no verdict; the
+flywheel_monitoring DAG publishes the feedback Asset with the reason when a run fails."""
 
 import json
 import random
 import shutil
 import subprocess
 import textwrap
-import time
 
 import httpx
 import pyarrow.parquet as pq
 import pytest
 
+from pipelines.modeling import record_messages
 from pipelines.request_log import RequestLog
-from tests.conftest import BIN, REPO, free_port, run
+from pipelines.sample_data import off_topic_prompts
+from tests.conftest import BIN, REPO, free_port, run, subprocess_env, wait_until_ready
 
 FLYWHEEL = str(BIN / "flywheel")
-TOOLS = ["kubernetes", "postgres", "nginx", "terraform", "kafka", "redis", "spark", "elasticsearch"]
-ACTIONS = ["rotate the TLS certificates of", "tune the connection pool of", "back up", "upgrade",
-           "debug a memory leak in", "set up replication for", "migrate", "monitor disk usage of"]
 
 
-def drifted_prompts(count: int, seed: int = 0) -> list[str]:
-    """Operations questions: a topic the sample never shows."""
-    rng = random.Random(seed)
-    return [f"How do I {rng.choice(ACTIONS)} {rng.choice(TOOLS)} {rng.randint(2, 9)}.{rng.randint(0, 20)} "
-            f"on a cluster of {rng.randint(3, 40)} nodes without downtime?" for _ in range(count)]
+def held_out_conversations(root, count: int, seed: int = 0) -> tuple[list[list[dict]], list[str]]:
+    """Conversations a client would send for a random sample of the test split (system prompt,
+    history, an instruction's input after its prompt), and their reference answers. Random: the
+    split is ordered by source, and its first rows (all translations) are a task-mix shift."""
+    records = random.Random(seed).sample(pq.read_table(root / "data/processed/test.parquet").to_pylist(), count)
+    return [record_messages(r, with_response=False) for r in records], [r["response"] for r in records]
 
 
-def log_traffic(url: str, prompts: list[str], responses: list[str], downs: int = 0) -> list[str]:
+def log_traffic(url: str, conversations: list, responses: list[str], downs: int = 0) -> list[str]:
+    """Requests as `flywheel serve` logs them; a conversation may be a bare prompt."""
     log = RequestLog(url)
     ids = [log.log_request(endpoint="/v1/chat/completions", status=200, response=response, latency_ms=40.0,
-                           messages=[{"role": "user", "content": prompt}], model_version="v0.0.1")
-           for prompt, response in zip(prompts, responses)]
+                           messages=[{"role": "user", "content": c}] if isinstance(c, str) else c,
+                           model_version="v0.0.1")
+           for c, response in zip(conversations, responses)]
     log.flush()
     for request_id in ids[:downs]:
         log.log_feedback(request_id, rating="down")
@@ -47,7 +49,7 @@ def project(sample_splits, tmp_path):
     root = tmp_path / "project"
     shutil.copytree(sample_splits, root / "data/processed")
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
-    run([FLYWHEEL, "params", "apply", "monitor.min_requests=50", "monitor.max_requests=400",
+    run([FLYWHEEL, "params", "apply", "monitor.min_prompts=50", "monitor.max_requests=400",
          "monitor.reference_size=600", "monitor.canaries=0", "monitor.consistency_prompts=0"], root)
     return root, f"sqlite:///{root / 'requests.sqlite'}"
 
@@ -63,15 +65,12 @@ def checks(result) -> dict:
 
 def test_traffic_like_the_training_data_passes_and_asks_for_nothing(project):
     root, url = project
-    # A random sample: the split is ordered by source, and its first 200 rows (all translations)
-    # are a task-mix shift the monitor rightly flags.
-    held_out = random.Random(0).sample(pq.read_table(root / "data/processed/test.parquet").to_pylist(), 200)
-    log_traffic(url, [r["prompt"] for r in held_out], [r["response"] for r in held_out])
+    log_traffic(url, *held_out_conversations(root, 200))
     result = monitor(root, url)
     assert result["verdict"] == "passed", result
     assert result["requests"] == 200 and result["retrain"] is None
     found = checks(result)
-    assert found["input_drift"]["passed"] and found["text_drift_auc"]["value"] < 0.6
+    assert found["input_drift"]["passed"] and found["text_drift_auc"]["value"] < found["text_drift_auc"]["threshold"]
     assert found["hallucination_rate"]["passed"] is None  # no live endpoint: not measured
     assert (root / result["report"]).is_file()
     assert not (root / "data/raw/feedback").exists()
@@ -79,12 +78,13 @@ def test_traffic_like_the_training_data_passes_and_asks_for_nothing(project):
 
 def test_drifted_traffic_fails_exports_the_window_and_asks_for_retraining_once(project):
     root, url = project
-    log_traffic(url, drifted_prompts(200), ["Restart it."] * 200, downs=30)
+    log_traffic(url, off_topic_prompts(200), ["Restart it."] * 200, downs=30)
     result = monitor(root, url)
     assert result["verdict"] == "failed"
     found = checks(result)
     assert not found["input_drift"]["passed"] and "3 of 3" in found["input_drift"]["detail"]
     assert found["text_drift_auc"]["value"] > 0.9 and found["embedding_drift_auc"]["value"] > 0.9
+    assert found["text_drift_auc"]["threshold"] < 0.7  # chance AUC at p = 0.01 / 3 for 200 against 600
     assert found["negative_feedback_rate"]["value"] == 1.0 and not found["negative_feedback_rate"]["passed"]
     assert set(result["failed"]) == {"text_drift_auc", "embedding_drift_auc", "descriptor_drift_min_p",
                                      "input_drift", "negative_feedback_rate"}
@@ -111,57 +111,79 @@ def evidently_ui_snapshots(workspace) -> list[dict]:
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}/api"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                projects = httpx.get(f"{base}/projects").json()
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline and ui.poll() is None, "the Evidently UI did not start"
-                time.sleep(0.5)
-        project = next(p for p in projects if p["name"] == "flywheel")
+        wait_until_ready(f"{base}/projects", ui, timeout=90)
+        project = next(p for p in httpx.get(f"{base}/projects").json() if p["name"] == "flywheel")
         return httpx.get(f"{base}/projects/{project['id']}/snapshots").json()
     finally:
         ui.terminate()
         ui.wait()
 
 
+def test_canaries_and_self_consistency_are_judged_on_the_live_endpoint(project, trained_sft):
+    root, url = project
+    port = free_port()
+    server = subprocess.Popen([FLYWHEEL, "serve", "--port", str(port), "--model", str(trained_sft / "models/sft")],
+                              cwd=root, env=subprocess_env(FLYWHEEL_REQUEST_LOG_URL=url),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until_ready(f"http://127.0.0.1:{port}/readyz", server)
+        log_traffic(url, *held_out_conversations(root, 100, seed=1))
+        run([FLYWHEEL, "params", "apply", f"monitor.endpoint=http://127.0.0.1:{port}", "monitor.canaries=30",
+             "monitor.consistency_prompts=5", "monitor.consistency_samples=2"], root)
+        result = monitor(root, url)
+    finally:
+        server.terminate()
+        server.wait()
+    found = checks(result)
+    assert result["requests"] == 100  # the monitor's own queries are canaries, not traffic
+    assert found["hallucination_rate"]["passed"] and found["hallucination_rate"]["value"] <= 0.2
+    assert "30 canaries" in found["hallucination_rate"]["detail"]
+    assert found["consistency_hallucination_rate"]["value"] is not None
+    log = RequestLog(url)
+    canaries = log.count_requests() - 100
+    log.close()
+    assert canaries == 30 + 5 * 3  # canaries, then each real prompt greedy + 2 samples, all logged
+
+
 def test_too_little_traffic_gets_no_verdict(project):
     root, url = project
-    log_traffic(url, drifted_prompts(10), ["Restart it."] * 10)
+    log_traffic(url, off_topic_prompts(10) * 10, ["Restart it."] * 100)
     result = monitor(root, url)
     assert result["verdict"] == "insufficient data" and result["retrain"] is None
-    assert "10 requests" in result["detail"]
+    assert "100 requests, 10 distinct prompts" in result["detail"]
 
 
 DAG_TEST_SCRIPT = textwrap.dedent("""
     import json, sys
     from airflow.dag_processing.dagbag import DagBag
-    from airflow.models import DagRun
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
     bag = DagBag(dag_folder=sys.argv[1])
     assert not bag.import_errors, bag.import_errors
-    # dag.test() writes the whole folder to the metadata DB, so the triggered DAG exists there.
     dag_run = bag.dags["flywheel_monitoring"].test()
     states = {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
-    triggered = [run.conf for run in DagRun.find(dag_id="flywheel_training")]
-    print(json.dumps({"state": str(dag_run.state), "tasks": states, "triggered": triggered}))
+    with create_session() as session:
+        events = [{"asset": event.asset.name, "extra": event.extra} for event in session.query(AssetEvent)]
+    print(json.dumps({"state": str(dag_run.state), "tasks": states, "events": events}))
 """)
 
 
 @pytest.mark.slow
-def test_the_monitoring_dag_triggers_training_when_the_traffic_drifted(project, tmp_path):
+def test_the_monitoring_dag_publishes_the_feedback_asset_when_the_traffic_drifted(project, tmp_path):
     root, url = project
     shutil.copytree(REPO / "dags", root / "dags")
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    log_traffic(url, drifted_prompts(200), ["Restart it."] * 200)
+    log_traffic(url, off_topic_prompts(200), ["Restart it."] * 200)
     env = {"AIRFLOW_HOME": str(tmp_path / "airflow"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
            "AIRFLOW__CORE__DAGS_FOLDER": str(root / "dags"), "FLYWHEEL_REQUEST_LOG_URL": url}
     run(["airflow", "db", "migrate"], tmp_path, **env)
     outcome = json.loads(run(["python", "-c", DAG_TEST_SCRIPT, str(root / "dags")], root,
                              **env).stdout.strip().splitlines()[-1])
     assert outcome["state"] == "success"
-    assert outcome["tasks"] == {"monitor": "success", "needs_retraining": "success",
-                                "new_feedback": "success", "retrain": "success"}
-    assert len(outcome["triggered"]) == 1
-    assert outcome["triggered"][0]["reason"].startswith("monitoring failed: ")
-    assert outcome["triggered"][0]["report"].startswith("reports/monitoring/")
+    assert outcome["tasks"] == {"monitor": "success", "needs_retraining": "success", "new_feedback": "success"}
+    # flywheel_training is scheduled on this Asset: the event starts one retraining run, and says why.
+    [event] = outcome["events"]
+    assert event["asset"] == "flywheel_feedback"
+    assert event["extra"]["reason"].startswith("monitoring failed: ")
+    assert event["extra"]["report"].startswith("reports/monitoring/")
+    assert (root / event["extra"]["feedback"]).is_file()
