@@ -35,7 +35,8 @@ STAGES: dict[str, tuple[str, str]] = {
                  "candidate vs SFT vs production: quality, hallucination, safety, latency; the gate"),
 }
 TOOLS: dict[str, str] = {
-    "params": "show the typed params, or apply dotted overrides (what an Airflow UI trigger does)",
+    "params": "show the typed params, or apply dotted overrides to params.yaml",
+    "run": "an Airflow training run as a DVC experiment: start (params for this run only), save, promote",
     "models": "the model registry (GTO tags): list versions; register the evaluated run; assign stages",
     "export-feedback": "write the request log's feedback to data/raw/feedback/ for the preferences stage",
     "make-sample": "regenerate the bundled sample data under data/raw/sample/",
@@ -92,11 +93,24 @@ def build_parser() -> argparse.ArgumentParser:
                     "comments. Values are validated against the typed params first.")
     apply.add_argument("--json", dest="overrides_json", default="{}",
                        help='a JSON object of dotted keys to values, e.g. \'{"ingest.chunk_size": 5000}\'')
-    apply.add_argument("--run-conf", default=None,
-                       help="an Airflow run's conf as JSON: its dotted keys are param overrides; "
-                            "other keys (e.g. a retraining reason) describe the run and are left alone")
     apply.add_argument("assignments", nargs="*", metavar="KEY=VALUE",
                        help="dotted key = YAML value, e.g. ingest.chunk_size=5000")
+
+    runs = commands.add_parser("run", description=TOOLS["run"])
+    run_actions = runs.add_subparsers(dest="action", metavar="<action>", required=True)
+    start = run_actions.add_parser("start", help="the run's first task: track new feedback exports, "
+                                                 "apply the trigger form's params for this run only")
+    start.add_argument("run_id", help="the Airflow run id (the experiment's name is made from it)")
+    start.add_argument("--run-conf", default=None,
+                       help="the run's conf as JSON: its dotted keys are param overrides; other keys "
+                            "(e.g. a retraining reason) describe the run and are left alone")
+    save = run_actions.add_parser("save", help="after the last stage: dvc exp save, dvc push, "
+                                               "params.yaml back as before the run")
+    save.add_argument("run_id")
+    save.add_argument("--run-conf", default=None, help="recorded in the experiment's message")
+    promote = run_actions.add_parser("promote", help="the gate passed: register the run's experiment "
+                                                     "commit as a version in staging")
+    promote.add_argument("run_id")
 
     models = commands.add_parser("models", description=TOOLS["models"])
     models.add_argument("--json", action="store_true", help="print the versions as JSON")
@@ -181,14 +195,18 @@ def _json_object(text: str | None, option: str) -> dict:
     return value
 
 
+def _run_conf_overrides(run_conf: dict) -> dict:
+    """The param overrides in an Airflow run's conf: its dotted keys (the trigger form's fields)."""
+    overrides = {key: value for key, value in run_conf.items() if "." in key}
+    for key in sorted(set(run_conf) - set(overrides)):
+        print(f"run conf {key}={run_conf[key]!r} (not a param; recorded with the run only)")
+    return overrides
+
+
 def _parse_overrides(args: argparse.Namespace) -> dict:
     import yaml
 
     overrides = _json_object(args.overrides_json, "--json")
-    run_conf = _json_object(args.run_conf, "--run-conf")
-    overrides.update({key: value for key, value in run_conf.items() if "." in key})
-    for key in sorted(set(run_conf) - set(overrides)):
-        print(f"run conf {key}={run_conf[key]!r} (not a param; recorded with the run only)")
     for assignment in args.assignments:
         key, sep, value = assignment.partition("=")
         if not sep or not key:
@@ -208,6 +226,22 @@ def params_command(args: argparse.Namespace) -> None:
             print(f"{args.params}: {key}: {old!r} -> {new!r}")
     else:
         print(json.dumps(load_params(args.params).model_dump(by_alias=True), indent=2, default=str))
+
+
+def run_command(args: argparse.Namespace) -> None:
+    from pipelines import runs
+    from pipelines.config import load_params
+
+    name = runs.experiment_name(args.run_id)
+    if args.action == "start":
+        run_conf = _json_object(args.run_conf, "--run-conf")
+        export_dir = load_params(args.params).monitor.export_dir
+        result = runs.start(name, _run_conf_overrides(run_conf), export_dir)
+    elif args.action == "save":
+        result = runs.save(name, _json_object(args.run_conf, "--run-conf"))
+    else:
+        result = runs.promote(name)
+    print(runs.report(args.action, result))
 
 
 def models_command(args: argparse.Namespace) -> None:
@@ -284,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
             run_stage(args.command, args.params)
         elif args.command == "params":
             params_command(args)
+        elif args.command == "run":
+            run_command(args)
         elif args.command == "models":
             models_command(args)
         elif args.command == "export-feedback":

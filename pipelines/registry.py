@@ -126,32 +126,33 @@ def commit_run(repo: Path) -> str | None:
     return _git(repo, "rev-parse", "HEAD").strip()
 
 
-def register(root: Path = Path("."), commit: bool = False) -> dict:
-    """The evaluated run committed at HEAD becomes a version, staged by the gate's decision."""
+def register(root: Path = Path("."), commit: bool = False, ref: str = "HEAD") -> dict:
+    """The evaluated run committed at `ref` (HEAD, or an Airflow run's experiment commit) becomes a
+    version, staged by the gate's decision."""
     import gto.api
 
     repo = _repo(root)
     if commit:
         commit_run(repo)
-    gate = _committed_json(repo, "HEAD", GATE_FILE)
+    gate = _committed_json(repo, ref, GATE_FILE)
     if gate is None:
-        raise FlywheelError(f"{GATE_FILE} is not committed at HEAD: run `dvc repro evaluate`, then "
+        raise FlywheelError(f"{GATE_FILE} is not committed at {ref}: run `dvc repro evaluate`, then "
                             f"commit the run (git add dvc.lock metrics && git commit)")
     pending = _git(repo, "status", "--porcelain", "--", "dvc.lock", "metrics").strip()
-    if pending:
+    if ref == "HEAD" and pending:
         raise FlywheelError("the evaluated run is not committed (dvc.lock or metrics/ changed "
                             "since HEAD): commit it first, so the version pins what was evaluated\n"
                             + pending)
-    head = _git(repo, "rev-parse", "HEAD").strip()
+    target = _git(repo, "rev-parse", ref).strip()
     for entry in _registered(repo):
-        if entry["commit"] == head:
+        if entry["commit"] == target:
             return {**entry, "already_registered": True}
-    message = _summary(gate, _committed_json(repo, "HEAD", EVALUATE_FILE))
+    message = _summary(gate, _committed_json(repo, target, EVALUATE_FILE))
     author = _author(repo)
-    registration = gto.api.register(str(repo), ARTIFACT, "HEAD", message=message, **author)
+    registration = gto.api.register(str(repo), ARTIFACT, target, message=message, **author)
     stage = PROMOTED if gate["passed"] else REJECTED
     gto.api.assign(str(repo), ARTIFACT, stage, version=registration.version, message=message, **author)
-    return {"version": registration.version, "commit": head, "stages": [stage], "message": message,
+    return {"version": registration.version, "commit": target, "stages": [stage], "message": message,
             "already_registered": False}
 
 
