@@ -1,30 +1,46 @@
 """flywheel_training: the training pipeline, one task per DVC stage, built from dvc.yaml.
 
-A stage added to dvc.yaml shows up here as a task, with edges from its deps and outs, without any
-edit to this file. Each task runs `dvc repro --single-item <stage>` in the project directory, so DVC
-skips a stage whose inputs have not changed. The first task applies the values of a manual
-trigger's form to params.yaml (as `dvc exp run -S` would), after validating them.
+  start_run     `flywheel run start`: new feedback exports put under DVC; the trigger form's
+                params validated and applied for this run only (a bad value fails here, before
+                any stage)
+  <stages>      one task per dvc.yaml stage, edges from its deps and outs: `dvc repro
+                --single-item <stage>`, so DVC skips a stage whose inputs have not changed (a
+                re-run after a killed worker redoes only what did not finish). GPU stages run in
+                the pool airflow.gpu_pool.
+  save_run      `flywheel run save`: the run becomes the DVC experiment named after it (params,
+                metrics, dvc.lock), its data and models are pushed to the DVC remote, params.yaml
+                goes back as it was
+  gate          the evaluate stage's decision (metrics/gate.json): promote or not_promoted
+  promote       `flywheel run promote`: the run's experiment commit becomes a registry version
+                in staging
+  not_promoted  the gate rejected the run: the run succeeds, the reasons are in gate.json
 
-Kept cheap to parse: besides Airflow it imports only PyYAML and pipelines.dvc_graph (which needs
-nothing more); no stage code, pydantic models, torch or pandas.
+Scheduled by airflow.schedule (cron, in params.yaml) and by the flywheel_feedback Asset that
+flywheel_monitoring publishes when it exports feedback for retraining. Runs never overlap: one
+workspace, one DVC lock. Transient failures are retried with backoff; Flywheel's expected
+failures (exit 2: bad params, bad data, failed validation) fail at once; every final failure
+calls pipelines.airflow_tasks.alert.
+
+Cheap to parse: besides Airflow it imports PyYAML, pipelines.dvc_graph and
+pipelines.airflow_tasks (standard library only); no stage code, torch or pandas.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 from datetime import datetime, timedelta
-from pathlib import Path
 
 import yaml
-from airflow.providers.standard.operators.bash import BashOperator
-from airflow.sdk import DAG, Param
+from airflow.providers.standard.operators.empty import EmptyOperator
+from airflow.providers.standard.operators.python import BranchPythonOperator
+from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param
 
+from pipelines.airflow_tasks import (FlywheelCommand, alert, feedback_asset, flywheel, gate_branch, project_dir,
+                                     stage_command)
 from pipelines.dvc_graph import load_stages, upstream_of
 
-PROJECT = Path(os.environ.get("FLYWHEEL_PROJECT_DIR", Path(__file__).resolve().parents[1]))
-PYTHON = sys.executable  # the interpreter Airflow runs in has Flywheel and DVC installed
+PROJECT = project_dir(__file__)
 JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
+RUN_CONF = "{{ (dag_run.conf or {}) | tojson }}"
 
 
 def _get(data: dict, dotted: str):
@@ -41,55 +57,75 @@ def trigger_form(params_yaml: dict) -> dict[str, Param]:
         value = _get(params_yaml, key)
         json_type = JSON_TYPES.get(type(value), "string")
         form[key] = Param(value, type=[json_type, "null"] if value is None else json_type,
-                          title=key, description=f"params.yaml {key} for this run",
+                          title=key, description=f"params.yaml {key} for this run only",
                           section=key.split(".")[0])
     return form
 
 
+def schedule(cron: str | None):
+    """The cron schedule (if any) or new feedback from monitoring, whichever comes first."""
+    feedback = feedback_asset(PROJECT)
+    if not cron:
+        return [feedback]
+    return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC"), assets=[feedback])
+
+
 params_yaml = yaml.safe_load((PROJECT / "params.yaml").read_text()) or {}
+settings = params_yaml.get("airflow") or {}
 stages = load_stages(PROJECT / "dvc.yaml")
-task_env = {
-    # DVC runs each stage's `cmd` through a shell: put this environment's scripts first on PATH.
-    "PATH": f"{Path(PYTHON).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
-}
+upstream = upstream_of(stages)
+gpu_stages = set(settings.get("gpu_stages", []))
+if gpu_stages - set(stages):
+    raise ValueError(f"airflow.gpu_stages in params.yaml names stages dvc.yaml does not have: "
+                     f"{sorted(gpu_stages - set(stages))}")
 
 with DAG(
     dag_id="flywheel_training",
-    description="DVC stages from dvc.yaml: raw data to a deployed model",
-    schedule=(params_yaml.get("airflow") or {}).get("schedule"),
+    description="DVC stages from dvc.yaml: raw data to an evaluated model; every run a DVC experiment",
+    schedule=schedule(settings.get("schedule")),
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
     # One workspace: DVC holds a repository lock while a stage runs, so stages go one at a time.
     max_active_tasks=1,
     params=trigger_form(params_yaml),
-    default_args={"retries": 0, "execution_timeout": timedelta(hours=12)},
+    default_args={
+        "retries": settings.get("retries", 2),
+        "retry_delay": timedelta(seconds=settings.get("retry_delay_s", 60)),
+        "retry_exponential_backoff": True,
+        "max_retry_delay": timedelta(hours=1),
+        "execution_timeout": timedelta(hours=12),
+        "on_failure_callback": alert,
+    },
     tags=["flywheel", "training"],
     doc_md=__doc__,
 ) as dag:
-    apply_params = BashOperator(
-        task_id="apply_params",
-        doc_md="Validate this run's trigger-form values and write them to params.yaml.",
-        bash_command=f'"{PYTHON}" -m pipelines params apply --run-conf "$FLYWHEEL_RUN_CONF"',
-        env={**task_env, "FLYWHEEL_RUN_CONF": "{{ (dag_run.conf or {}) | tojson }}"},
-        append_env=True,
-        cwd=str(PROJECT),
-    )
+    start_run = FlywheelCommand(
+        task_id="start_run", project=PROJECT, retries=0,
+        command=flywheel("run", "start", "{{ run_id }}", "--run-conf", RUN_CONF),
+        doc_md="Track new feedback exports; validate this run's trigger-form values and apply them.")
+    gpu = {"pool": settings.get("gpu_pool", "flywheel_gpu"), "queue": settings.get("gpu_queue", "default")}
     tasks = {
-        name: BashOperator(
-            task_id=name,
-            doc_md=f"`{stage.cmd}` through `dvc repro --single-item {name}`",
-            bash_command=f'"{PYTHON}" -m dvc repro --single-item {name}',
-            env=task_env,
-            append_env=True,
-            cwd=str(PROJECT),
-        )
+        name: FlywheelCommand(
+            task_id=name, project=PROJECT, command=stage_command(name), **(gpu if name in gpu_stages else {}),
+            doc_md=f"`{stage.cmd}` through `dvc repro --single-item {name}`")
         for name, stage in stages.items()
     }
-    for name, upstream in upstream_of(stages).items():
-        if upstream:
-            for parent in sorted(upstream):
-                tasks[parent] >> tasks[name]
-        else:
-            apply_params >> tasks[name]
+    save_run = FlywheelCommand(
+        task_id="save_run", project=PROJECT,
+        command=flywheel("run", "save", "{{ run_id }}", "--run-conf", RUN_CONF),
+        doc_md="Save the run as a DVC experiment, push its data and models, restore params.yaml.")
+    gate = BranchPythonOperator(
+        task_id="gate", python_callable=gate_branch, op_args=[str(PROJECT)], retries=0,
+        doc_md="The evaluate stage's decision in metrics/gate.json.")
+    promote = FlywheelCommand(
+        task_id="promote", project=PROJECT, command=flywheel("run", "promote", "{{ run_id }}"),
+        doc_md="Register the run's experiment commit as a version in staging.")
+    not_promoted = EmptyOperator(
+        task_id="not_promoted", doc_md="The gate rejected this run; its reasons are in metrics/gate.json.")
+
+    for name, parents in upstream.items():
+        for parent in sorted(parents) or [None]:
+            (tasks[parent] if parent else start_run) >> tasks[name]
+    downstream = {parent for parents in upstream.values() for parent in parents}
+    [tasks[name] for name in stages if name not in downstream] >> save_run >> gate >> [promote, not_promoted]

@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     airflow = commands.add_parser("airflow", description=SERVICES["airflow"])
     airflow.add_argument("--port", type=int, default=8080)
+    airflow.add_argument("--setup-only", action="store_true",
+                         help="migrate the metadata database (the one AIRFLOW_HOME or "
+                              "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN names) and create the GPU pool, then exit")
     return parser
 
 
@@ -344,8 +347,13 @@ def main(argv: list[str] | None = None) -> int:
             return router.run(args.host, args.port, Path(args.route))
         elif args.command == "airflow":
             from pipelines import airflow_local
+            from pipelines.config import load_params
 
-            return airflow_local.standalone(port=args.port)
+            config = load_params(args.params).airflow
+            if args.setup_only:
+                airflow_local.setup(config)
+                return 0
+            return airflow_local.standalone(config, port=args.port)
     except FlywheelError as error:
         print(f"flywheel {args.command}: error: {error}", file=sys.stderr)
         return 2

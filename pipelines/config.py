@@ -514,6 +514,12 @@ class MonitorParams(_Section):
 
 class AirflowParams(_Section):
     schedule: str | None = Field(default=None, description="cron or preset for flywheel_training")
+    retries: int = Field(default=2, ge=0, description="retries of a transient task failure")
+    retry_delay_s: float = Field(default=60, gt=0, description="the first retry's delay, doubled each time")
+    gpu_pool: str = Field(default="flywheel_gpu", min_length=1, description="the Airflow pool of the GPU stages")
+    gpu_pool_slots: int = Field(default=1, ge=1)
+    gpu_queue: str = Field(default="default", min_length=1, description="the Celery queue of the GPU stages")
+    gpu_stages: list[str] = Field(default_factory=lambda: ["finetune", "preferences", "reward", "rlhf", "evaluate"])
     trigger_params: list[str] = Field(
         default_factory=list,
         description="dotted params shown in the Airflow trigger form, e.g. ingest.chunk_size",

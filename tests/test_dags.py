@@ -23,6 +23,10 @@ DAGBAG_SCRIPT = textwrap.dedent("""
         "upstream": {t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks} if dag else {},
         "params": dict(dag.params.dump()) if dag else {},
         "max_active_tasks": dag.max_active_tasks if dag else None,
+        "max_active_runs": dag.max_active_runs if dag else None,
+        "pools": {t.task_id: t.pool for t in dag.tasks} if dag else {},
+        "retries": {t.task_id: t.retries for t in dag.tasks} if dag else {},
+        "schedule": repr(dag.timetable) if dag else None,
     }))
 """)
 
@@ -37,12 +41,35 @@ def test_dags_folder_loads_without_import_errors(tmp_path):
     bag = load_dagbag(REPO / "dags", tmp_path)
     assert bag["errors"] == {}
     assert bag["dags"] == ["flywheel_monitoring", "flywheel_training"]
-    assert bag["upstream"]["ingest"] == ["apply_params"]
+    assert bag["upstream"]["ingest"] == ["start_run"]
     assert bag["upstream"]["split"] == ["clean", "validate"]
+    # After the last stage: the run is saved as an experiment, then the gate decides.
+    assert bag["upstream"]["save_run"] == ["evaluate"] and bag["upstream"]["gate"] == ["save_run"]
+    assert bag["upstream"]["promote"] == bag["upstream"]["not_promoted"] == ["gate"]
     assert bag["params"] == {"ingest.chunk_size": 10000, "clean.dedup.minhash.threshold": 0.7,
                              "finetune.training.epochs": 12.0, "finetune.training.learning_rate": 0.001,
                              "finetune.method": "full"}
-    assert bag["max_active_tasks"] == 1  # one workspace, one DVC lock
+    # One workspace, one DVC lock: runs never overlap, stages go one at a time.
+    assert bag["max_active_tasks"] == 1 and bag["max_active_runs"] == 1
+    assert {task for task, pool in bag["pools"].items() if pool == "flywheel_gpu"} == {
+        "finetune", "preferences", "reward", "rlhf", "evaluate"}
+    assert bag["retries"]["finetune"] == 2 and bag["retries"]["start_run"] == 0
+    # No cron in params.yaml: runs start by hand, or from monitoring's feedback Asset.
+    assert "flywheel_feedback" in bag["schedule"]
+
+
+def test_a_cron_in_params_schedules_training_besides_new_feedback(project_copy, tmp_path):
+    run(["flywheel", "params", "apply", "airflow.schedule=0 3 * * *"], project_copy)
+    bag = load_dagbag(project_copy / "dags", tmp_path)
+    assert bag["errors"] == {}
+    assert "0 3 * * *" in bag["schedule"] and "flywheel_feedback" in bag["schedule"]
+
+
+def test_a_gpu_stage_dvc_does_not_have_is_an_import_error(project_copy, tmp_path):
+    run(["flywheel", "params", "apply", "--json", '{"airflow.gpu_stages": ["finetune", "finetun"]}'],
+        project_copy)
+    bag = load_dagbag(project_copy / "dags", tmp_path)
+    assert "['finetun']" in next(iter(bag["errors"].values()))
 
 
 @pytest.mark.parametrize("dag_file", ["flywheel_training.py", "flywheel_monitoring.py"])
@@ -93,9 +120,12 @@ def test_a_stage_added_to_dvc_yaml_appears_in_the_dag_with_dvcs_edges(project_co
     bag = load_dagbag(project_copy / "dags", tmp_path)
     assert bag["errors"] == {}
     assert bag["upstream"] == {
-        "apply_params": [], "ingest": ["apply_params"], "clean": ["ingest"], "validate": ["clean"],
+        "start_run": [], "ingest": ["start_run"], "clean": ["ingest"], "validate": ["clean"],
         "split": ["clean", "validate"], "finetune": ["split"], "tokenizer": ["split"],
         "distill": ["preferences", "split", "tokenizer"], "report": ["ingest", "validate"],
         "preferences": ["finetune", "ingest", "split"], "reward": ["finetune", "preferences"],
         "rlhf": ["finetune", "preferences", "reward", "split"],
-        "evaluate": ["finetune", "preferences", "rlhf", "split"]}
+        "evaluate": ["finetune", "preferences", "rlhf", "split"],
+        # the stages nothing depends on end the run
+        "save_run": ["distill", "evaluate", "report"], "gate": ["save_run"], "promote": ["gate"],
+        "not_promoted": ["gate"]}

@@ -1,13 +1,17 @@
-"""End to end with real parts: `dvc repro` and an Airflow `dag.test()` run in a fresh copy."""
+"""End to end with real parts: `dvc repro` in a fresh copy, and an Airflow `dag.test()` run with a
+bad trigger param failing before any stage, with an alert sent to a real webhook. (A full DAG run
+under a real scheduler is test_airflow's.)"""
 
 import json
 import textwrap
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
-from tests.conftest import run
+from tests.conftest import free_port, run
+from tests.helpers import QUICK_TRAINING
 
 pytestmark = pytest.mark.slow
 
@@ -24,12 +28,6 @@ DAG_TEST_SCRIPT = textwrap.dedent("""
 
 
 STAGES = ("ingest", "clean", "validate", "split", "finetune", "preferences", "reward", "rlhf", "evaluate")
-# Training to the learning thresholds is test_finetune's and test_rlhf's job; here a fraction of
-# an epoch shows each training stage runs in the pipeline.
-QUICK_TRAINING = {"finetune.training.epochs": 0.2, "finetune.training.eval_examples": 10,
-                  "preferences.on_policy.prompts": 40, "rlhf.reward_model.training.epochs": 0.2,
-                  "rlhf.dpo.training.epochs": 0.2, "rlhf.eval_examples": 10,
-                  "evaluate.test_examples": 100, "evaluate.consistency.prompts": 10}
 
 
 def metrics(project, stage: str) -> dict:
@@ -73,42 +71,40 @@ def test_dvc_repro_builds_the_outputs_and_a_second_run_is_a_no_op(project_copy):
     assert "Data and pipelines are up to date" in second.stdout
 
 
-@pytest.fixture
-def airflow_home(tmp_path):
-    home = tmp_path / "airflow"
-    env = {"AIRFLOW_HOME": str(home), "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
+class Webhook(BaseHTTPRequestHandler):
+    """Records the JSON bodies POSTed to it, as a chat or paging webhook would receive them."""
+    received: list[dict] = []
+
+    def do_POST(self):  # noqa: N802 - http.server's name
+        self.received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_airflow_run_with_a_bad_param_fails_before_any_stage_and_alerts(project_copy, tmp_path):
+    port = free_port()
+    server = HTTPServer(("127.0.0.1", port), Webhook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {"AIRFLOW_HOME": str(tmp_path / "airflow"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+           "AIRFLOW__CORE__DAGS_FOLDER": str(project_copy / "dags"),
+           # The optional alert webhook is an Airflow Connection; here from the environment.
+           "AIRFLOW_CONN_FLYWHEEL_ALERTS": f"http://127.0.0.1:{port}/hooks/flywheel"}
     run(["airflow", "db", "migrate"], tmp_path, **env)
-    return env
-
-
-def dag_test(project, env, conf: dict) -> dict:
-    result = run(["python", "-c", DAG_TEST_SCRIPT, str(project / "dags"), json.dumps(conf)],
-                 project, AIRFLOW__CORE__DAGS_FOLDER=str(project / "dags"), **env)
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def test_airflow_dag_run_applies_trigger_params_and_runs_the_stages(project_copy, airflow_home):
-    outcome = dag_test(project_copy, airflow_home,
-                       {"ingest.chunk_size": 500, "reason": "manual", **QUICK_TRAINING})
-    assert outcome == {"state": "success",
-                       "tasks": {name: "success" for name in ("apply_params", *STAGES)}}
-    # The form's value reached params.yaml (and so DVC's record of the run) ...
-    params = yaml.safe_load((project_copy / "params.yaml").read_text())
-    assert params["ingest"]["chunk_size"] == 500
-    assert "chunk_size: 500" in (project_copy / "dvc.lock").read_text()
-    # ... and the stage wrote its outputs with it: row groups of at most 500 records.
-    parquet = pq.ParquetFile(project_copy / "data/interim/ingest/records.parquet")
-    assert parquet.metadata.num_rows > 1000
-    assert parquet.metadata.row_group(0).num_rows == 500
-
-    rerun = dag_test(project_copy, airflow_home, {})  # a scheduled run: nothing to apply
-    assert rerun["state"] == "success"
-    assert yaml.safe_load((project_copy / "params.yaml").read_text())["ingest"]["chunk_size"] == 500
-
-
-def test_airflow_run_with_a_bad_param_fails_before_any_stage(project_copy, airflow_home):
-    outcome = dag_test(project_copy, airflow_home, {"ingest.chunk_size": -5})
+    try:
+        result = run(["python", "-c", DAG_TEST_SCRIPT, str(project_copy / "dags"),
+                      json.dumps({"ingest.chunk_size": -5})], project_copy, **env)
+    finally:
+        server.shutdown()
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
     assert outcome["state"] == "failed"
-    assert outcome["tasks"] == {"apply_params": "failed",
+    assert outcome["tasks"] == {"start_run": "failed", "save_run": "upstream_failed", "gate": "upstream_failed",
+                                "promote": "upstream_failed", "not_promoted": "upstream_failed",
                                 **{name: "upstream_failed" for name in STAGES}}
     assert not (project_copy / "data/interim/ingest/records.parquet").exists()
+    # One alert, not one per retry: a bad param is not retried.
+    [alert] = Webhook.received
+    assert alert["task_id"] == "start_run" and alert["dag_id"] == "flywheel_training"
+    assert "ingest.chunk_size" in alert["error"] and "not retried" in alert["error"]

@@ -1,0 +1,129 @@
+"""Airflow for production, with real parts: the metadata database on the PostgreSQL server at
+127.0.0.1:5432, and a real scheduler, dag-processor and api-server (LocalExecutor) started by the
+test. flywheel_training is triggered through the REST API exactly as the UI's trigger button does,
+with a param changed in the form; its worker is killed mid-stage and the retry completes the run;
+the run is recorded as a DVC experiment with the changed param. Then drifted traffic makes
+flywheel_monitoring publish the feedback Asset, and the scheduler runs the training it starts."""
+
+import json
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from pipelines.runs import experiment_name
+from pipelines.sample_data import off_topic_prompts
+from tests.airflow_stack import AirflowStack
+from tests.conftest import commit_all, free_port, git_copy, postgres_database, run
+from tests.helpers import QUICK_TRAINING
+from tests.test_monitor import log_traffic
+
+pytestmark = pytest.mark.slow
+
+STAGES = ("ingest", "clean", "validate", "split", "finetune", "preferences", "reward", "rlhf", "evaluate")
+CHANGED = {"evaluate.test_examples": 50}  # the form field the test changes (1000 in params.yaml)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    root = tmp_path_factory.mktemp("airflow")
+    project = git_copy(root / "project")
+    run(["flywheel", "params", "apply", "--json", json.dumps({
+        **QUICK_TRAINING,
+        "airflow.trigger_params": ["ingest.chunk_size", "finetune.training.epochs", "evaluate.test_examples"],
+        "airflow.retry_delay_s": 1, "monitor.schedule": None,  # the test starts every run itself
+        "monitor.min_prompts": 50, "monitor.max_requests": 400, "monitor.reference_size": 600,
+        "monitor.canaries": 0, "monitor.consistency_prompts": 0})], project)
+    commit_all(project, "quick training for the test")
+    request_log = f"sqlite:///{project / 'data/serving/requests.sqlite'}"
+    with postgres_database("flywheel_airflow") as database:
+        airflow = AirflowStack(project, root / "home", database, free_port(), FLYWHEEL_REQUEST_LOG_URL=request_log)
+        try:
+            yield airflow.start()
+        finally:
+            airflow.stop()
+
+
+def form_defaults(details: dict) -> dict:
+    """The trigger form's fields with the values it shows (params.yaml's)."""
+    return {key: param["value"] for key, param in details["params"].items()}
+
+
+def kill_the_worker_running(stack: AirflowStack, run_id: str, stage: str, timeout: float = 600) -> None:
+    """SIGKILL the task process that runs `stage` (the command it started is orphaned)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if stack.task_instances("flywheel_training", run_id).get(stage, {}).get("state") == "running":
+            command = next((p for p in psutil.process_iter(["cmdline", "cwd"])
+                            if p.info["cmdline"] and p.info["cmdline"][-1] == stage
+                            and "--single-item" in p.info["cmdline"] and p.info["cwd"] == str(stack.project)),
+                           None)
+            if command is not None:
+                time.sleep(3)  # well into the stage
+                os.kill(command.ppid(), signal.SIGKILL)
+                return
+        assert time.monotonic() < deadline, f"{stage} never ran"
+        time.sleep(1)
+
+
+def experiments(project) -> dict[str, dict]:
+    shown = json.loads(run(["dvc", "exp", "show", "--all-commits", "--json"], project).stdout)
+    return {exp["name"]: exp["revs"][0]["data"] for commit in shown for exp in commit.get("experiments") or []}
+
+
+def params_of(experiment: dict) -> dict:
+    return experiment["params"]["params.yaml"]["data"]
+
+
+def test_a_ui_trigger_with_a_changed_param_survives_a_killed_worker_and_is_recorded(stack):
+    details = stack.wait_for_dag("flywheel_training")
+    conf = {**form_defaults(details), **CHANGED}
+    run_id = stack.trigger("flywheel_training", conf)
+    kill_the_worker_running(stack, run_id, "finetune")
+    finished = stack.wait_for_run("flywheel_training", run_id, timeout=1200)
+
+    tasks = stack.task_instances("flywheel_training", run_id)
+    states = {task: ti["state"] for task, ti in tasks.items()}
+    assert finished["state"] == "success", states
+    # A fraction of an epoch makes a poor model: the gate says no, and the run says so, not a crash.
+    assert states == {"start_run": "success", **{stage: "success" for stage in STAGES}, "save_run": "success",
+                      "gate": "success", "promote": "skipped", "not_promoted": "success"}
+    assert tasks["finetune"]["try_number"] == 2  # killed, then retried: DVC re-ran only that stage on
+
+    # The run is a DVC experiment with the form's values; the workspace's params are as before.
+    recorded = experiments(stack.project)[experiment_name(run_id)]
+    assert params_of(recorded)["evaluate"]["test_examples"] == 50
+    assert params_of(recorded)["finetune"]["training"]["epochs"] == QUICK_TRAINING["finetune.training.epochs"]
+    workspace = run(["flywheel", "params", "show"], stack.project).stdout
+    assert json.loads(workspace)["evaluate"]["test_examples"] == QUICK_TRAINING["evaluate.test_examples"]
+    assert any((stack.project / ".dvc-storage").rglob("*"))  # data and models pushed
+    duration = sum(ti["duration"] for ti in tasks.values() if ti["duration"])
+    wall = (time.mktime(time.strptime(finished["end_date"][:19], "%Y-%m-%dT%H:%M:%S"))
+            - time.mktime(time.strptime(finished["start_date"][:19], "%Y-%m-%dT%H:%M:%S")))
+    print(f"\ntraining run: {wall:.0f} s wall, {duration:.0f} s in {len(tasks)} tasks")
+
+
+def test_drifted_traffic_makes_monitoring_start_a_training_run_that_the_scheduler_executes(stack):
+    log_traffic(stack.env["FLYWHEEL_REQUEST_LOG_URL"], off_topic_prompts(200), ["Restart it."] * 200)
+    before = {r["dag_run_id"] for r in stack.runs("flywheel_training")}
+    stack.wait_for_dag("flywheel_monitoring")
+    monitoring = stack.trigger("flywheel_monitoring", {})
+    assert stack.wait_for_run("flywheel_monitoring", monitoring, timeout=600)["state"] == "success"
+    assert stack.task_instances("flywheel_monitoring", monitoring)["new_feedback"]["state"] == "success"
+
+    deadline = time.monotonic() + 120
+    while not (started := [r for r in stack.runs("flywheel_training") if r["dag_run_id"] not in before]):
+        assert time.monotonic() < deadline, "no training run started from the feedback Asset"
+        time.sleep(2)
+    [retraining] = started
+    assert retraining["run_type"] == "asset_triggered"
+    finished = stack.wait_for_run("flywheel_training", retraining["dag_run_id"], timeout=1200)
+    states = {task: ti["state"] for task, ti in
+              stack.task_instances("flywheel_training", retraining["dag_run_id"]).items()}
+    assert finished["state"] == "success", states
+    # The exported feedback is now DVC-tracked data, pinned by the new run's experiment.
+    exported = list((stack.project / "data/raw/feedback").glob("monitor-*.jsonl.dvc"))
+    assert len(exported) == 1
+    assert experiment_name(retraining["dag_run_id"]) in experiments(stack.project)
