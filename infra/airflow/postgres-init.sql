@@ -1,0 +1,2 @@
+-- A second database beside Airflow's: the serving request log flywheel_monitoring reads.
+CREATE DATABASE requests OWNER airflow;
