@@ -13,6 +13,7 @@ running, divided by the tasks that ran: queueing, process start-up, DAG parsing 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -35,7 +36,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch, postgres_database("flywheel_airflow_bench") as database:
         project = git_copy(Path(scratch) / "project")
-        run(["flywheel", "params", "apply", "airflow.schedule=* * * * *", "monitor.schedule=null"], project)
+        run(["flywheel", "params", "apply", "--json",
+             json.dumps({"airflow.schedule": "* * * * *", "monitor.schedule": None})], project)
         commit_all(project, "schedule every minute")
         stack = AirflowStack(project, Path(scratch) / "home", database, free_port()).start()
         try:

@@ -8,7 +8,8 @@ standard library at module level.
                     exited with 2, is one of Flywheel's expected failures (bad params, bad data, a
                     missing engine, a failed validation): the task fails at once, without retries.
                     Anything else (a killed worker, out of memory, a flaky file system) is retried
-                    with exponential backoff.
+                    with exponential backoff; a command a killed worker left running is stopped
+                    before the retry starts.
   alert             the failure callback: an error line in the task log and, when the Airflow
                     Connection `flywheel_alerts` exists, a JSON POST to it (a Slack/Teams/
                     PagerDuty-style webhook: its host, port and schema make the URL).
