@@ -39,7 +39,7 @@ def main() -> None:
         run(["flywheel", "params", "apply", "--json",
              json.dumps({"airflow.schedule": "* * * * *", "monitor.schedule": None})], project)
         commit_all(project, "schedule every minute")
-        stack = AirflowStack(project, Path(scratch) / "home", database, free_port()).start()
+        stack = AirflowStack(project, Path(scratch) / "home", database, free_port(), free_port()).start()
         try:
             stack.wait_for_dag("flywheel_training")
             deadline = time.monotonic() + 180

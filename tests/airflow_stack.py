@@ -5,9 +5,11 @@ as processes of their own (what infra/airflow/docker-compose.yaml runs in contai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -21,7 +23,7 @@ FINISHED = ("success", "failed")
 
 
 class AirflowStack:
-    def __init__(self, project: Path, home: Path, database_url: str, port: int, **extra_env: str):
+    def __init__(self, project: Path, home: Path, database_url: str, port: int, log_port: int, **extra_env: str):
         self.project, self.home, self.port = project, home, port
         self.base = f"http://127.0.0.1:{port}"
         self.password = secrets.token_urlsafe(12)
@@ -45,6 +47,8 @@ class AirflowStack:
             "AIRFLOW__API__BASE_URL": self.base,
             "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            # The scheduler's log server (for the UI) on a port of its own, not the fixed 8793.
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(log_port),
             "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", **extra_env,
         }
         self.processes: dict[str, subprocess.Popen] = {}
@@ -55,8 +59,11 @@ class AirflowStack:
                        check=True, capture_output=True)
         for component in COMPONENTS:
             log = open(self.home / f"{component}.log", "w")
+            # A session each, so stop() ends the component's own children (executor workers,
+            # the log server) with it.
             self.processes[component] = subprocess.Popen([str(BIN / "airflow"), component], cwd=self.project,
-                                                         env=self.env, stdout=log, stderr=subprocess.STDOUT)
+                                                         env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                                         start_new_session=True)
         deadline = time.monotonic() + timeout
         while not self._answers():
             for component, process in self.processes.items():
@@ -76,12 +83,14 @@ class AirflowStack:
 
     def stop(self) -> None:
         for process in self.processes.values():
-            process.terminate()
+            os.killpg(process.pid, signal.SIGTERM)
         for process in self.processes.values():
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                process.kill()
+                pass
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
 
     def log(self, component: str) -> str:
         path = self.home / f"{component}.log"

@@ -39,7 +39,8 @@ def stack(tmp_path_factory):
     commit_all(project, "quick training for the test")
     request_log = f"sqlite:///{project / 'data/serving/requests.sqlite'}"
     with postgres_database("flywheel_airflow") as database:
-        airflow = AirflowStack(project, root / "home", database, free_port(), FLYWHEEL_REQUEST_LOG_URL=request_log)
+        airflow = AirflowStack(project, root / "home", database, free_port(), free_port(),
+                               FLYWHEEL_REQUEST_LOG_URL=request_log)
         try:
             yield airflow.start()
         finally:
