@@ -34,8 +34,10 @@ from pipelines.io import atomic_path
 PARAMS = Path("params.yaml")
 PARAMS_BEFORE_RUN = Path(".dvc/tmp/flywheel/params.before-run.yaml")
 # What a run changes besides params.yaml; files here that git does not track yet (a new plot, a
-# new report page, the .dvc file of a feedback export) go into the experiment's commit.
-RUN_OUTPUTS = ("dvc.lock", "metrics", "dvclive", "reports", "data/raw")
+# new report page) go into the experiment's commit.
+RUN_OUTPUTS = ("dvc.lock", "metrics", "dvclive", "reports")
+# Raw data goes in as its DVC pointers only (the data itself to the DVC remote, never into git).
+DATA_POINTERS = (".dvc", ".gitignore")
 
 
 def experiment_name(run_id: str) -> str:
@@ -112,7 +114,9 @@ def _default_remote() -> str | None:
 def save(name: str, conf: dict) -> dict:
     """Record the workspace as experiment `name`, push its data and models, restore params."""
     message = f"Airflow run {name}" + (f": conf {json.dumps(conf, sort_keys=True)}" if conf else "")
-    include = [arg for path in _untracked(RUN_OUTPUTS) for arg in ("--include-untracked", path)]
+    untracked = _untracked(RUN_OUTPUTS) + [path for path in _untracked(("data/raw",))
+                                           if path.endswith(DATA_POINTERS)]
+    include = [arg for path in untracked for arg in ("--include-untracked", path)]
     _run("dvc", "exp", "save", "--force", "--name", name, "--message", message, *include)
     commit = _experiment_commit(name)
     remote = _default_remote()

@@ -93,7 +93,11 @@ def test_a_run_is_an_experiment_with_its_own_params_its_data_pushed_and_restorab
     recorded = experiments[EXPERIMENT]["revs"][0]["data"]
     assert recorded["params"]["params.yaml"]["data"]["evaluate"]["test_examples"] == 7
     commit = recorded["rev"]
-    assert "dvc.lock" in git(repo, "show", "--name-only", "--format=%B", commit)
+    committed = git(repo, "show", "--name-only", "--format=", commit).split()
+    assert "dvc.lock" in committed
+    # The export is pinned by its DVC pointer; the data itself went to the remote, not into git.
+    assert "data/raw/feedback/monitor-20261122T090000Z.jsonl.dvc" in committed
+    assert "data/raw/feedback/monitor-20261122T090000Z.jsonl" not in committed
     assert '"evaluate.test_examples": 7' in git(repo, "log", "-1", "--format=%B", commit)
     # Its data and model reached the remote: a clone with an empty cache gets them back.
     assert any((repo / ".dvc-storage").rglob("*"))
