@@ -149,7 +149,7 @@ def chance_auc(n_reference: int, n_current: int, p_value: float) -> float:
     samples come from one distribution the held-out AUC is the Mann-Whitney statistic of
     exchangeable scores: mean 0.5, variance (n1 + n2 + 1) / (12 n1 n2) for the n1 reference and
     n2 current prompts in that half. So the threshold adapts to the window: a fixed AUC cut-off
-    would be too strict for large windows and would fire by chance on small ones.
+    would miss modest but real drift in large windows and fire by chance on small ones.
     """
     import numpy as np
     from scipy.stats import norm
