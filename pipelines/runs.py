@@ -59,7 +59,8 @@ def _untracked(paths: tuple[str, ...]) -> list[str]:
     present = [path for path in paths if Path(path).exists()]
     if not present:
         return []
-    return _run("git", "ls-files", "--others", "--exclude-standard", "--", *present).split()
+    listed = _run("git", "ls-files", "-z", "--others", "--exclude-standard", "--", *present)
+    return [path for path in listed.split("\0") if path]
 
 
 def restore_params() -> bool:
