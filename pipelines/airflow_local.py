@@ -52,7 +52,7 @@ def admin_password(home: Path) -> str:
     return password
 
 
-def _airflow(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> list[str]:
+def _airflow(*args: str) -> list[str]:
     # The airflow next to this interpreter, so an un-activated .venv/bin/flywheel works too.
     airflow = Path(sys.executable).with_name("airflow")
     if not airflow.exists():

@@ -138,8 +138,9 @@ def register(root: Path = Path("."), commit: bool = False, ref: str = "HEAD") ->
     if gate is None:
         raise FlywheelError(f"{GATE_FILE} is not committed at {ref}: run `dvc repro evaluate`, then "
                             f"commit the run (git add dvc.lock metrics && git commit)")
-    pending = _git(repo, "status", "--porcelain", "--", "dvc.lock", "metrics").strip()
-    if ref == "HEAD" and pending:
+    # An experiment's commit is complete by construction; HEAD may have the run uncommitted.
+    pending = ref == "HEAD" and _git(repo, "status", "--porcelain", "--", "dvc.lock", "metrics").strip()
+    if pending:
         raise FlywheelError("the evaluated run is not committed (dvc.lock or metrics/ changed "
                             "since HEAD): commit it first, so the version pins what was evaluated\n"
                             + pending)

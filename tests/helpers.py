@@ -12,7 +12,7 @@ import yaml
 
 from pipelines.config import parse_params
 from pipelines.records import RECORD_SCHEMA, content_id
-from tests.conftest import REPO
+from tests.conftest import REPO, run
 
 
 def record(prompt: str, response: str, *, context: str | None = None, source: str = "test") -> dict:
@@ -45,3 +45,10 @@ QUICK_TRAINING = {"finetune.training.epochs": 0.2, "finetune.training.eval_examp
                   "preferences.on_policy.prompts": 40, "rlhf.reward_model.training.epochs": 0.2,
                   "rlhf.dpo.training.epochs": 0.2, "rlhf.eval_examples": 10,
                   "evaluate.test_examples": 100, "evaluate.consistency.prompts": 10}
+
+
+def experiments(project: Path) -> dict[str, dict]:
+    """What `dvc exp show --all-commits` lists: each experiment's name -> its recorded data
+    (params, metrics, rev)."""
+    shown = json.loads(run(["dvc", "exp", "show", "--all-commits", "--json"], project).stdout)
+    return {exp["name"]: exp["revs"][0]["data"] for commit in shown for exp in commit.get("experiments") or []}

@@ -17,7 +17,7 @@ from pipelines.runs import experiment_name
 from pipelines.sample_data import off_topic_prompts
 from tests.airflow_stack import AirflowStack
 from tests.conftest import commit_all, free_port, git_copy, postgres_database, run
-from tests.helpers import QUICK_TRAINING
+from tests.helpers import QUICK_TRAINING, experiments
 from tests.test_monitor import log_traffic
 
 pytestmark = pytest.mark.slow
@@ -67,11 +67,6 @@ def kill_the_worker_running(stack: AirflowStack, run_id: str, stage: str, timeou
                 return
         assert time.monotonic() < deadline, f"{stage} never ran"
         time.sleep(1)
-
-
-def experiments(project) -> dict[str, dict]:
-    shown = json.loads(run(["dvc", "exp", "show", "--all-commits", "--json"], project).stdout)
-    return {exp["name"]: exp["revs"][0]["data"] for commit in shown for exp in commit.get("experiments") or []}
 
 
 def params_of(experiment: dict) -> dict:

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from tests.conftest import BIN, REPO, run
+from tests.helpers import experiments
 
 FLYWHEEL = str(BIN / "flywheel")
 RUN_ID = "manual__2026-11-22T10:00:00.123456+00:00"
@@ -88,9 +89,7 @@ def test_a_run_is_an_experiment_with_its_own_params_its_data_pushed_and_restorab
 
     # The override was for that run only; the run is listed with it.
     assert examples_param(repo) == 1000
-    shown = json.loads(run(["dvc", "exp", "show", "--all-commits", "--json"], repo).stdout)
-    experiments = {exp["name"]: exp for commit in shown for exp in commit.get("experiments") or []}
-    recorded = experiments[EXPERIMENT]["revs"][0]["data"]
+    recorded = experiments(repo)[EXPERIMENT]
     assert recorded["params"]["params.yaml"]["data"]["evaluate"]["test_examples"] == 7
     commit = recorded["rev"]
     committed = git(repo, "show", "--name-only", "--format=", commit).split()
