@@ -32,7 +32,7 @@ from math import comb  # noqa: E402
 import numpy as np  # noqa: E402
 import scipy.sparse.csgraph  # noqa: E402,F401  (imported up front: neither side pays for it)
 
-from pipelines import minhash  # noqa: E402
+from flywheel.data import minhash  # noqa: E402
 
 SETTINGS = minhash.MinHashSettings(shingle_size=3, num_perm=128, bands=32, rows=4, threshold=0.7, seed=1)
 # Per word: substitute, insert after, delete; per document: swap two adjacent 10-word passages.

@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines import hallucination  # noqa: E402
-from pipelines.config import load_params  # noqa: E402
-from pipelines.finetune import load_split  # noqa: E402
+from flywheel.evaluation import hallucination  # noqa: E402
+from flywheel.config import load_params  # noqa: E402
+from flywheel.training.finetune import load_split  # noqa: E402
 
 
 def references(args) -> list[dict]:

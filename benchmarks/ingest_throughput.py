@@ -53,7 +53,7 @@ def main() -> None:
             "      kind: pair\n      fields: {prompt: question, response: answer}\n")
 
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "pipelines", "ingest"], cwd=root, check=True,
+        subprocess.run([sys.executable, "-m", "flywheel", "ingest"], cwd=root, check=True,
                        stdout=subprocess.DEVNULL)
         elapsed = time.perf_counter() - started
         peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024

@@ -35,12 +35,12 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines import monitor  # noqa: E402
-from pipelines.config import load_params  # noqa: E402
-from pipelines.hallucination import load_embedder  # noqa: E402
-from pipelines.modeling import record_messages  # noqa: E402
-from pipelines.request_log import RequestLog  # noqa: E402
-from pipelines.sample_data import off_topic_prompts  # noqa: E402
+from flywheel.monitoring import monitor  # noqa: E402
+from flywheel.config import load_params  # noqa: E402
+from flywheel.evaluation.hallucination import load_embedder  # noqa: E402
+from flywheel.modeling import record_messages  # noqa: E402
+from flywheel.serving.request_log import RequestLog  # noqa: E402
+from flywheel.data.sample import off_topic_prompts  # noqa: E402
 
 
 class CachedEmbedder:

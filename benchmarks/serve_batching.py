@@ -23,7 +23,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.request_log import RequestLog  # noqa: E402
+from flywheel.serving.request_log import RequestLog  # noqa: E402
 
 PHRASES = ["red cat", "big dog", "old house", "blue sea", "green tree", "small bird", "hot bread",
            "new book", "white horse", "cold water"]

@@ -44,8 +44,8 @@ def train_once(examples: list[dict], packing: bool, max_length: int, batch_size:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from pipelines import modeling
-    from pipelines.config import TinyModelParams
+    from flywheel import modeling
+    from flywheel.config import TinyModelParams
 
     tokenizer = modeling.train_tokenizer((m["content"] for e in examples for m in e["messages"]), 1024)
     model = modeling.build_tiny_model(tokenizer, TinyModelParams(), seed=0)

@@ -10,7 +10,7 @@
                     this starts exactly one retraining run (it shows "triggered by asset")
 
 Schedule: monitor.schedule in params.yaml. Cheap to parse: Airflow, PyYAML and
-pipelines.airflow_tasks (standard library only).
+flywheel.orchestration.airflow_tasks (standard library only).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import yaml
 from airflow.providers.standard.operators.python import PythonOperator, ShortCircuitOperator
 from airflow.sdk import DAG
 
-from pipelines.airflow_tasks import (FlywheelCommand, alert, feedback_asset, flywheel, project_dir,
+from flywheel.orchestration.airflow_tasks import (FlywheelCommand, alert, feedback_asset, flywheel, project_dir,
                                      publish_feedback, retraining_asked)
 
 PROJECT = project_dir(__file__)

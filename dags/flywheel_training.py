@@ -19,10 +19,10 @@ Scheduled by airflow.schedule (cron, in params.yaml) and by the flywheel_feedbac
 flywheel_monitoring publishes when it exports feedback for retraining. Runs never overlap: one
 workspace, one DVC lock. Transient failures are retried with backoff; Flywheel's expected
 failures (exit 2: bad params, bad data, failed validation) fail at once; every final failure
-calls pipelines.airflow_tasks.alert.
+calls flywheel.orchestration.airflow_tasks.alert.
 
-Cheap to parse: besides Airflow it imports PyYAML, pipelines.dvc_graph and
-pipelines.airflow_tasks (standard library only); no stage code, torch or pandas.
+Cheap to parse: besides Airflow it imports PyYAML, flywheel.orchestration.dvc_graph and
+flywheel.orchestration.airflow_tasks (standard library only); no stage code, torch or pandas.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.providers.standard.operators.python import BranchPythonOperator
 from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param
 
-from pipelines.airflow_tasks import (FlywheelCommand, alert, feedback_asset, flywheel, gate_branch, project_dir,
+from flywheel.orchestration.airflow_tasks import (FlywheelCommand, alert, feedback_asset, flywheel, gate_branch, project_dir,
                                      stage_command)
-from pipelines.dvc_graph import load_stages, upstream_of
+from flywheel.orchestration.dvc_graph import load_stages, upstream_of
 
 PROJECT = project_dir(__file__)
 JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
@@ -44,7 +44,7 @@ RUN_CONF = "{{ (dag_run.conf or {}) | tojson }}"
 
 
 def _get(data: dict, dotted: str):
-    # pipelines.config.get_dotted does this too, but importing it would load the stage stack.
+    # flywheel.config.get_dotted does this too, but importing it would load the stage stack.
     for part in dotted.split("."):
         data = data[part]
     return data

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.deploy import free_port  # noqa: F401 - tests import it from here
+from flywheel.release.deploy import free_port  # noqa: F401 - tests import it from here
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -94,8 +94,10 @@ def project_copy(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def sample_project(tmp_path_factory) -> Path:
     """The bundled sample (raw data, feedback export) ingested, cleaned and split, once per session."""
-    from pipelines import clean, ingest, split
-    from pipelines.config import load_params
+    from flywheel.data import clean
+    from flywheel.data import ingest
+    from flywheel.data import split
+    from flywheel.config import load_params
 
     root = tmp_path_factory.mktemp("sample")
     shutil.copytree(REPO / "data/raw", root / "data/raw")

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from pipelines.config import parse_params
-from pipelines.records import RECORD_SCHEMA, content_id
+from flywheel.config import parse_params
+from flywheel.data.records import RECORD_SCHEMA, content_id
 from tests.conftest import REPO, run
 
 

@@ -13,8 +13,8 @@ import time
 import psutil
 import pytest
 
-from pipelines.runs import experiment_name
-from pipelines.sample_data import off_topic_prompts
+from flywheel.orchestration.runs import experiment_name
+from flywheel.data.sample import off_topic_prompts
 from tests.airflow_stack import AirflowStack
 from tests.conftest import commit_all, free_port, git_copy, postgres_database, run
 from tests.helpers import QUICK_TRAINING, experiments

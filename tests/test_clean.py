@@ -2,8 +2,8 @@ import time
 
 import pytest
 
-from pipelines import clean
-from pipelines.errors import FlywheelError
+from flywheel.data import clean
+from flywheel.errors import FlywheelError
 from tests.helpers import read_rows, record, repo_params, write_records
 
 NOTE = ("Meeting with Alice about the budget project on Monday. The slides still need a section on "

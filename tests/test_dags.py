@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from pipelines.dvc_graph import load_stages, upstream_of
+from flywheel.orchestration.dvc_graph import load_stages, upstream_of
 from tests.conftest import REPO, run
 
 HEAVY_MODULES = ("torch", "transformers", "pandas", "trl", "deepspeed", "great_expectations",

@@ -8,10 +8,12 @@ import subprocess
 import pytest
 import yaml
 
-from pipelines import evaluate, hallucination, scoring
-from pipelines.config import GateParams, TinyModelParams, load_params, parse_params
-from pipelines.errors import ParamsError
-from pipelines.finetune import load_split
+from flywheel.evaluation import evaluate
+from flywheel.evaluation import hallucination
+from flywheel.evaluation import scoring
+from flywheel.config import GateParams, TinyModelParams, load_params, parse_params
+from flywheel.errors import ParamsError
+from flywheel.training.finetune import load_split
 from tests.conftest import BIN, REPO, run
 
 # ---------------------------------------------------------------------------------------------
@@ -126,7 +128,7 @@ def _project(trained_sft, tmp_path, *, candidate: str, production: str | None = 
     else:
         from transformers import AutoTokenizer
 
-        from pipelines.modeling import build_tiny_model
+        from flywheel.modeling import build_tiny_model
 
         tokenizer = AutoTokenizer.from_pretrained(sft)
         build_tiny_model(tokenizer, TinyModelParams(), seed=1).save_pretrained(root / "models/aligned")

@@ -9,9 +9,11 @@ import time
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipelines import distributed, finetune, modeling
-from pipelines.config import parse_params
-from pipelines.errors import FlywheelError
+from flywheel.training import distributed
+from flywheel.training import finetune
+from flywheel import modeling
+from flywheel.config import parse_params
+from flywheel.errors import FlywheelError
 from tests.conftest import BIN, project_with, run, subprocess_env
 
 pytestmark = pytest.mark.slow
@@ -81,7 +83,7 @@ def test_deepspeed_zero2_through_the_launcher_on_cpu(sample_splits, tmp_path):
         "distributed.deepspeed_config": "infra/deepspeed/zero2.json"})
     result = flywheel_finetune(root)
     assert "launching:" in result.stdout
-    assert "deepspeed --no_local_rank --num_gpus 1 --module pipelines" in result.stdout
+    assert "deepspeed --no_local_rank --num_gpus 1 --module flywheel" in result.stdout
     metrics = metrics_of(root)
     assert (metrics["engine"], metrics["zero_stage"], metrics["world_size"]) == ("DeepSpeedEngine", 2, 1)
     assert metrics["steps"] > 0
@@ -139,9 +141,9 @@ def test_multi_node_launch_commands():
                                   "deepspeed_config": "infra/deepspeed/zero3.json"}}})
     command = distributed.launch_command(deepspeed.finetune.distributed, "params.yaml", "finetune")
     assert command[1:] == ["--no_local_rank", "--num_gpus", "8", "--num_nodes", "2", "--hostfile", "infra/deepspeed/hostfile",
-                           "--module", "pipelines", "--params", "params.yaml", "finetune"]
+                           "--module", "flywheel", "--params", "params.yaml", "finetune"]
     accelerate = deepspeed.finetune.distributed.model_copy(update={"launcher": "accelerate"})
     command = distributed.launch_command(accelerate, "params.yaml", "rlhf")
     assert command[1:] == ["launch", "--num_processes", "16", "--num_machines", "2", "--use_deepspeed",
-                           "--deepspeed_config_file", "infra/deepspeed/zero3.json", "-m", "pipelines",
+                           "--deepspeed_config_file", "infra/deepspeed/zero3.json", "-m", "flywheel",
                            "--params", "params.yaml", "rlhf"]

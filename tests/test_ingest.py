@@ -6,9 +6,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import ingest
-from pipelines.config import parse_params
-from pipelines.errors import FlywheelError
+from flywheel.data import ingest
+from flywheel.config import parse_params
+from flywheel.errors import FlywheelError
 
 
 def make_params(*sources: dict, chunk_size: int = 2):
@@ -206,7 +206,7 @@ def test_empty_source_file_writes_empty_outputs_with_schema(tmp_path):
 
 def test_bundled_sample_exercises_every_quarantine_path():
     """The committed sample: counts add up and the planted problems are all caught."""
-    from pipelines.config import load_params
+    from flywheel.config import load_params
     from tests.conftest import REPO
 
     metrics = ingest.run(load_params(REPO / "params.yaml"), root=_copy_sample(REPO))

@@ -14,9 +14,9 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.modeling import record_messages
-from pipelines.request_log import RequestLog
-from pipelines.sample_data import off_topic_prompts
+from flywheel.modeling import record_messages
+from flywheel.serving.request_log import RequestLog
+from flywheel.data.sample import off_topic_prompts
 from tests.conftest import BIN, REPO, free_port, run, subprocess_env, wait_until_ready
 
 FLYWHEEL = str(BIN / "flywheel")

@@ -2,8 +2,8 @@
 import pytest
 import yaml
 
-from pipelines.config import apply_overrides, load_params, parse_params
-from pipelines.errors import ParamsError
+from flywheel.config import apply_overrides, load_params, parse_params
+from flywheel.errors import ParamsError
 from tests.conftest import BIN, REPO, run
 
 

@@ -3,7 +3,7 @@ survive untouched (precision)."""
 
 import pytest
 
-from pipelines.pii import find_pii, luhn_valid, redact
+from flywheel.pii import find_pii, luhn_valid, redact
 
 POSITIVES = [
     ("email", "write to jane.doe+news@mail.example.co.uk today"),

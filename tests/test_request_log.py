@@ -6,9 +6,9 @@ import threading
 
 import pytest
 
-from pipelines.errors import FlywheelError
-from pipelines.preferences import parse_feedback
-from pipelines.request_log import FeedbackError, RequestLog
+from flywheel.errors import FlywheelError
+from flywheel.training.preferences import parse_feedback
+from flywheel.serving.request_log import FeedbackError, RequestLog
 from tests.conftest import BIN, postgres_database, run
 
 @pytest.fixture

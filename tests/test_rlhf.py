@@ -8,9 +8,12 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoModelForCausalLM
 
-from pipelines import modeling, preferences, reward, rlhf
-from pipelines.config import PreferencesParams
-from pipelines.records import Rejected
+from flywheel import modeling
+from flywheel.training import preferences
+from flywheel.training import reward
+from flywheel.training import rlhf
+from flywheel.config import PreferencesParams
+from flywheel.data.records import Rejected
 from tests.conftest import BIN, copy_project, run
 
 pytestmark = pytest.mark.slow

@@ -2,7 +2,7 @@ import gzip
 
 import pyarrow.parquet as pq
 
-from pipelines.sample_data import write_sample
+from flywheel.data.sample import write_sample
 from tests.conftest import REPO
 
 SAMPLE = REPO / "data/raw/sample"

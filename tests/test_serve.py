@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from pipelines.request_log import RequestLog
+from flywheel.serving.request_log import RequestLog
 from tests.conftest import BIN, REPO, free_port, postgres_database, run, subprocess_env, wait_until_ready
 
 openai = pytest.importorskip("openai")

@@ -1,7 +1,7 @@
 import random
 from collections import Counter
 
-from pipelines import split
+from flywheel.data import split
 from tests.helpers import read_rows, record, repo_params, write_records
 
 def distinct_records(count: int) -> list[dict]:

@@ -2,7 +2,8 @@ import random
 
 import numpy as np
 
-from pipelines import minhash, text
+from flywheel.data import minhash
+from flywheel import text
 
 
 def test_normalize():

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from pipelines import validate
-from pipelines.errors import StageFailed
+from flywheel.data import validate
+from flywheel.errors import StageFailed
 from tests.helpers import record, repo_params, write_records
 
 

@@ -1,0 +1,652 @@
+"""Typed params: params.yaml is loaded into pydantic models, one section per stage.
+
+An unknown key, a wrong type or a missing file raises ParamsError with one message that names the
+key or the file; nothing downstream ever sees an unchecked value.
+"""
+
+from __future__ import annotations
+
+import io
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
+
+from flywheel.errors import ParamsError
+from flywheel.io import atomic_path
+
+PARAMS_FILE = "params.yaml"
+RAW_DIR = "data/raw"
+
+
+def glob_under_raw_dir(path: str) -> str:
+    # DVC tracks data/raw as a stage dependency; input elsewhere would be read without DVC
+    # noticing when it changes.
+    if not path.startswith(f"{RAW_DIR}/") or ".." in Path(path).parts:
+        raise ValueError(f"must be a glob under {RAW_DIR}/ (got {path!r})")
+    return path
+
+
+class _Section(BaseModel):
+    # extra="forbid" is what turns a typo in params.yaml into an error instead of a silent default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+SourceKind = Literal["pair", "messages", "transcript", "preference"]
+SourceFormat = Literal["auto", "jsonl", "json", "csv", "parquet"]
+
+# For each kind of source: the canonical roles it must fill and the ones it may fill.
+# `fields` in a source maps a role to the field name in the raw records (default: the role's name).
+SOURCE_ROLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "pair": (("prompt", "response"), ("context", "system")),
+    "messages": (("messages",), ()),
+    "transcript": (("text",), ("system",)),
+    # Without a `prompt` role, chosen and rejected are whole Human:/Assistant: transcripts.
+    "preference": (("chosen", "rejected"), ("prompt", "context", "system")),
+}
+
+
+class SourceParams(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    path: str = Field(description="glob relative to the project root, under data/raw/")
+    kind: SourceKind
+    format: SourceFormat = "auto"
+    fields: dict[str, str] = Field(default_factory=dict)
+    license: str = "unknown"
+
+    @field_validator("path")
+    @classmethod
+    def _under_raw_dir(cls, path: str) -> str:
+        return glob_under_raw_dir(path)
+
+    @model_validator(mode="after")
+    def _fields_fit_kind(self) -> SourceParams:
+        required, optional = SOURCE_ROLES[self.kind]
+        unknown = set(self.fields) - set(required) - set(optional)
+        if unknown:
+            allowed = ", ".join(required + optional)
+            raise ValueError(
+                f"fields {sorted(unknown)} do not apply to kind {self.kind!r} (allowed: {allowed})"
+            )
+        return self
+
+    @cached_property
+    def role_fields(self) -> dict[str, str]:
+        """Role -> raw field name, for every role this source fills (computed once: hot path)."""
+        required, optional = SOURCE_ROLES[self.kind]
+        mapping = {role: self.fields.get(role, role) for role in required}
+        for role in optional:
+            # preference: an unmapped prompt means the pairs are whole transcripts
+            if role in self.fields or self.kind != "preference":
+                mapping[role] = self.fields.get(role, role)
+        return mapping
+
+    def field_for(self, role: str) -> str | None:
+        """The raw field name that fills `role`, or None if this source does not fill it."""
+        return self.role_fields.get(role)
+
+
+class IngestParams(_Section):
+    sources: list[SourceParams] = Field(min_length=1)
+    chunk_size: int = Field(default=10_000, ge=1, description="records per Parquet row group")
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, sources: list[SourceParams]) -> list[SourceParams]:
+        names = [s.name for s in sources]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"source names must be unique; repeated: {duplicates}")
+        return sources
+
+
+class QualityFilterParams(_Section):
+    """Each filter removes a record with a reason named after it (see flywheel/data/clean.py)."""
+
+    min_prompt_chars: int = Field(default=1, ge=0)
+    min_response_chars: int = Field(default=1, ge=0)
+    max_chars: int = Field(default=20_000, ge=1, description="prompt + context + response")
+    max_duplicate_line_fraction: float = Field(default=0.3, ge=0, le=1)
+    repeated_ngram_size: int = Field(default=3, ge=1)
+    max_repeated_ngram_char_fraction: float = Field(default=0.3, ge=0, le=1)
+    max_symbol_word_ratio: float = Field(default=0.3, ge=0, le=1)
+    max_non_alpha_ratio: float = Field(default=0.6, ge=0, le=1)
+    max_pii_token_fraction: float = Field(default=0.5, ge=0, le=1)
+
+
+class MinHashParams(_Section):
+    shingle_size: int = Field(default=3, ge=1, description="words per shingle")
+    num_perm: int = Field(default=128, ge=8)
+    bands: int = Field(default=32, ge=1)
+    rows: int = Field(default=4, ge=1)
+    threshold: float = Field(default=0.7, gt=0, le=1, description="estimated Jaccard similarity")
+    seed: int = 1
+
+    @model_validator(mode="after")
+    def _bands_fit(self) -> MinHashParams:
+        if self.bands * self.rows > self.num_perm:
+            raise ValueError(f"bands * rows ({self.bands} * {self.rows}) exceeds num_perm "
+                             f"({self.num_perm})")
+        return self
+
+
+class DedupParams(_Section):
+    exact: bool = True
+    near: bool = True
+    minhash: MinHashParams = Field(default_factory=MinHashParams)
+
+
+class CleanParams(_Section):
+    strip_markup: bool = True
+    redact_pii: bool = True
+    filters: QualityFilterParams = Field(default_factory=QualityFilterParams)
+    dedup: DedupParams = Field(default_factory=DedupParams)
+    batch_size: int = Field(default=10_000, ge=1, description="records per batch (bounds memory)")
+
+
+Severity = Literal["critical", "warning"]
+
+
+class ValidateParams(_Section):
+    """The Great Expectations suite run on the cleaned records; each check has a severity."""
+
+    columns: list[str] = Field(default_factory=lambda: [
+        "id", "prompt", "response", "context", "system", "source", "license", "ingested_at",
+        "metadata"])
+    not_null: list[str] = Field(default_factory=lambda: ["id", "prompt", "response", "source"])
+    unique: list[str] = Field(default_factory=lambda: ["id"])
+    lengths: dict[str, tuple[int, int]] = Field(
+        default_factory=lambda: {"prompt": (1, 20_000), "response": (1, 20_000)})
+    no_pii_in: list[str] = Field(default_factory=lambda: ["prompt", "response", "context"])
+    row_count: tuple[int, int] = (1, 100_000_000)
+    min_unique_prompt_share: float = Field(default=0.5, ge=0, le=1)
+    severity: dict[str, Severity] = Field(
+        default_factory=dict,
+        description="override a check's severity: columns, not_null, unique, lengths, no_pii, "
+                    "row_count, unique_prompt_share")
+    failed_rows_shown: int = Field(default=5, ge=0)
+
+    @field_validator("severity")
+    @classmethod
+    def _known_checks(cls, severity: dict[str, str]) -> dict[str, str]:
+        unknown = set(severity) - set(VALIDATE_CHECKS)
+        if unknown:
+            raise ValueError(f"unknown checks {sorted(unknown)}; known: {list(VALIDATE_CHECKS)}")
+        return severity
+
+    def severity_of(self, check: str) -> str:
+        return self.severity.get(check, VALIDATE_CHECKS[check])
+
+
+# Default severity of each validation check.
+VALIDATE_CHECKS = {"columns": "critical", "not_null": "critical", "unique": "critical",
+                   "lengths": "critical", "no_pii": "critical", "row_count": "critical",
+                   "unique_prompt_share": "warning"}
+
+
+class SplitParams(_Section):
+    fractions: dict[Literal["train", "eval", "test"], float] = Field(
+        default_factory=lambda: {"train": 0.8, "eval": 0.1, "test": 0.1})
+    salt: str = Field(default="flywheel", description="changes the assignment when changed")
+    decontaminate_exact: bool = True
+    decontaminate_near: bool = True
+    decontamination_threshold: float = Field(default=0.7, gt=0, le=1)
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions_sum_to_one(cls, fractions: dict[str, float]) -> dict[str, float]:
+        if set(fractions) != {"train", "eval", "test"}:
+            raise ValueError("needs train, eval and test")
+        if any(value < 0 for value in fractions.values()) or abs(sum(fractions.values()) - 1) > 1e-9:
+            raise ValueError(f"must be non-negative and sum to 1 (got {fractions})")
+        return fractions
+
+
+class TinyModelParams(_Section):
+    """A small Llama built from config, for demos and tests (no download)."""
+
+    hidden_size: int = Field(default=128, ge=8)
+    intermediate_size: int = Field(default=384, ge=8)
+    num_layers: int = Field(default=3, ge=1)
+    num_heads: int = Field(default=4, ge=1)
+    vocab_size: int = Field(default=1024, ge=300, description="BPE vocabulary trained on train data")
+    max_position_embeddings: int = Field(default=512, ge=16)
+
+
+class LoraParams(_Section):
+    r: int = Field(default=16, ge=1)
+    alpha: int = Field(default=32, ge=1)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    merge: bool = Field(default=True, description="merge the adapter into the weights for serving")
+
+
+class TrainingParams(_Section):
+    epochs: float = Field(default=12, gt=0)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    batch_size: int = Field(default=1, ge=1, description="rows per device step (packed rows when packing)")
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    max_length: int = Field(default=256, ge=16, description="tokens per row; with packing, per packed row")
+    packing: bool = True
+    seed: int = 0
+    save_steps: int = Field(default=500, ge=1, description="checkpoint every N optimizer steps")
+    logging_steps: int = Field(default=50, ge=1)
+    eval_examples: int = Field(default=200, ge=0, description="held-out prompts decoded for exact match")
+    max_new_tokens: int = Field(default=32, ge=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+
+class DistributedParams(_Section):
+    launcher: Literal["none", "deepspeed", "accelerate"] = "none"
+    num_gpus: int = Field(default=0, ge=0, description="GPUs per node; 0 trains on the CPU")
+    num_nodes: int = Field(default=1, ge=1)
+    hostfile: str | None = Field(default=None, description="DeepSpeed hostfile, for several nodes")
+    deepspeed_config: str | None = Field(default=None, description="e.g. infra/deepspeed/zero2.json")
+
+    @model_validator(mode="after")
+    def _launcher_fits(self) -> DistributedParams:
+        if self.launcher == "none" and (self.num_gpus > 1 or self.num_nodes > 1):
+            raise ValueError("several GPUs or nodes need launcher: deepspeed or accelerate")
+        if self.num_nodes > 1 and not self.hostfile and self.launcher == "deepspeed":
+            raise ValueError("several nodes with deepspeed need a hostfile")
+        return self
+
+
+class FinetuneParams(_Section):
+    base_model: str = Field(default="tiny", description="'tiny', a hub id, or a local model directory")
+    tiny: TinyModelParams = Field(default_factory=TinyModelParams)
+    method: Literal["full", "lora"] = "full"
+    lora: LoraParams = Field(default_factory=LoraParams)
+    training: TrainingParams = Field(default_factory=TrainingParams)
+    distributed: DistributedParams = Field(default_factory=DistributedParams)
+
+
+class OnPolicyParams(_Section):
+    """Pairs from the SFT model's own samples, judged against train references."""
+
+    prompts: int = Field(default=300, ge=0, description="train prompts to sample; 0 turns this off")
+    samples: int = Field(default=4, ge=2, description="answers sampled per prompt")
+    temperature: float = Field(default=1.0, gt=0)
+    max_new_tokens: int = Field(default=32, ge=1)
+    seed: int = 0
+
+
+class PreferencesParams(_Section):
+    feedback: str = Field(default=f"{RAW_DIR}/feedback/*.jsonl",
+                          description="glob of feedback exports from `flywheel serve`")
+    on_policy: OnPolicyParams = Field(default_factory=OnPolicyParams)
+    redact_pii: bool = True
+    max_chars: int = Field(default=20_000, ge=1, description="prompt + context + longer response")
+    eval_fraction: float = Field(default=0.1, ge=0, lt=1, description="held-out pairs, by prompt")
+    salt: str = "flywheel"
+    decontaminate: bool = Field(default=True, description="drop pairs whose prompt is an SFT eval/test prompt")
+
+    @field_validator("feedback")
+    @classmethod
+    def _feedback_under_raw_dir(cls, path: str) -> str:
+        return glob_under_raw_dir(path)
+
+
+class AlignTrainingParams(_Section):
+    """Training knobs shared by the reward model and the policy."""
+
+    epochs: float = Field(default=3, gt=0)
+    learning_rate: float = Field(default=5e-4, gt=0)
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
+    batch_size: int = Field(default=8, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    max_length: int = Field(default=256, ge=16)
+    seed: int = 0
+    logging_steps: int = Field(default=10, ge=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+
+class RewardModelParams(_Section):
+    training: AlignTrainingParams = Field(default_factory=AlignTrainingParams)
+    center_rewards_coefficient: float | None = Field(
+        default=0.01, ge=0, description="keeps rewards centred on zero (Eisenstein et al.)")
+
+
+DpoLossType = Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair",
+                      "apo_zero", "apo_down", "sigmoid_norm", "sft"]
+
+
+class DpoParams(_Section):
+    beta: float = Field(default=0.1, gt=0, description="higher: stay closer to the reference")
+    loss_type: list[DpoLossType] = Field(default_factory=lambda: ["sigmoid", "sft"], min_length=1)
+    loss_weights: list[float] | None = Field(default=None, description="one per loss type; default all 1")
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5, description="robust DPO: share of flipped labels")
+    reference_model: str = Field(default="sft", description="'sft' (the model being aligned) or a model dir")
+    training: AlignTrainingParams = Field(default_factory=AlignTrainingParams)
+
+    @model_validator(mode="after")
+    def _one_weight_per_loss(self) -> DpoParams:
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(f"loss_weights has {len(self.loss_weights)} values for "
+                             f"{len(self.loss_type)} loss types")
+        return self
+
+
+class RewardWeights(_Section):
+    reward_model: float = 1.0
+    correctness: float = Field(default=1.0, description="1 when the answer matches a train reference")
+    length: float = Field(default=0.1, description="weight of minus the share of max_completion_length used")
+
+
+class GrpoParams(_Section):
+    trainer: Literal["grpo", "rloo"] = "grpo"
+    num_generations: int = Field(default=4, ge=2, description="answers sampled per prompt")
+    max_completion_length: int = Field(default=32, ge=1)
+    temperature: float = Field(default=1.0, gt=0)
+    beta: float = Field(default=0.04, ge=0, description="KL penalty to the reference (SFT) model")
+    reference_prompts: int = Field(default=200, ge=0,
+                                   description="train prompts with a reference, for the correctness reward")
+    reward_weights: RewardWeights = Field(default_factory=RewardWeights)
+    training: AlignTrainingParams = Field(
+        default_factory=lambda: AlignTrainingParams(epochs=1, learning_rate=1e-4))
+
+
+class RlhfParams(_Section):
+    method: Literal["dpo", "reward+grpo"] = "dpo"
+    on_missing_preferences: Literal["skip", "fail"] = Field(
+        default="skip", description="skip: pass the SFT model through, saying so in its card")
+    reward_model: RewardModelParams = Field(default_factory=RewardModelParams)
+    dpo: DpoParams = Field(default_factory=DpoParams)
+    grpo: GrpoParams = Field(default_factory=GrpoParams)
+    eval_examples: int = Field(default=200, ge=0, description="held-out prompts decoded for exact match")
+    max_new_tokens: int = Field(default=32, ge=1)
+    distributed: DistributedParams = Field(default_factory=DistributedParams)
+
+
+# The metrics the promotion gate may check, and which way is better.
+GATED_METRICS: dict[str, Literal["higher", "lower"]] = {
+    "exact_match": "higher", "token_f1": "higher", "rouge_l": "higher",
+    "safety_pass_rate": "higher", "safety_pass_rate_refuse": "higher",
+    "safety_pass_rate_answer": "higher", "tokens_per_second": "higher",
+    "perplexity": "lower", "refusal_rate": "lower", "empty_rate": "lower",
+    "hallucination_rate": "lower", "consistency_hallucination_rate": "lower",
+    "latency_p50_ms": "lower", "latency_p95_ms": "lower",
+}
+
+
+class HallucinationParams(_Section):
+    embedding_model: str = Field(default="all-MiniLM-L6-v2",
+                                 description="bundled all-MiniLM-L6-v2, or a sentence-transformers dir")
+    overlap_weight: float = Field(default=0.7, ge=0, le=1,
+                                  description="support = w * word overlap + (1 - w) * embedding similarity")
+    threshold: float = Field(default=0.8, gt=0, le=1, description="support below this: a hallucination")
+    labelled_examples: int = Field(default=400, ge=0, description="size of the detector's validation set")
+    seed: int = 0
+
+
+class ConsistencyParams(_Section):
+    prompts: int = Field(default=100, ge=0, description="prompts checked by sampling; 0 turns this off")
+    samples: int = Field(default=4, ge=2)
+    temperature: float = Field(default=1.0, gt=0)
+    threshold: float = Field(default=0.5, gt=0, le=1, description="disagreement above this: a hallucination")
+    seed: int = 0
+
+
+class GateParams(_Section):
+    minimum: dict[str, float] = Field(default_factory=dict, description="higher-is-better floors")
+    maximum: dict[str, float] = Field(default_factory=dict, description="lower-is-better ceilings")
+    max_regression: dict[str, float] = Field(
+        default_factory=dict, description="how much worse than production a metric may be")
+
+    @model_validator(mode="after")
+    def _known_metrics(self) -> GateParams:
+        rules = {"minimum": ("higher", self.minimum), "maximum": ("lower", self.maximum),
+                 "max_regression": (None, self.max_regression)}
+        for rule, (direction, limits) in rules.items():
+            for metric in limits:
+                if metric not in GATED_METRICS:
+                    raise ValueError(f"gate.{rule}: unknown metric {metric!r} (known: "
+                                     f"{', '.join(GATED_METRICS)})")
+                if direction and GATED_METRICS[metric] != direction:
+                    other = "maximum" if rule == "minimum" else "minimum"
+                    raise ValueError(f"gate.{rule}: {metric} is {GATED_METRICS[metric]}-is-better; "
+                                     f"put it under gate.{other}")
+        return self
+
+
+class EvaluateParams(_Section):
+    production_model: str = Field(default="models/production",
+                                  description="the deployed model; absent before the first deploy")
+    test_examples: int = Field(default=1000, ge=1, description="test records scored, at most")
+    max_new_tokens: int = Field(default=32, ge=1)
+    latency_examples: int = Field(default=32, ge=1, description="prompts timed one request at a time")
+    safety_probe: str = Field(default="data/eval/safety_probe.jsonl",
+                              description="prompts that must be refused or answered")
+    hallucination: HallucinationParams = Field(default_factory=HallucinationParams)
+    consistency: ConsistencyParams = Field(default_factory=ConsistencyParams)
+    gate: GateParams = Field(default_factory=GateParams)
+
+
+class ServeParams(_Section):
+    model: str = Field(default="models/aligned", description="the model directory to serve")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    max_batch_size: int = Field(default=16, ge=1, description="requests generated together, at most")
+    max_wait_ms: float = Field(default=10.0, ge=0, description="how long a request waits for others to batch with")
+    max_prompt_chars: int = Field(default=8000, ge=1)
+    max_tokens: int = Field(default=256, ge=1, description="the most a request may ask for")
+    default_max_tokens: int = Field(default=64, ge=1)
+    rate_limit_per_minute: int = Field(default=600, ge=1, description="requests per API key (or client)")
+
+
+class PackageParams(_Section):
+    image: str = Field(default="flywheel-model", description="image repository; the tag is the registry version")
+    base_image: str = Field(default="python:3.11-slim",
+                            description="needs python3 3.11 with venv; `make docker-base` builds one offline")
+    bake_model: bool = Field(default=True, description="copy the model into the image (else mount it at /srv/model)")
+    wheelhouse: str = Field(default=".cache/wheelhouse", description="where the host-built wheels are kept")
+
+
+class KubernetesParams(_Section):
+    namespace: str = "default"
+    replicas: int = Field(default=2, ge=1)
+    max_replicas: int = Field(default=6, ge=1, description="HorizontalPodAutoscaler ceiling")
+    target_cpu_percent: int = Field(default=70, ge=1, le=100)
+    cpu: str = "2"
+    memory: str = "4Gi"
+    gpus: int = Field(default=0, ge=0, description="nvidia.com/gpu per pod; 0 for CPU serving")
+    api_keys_secret: str | None = Field(default=None, description="a Secret with key api-keys (comma-separated)")
+    rollout_timeout_s: int = Field(default=300, ge=1)
+
+
+class DeployParams(_Section):
+    target: Literal["local", "docker", "kubernetes"] = "local"
+    host: str = Field(default="127.0.0.1", description="where the stable endpoint listens")
+    port: int = Field(default=8000, ge=1, le=65535, description="the stable endpoint's port")
+    health_timeout_s: float = Field(default=180.0, gt=0, description="how long a new version may take to get ready")
+    smoke_prompt: str = "What is the capital of France?"
+    kubernetes: KubernetesParams = Field(default_factory=KubernetesParams)
+
+
+class DriftParams(_Section):
+    # The chance that one run calls in-distribution traffic drifted, split evenly over the three
+    # signals (Bonferroni), so it holds however the signals correlate and at any window size.
+    p_value: float = Field(default=0.01, gt=0, lt=0.5,
+                           description="the drift verdict's false-alarm rate on in-distribution traffic")
+
+
+MONITORED_MAXIMA = ("hallucination_rate", "consistency_hallucination_rate", "empty_rate", "refusal_rate",
+                    "negative_feedback_rate", "error_rate", "latency_p95_ms")
+
+
+class MonitorParams(_Section):
+    schedule: str | None = Field(default="@hourly", description="flywheel_monitoring's schedule")
+    window_hours: float = Field(default=24.0, gt=0, description="the traffic each run looks at")
+    min_prompts: int = Field(default=100, ge=2, description="fewer distinct prompts in the window: insufficient data")
+    max_requests: int = Field(default=2000, ge=100, description="a larger window is sampled (seeded) to this")
+    reference: str = Field(default="data/processed/train.parquet", description="the prompts drift is judged against")
+    reference_size: int = Field(default=2000, ge=100)
+    embedding_model: str = "all-MiniLM-L6-v2"
+    seed: int = 0
+    drift: DriftParams = Field(default_factory=DriftParams)
+    maximum: dict[str, float] = Field(default_factory=lambda: {
+        "hallucination_rate": 0.2, "consistency_hallucination_rate": 0.5, "empty_rate": 0.05,
+        "refusal_rate": 0.3, "negative_feedback_rate": 0.3, "error_rate": 0.01, "latency_p95_ms": 2000.0})
+    endpoint: str | None = Field(default=None, description="the live API; default: what `flywheel status` shows")
+    canaries: int = Field(default=50, ge=0, description="held-out test prompts sent to the live endpoint")
+    canary_source: str = "data/processed/test.parquet"
+    consistency_prompts: int = Field(default=10, ge=0, description="real prompts re-asked to check self-consistency")
+    consistency_samples: int = Field(default=3, ge=1)
+    consistency_threshold: float = Field(default=0.5, gt=0, lt=1)
+    cooldown_hours: float = Field(default=24.0, ge=0, description="no second retraining trigger within this")
+    export_dir: str = Field(default="data/raw/feedback", description="where a failed run exports its window")
+
+    @field_validator("maximum")
+    @classmethod
+    def _known_maxima(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - set(MONITORED_MAXIMA))
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown}; known: {list(MONITORED_MAXIMA)}")
+        return value
+
+
+class AirflowParams(_Section):
+    schedule: str | None = Field(default=None, description="cron or preset for flywheel_training")
+    retries: int = Field(default=2, ge=0, description="retries of a transient task failure")
+    retry_delay_s: float = Field(default=60, gt=0, description="the first retry's delay, doubled each time")
+    gpu_pool: str = Field(default="flywheel_gpu", min_length=1, description="the Airflow pool of the GPU stages")
+    gpu_pool_slots: int = Field(default=1, ge=1)
+    gpu_queue: str = Field(default="default", min_length=1, description="the Celery queue of the GPU stages")
+    gpu_stages: list[str] = Field(default_factory=lambda: ["finetune", "preferences", "reward", "rlhf", "evaluate"])
+    trigger_params: list[str] = Field(
+        default_factory=list,
+        description="dotted params shown in the Airflow trigger form, e.g. ingest.chunk_size",
+    )
+
+
+class Params(_Section):
+    _source_file: Path | None = PrivateAttr(default=None)  # where these params were read from
+
+    ingest: IngestParams
+    clean: CleanParams = Field(default_factory=CleanParams)
+    validate_: ValidateParams = Field(default_factory=ValidateParams, alias="validate")
+    split: SplitParams = Field(default_factory=SplitParams)
+    finetune: FinetuneParams = Field(default_factory=FinetuneParams)
+    preferences: PreferencesParams = Field(default_factory=PreferencesParams)
+    rlhf: RlhfParams = Field(default_factory=RlhfParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    serve: ServeParams = Field(default_factory=ServeParams)
+    package: PackageParams = Field(default_factory=PackageParams)
+    deploy: DeployParams = Field(default_factory=DeployParams)
+    monitor: MonitorParams = Field(default_factory=MonitorParams)
+    airflow: AirflowParams = Field(default_factory=AirflowParams)
+
+    @model_validator(mode="after")
+    def _trigger_params_exist(self) -> Params:
+        data = self.model_dump(by_alias=True)
+        for key in self.airflow.trigger_params:
+            try:
+                value = get_dotted(data, key)
+            except KeyError:
+                raise ValueError(f"airflow.trigger_params names {key!r}, which is not a param")
+            if isinstance(value, (dict, list)):
+                raise ValueError(f"airflow.trigger_params: {key!r} is a section, not a single value")
+        return self
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid params"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; see params.yaml for the known keys)"
+        elif "input" in item and item["type"] not in ("missing",):
+            message = f"{message} (got {item['input']!r})"
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)
+
+
+def parse_params(data: Any, source: str = PARAMS_FILE) -> Params:
+    if not isinstance(data, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections at the top level")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as error:
+        raise ParamsError(_format_validation_error(error, source)) from None
+
+
+def read_params_data(path: str | Path = PARAMS_FILE) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(
+            f"{path}: params file not found; run from the project root or pass --params PATH"
+        )
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML: {error}") from None
+    return data if data is not None else {}
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    params = parse_params(read_params_data(path), source=str(path))
+    params._source_file = Path(path)
+    return params
+
+
+def source_file(params: Params) -> Path:
+    """The params file these params came from (a launched worker re-reads the same file)."""
+    return params._source_file or Path(PARAMS_FILE)
+
+
+def get_dotted(data: dict, key: str) -> Any:
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(key)
+        node = node[part]
+    return node
+
+
+def apply_overrides(path: str | Path, overrides: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Set dotted params in params.yaml, keeping its comments, as `dvc exp run -S` would.
+
+    The result is validated against the typed params before anything is written; returns
+    {key: (old, new)} for the values that changed. Unchanged values leave the file untouched, so
+    DVC sees no params change.
+    """
+    from ruamel.yaml import YAML  # dvc's own YAML library; round-trips comments
+
+    path = Path(path)
+    current = read_params_data(path)
+    changes: dict[str, tuple[Any, Any]] = {}
+    for key, value in overrides.items():
+        try:
+            old = get_dotted(current, key)
+        except KeyError:
+            raise ParamsError(f"{path}: cannot set {key!r}: no such param") from None
+        if old != value:
+            changes[key] = (old, value)
+    if not changes:
+        return changes
+
+    yaml_rt = YAML()
+    yaml_rt.indent(mapping=2, sequence=4, offset=2)  # the layout params.yaml is written in
+    yaml_rt.representer.add_representer(  # write null as `null`, not as an empty value
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
+    document = yaml_rt.load(path.read_text())
+    for key, (_, value) in changes.items():
+        *parents, leaf = key.split(".")
+        node = document
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    buffer = io.StringIO()
+    yaml_rt.dump(document, buffer)
+    parse_params(yaml.safe_load(buffer.getvalue()), source=f"{path} with {sorted(changes)} set")
+    with atomic_path(path) as tmp:
+        tmp.write_text(buffer.getvalue())
+    return changes

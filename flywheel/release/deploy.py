@@ -1,0 +1,523 @@
+"""deploy: a health-gated rollout of one model version (`flywheel deploy [VERSION]`).
+
+  local       a background `flywheel serve` of models/releases/<version>
+  docker      a container of the packaged image (`flywheel package` first)
+  kubernetes  infra/k8s/ rendered with the image tag into build/k8s/<version>/; applied with
+              kubectl and watched until rolled out when kubectl has a cluster, rendered only if not
+
+For local and docker, clients use one stable endpoint (deploy.host:deploy.port), a small router
+(flywheel/serving/router.py) in front of the version that serves. A new version starts beside the old
+one on a private port, must answer /readyz within deploy.health_timeout_s and then a smoke chat
+completion that reports its version; only then does the router send it new connections, the old
+one drains and stops, models/production points at it (the evaluate stage compares candidates with
+it) and the registry moves the version to `prod`. If any check fails, the new one is stopped, the
+old one never stopped serving, and the command fails with the reason.
+
+State: data/serving/deployment.json (what serves, where); logs: data/serving/logs/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+from flywheel.release import package
+from flywheel.release import registry
+from flywheel.config import DeployParams, Params, source_file
+from flywheel.errors import FlywheelError
+from flywheel.io import atomic_path, write_json
+from flywheel.serving.app import client_headers
+
+SERVING_DIR = Path("data/serving")
+STATE_FILE = SERVING_DIR / "deployment.json"
+ROUTE_FILE = SERVING_DIR / "route.json"
+LOG_DIR = SERVING_DIR / "logs"
+PRODUCTION_LINK = Path("models/production")
+K8S_TEMPLATES = Path(__file__).resolve().parents[1] / "infra" / "k8s"
+K8S_RENDERED = Path("build/k8s")
+CONTAINER_PORT = 8000
+STOP_GRACE_S = 30
+SWITCH_GRACE_S = 1.0
+
+
+class RolloutFailed(FlywheelError):
+    """The new version failed a check; what served before still serves."""
+
+
+@dataclass
+class Release:
+    """What to deploy: a registered version (its model files materialised), or a model directory
+    given by hand (not registered: the registry is left alone)."""
+    version: str
+    model_dir: Path
+    registered: bool
+
+
+def resolve(version: str | None, model_dir: str | None) -> Release:
+    if model_dir:
+        from flywheel.serving.app import model_version, require_model
+
+        path = Path(model_dir)
+        require_model(path)
+        return Release(model_version(path), path, registered=False)
+    version = version or registry.latest(registry.PROMOTED)
+    registry.require_promotable(version, registry.PRODUCTION)
+    return Release(version, package.materialise(version), registered=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers: ports, HTTP, processes
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _http(url: str, body: dict | None = None, timeout: float = 10.0) -> tuple[int, dict]:
+    headers = {"content-type": "application/json", **client_headers()}
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as error:
+        try:
+            return error.code, json.loads(error.read() or b"{}")
+        except json.JSONDecodeError:
+            return error.code, {}
+
+
+def _listening(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(0.5)
+        return probe.connect_ex((host, port)) == 0
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0]:
+            return False  # our child, exited (and now reaped, not left a zombie)
+    except ChildProcessError:
+        pass  # started by an earlier deploy command: not ours to reap
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def _stop_process(pid: int | None) -> None:
+    """SIGTERM (the server drains and flushes its request log), SIGKILL after the grace period."""
+    if not _alive(pid):
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            return
+        time.sleep(0.2)
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    if not path.is_file():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _flywheel(*args: str) -> list[str]:
+    return [sys.executable, "-m", "flywheel", *args]
+
+
+def _spawn(command: list[str], log: Path) -> int:
+    """A process that outlives this command (its own session), output to `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return process.pid
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends: one served version, as a process or a container
+
+
+@dataclass
+class Backend:
+    kind: str  # process | container
+    port: int
+    ref: str  # pid or container id
+    log: str
+
+    def alive(self) -> bool:
+        if self.kind == "process":
+            return _alive(int(self.ref))
+        from docker.errors import NotFound
+
+        try:
+            container = package.docker_client().containers.get(self.ref)
+        except NotFound:
+            return False
+        return container.status in ("created", "running")
+
+    def stop(self) -> None:
+        if self.kind == "process":
+            _stop_process(int(self.ref))
+            return
+        from docker.errors import NotFound
+
+        try:
+            container = package.docker_client().containers.get(self.ref)
+        except NotFound:
+            return
+        Path(self.log).parent.mkdir(parents=True, exist_ok=True)
+        container.stop(timeout=STOP_GRACE_S)
+        Path(self.log).write_bytes(container.logs())
+        container.remove()
+
+    def describe_failure(self) -> str:
+        if self.kind == "container":
+            from docker.errors import NotFound
+
+            try:
+                return package.docker_client().containers.get(self.ref).logs(tail=15).decode(errors="replace")
+            except NotFound:
+                return ""
+        return _tail(Path(self.log))
+
+
+def start_process(release: Release, params: Params) -> Backend:
+    port = free_port()
+    log = LOG_DIR / f"{release.version}-{port}.log"
+    pid = _spawn(_flywheel("--params", str(source_file(params)), "serve", "--host", "127.0.0.1",
+                           "--port", str(port), "--model", str(release.model_dir)), log)
+    return Backend("process", port, str(pid), str(log))
+
+
+def start_container(release: Release, params: Params) -> Backend:
+    from docker.errors import ImageNotFound
+
+    client = package.docker_client()
+    tag = package.image_tag(params.package, release.version)
+    try:
+        image = client.images.get(tag)
+    except ImageNotFound:
+        raise FlywheelError(f"no image {tag} in the Docker engine: run `flywheel package {release.version}` "
+                            "first") from None
+    port = free_port()
+    environment = {name: os.environ[name] for name in ("FLYWHEEL_API_KEYS", "FLYWHEEL_REQUEST_LOG_URL")
+                   if os.environ.get(name)}
+    # The request log outlives containers: a named volume (or PostgreSQL via the URL above).
+    volumes = {"flywheel-serving-data": {"bind": "/srv/data", "mode": "rw"}}
+    if image.labels.get(package.MODEL_BAKED_LABEL) != "true":
+        volumes[str(release.model_dir.resolve())] = {"bind": "/srv/model", "mode": "ro"}
+    container = client.containers.run(
+        image.id, detach=True, name=f"flywheel-{release.version}-{port}", environment=environment,
+        ports={f"{CONTAINER_PORT}/tcp": ("127.0.0.1", port)}, volumes=volumes,
+        labels={"flywheel.version": release.version})
+    return Backend("container", port, container.id, str(LOG_DIR / f"{release.version}-{port}.log"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The gate: ready, then a smoke query that reports the expected version
+
+
+def wait_ready(backend: Backend, timeout_s: float) -> None:
+    url = f"http://127.0.0.1:{backend.port}/readyz"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not backend.alive():
+            raise RolloutFailed(f"the new version exited before it was ready:\n{backend.describe_failure()}")
+        try:
+            status, body = _http(url, timeout=2)
+        except (OSError, json.JSONDecodeError):
+            status, body = 0, {}
+        if status == 200:
+            return
+        if body.get("status") == "failed":
+            raise RolloutFailed(f"the new version could not load its model: {body.get('error')}")
+        time.sleep(0.5)
+    raise RolloutFailed(f"the new version was not ready within {timeout_s:g} s:\n{backend.describe_failure()}")
+
+
+def smoke_test(backend: Backend, release: Release, prompt: str) -> str:
+    try:
+        status, body = _http(f"http://127.0.0.1:{backend.port}/v1/chat/completions",
+                             {"model": release.version, "max_tokens": 16,
+                              "messages": [{"role": "user", "content": prompt}]}, timeout=60)
+    except (OSError, json.JSONDecodeError) as error:
+        raise RolloutFailed(f"smoke query failed: {error}") from None
+    if status != 200:
+        raise RolloutFailed(f"smoke query answered {status}: {json.dumps(body)[:300]}")
+    served = body.get("system_fingerprint")
+    if served != release.version:
+        raise RolloutFailed(f"smoke query was answered by version {served!r}, not {release.version!r}")
+    try:
+        return body["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise RolloutFailed(f"smoke query answer is not a chat completion: {json.dumps(body)[:300]}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The stable endpoint and the switch
+
+
+def load_state() -> dict | None:
+    return json.loads(STATE_FILE.read_text()) if STATE_FILE.is_file() else None
+
+
+def ensure_router(config: DeployParams, state: dict | None) -> int:
+    """The router's pid: the running one, else a new one listening on deploy.host:deploy.port."""
+    if state and _alive(state.get("router_pid")):
+        if state.get("url") == _url(config):
+            return state["router_pid"]
+        _stop_process(state["router_pid"])  # deploy.host/port changed: move the endpoint
+    if _listening(config.host, config.port):
+        raise FlywheelError(f"{config.host}:{config.port} is taken by another program; stop it or "
+                            "set deploy.port in params.yaml")
+    log = LOG_DIR / "router.log"
+    pid = _spawn(_flywheel("router", "--host", config.host, "--port", str(config.port),
+                           "--route", str(ROUTE_FILE)), log)
+    deadline = time.monotonic() + 15
+    while not _listening(config.host, config.port):
+        if not _alive(pid) or time.monotonic() > deadline:
+            raise FlywheelError(f"the router did not start on {config.host}:{config.port}:\n{_tail(log)}")
+        time.sleep(0.1)
+    return pid
+
+
+def switch_route(backend: Backend) -> None:
+    with atomic_path(ROUTE_FILE) as tmp:
+        tmp.write_text(json.dumps({"backend": f"127.0.0.1:{backend.port}"}) + "\n")
+
+
+def point_production_at(model_dir: Path) -> None:
+    """models/production -> the served model, swapped atomically (a symlink replaced by rename)."""
+    PRODUCTION_LINK.parent.mkdir(parents=True, exist_ok=True)
+    if PRODUCTION_LINK.exists() and not PRODUCTION_LINK.is_symlink():
+        raise FlywheelError(f"{PRODUCTION_LINK} is a directory, not deploy's link; move it away")
+    staging = PRODUCTION_LINK.with_name(f".{PRODUCTION_LINK.name}.tmp")
+    staging.unlink(missing_ok=True)
+    staging.symlink_to(os.path.relpath(model_dir.resolve(), PRODUCTION_LINK.parent.resolve()))
+    os.replace(staging, PRODUCTION_LINK)
+
+
+def _url(config: DeployParams) -> str:
+    return f"http://{config.host}:{config.port}"
+
+
+def _backend_of(state: dict | None) -> Backend | None:
+    return Backend(**state["backend"]) if state and state.get("backend") else None
+
+
+def rollout(release: Release, params: Params, target: str) -> dict:
+    config = params.deploy
+    previous = load_state()
+    router_pid = ensure_router(config, previous)
+    candidate = (start_container if target == "docker" else start_process)(release, params)
+    try:
+        wait_ready(candidate, config.health_timeout_s)
+        answer = smoke_test(candidate, release, config.smoke_prompt)
+    except BaseException as failure:
+        candidate.stop()
+        if isinstance(failure, RolloutFailed):
+            kept = (f"{previous['version']} keeps serving at {previous['url']}" if _backend_of(previous)
+                    else "nothing was serving before; nothing serves now")
+            raise RolloutFailed(f"rollout of {release.version} stopped: {failure}\n{kept}") from None
+        raise
+    switch_route(candidate)
+    state = {"version": release.version, "target": target, "url": _url(config), "router_pid": router_pid,
+             "model_dir": str(release.model_dir), "registered": release.registered,
+             "backend": candidate.__dict__, "deployed_at": datetime.now(timezone.utc).isoformat(),
+             "previous_version": previous["version"] if previous else None, "smoke_answer": answer}
+    write_json(STATE_FILE, state)  # recorded as soon as it serves, so nothing is left untracked
+    old = _backend_of(previous)
+    if old and old.ref != candidate.ref:
+        # Connections the router handed to the old version just before the switch may not have
+        # sent their request yet; give them a moment before it stops accepting.
+        time.sleep(SWITCH_GRACE_S)
+        old.stop()
+    point_production_at(release.model_dir)
+    if release.registered:
+        registry.assign(release.version, registry.PRODUCTION)
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Kubernetes
+
+
+def render_kubernetes(release: Release, params: Params) -> Path:
+    """infra/k8s/*.yaml with the image, replicas, resources and namespace of params.yaml."""
+    config = params.deploy.kubernetes
+    image = package.image_tag(params.package, release.version)
+    out = K8S_RENDERED / release.version
+    out.mkdir(parents=True, exist_ok=True)
+    for template in sorted(K8S_TEMPLATES.glob("*.yaml")):
+        manifest = yaml.safe_load(template.read_text())
+        manifest["metadata"]["namespace"] = config.namespace
+        manifest["metadata"].setdefault("labels", {})["flywheel.version"] = release.version
+        kind = manifest["kind"]
+        if kind == "Deployment":
+            spec = manifest["spec"]
+            spec["replicas"] = config.replicas
+            spec["template"]["metadata"]["labels"]["flywheel.version"] = release.version
+            container = spec["template"]["spec"]["containers"][0]
+            container["image"] = image
+            resources = {"cpu": config.cpu, "memory": config.memory}
+            if config.gpus:
+                resources["nvidia.com/gpu"] = config.gpus
+            container["resources"] = {"requests": dict(resources), "limits": dict(resources)}
+            if config.api_keys_secret:
+                container.setdefault("env", []).append({"name": "FLYWHEEL_API_KEYS", "valueFrom": {
+                    "secretKeyRef": {"name": config.api_keys_secret, "key": "api-keys"}}})
+        elif kind == "HorizontalPodAutoscaler":
+            manifest["spec"]["minReplicas"] = config.replicas
+            manifest["spec"]["maxReplicas"] = max(config.max_replicas, config.replicas)
+            manifest["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"] = \
+                config.target_cpu_percent
+        with atomic_path(out / template.name) as tmp:
+            tmp.write_text(yaml.safe_dump(manifest, sort_keys=False))
+    return out
+
+
+def _kubectl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["kubectl", *args], capture_output=True, text=True)
+
+
+def cluster_configured() -> bool:
+    try:
+        return _kubectl("config", "current-context").returncode == 0
+    except FileNotFoundError:
+        return False
+
+
+def deploy_kubernetes(release: Release, params: Params) -> dict:
+    config = params.deploy.kubernetes
+    rendered = render_kubernetes(release, params)
+    state = {"version": release.version, "target": "kubernetes", "manifests": str(rendered),
+             "registered": release.registered, "deployed_at": datetime.now(timezone.utc).isoformat()}
+    if not cluster_configured():
+        return {**state, "applied": False}  # rendered only: what serves (if anything) is unchanged
+    applied = _kubectl("apply", "-n", config.namespace, "-f", str(rendered))
+    if applied.returncode != 0:
+        raise FlywheelError(f"kubectl apply failed: {applied.stderr.strip()}")
+    # The Deployment's readiness probe is the health gate: pods of the new version take traffic
+    # from the Service only when ready, and the old ReplicaSet keeps serving until then.
+    rolled = _kubectl("rollout", "status", "-n", config.namespace, "deployment/flywheel",
+                      f"--timeout={config.rollout_timeout_s}s")
+    if rolled.returncode != 0:
+        _kubectl("rollout", "undo", "-n", config.namespace, "deployment/flywheel")
+        raise RolloutFailed(f"rollout of {release.version} did not become ready "
+                            f"({rolled.stderr.strip() or rolled.stdout.strip()}); rolled back")
+    if release.registered:
+        registry.assign(release.version, registry.PRODUCTION)
+    state = {**state, "applied": True}
+    write_json(STATE_FILE, state)
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+def deploy(params: Params, version: str | None = None, target: str | None = None,
+           model_dir: str | None = None) -> dict:
+    target = target or params.deploy.target
+    if target == "kubernetes":
+        if model_dir:
+            raise FlywheelError("the kubernetes target deploys a packaged, registered version, not --model")
+        version = version or registry.latest(registry.PROMOTED)
+        registry.require_promotable(version, registry.PRODUCTION)
+        return deploy_kubernetes(Release(version, package.release_dir(version), True), params)
+    release = resolve(version, model_dir)
+    if target == "docker" and not release.registered:
+        raise FlywheelError("the docker target deploys a packaged, registered version, not --model")
+    return rollout(release, params, target)
+
+
+def status() -> dict:
+    state = load_state()
+    if state is None:
+        return {"deployed": False}
+    if state["target"] == "kubernetes":
+        return {"deployed": True, **state}
+    try:
+        code, body = _http(f"{state['url']}/readyz", timeout=3)
+        health = body.get("status", str(code)) if code else "unreachable"
+        serving = body.get("version")
+    except OSError as error:
+        health, serving = f"unreachable ({error})", None
+    return {"deployed": True, **state, "health": health, "serving_version": serving,
+            "router_alive": _alive(state.get("router_pid")), "backend_alive": Backend(**state["backend"]).alive()}
+
+
+def undeploy() -> dict:
+    state = load_state()
+    if state is None:
+        return {"stopped": None}
+    if state["target"] == "kubernetes":
+        if state.get("applied") and cluster_configured():
+            for name in sorted(Path(state["manifests"]).glob("*.yaml")):
+                _kubectl("delete", "--ignore-not-found", "-f", str(name))
+    else:
+        Backend(**state["backend"]).stop()
+        _stop_process(state.get("router_pid"))
+        ROUTE_FILE.unlink(missing_ok=True)
+        if PRODUCTION_LINK.is_symlink():
+            PRODUCTION_LINK.unlink()  # nothing serves: evaluate has no production model to compare
+    STATE_FILE.unlink()
+    return {"stopped": state["version"], "target": state["target"]}
+
+
+def describe_status(state: dict) -> str:
+    if not state["deployed"]:
+        return "nothing is deployed (flywheel deploy)"
+    if state["target"] == "kubernetes":
+        return f"{state['version']} on Kubernetes (manifests {state['manifests']}); see kubectl get deploy/flywheel"
+    return "\n".join([
+        f"version:  {state['version']}" + ("" if state["registered"] else " (not a registered version)"),
+        f"target:   {state['target']}",
+        f"url:      {state['url']}/v1",
+        f"health:   {state['health']}" + (f" (serving {state['serving_version']})" if state["serving_version"] else ""),
+        f"since:    {state['deployed_at']}",
+        f"model:    {state['model_dir']}",
+    ])
+
+
+def report(state: dict) -> str:
+    if state["target"] == "kubernetes":
+        if not state.get("applied"):
+            return (f"rendered {state['version']} for Kubernetes in {state['manifests']} (no cluster configured "
+                    f"for kubectl: not applied; the registry is unchanged). Apply with "
+                    f"`kubectl apply -f {state['manifests']}`.")
+        return f"{state['version']} rolled out on Kubernetes ({state['manifests']}); registry: prod"
+    registry_note = "registry: prod" if state["registered"] else "not a registered version: registry unchanged"
+    return "\n".join([
+        f"deployed {state['version']} ({state['target']}) at {state['url']} "
+        f"(replaced {state['previous_version'] or 'nothing'}); {registry_note}",
+        f"smoke answer: {state['smoke_answer']!r}",
+        "query it:",
+        f"  curl {state['url']}/v1/chat/completions -H 'content-type: application/json' "
+        f"-d '{{\"model\": \"{state['version']}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'",
+        f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{state['url']}/v1', api_key='unused'); "
+        f"print(c.chat.completions.create(model='{state['version']}', messages=[{{'role': 'user', "
+        f"'content': 'Hello'}}]).choices[0].message.content)\"",
+        "status: flywheel status; stop: flywheel undeploy",
+    ])

@@ -1,0 +1,220 @@
+"""finetune: supervised fine-tuning (TRL SFTTrainer) of the base model on the train split.
+
+Input:  data/processed/train.parquet, data/processed/eval.parquet
+Output: models/sft/              the model in Hugging Face format (safetensors, tokenizer with
+                                 its chat template, config) and a model card with lineage
+        dvclive/finetune/        training curves (`dvc plots show`)
+        metrics/finetune.json    eval loss and exact match before and after, throughput
+Checkpoints go to models/.checkpoints/sft/ every `save_steps`; a killed run started again with
+the same params and data resumes from the last one.
+
+Loss is on the assistant's tokens only; short examples are packed into rows of `max_length`.
+One process on the CPU or one GPU; with `distributed.launcher` deepspeed or accelerate, the stage
+launches its workers through that launcher (several GPUs, several nodes via a hostfile).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+from flywheel.training import distributed
+from flywheel import modeling
+from flywheel.config import FinetuneParams, Params
+from flywheel.errors import FlywheelError
+from flywheel.io import atomic_dir, read_batches
+from flywheel.data.split import OUTPUTS as SPLITS
+
+OUT_DIR = Path("models/sft")
+CHECKPOINTS = Path("models/.checkpoints/sft")
+LIVE_DIR = Path("dvclive/finetune")
+METRICS = Path("metrics/finetune.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def load_split(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FlywheelError(f"{path} not found: run the split stage first (dvc repro split)")
+    return [row for batch in read_batches(path) for row in batch]
+
+
+def fingerprint(config: FinetuneParams, root: Path) -> str:
+    """What a checkpoint must match to be resumed: the training params and the input data."""
+    data = {name: modeling.file_md5(root / SPLITS[name]) for name in ("train", "eval")}
+    settings = config.model_dump(exclude={"distributed"})
+    return hashlib.sha256(json.dumps([settings, data], sort_keys=True).encode()).hexdigest()
+
+
+def resumable_checkpoint(directory: Path, expected: str) -> str | None:
+    """The last checkpoint of an interrupted run with the same fingerprint; stale ones go."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    marker = directory / "fingerprint.txt"
+    if directory.is_dir() and marker.is_file() and marker.read_text().strip() == expected:
+        return get_last_checkpoint(str(directory))
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    marker.write_text(expected + "\n")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def sft_config(config: FinetuneParams, output_dir: Path, has_eval: bool):
+    import torch
+    from trl import SFTConfig
+
+    training = config.training
+    return SFTConfig(
+        output_dir=str(output_dir),
+        num_train_epochs=training.epochs,
+        learning_rate=training.learning_rate,
+        lr_scheduler_type=training.lr_scheduler,
+        warmup_steps=training.warmup_ratio,  # a float below 1 is a share of the steps
+        weight_decay=training.weight_decay,
+        per_device_train_batch_size=training.batch_size,
+        per_device_eval_batch_size=training.batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        max_length=training.max_length,
+        packing=training.packing,
+        assistant_only_loss=True,
+        seed=training.seed,
+        save_strategy="steps",
+        save_steps=training.save_steps,
+        save_total_limit=2,
+        logging_steps=training.logging_steps,
+        eval_strategy="epoch" if has_eval else "no",
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        deepspeed=config.distributed.deepspeed_config,
+        **distributed.precision_flags(training.precision),
+    )
+
+
+def _peft_config(config: FinetuneParams):
+    if config.method != "lora":
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(task_type="CAUSAL_LM", r=config.lora.r, lora_alpha=config.lora.alpha,
+                      lora_dropout=config.lora.dropout, target_modules=config.lora.target_modules)
+
+
+def _exact_match(model, tokenizer, rows: list[dict], config: FinetuneParams) -> float:
+    conversations = [modeling.record_messages(row, with_response=False) for row in rows]
+    answers = modeling.generate(model, tokenizer, conversations,
+                                max_new_tokens=config.training.max_new_tokens)
+    return modeling.exact_match(answers, [row["response"] for row in rows])
+
+
+def _save(trainer, tokenizer, config: FinetuneParams, target: Path) -> None:
+    """Write the final model beside `target`, then swap it in: never a half-written model."""
+    with atomic_dir(target) as staging:
+        if config.method == "lora" and config.lora.merge:
+            # plain weights: serving needs no PEFT
+            trainer.model.merge_and_unload().save_pretrained(staging)
+        else:
+            trainer.save_model(str(staging))  # gathers ZeRO-3 shards; a LoRA adapter when unmerged
+        tokenizer.save_pretrained(staging)
+
+
+def _tokens_seen(trainer, since_step: int) -> int:
+    """Tokens trained on in this run (TRL logs a running count, restored on resume)."""
+    counts = [(entry["step"], entry["num_tokens"]) for entry in trainer.state.log_history
+              if "num_tokens" in entry and "loss" in entry]
+    before = max((tokens for step, tokens in counts if step <= since_step), default=0)
+    return int(max((tokens for _, tokens in counts), default=0) - before)
+
+
+def train(params: Params, root: Path) -> dict | None:
+    from datasets import Dataset
+    from dvclive import Live
+    from dvclive.huggingface import DVCLiveCallback
+    from transformers import AutoTokenizer
+    from trl import SFTTrainer
+
+    config = params.finetune
+    train_rows, eval_rows = load_split(root / SPLITS["train"]), load_split(root / SPLITS["eval"])
+    if not train_rows:
+        raise FlywheelError("the train split is empty: nothing to fine-tune on; check the clean "
+                            "and split metrics (metrics/clean.json, metrics/split.json)")
+    resume_from = resumable_checkpoint(root / CHECKPOINTS, fingerprint(config, root))
+    texts = (turn["content"] for row in train_rows for turn in modeling.record_messages(row))
+    model, tokenizer = modeling.load_base(config, texts)
+    if resume_from:
+        tokenizer = AutoTokenizer.from_pretrained(resume_from)  # the vocabulary the weights know
+
+    def as_dataset(rows):
+        return Dataset.from_list([{"messages": modeling.record_messages(row)} for row in rows])
+
+    live = Live(str(root / LIVE_DIR), resume=bool(resume_from), dvcyaml=False, save_dvc_exp=False)
+    trainer = SFTTrainer(model=model, args=sft_config(config, root / CHECKPOINTS, bool(eval_rows)),
+                         train_dataset=as_dataset(train_rows),
+                         eval_dataset=as_dataset(eval_rows) if eval_rows else None,
+                         processing_class=tokenizer, peft_config=_peft_config(config),
+                         callbacks=[DVCLiveCallback(live=live)])
+    probe = eval_rows[:config.training.eval_examples]
+    # DeepSpeed builds an evaluation-only engine before training for ZeRO-3 alone.
+    can_evaluate_first = eval_rows and distributed.zero_stage(config.distributed) in (None, 3)
+    before = {"eval_loss": trainer.evaluate()["eval_loss"] if can_evaluate_first else None,
+              "exact_match": _exact_match(trainer.model, tokenizer, probe, config)}
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.perf_counter() - started
+    if not trainer.is_world_process_zero():
+        return None
+    resumed_step = int(resume_from.rsplit("-", 1)[1]) if resume_from else 0
+    after = {"eval_loss": trainer.evaluate()["eval_loss"] if eval_rows else None,
+             "exact_match": _exact_match(trainer.model, tokenizer, probe, config)}
+    live.log_metric("exact_match", after["exact_match"], plot=False)
+    live.end()
+
+    _save(trainer, tokenizer, config, root / OUT_DIR)
+    metrics = {
+        "eval_loss_before": before["eval_loss"], "eval_loss_after": after["eval_loss"],
+        "exact_match_before": before["exact_match"], "exact_match_after": after["exact_match"],
+        "exact_match_examples": len(probe), "train_examples": len(train_rows),
+        "steps": result.global_step, "epochs": config.training.epochs,
+        "train_seconds": round(seconds, 1),
+        "train_tokens_per_second": round(_tokens_seen(trainer, resumed_step) / seconds, 1),
+        "resumed_from_step": resumed_step,
+        "parameters": sum(p.numel() for p in trainer.model.parameters()),
+        "method": config.method, "base_model": config.base_model,
+        "engine": type(trainer.model_wrapped).__name__, "world_size": trainer.args.world_size,
+        "zero_stage": distributed.zero_stage(config.distributed),
+    }
+    lineage = {"data": {name: {"path": str(SPLITS[name]), "md5": modeling.file_md5(root / SPLITS[name])}
+                        for name in ("train", "eval")},
+               "code_revision": modeling.code_revision(root)}
+    modeling.write_model_card(root / OUT_DIR, title="Flywheel SFT model", base_model=config.base_model,
+                              lineage=lineage, params=config.model_dump(), metrics=metrics)
+    shutil.rmtree(root / CHECKPOINTS, ignore_errors=True)  # finished: nothing left to resume
+    return metrics
+
+
+def run(params: Params, root: Path = Path(".")) -> dict | None:
+    return distributed.run_stage("finetune", "finetune", params.finetune.distributed, params, root, train)
+
+
+def report(metrics: dict) -> str:
+    def fmt(value):
+        return "n/a" if value is None else f"{value:.3f}"
+
+    resumed = f", resumed from step {metrics['resumed_from_step']}" if metrics["resumed_from_step"] else ""
+    return "\n".join([
+        f"finetune: {metrics['train_examples']:,} examples, {metrics['steps']:,} steps in "
+        f"{metrics['train_seconds']:.0f} s ({metrics['train_tokens_per_second'] or 0:,.0f} tokens/s){resumed}",
+        f"  eval loss    {fmt(metrics['eval_loss_before'])} -> {fmt(metrics['eval_loss_after'])}",
+        f"  exact match  {fmt(metrics['exact_match_before'])} -> {fmt(metrics['exact_match_after'])} "
+        f"on {metrics['exact_match_examples']} held-out prompts",
+        f"  wrote {OUT_DIR}/ (model card: {OUT_DIR}/README.md), curves in {LIVE_DIR}/",
+    ])

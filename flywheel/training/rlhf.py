@@ -1,0 +1,266 @@
+"""rlhf: align the SFT model with the preference pairs.
+
+Input:  models/sft, data/processed/preferences/{train,eval}.parquet, models/reward,
+        data/processed/{train,eval}.parquet (reference answers; the task probe)
+Output: models/aligned/          the aligned model in Hugging Face format, with a model card
+                                 (lineage: the SFT model, the preference data, params, metrics)
+        dvclive/rlhf/            training curves (reward margins and accuracies, KL, rewards)
+        metrics/rlhf.json        the SFT and the aligned model side by side on held-out data
+Methods (rlhf.method):
+  dpo          TRL DPOTrainer on the pairs, against a frozen reference model (the SFT model).
+  reward+grpo  TRL GRPOTrainer (or RLOOTrainer) samples answers online and optimises the reward
+               model's score, plus rule rewards (a train reference matched, a length penalty),
+               with a KL penalty to the SFT model.
+Measured either way, on held-out pairs and prompts: preference accuracy (the chosen response's
+log-probability above the rejected one's), task exact match, the reward model's score of the
+greedy answers, and the KL divergence from the SFT model.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+
+from flywheel.training import alignment
+from flywheel.training import distributed
+from flywheel import modeling
+from flywheel.training import reward
+from flywheel import text
+from flywheel.config import GrpoParams, Params, RlhfParams
+from flywheel.errors import FlywheelError
+from flywheel.training.finetune import OUT_DIR as SFT_MODEL, load_split
+from flywheel.io import atomic_dir
+from flywheel.training.preferences import origin_of
+from flywheel.data.split import OUTPUTS as SFT_SPLITS
+
+OUT_DIR = Path("models/aligned")
+LIVE_DIR = Path("dvclive/rlhf")
+CHECKPOINTS = Path("models/.checkpoints/rlhf")
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring a policy
+
+
+def prefers_chosen(model, tokenizer, pairs: list[dict]) -> list[bool]:
+    """Per pair, whether the model finds the chosen response more likely than the rejected one."""
+    return alignment.chosen_wins(
+        pairs, lambda prompts, responses: modeling.response_logprobs(model, tokenizer, prompts, responses))
+
+
+def measure(model, tokenizer, pairs: list[dict], probe: list[dict], reward_model, config: RlhfParams) -> dict:
+    """What metrics/rlhf.json compares between the SFT and the aligned model. Preference accuracy
+    is also given on the collected pairs alone (ingest and feedback: people's preferences), without
+    the on-policy pairs, whose chosen answers are the SFT model's own likeliest ones."""
+    task_answers = modeling.generate(model, tokenizer, [modeling.record_messages(r, with_response=False)
+                                                        for r in probe], max_new_tokens=config.max_new_tokens)
+    preferred = prefers_chosen(model, tokenizer, pairs)
+    collected = [flag for pair, flag in zip(pairs, preferred) if origin_of(pair) != "on_policy"]
+    measured = {"preference_accuracy": alignment.share(preferred),
+                "preference_accuracy_collected": alignment.share(collected),
+                "preference_accuracy_by_source": alignment.share_by_source(pairs, preferred),
+                "exact_match": modeling.exact_match(task_answers, [r["response"] for r in probe])}
+    if reward_model is not None and pairs:
+        prompts = [alignment.prompt_messages(pair) for pair in pairs]
+        answers = modeling.generate(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens)
+        scores = reward.score_answers(*reward_model, prompts, answers)
+        measured["reward_of_answers"] = sum(scores) / len(scores)
+    return measured
+
+
+def kl_from_reference(policy, reference, tokenizer, pairs: list[dict], config: RlhfParams) -> float | None:
+    """Monte-Carlo KL(policy || reference) per answer: answers sampled from the policy on the
+    held-out prompts, mean of log p_policy - log p_reference."""
+    if not pairs:
+        return None
+    prompts = [alignment.prompt_messages(pair) for pair in pairs]
+    answers = [group[0] for group in modeling.sample(policy, tokenizer, prompts, samples=1, temperature=1.0,
+                                                     max_new_tokens=config.max_new_tokens, seed=0)]
+    policy_lp = modeling.response_logprobs(policy, tokenizer, prompts, answers)
+    reference_lp = modeling.response_logprobs(reference, tokenizer, prompts, answers)
+    return sum(p - r for p, r in zip(policy_lp, reference_lp)) / len(prompts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainers
+
+
+def dpo_trainer(config: RlhfParams, model, tokenizer, train_pairs, eval_pairs, root: Path, callbacks):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    dpo = config.dpo
+    reference = None  # TRL keeps a frozen copy of the model being trained
+    if dpo.reference_model != "sft":
+        reference, _ = modeling.load_pretrained(dpo.reference_model)
+    args = DPOConfig(output_dir=str(root / CHECKPOINTS), beta=dpo.beta, loss_type=dpo.loss_type,
+                     loss_weights=dpo.loss_weights, label_smoothing=dpo.label_smoothing, max_length=dpo.training.max_length,
+                     **alignment.training_args(dpo.training, config.distributed, has_eval=bool(eval_pairs)))
+
+    def dataset(pairs):
+        return Dataset.from_list([alignment.as_conversational(pair) for pair in pairs])
+
+    return DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=dataset(train_pairs),
+                      eval_dataset=dataset(eval_pairs) if eval_pairs else None,
+                      processing_class=tokenizer, callbacks=callbacks)
+
+
+def correctness(completions, reference, **_) -> list[float | None]:
+    """1 when the answer matches the train reference, 0 when not; None for prompts without one."""
+    return [None if ref is None else float(text.dedup_key(c[0]["content"]) == text.dedup_key(ref))
+            for c, ref in zip(completions, reference)]
+
+
+def length_penalty(max_tokens: int):
+    def length(completion_ids, **_) -> list[float]:
+        """Minus the share of the token budget the answer used."""
+        return [-len(ids) / max_tokens for ids in completion_ids]
+
+    return length
+
+
+def grpo_prompts(grpo: GrpoParams, train_pairs: list[dict], root: Path) -> list[dict]:
+    """The preference prompts (scored by the reward model) and, for the correctness reward,
+    train prompts with their reference answers; each conversation once."""
+    prompts: dict[str, dict] = {}
+    for pair in train_pairs:
+        messages = alignment.prompt_messages(pair)
+        prompts[json.dumps(messages)] = {"prompt": messages, "reference": None}
+    records = load_split(root / SFT_SPLITS["train"])
+    for row in random.Random(0).sample(records, min(grpo.reference_prompts, len(records))):
+        messages = modeling.record_messages(row, with_response=False)
+        prompts[json.dumps(messages)] = {"prompt": messages, "reference": row["response"]}
+    return list(prompts.values())
+
+
+def grpo_trainer(config: RlhfParams, model, tokenizer, train_pairs, reward_model, root: Path, callbacks):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    grpo = config.grpo
+    weights = grpo.reward_weights
+    functions = [(reward_model[0], weights.reward_model, reward_model[1]),
+                 (correctness, weights.correctness, None),
+                 (length_penalty(grpo.max_completion_length), weights.length, None)]
+    functions = [entry for entry in functions if entry[1] != 0]
+    Config, Trainer = (GRPOConfig, GRPOTrainer) if grpo.trainer == "grpo" else (RLOOConfig, RLOOTrainer)
+    args = Config(output_dir=str(root / CHECKPOINTS), num_generations=grpo.num_generations,
+                  max_completion_length=grpo.max_completion_length, temperature=grpo.temperature,
+                  beta=grpo.beta, reward_weights=[weight for _, weight, _ in functions],
+                  **alignment.training_args(grpo.training, config.distributed, has_eval=False))
+    return Trainer(model=model, reward_funcs=[function for function, _, _ in functions], args=args,
+                   train_dataset=Dataset.from_list(grpo_prompts(grpo, train_pairs, root)),
+                   processing_class=tokenizer,
+                   reward_processing_classes=[processor for _, _, processor in functions],
+                   callbacks=callbacks)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def _lineage(root: Path) -> dict:
+    lineage = alignment.lineage(root)
+    if (root / reward.OUT_DIR / "model.safetensors").is_file():
+        lineage["reward_model"] = {"path": str(reward.OUT_DIR),
+                                   "md5": modeling.file_md5(root / reward.OUT_DIR / "model.safetensors")}
+    return lineage
+
+
+def _pass_sft_through(root: Path, config: RlhfParams, reason: str) -> dict:
+    metrics = {"aligned": False, "method": config.method, "reason": reason}
+
+    with atomic_dir(root / OUT_DIR) as staging:
+        shutil.copytree(root / SFT_MODEL, staging, dirs_exist_ok=True)
+        modeling.write_model_card(staging, title="Flywheel model (SFT, not aligned)",
+                                  base_model=str(SFT_MODEL), lineage=_lineage(root),
+                                  params=config.model_dump(), metrics=metrics,
+                                  notes=f"**Alignment was skipped: {reason}.** These are the SFT "
+                                        "model's weights, unchanged.")
+    return metrics
+
+
+def train(params: Params, root: Path) -> dict | None:
+
+    config = params.rlhf
+    train_pairs, eval_pairs = alignment.load_pairs(root)
+    if not train_pairs:
+        return _pass_sft_through(root, config, alignment.no_pairs(config, "rlhf"))
+    reward_model = reward.load(root)
+    if config.method == "reward+grpo" and reward_model is None:
+        raise FlywheelError(f"{reward.OUT_DIR} holds no trained reward model (see its README.md): "
+                            "run the reward stage first (dvc repro reward)")
+    model, tokenizer = alignment.load_sft(root)
+    probe = load_split(root / SFT_SPLITS["eval"])[:config.eval_examples]
+    before = measure(model, tokenizer, eval_pairs, probe, reward_model, config)
+
+    callback = alignment.live_callback(root, LIVE_DIR)
+    callbacks = [callback]
+    trainer = (dpo_trainer(config, model, tokenizer, train_pairs, eval_pairs, root, callbacks)
+               if config.method == "dpo" else
+               grpo_trainer(config, model, tokenizer, train_pairs, reward_model, root, callbacks))
+    started = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - started
+    if not trainer.is_world_process_zero():
+        return None
+    aligned = trainer.model
+    after = measure(aligned, tokenizer, eval_pairs, probe, reward_model, config)
+    reference, _ = alignment.load_sft(root)
+    kl = kl_from_reference(aligned, reference, tokenizer, eval_pairs, config)
+    callback.live.end()
+
+    metrics = {"aligned": True, "method": config.method, "train_pairs": len(train_pairs),
+               "eval_pairs": len(eval_pairs), "task_examples": len(probe),
+               "steps": result.global_step, "train_seconds": round(seconds, 1),
+               "kl_from_sft": kl, "sft": before, "aligned_model": after,
+               "training_log": _last_logged(trainer)}
+
+    with atomic_dir(root / OUT_DIR) as staging:
+        trainer.save_model(str(staging))
+        tokenizer.save_pretrained(staging)
+        modeling.write_model_card(staging, title=f"Flywheel aligned model ({config.method})",
+                                  base_model=str(SFT_MODEL), lineage=_lineage(root),
+                                  params=config.model_dump(), metrics=metrics)
+    shutil.rmtree(root / CHECKPOINTS, ignore_errors=True)
+    return metrics
+
+
+def _last_logged(trainer) -> dict:
+    """The trainer's own last logged values (DPO reward margins/accuracies, GRPO rewards and KL)."""
+    last = {}
+    for entry in trainer.state.log_history:
+        last.update({key: value for key, value in entry.items()
+                     if isinstance(value, (int, float)) and key not in ("epoch", "step")})
+    return {key: round(value, 4) for key, value in sorted(last.items())}
+
+
+def run(params: Params, root: Path = Path(".")) -> dict | None:
+    return distributed.run_stage("rlhf", "rlhf", params.rlhf.distributed, params, root, train)
+
+
+def report(metrics: dict) -> str:
+    if not metrics["aligned"]:
+        return f"rlhf: alignment skipped ({metrics['reason']}); models/aligned is the SFT model"
+
+    def fmt(value):
+        return "n/a" if value is None else f"{value:.3f}"
+
+    before, after = metrics["sft"], metrics["aligned_model"]
+    lines = [f"rlhf ({metrics['method']}): {metrics['train_pairs']:,} pairs, {metrics['steps']:,} steps "
+             f"in {metrics['train_seconds']:.0f} s",
+             f"  preference accuracy  {fmt(before['preference_accuracy'])} -> "
+             f"{fmt(after['preference_accuracy'])} on {metrics['eval_pairs']:,} held-out pairs "
+             f"({fmt(before['preference_accuracy_collected'])} -> {fmt(after['preference_accuracy_collected'])} "
+             "on those collected from people, without on-policy pairs)",
+             f"  task exact match     {fmt(before['exact_match'])} -> {fmt(after['exact_match'])} "
+             f"on {metrics['task_examples']:,} held-out prompts"]
+    if "reward_of_answers" in after:
+        lines.append(f"  reward of answers    {fmt(before['reward_of_answers'])} -> "
+                     f"{fmt(after['reward_of_answers'])} (reward model)")
+    lines += [f"  KL from SFT          {fmt(metrics['kl_from_sft'])} nats per answer",
+              f"  wrote {OUT_DIR}/ (model card: {OUT_DIR}/README.md), curves in {LIVE_DIR}/"]
+    return "\n".join(lines)
