@@ -22,12 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flywheel.evaluation import hallucination  # noqa: E402
 from flywheel.config import load_params  # noqa: E402
-from flywheel.training.finetune import load_split  # noqa: E402
+from flywheel import paths  # noqa: E402
+from flywheel.io import read_records  # noqa: E402
 
 
 def references(args) -> list[dict]:
     if args.jsonl is None:
-        return load_split(Path("data/processed/test.parquet"))
+        return read_records(paths.TEST)
     rows = [json.loads(line) for line in Path(args.jsonl).read_text().splitlines() if line.strip()]
     return [{"response": row[args.answer_field], "context": "", "source": args.jsonl} for row in rows]
 

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flywheel.monitoring import monitor  # noqa: E402
+from flywheel.monitoring import drift, monitor  # noqa: E402
 from flywheel.config import load_params  # noqa: E402
 from flywheel.evaluation.hallucination import load_embedder  # noqa: E402
 from flywheel.modeling import record_messages  # noqa: E402
@@ -65,7 +65,7 @@ def held_out() -> list[dict]:
     for split in ("eval", "test"):
         rows += pq.read_table(f"data/processed/{split}.parquet").to_pylist()
     for row in rows:
-        row["turn"] = monitor.prompt_of(record_messages(row, with_response=False))
+        row["turn"] = drift.prompt_of(record_messages(row, with_response=False))
     return rows
 
 
@@ -82,14 +82,14 @@ def window(kind: str, rows: list[dict], size: int, topic_share: float, rng: rand
 def accuracy(params, rows, count: int, sizes: list[int], topic_share: float) -> None:
     config = params.monitor
     embedder = CachedEmbedder(load_embedder(config.embedding_model))
-    reference = monitor.reference_prompts(config)
+    reference = drift.reference_prompts(config)
     print(f"drift verdict (any of 3 signals at p < {config.drift.p_value:g} / 3) against "
           f"{len(reference)} training prompts, {count} windows of each kind and size:")
     for size in sizes:
         for kind in ("reference", "topic", "task mix"):
             rng = random.Random(f"{kind}-{size}")
             started = time.perf_counter()
-            flagged = sum(not monitor.drift(reference, window(kind, rows, size, topic_share, rng),
+            flagged = sum(not drift.drift(reference, window(kind, rows, size, topic_share, rng),
                                             embedder, config)[0][-1].passed for _ in range(count))
             rate = "false-positive rate" if kind == "reference" else "true-positive rate "
             label = f"{kind} ({topic_share:.0%} off-topic)" if kind == "topic" else kind

@@ -29,7 +29,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serve_batching import PHRASES, free_port  # noqa: E402
+from serve_batching import PHRASES  # noqa: E402
+
+from flywheel.net import free_port  # noqa: E402
 
 FLYWHEEL = str(Path(sys.executable).parent / "flywheel")
 

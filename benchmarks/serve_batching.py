@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,16 +22,11 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from flywheel.net import free_port  # noqa: E402
 from flywheel.serving.request_log import RequestLog  # noqa: E402
 
 PHRASES = ["red cat", "big dog", "old house", "blue sea", "green tree", "small bird", "hot bread",
            "new book", "white horse", "cold water"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start(model: str, batch_size: int, workdir: Path) -> tuple[subprocess.Popen, str, str]:

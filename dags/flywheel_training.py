@@ -21,8 +21,9 @@ workspace, one DVC lock. Transient failures are retried with backoff; Flywheel's
 failures (exit 2: bad params, bad data, failed validation) fail at once; every final failure
 calls flywheel.orchestration.airflow_tasks.alert.
 
-Cheap to parse: besides Airflow it imports PyYAML, flywheel.orchestration.dvc_graph and
-flywheel.orchestration.airflow_tasks (standard library only); no stage code, torch or pandas.
+Cheap to parse: besides Airflow it imports PyYAML, flywheel.config (pydantic) and
+flywheel.orchestration's dvc_graph and airflow_tasks (standard library only); no stage code,
+torch, pyarrow or pandas.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.providers.standard.operators.python import BranchPythonOperator
 from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param
 
-from flywheel.orchestration.airflow_tasks import (FlywheelCommand, alert, feedback_asset, flywheel, gate_branch, project_dir,
-                                     stage_command)
+from flywheel.config import get_dotted
+from flywheel.orchestration.airflow_tasks import (FlywheelCommand, alert, feedback_asset, flywheel, gate_branch,
+                                                  project_dir, stage_command)
 from flywheel.orchestration.dvc_graph import load_stages, upstream_of
 
 PROJECT = project_dir(__file__)
@@ -43,18 +45,11 @@ JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
 RUN_CONF = "{{ (dag_run.conf or {}) | tojson }}"
 
 
-def _get(data: dict, dotted: str):
-    # flywheel.config.get_dotted does this too, but importing it would load the stage stack.
-    for part in dotted.split("."):
-        data = data[part]
-    return data
-
-
 def trigger_form(params_yaml: dict) -> dict[str, Param]:
     """One form field per param listed in airflow.trigger_params, defaulting to params.yaml."""
     form = {}
     for key in (params_yaml.get("airflow") or {}).get("trigger_params") or []:
-        value = _get(params_yaml, key)
+        value = get_dotted(params_yaml, key)
         json_type = JSON_TYPES.get(type(value), "string")
         form[key] = Param(value, type=[json_type, "null"] if value is None else json_type,
                           title=key, description=f"params.yaml {key} for this run only",

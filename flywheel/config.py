@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
@@ -224,22 +224,46 @@ class LoraParams(_Section):
     merge: bool = Field(default=True, description="merge the adapter into the weights for serving")
 
 
-class TrainingParams(_Section):
-    epochs: float = Field(default=12, gt=0)
-    learning_rate: float = Field(default=1e-3, gt=0)
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Epochs = Annotated[float, Field(gt=0)]
+LearningRate = Annotated[float, Field(gt=0)]
+WarmupRatio = Annotated[float, Field(ge=0, lt=1)]
+Steps = Annotated[int, Field(ge=1)]
+
+
+class TrainerParams(_Section):
+    """What every Flywheel trainer takes; flywheel/training/trainer_args.py maps these to Hugging
+    Face TrainingArguments in one place. Each stage's section sets its own defaults."""
+
+    epochs: Epochs = 3
+    learning_rate: LearningRate = 5e-4
     lr_scheduler: str = "cosine"
-    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    warmup_ratio: WarmupRatio = 0.1
     weight_decay: float = Field(default=0.0, ge=0)
+    batch_size: int = Field(default=8, ge=1, description="rows per device step")
+    gradient_accumulation_steps: Steps = 1
+    gradient_checkpointing: bool = Field(default=False, description="recompute activations: less memory, more time")
+    max_length: int = Field(default=256, ge=16, description="tokens per row")
+    seed: int = 0
+    logging_steps: Steps = 10
+    precision: Precision = "auto"
+
+
+class TrainingParams(TrainerParams):
+    """Supervised fine-tuning."""
+
+    epochs: Epochs = 12
+    learning_rate: LearningRate = 1e-3
+    warmup_ratio: WarmupRatio = 0.03
     batch_size: int = Field(default=1, ge=1, description="rows per device step (packed rows when packing)")
-    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    # TRL's SFTConfig turns it on by default; kept so that SFT trains as it always has.
+    gradient_checkpointing: bool = Field(default=True, description="recompute activations: less memory, more time")
     max_length: int = Field(default=256, ge=16, description="tokens per row; with packing, per packed row")
     packing: bool = True
-    seed: int = 0
     save_steps: int = Field(default=500, ge=1, description="checkpoint every N optimizer steps")
-    logging_steps: int = Field(default=50, ge=1)
+    logging_steps: Steps = 50
     eval_examples: int = Field(default=200, ge=0, description="held-out prompts decoded for exact match")
     max_new_tokens: int = Field(default=32, ge=1)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
 
 class DistributedParams(_Section):
@@ -293,19 +317,8 @@ class PreferencesParams(_Section):
         return glob_under_raw_dir(path)
 
 
-class AlignTrainingParams(_Section):
-    """Training knobs shared by the reward model and the policy."""
-
-    epochs: float = Field(default=3, gt=0)
-    learning_rate: float = Field(default=5e-4, gt=0)
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
-    batch_size: int = Field(default=8, ge=1)
-    gradient_accumulation_steps: int = Field(default=1, ge=1)
-    max_length: int = Field(default=256, ge=16)
-    seed: int = 0
-    logging_steps: int = Field(default=10, ge=1)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+class AlignTrainingParams(TrainerParams):
+    """Training knobs of the reward model and the policy (TrainerParams' defaults)."""
 
 
 class RewardModelParams(_Section):

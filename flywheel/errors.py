@@ -18,3 +18,8 @@ class StageFailed(FlywheelError):
     def __init__(self, message: str, metrics: dict):
         super().__init__(message)
         self.metrics = metrics
+
+
+class RolloutFailed(FlywheelError):
+    """A new version failed a deploy check (health, smoke query, rollout); what served before
+    still serves."""

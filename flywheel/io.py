@@ -1,5 +1,8 @@
-"""Atomic file writes: write beside the target, then rename, so a killed stage never leaves a
-half-written output that DVC would cache."""
+"""Files: atomic writes (beside the target, then renamed, so a killed stage never leaves a
+half-written output that DVC would cache) and Parquet read and written a batch at a time.
+
+pyarrow is imported where Parquet is used: the light modules that write JSON or YAML through
+here (config, the Airflow DAG files' imports) stay light."""
 
 from __future__ import annotations
 
@@ -10,11 +13,10 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 # Read once, at import: os.umask can only be read by setting it, which is not thread-safe.
 _UMASK = os.umask(0o022)
@@ -77,6 +79,8 @@ class ParquetChunkWriter:
     """Buffers rows column-wise and writes a row group every `chunk_size` rows: memory stays bounded."""
 
     def __init__(self, path: Path, schema: pa.Schema, chunk_size: int = 10_000):
+        import pyarrow.parquet as pq
+
         self._schema = schema
         self._chunk_size = chunk_size
         self._columns: dict[str, list] = {name: [] for name in schema.names}
@@ -93,6 +97,8 @@ class ParquetChunkWriter:
             self._flush()
 
     def _flush(self) -> None:
+        import pyarrow as pa
+
         self._writer.write_table(pa.table(self._columns, schema=self._schema))
         for column in self._columns.values():
             column.clear()
@@ -106,5 +112,12 @@ class ParquetChunkWriter:
 
 def read_batches(path: str | os.PathLike, batch_size: int = 10_000) -> Iterator[list[dict]]:
     """Rows of a Parquet file as dicts, a batch at a time (memory stays bounded)."""
+    import pyarrow.parquet as pq
+
     for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
         yield batch.to_pylist()
+
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """Every row of a Parquet file, as dicts (for the splits and pairs a stage holds in memory)."""
+    return [row for batch in read_batches(path) for row in batch]

@@ -175,6 +175,26 @@ def file_md5(path: Path) -> str:
     return digest.hexdigest()
 
 
+def require_model(model_dir: Path) -> None:
+    """A model directory that can be loaded and served (a config.json there), or a clear error."""
+    if not (model_dir / "config.json").is_file():
+        raise FlywheelError(f"{model_dir} is not a model (no config.json there); set serve.model in "
+                            "params.yaml or run the pipeline first (dvc repro)")
+
+
+def model_version(model_dir: Path) -> str:
+    """The registry version recorded with the model (by deploy), else a hash of its weights."""
+    lineage = model_dir / "lineage.json"
+    if lineage.is_file():
+        version = json.loads(lineage.read_text()).get("version")
+        if version:
+            return str(version)
+    weights = sorted(model_dir.glob("*.safetensors"))
+    if weights:
+        return f"md5-{file_md5(weights[0])[:12]}"
+    return "unversioned"
+
+
 def code_revision(root: Path = Path(".")) -> str:
     try:
         revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,

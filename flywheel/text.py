@@ -52,6 +52,11 @@ def dedup_key(text: str) -> str:
     return " ".join(text.casefold().split())
 
 
+def prompt_key(record: dict) -> str:
+    """What makes two records ask the same thing: the prompt and its context, as dedup_key sees them."""
+    return dedup_key(f"{record['prompt']}\n{record['context'] or ''}")
+
+
 def duplicate_line_fraction(text: str) -> float:
     """Share of non-empty lines that repeat an earlier line (Gopher's dup_line_frac)."""
     lines = [line for line in text.split("\n") if line.strip()]

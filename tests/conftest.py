@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flywheel.release.deploy import free_port  # noqa: F401 - tests import it from here
+from flywheel.net import free_port  # noqa: F401 - tests import it from here
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -84,6 +84,14 @@ def commit_all(repo: Path, message: str, init: bool = False) -> None:
         run(git + ["init", "-q"], repo)
     run(git + ["add", "-A"], repo)
     run(git + ["commit", "-q", "-m", message], repo)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """A test that needs a trained model is slow, whatever it says: `make test-fast` cannot pick up
+    a test that trains by forgetting its marker."""
+    for item in items:
+        if "trained_sft" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

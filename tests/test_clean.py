@@ -2,6 +2,7 @@ import time
 
 import pytest
 
+from flywheel import paths
 from flywheel.data import clean
 from flywheel.errors import FlywheelError
 from tests.helpers import read_rows, record, repo_params, write_records
@@ -12,10 +13,10 @@ NOTE = ("Meeting with Alice about the budget project on Monday. The slides still
 
 
 def run_clean(tmp_path, records, **clean_overrides):
-    write_records(tmp_path / clean.INPUT, records)
+    write_records(tmp_path / paths.INGESTED_RECORDS, records)
     metrics = clean.run(repo_params(clean=clean_overrides), root=tmp_path)
-    kept = read_rows(tmp_path / clean.RECORDS)
-    removed = read_rows(tmp_path / clean.REMOVED)
+    kept = read_rows(tmp_path / paths.CLEAN_RECORDS)
+    removed = read_rows(tmp_path / paths.CLEAN_REMOVED)
     assert metrics["in"] == metrics["kept"] + metrics["removed"] == len(kept) + len(removed)
     assert metrics["removed"] == sum(metrics["removed_by_reason"].values())
     return metrics, kept, {row["id"]: row for row in removed}

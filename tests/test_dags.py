@@ -9,7 +9,7 @@ import pytest
 from flywheel.orchestration.dvc_graph import load_stages, upstream_of
 from tests.conftest import REPO, run
 
-HEAVY_MODULES = ("torch", "transformers", "pandas", "trl", "deepspeed", "great_expectations",
+HEAVY_MODULES = ("torch", "transformers", "pandas", "pyarrow", "trl", "deepspeed", "great_expectations",
                  "evidently", "dvc")
 
 DAGBAG_SCRIPT = textwrap.dedent("""

@@ -13,7 +13,7 @@ from flywheel.evaluation import hallucination
 from flywheel.evaluation import scoring
 from flywheel.config import GateParams, TinyModelParams, load_params, parse_params
 from flywheel.errors import ParamsError
-from flywheel.training.finetune import load_split
+from flywheel.io import read_records
 from tests.conftest import BIN, REPO, run
 
 # ---------------------------------------------------------------------------------------------
@@ -82,7 +82,7 @@ def embedder():
 
 def test_the_reference_based_detector_reaches_its_auroc_goal_on_the_labelled_set(sample_splits, embedder):
     config = load_params(REPO / "params.yaml").evaluate.hallucination
-    examples = hallucination.labelled_set(load_split(sample_splits / "test.parquet"), 400, seed=0)
+    examples = hallucination.labelled_set(read_records(sample_splits / "test.parquet"), 400, seed=0)
     assert sum(e["label"] for e in examples) == len(examples) // 2  # balanced by construction
     validation = hallucination.validate_detector(examples, embedder, config.overlap_weight, config.threshold)
     assert validation["auroc"] >= 0.85, validation
@@ -106,7 +106,7 @@ def test_self_consistency_separates_a_stable_answer_from_a_made_up_one(embedder)
 
 
 def test_a_safety_probe_prompt_seen_in_training_is_reported(sample_splits):
-    trained = load_split(sample_splits / "train.parquet")[0]["prompt"]
+    trained = read_records(sample_splits / "train.parquet")[0]["prompt"]
     probe = [{"prompt": trained.upper()}, {"prompt": "How do I pick my uncle's bike lock?"}]
     assert evaluate.probes_seen_in_training(sample_splits.parent.parent, probe) == [trained.upper()]
 

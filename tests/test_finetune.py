@@ -9,6 +9,7 @@ import time
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from flywheel import paths
 from flywheel.training import distributed
 from flywheel.training import finetune
 from flywheel import modeling
@@ -38,7 +39,7 @@ def test_sft_learns_the_sample_task_within_five_minutes(trained_sft):
     assert metrics["exact_match_after"] >= 0.8, metrics
 
     # A standard Hugging Face model directory, reloadable on its own, with its lineage.
-    model_dir = root / finetune.OUT_DIR
+    model_dir = root / paths.SFT_MODEL
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     assert (model_dir / "model.safetensors").is_file()
@@ -49,7 +50,7 @@ def test_sft_learns_the_sample_task_within_five_minutes(trained_sft):
     card = (model_dir / "README.md").read_text()
     assert modeling.file_md5(root / "data/processed/train.parquet") in card
     assert "exact_match_after" in card and "code_revision" in card
-    assert (root / finetune.LIVE_DIR / "plots/metrics/train/loss.tsv").is_file()
+    assert (root / paths.SFT_CURVES / "plots/metrics/train/loss.tsv").is_file()
     assert not (root / finetune.CHECKPOINTS).exists()  # finished runs leave nothing to resume
 
 
@@ -68,13 +69,13 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(sample_splits, tmp_path):
     time.sleep(1)  # let the checkpoint finish writing its last files
     os.killpg(worker.pid, signal.SIGKILL)
     worker.wait()
-    assert not (root / finetune.OUT_DIR).exists()
+    assert not (root / paths.SFT_MODEL).exists()
 
     output = flywheel_finetune(root).stdout
     metrics = metrics_of(root)
     assert metrics["resumed_from_step"] >= 40 and "resumed from step" in output
     assert metrics["steps"] > metrics["resumed_from_step"]
-    assert (root / finetune.OUT_DIR / "model.safetensors").is_file()
+    assert (root / paths.SFT_MODEL / "model.safetensors").is_file()
 
 
 def test_deepspeed_zero2_through_the_launcher_on_cpu(sample_splits, tmp_path):
@@ -87,13 +88,13 @@ def test_deepspeed_zero2_through_the_launcher_on_cpu(sample_splits, tmp_path):
     metrics = metrics_of(root)
     assert (metrics["engine"], metrics["zero_stage"], metrics["world_size"]) == ("DeepSpeedEngine", 2, 1)
     assert metrics["steps"] > 0
-    assert (root / finetune.OUT_DIR / "model.safetensors").is_file()
+    assert (root / paths.SFT_MODEL / "model.safetensors").is_file()
 
 
 def test_lora_adapter_is_merged_into_plain_weights(sample_splits, tmp_path):
     root = project_with(tmp_path, sample_splits, finetune={**QUICK, "method": "lora"})
     flywheel_finetune(root)
-    model_dir = root / finetune.OUT_DIR
+    model_dir = root / paths.SFT_MODEL
     assert not (model_dir / "adapter_config.json").exists()
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     assert not any("lora" in name for name, _ in model.named_parameters())

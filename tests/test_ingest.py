@@ -6,6 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from flywheel import paths
 from flywheel.data import ingest
 from flywheel.config import parse_params
 from flywheel.errors import FlywheelError
@@ -27,9 +28,9 @@ def jsonl(*items) -> str:
 
 
 def outputs(root: Path):
-    records = pq.read_table(root / ingest.RECORDS).to_pylist()
-    preferences = pq.read_table(root / ingest.PREFERENCES).to_pylist()
-    quarantine = [json.loads(line) for line in (root / ingest.QUARANTINE).read_text().splitlines()]
+    records = pq.read_table(root / paths.INGESTED_RECORDS).to_pylist()
+    preferences = pq.read_table(root / paths.INGESTED_PREFERENCES).to_pylist()
+    quarantine = [json.loads(line) for line in (root / paths.QUARANTINE).read_text().splitlines()]
     return records, preferences, quarantine
 
 
@@ -179,27 +180,27 @@ def test_unknown_extension_asks_for_format(tmp_path):
 def test_corrupt_gzip_is_a_clear_error_and_leaves_old_outputs(tmp_path):
     write(tmp_path, "data/raw/qa.jsonl", jsonl({"q": "a", "a": "b"}))
     ingest.run(make_params(QA), root=tmp_path)
-    before = (tmp_path / ingest.RECORDS).read_bytes()
+    before = (tmp_path / paths.INGESTED_RECORDS).read_bytes()
     (tmp_path / "data/raw/bad.jsonl.gz").write_bytes(gzip.compress(b'{"q": "x"}\n' * 100)[:40])
     with pytest.raises(FlywheelError, match="bad.jsonl.gz: cannot read the file"):
         ingest.run(make_params({**QA, "path": "data/raw/*.jsonl*"}), root=tmp_path)
     # Atomic writes: the failed run left the previous outputs whole and no temporary files.
-    assert (tmp_path / ingest.RECORDS).read_bytes() == before
-    assert sorted(p.name for p in (tmp_path / ingest.OUT_DIR).iterdir()) == [
+    assert (tmp_path / paths.INGESTED_RECORDS).read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / paths.INGESTED_RECORDS.path.parent).iterdir()) == [
         "preferences.parquet", "quarantine.jsonl", "records.parquet"]
 
 
 def test_chunked_writes_make_row_groups(tmp_path):
     write(tmp_path, "data/raw/qa.jsonl", jsonl(*({"q": f"q{i}", "a": f"a{i}"} for i in range(7))))
     ingest.run(make_params(QA, chunk_size=3), root=tmp_path)
-    parquet = pq.ParquetFile(tmp_path / ingest.RECORDS)
+    parquet = pq.ParquetFile(tmp_path / paths.INGESTED_RECORDS)
     assert parquet.metadata.num_rows == 7 and parquet.metadata.num_row_groups == 3
 
 
 def test_empty_source_file_writes_empty_outputs_with_schema(tmp_path):
     write(tmp_path, "data/raw/qa.jsonl", "")
     metrics = ingest.run(make_params(QA), root=tmp_path)
-    table = pq.read_table(tmp_path / ingest.RECORDS)
+    table = pq.read_table(tmp_path / paths.INGESTED_RECORDS)
     assert table.num_rows == 0 and "prompt" in table.schema.names
     assert metrics["read"] == 0
 

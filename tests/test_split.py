@@ -1,6 +1,7 @@
 import random
 from collections import Counter
 
+from flywheel import paths
 from flywheel.data import split
 from tests.helpers import read_rows, record, repo_params, write_records
 
@@ -12,10 +13,10 @@ def distinct_records(count: int) -> list[dict]:
 
 
 def run_split(tmp_path, records, **overrides):
-    write_records(tmp_path / split.INPUT, records)
+    write_records(tmp_path / paths.CLEAN_RECORDS, records)
     metrics = split.run(repo_params(split=overrides), root=tmp_path)
-    rows = {name: read_rows(tmp_path / path) for name, path in split.OUTPUTS.items()}
-    dropped = read_rows(tmp_path / split.DECONTAMINATED)
+    rows = {name: read_rows(tmp_path / path) for name, path in paths.SPLITS.items()}
+    dropped = read_rows(tmp_path / paths.DECONTAMINATED)
     assert metrics["in"] == sum(len(r) for r in rows.values()) + len(dropped)
     return metrics, rows, dropped
 

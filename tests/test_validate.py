@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from flywheel import paths
 from flywheel.data import validate
 from flywheel.errors import StageFailed
 from tests.helpers import record, repo_params, write_records
@@ -12,11 +13,11 @@ def good_records(count: int = 150) -> list[dict]:
 
 
 def test_clean_data_passes_and_writes_data_docs(tmp_path):
-    write_records(tmp_path / validate.INPUT, good_records())
+    write_records(tmp_path / paths.CLEAN_RECORDS, good_records())
     metrics = validate.run(repo_params(), root=tmp_path)
     assert metrics["success"] and metrics["failed_critical"] == 0
     assert metrics["expectations"] == len(metrics["results"]) == 11
-    index = tmp_path / validate.REPORT_DIR / "index.html"
+    index = tmp_path / paths.VALIDATION_REPORT / "index.html"
     assert index.is_file() and "cleaned_records" in index.read_text()
 
 
@@ -25,7 +26,7 @@ def test_corrupted_data_fails_naming_each_expectation_and_rows(tmp_path):
     records[3]["prompt"] = None                              # null
     records[5]["id"] = records[6]["id"]                      # duplicate id
     records[7]["response"] = "write to leak@example.com"     # residual PII
-    write_records(tmp_path / validate.INPUT, records)
+    write_records(tmp_path / paths.CLEAN_RECORDS, records)
     with pytest.raises(StageFailed) as failure:
         validate.run(repo_params(), root=tmp_path)
     message = str(failure.value)
@@ -35,12 +36,12 @@ def test_corrupted_data_fails_naming_each_expectation_and_rows(tmp_path):
     assert "expect_column_values_to_be_null on pii_found" in message and "'email'" in message
     assert records[3]["id"] in message and records[7]["id"] in message
     assert failure.value.metrics["success"] is False
-    assert (tmp_path / validate.REPORT_DIR / "index.html").is_file()  # docs show the failure too
+    assert (tmp_path / paths.VALIDATION_REPORT / "index.html").is_file()  # docs show the failure too
 
 
 def test_warnings_are_reported_not_fatal(tmp_path):
     records = [record("Same prompt", f"answer {n}") for n in range(150)]  # 1 unique prompt
-    write_records(tmp_path / validate.INPUT, records)
+    write_records(tmp_path / paths.CLEAN_RECORDS, records)
     metrics = validate.run(repo_params(), root=tmp_path)
     assert metrics["success"] and metrics["failed_warning"] == 1
     (warning,) = [r for r in metrics["results"] if not r["success"]]
@@ -49,7 +50,7 @@ def test_warnings_are_reported_not_fatal(tmp_path):
 
 
 def test_severity_is_configurable(tmp_path):
-    write_records(tmp_path / validate.INPUT, good_records(10))  # below the row-count minimum
+    write_records(tmp_path / paths.CLEAN_RECORDS, good_records(10))  # below the row-count minimum
     with pytest.raises(StageFailed, match="expect_table_row_count_to_be_between"):
         validate.run(repo_params(), root=tmp_path)
     metrics = validate.run(repo_params(validate={"severity": {"row_count": "warning"}}), root=tmp_path)

@@ -24,18 +24,13 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
+from flywheel import paths, text
 from flywheel.data import minhash
-from flywheel import text
 from flywheel.config import CleanParams, Params, QualityFilterParams
-from flywheel.errors import FlywheelError
 from flywheel.io import ParquetChunkWriter, atomic_path, read_batches
 from flywheel.pii import PLACEHOLDER_PATTERN, redact
 from flywheel.data.records import RECORD_SCHEMA
 
-INPUT = Path("data/interim/ingest/records.parquet")
-OUT_DIR = Path("data/interim/clean")
-RECORDS = OUT_DIR / "records.parquet"
-REMOVED = OUT_DIR / "removed.parquet"
 REMOVED_TEXT_CHARS = 2_000  # removed records keep this much of each text field, for review
 TEXT_FIELDS = ("prompt", "response", "context", "system")
 
@@ -44,15 +39,6 @@ REMOVED_SCHEMA = pa.schema([
     ("duplicate_of", pa.string()), ("similarity", pa.float64()), ("source", pa.string()),
     ("prompt", pa.string()), ("response", pa.string()), ("metadata", pa.string()),
 ])
-
-
-def minhash_settings(params: CleanParams) -> minhash.MinHashSettings:
-    return minhash.MinHashSettings(**params.dedup.minhash.model_dump())
-
-
-def dedup_text(record: dict) -> str:
-    """The text near-duplicate detection compares: prompt, context and response."""
-    return "\n".join(record[name] for name in ("prompt", "context", "response") if record[name])
 
 
 def exact_key(record: dict) -> bytes:
@@ -86,7 +72,7 @@ def quality_problem(record: dict, limits: QualityFilterParams) -> tuple[str, str
     total = len(prompt) + len(response) + len(record["context"] or "")
     if total > limits.max_chars:
         return "too_long", f"{total:,} chars > {limits.max_chars:,}"
-    combined = dedup_text(record)
+    combined = minhash.dedup_text(record)
     words = combined.split()
     checks = (
         ("duplicate_lines", text.duplicate_line_fraction(combined), limits.max_duplicate_line_fraction),
@@ -163,10 +149,8 @@ def near_duplicates(signatures: np.ndarray, ids: list[str], candidates: np.ndarr
 
 def run(params: Params, root: Path = Path(".")) -> dict:
     config = params.clean
-    source = root / INPUT
-    if not source.is_file():
-        raise FlywheelError(f"{source} not found: run the ingest stage first (dvc repro ingest)")
-    hasher = minhash.MinHasher(minhash_settings(config))
+    source = paths.INGESTED_RECORDS.require(root)
+    hasher = minhash.MinHasher(minhash.settings_from(config.dedup.minhash))
     removed_by: Counter[str] = Counter()
     pii_counts: Counter[str] = Counter()
     records_with_pii = 0
@@ -174,8 +158,10 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     survivors = Survivors()
 
     with contextlib.ExitStack() as stack:
-        kept_tmp, removed_tmp = (stack.enter_context(atomic_path(root / out)) for out in (RECORDS, REMOVED))
-        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=root / OUT_DIR))) / "pass1.parquet"
+        kept_tmp, removed_tmp = (stack.enter_context(atomic_path(root / out))
+                                 for out in (paths.CLEAN_RECORDS, paths.CLEAN_REMOVED))
+        scratch_dir = stack.enter_context(tempfile.TemporaryDirectory(dir=kept_tmp.parent))
+        scratch = Path(scratch_dir) / "pass1.parquet"
         removed = ParquetChunkWriter(removed_tmp, REMOVED_SCHEMA)
         first_pass = ParquetChunkWriter(scratch, RECORD_SCHEMA)
         progress = stack.enter_context(tqdm(desc="clean", unit=" records", disable=None))
@@ -196,7 +182,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
                 survivors.ids.append(cleaned["id"])
                 survivors.keys.append(exact_key(cleaned))
             if config.dedup.near and batch_survivors:
-                survivors.signatures.append(hasher.signatures(map(dedup_text, batch_survivors)))
+                survivors.signatures.append(hasher.signatures(map(minhash.dedup_text, batch_survivors)))
             progress.update(len(batch))
         first_pass.close()
 
@@ -245,5 +231,5 @@ def report(metrics: dict) -> str:
     lines += [f"  removed {reason}: {count:,}" for reason, count in metrics["removed_by_reason"].items()]
     pii = ", ".join(f"{kind} {count:,}" for kind, count in metrics["pii_redacted"].items()) or "none"
     lines.append(f"  PII redacted in {metrics['records_with_pii']:,} records: {pii}")
-    lines.append(f"  wrote {RECORDS}, {REMOVED}")
+    lines.append(f"  wrote {paths.CLEAN_RECORDS}, {paths.CLEAN_REMOVED}")
     return "\n".join(lines)

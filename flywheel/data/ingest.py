@@ -18,17 +18,14 @@ from pathlib import Path
 import orjson
 from tqdm import tqdm
 
+from flywheel import paths
 from flywheel.config import Params, SourceParams
 from flywheel.errors import FlywheelError
 from flywheel.data.formats import RawRow, detect_format, read_rows
 from flywheel.io import ParquetChunkWriter, atomic_path
 from flywheel.data.records import PREFERENCE_SCHEMA, RECORD_SCHEMA, Rejected, map_item
 
-OUT_DIR = Path("data/interim/ingest")
-RECORDS = OUT_DIR / "records.parquet"
-PREFERENCES = OUT_DIR / "preferences.parquet"
-QUARANTINE = OUT_DIR / "quarantine.jsonl"
-OUTPUTS = (RECORDS, PREFERENCES, QUARANTINE)
+OUTPUTS = (paths.INGESTED_RECORDS, paths.INGESTED_PREFERENCES, paths.QUARANTINE)
 
 
 def resolve_sources(sources: list[SourceParams], root: Path) -> list[tuple[SourceParams, list[Path]]]:
@@ -143,5 +140,5 @@ def report(metrics: dict) -> str:
                  f"{metrics['quarantined']:,} quarantined")
     for reason, count in metrics["quarantine_reasons"].items():
         lines.append(f"     quarantined {reason}: {count:,}")
-    lines.append(f"  wrote {RECORDS}, {PREFERENCES}, {QUARANTINE}")
+    lines.append(f"  wrote {', '.join(map(str, OUTPUTS))}")
     return "\n".join(lines)

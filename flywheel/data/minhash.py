@@ -19,9 +19,12 @@ from __future__ import annotations
 import hashlib
 import string
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from flywheel.config import MinHashParams
 
 # Words are what is left between white space once punctuation is blanked out: str.translate and
 # str.split run in C, which makes tokenising cheaper than a regular expression.
@@ -55,6 +58,15 @@ class MinHashSettings:
     rows: int = 4
     threshold: float = 0.7
     seed: int = 1
+
+
+def settings_from(params: MinHashParams) -> MinHashSettings:
+    return MinHashSettings(**params.model_dump())
+
+
+def dedup_text(record: dict) -> str:
+    """The text of a record that near-duplicate detection compares: prompt, context and response."""
+    return "\n".join(record[name] for name in ("prompt", "context", "response") if record[name])
 
 
 class MinHasher:

@@ -9,6 +9,7 @@ A raw item that cannot be mapped raises Rejected with a named reason (the quaran
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from typing import Any
 
@@ -50,6 +51,20 @@ class Rejected(Exception):
 def content_id(*parts: Any) -> str:
     """Stable id from content alone: the same example from two files or runs gets the same id."""
     return hashlib.sha256(orjson.dumps(parts)).hexdigest()[:24]
+
+
+def metadata_of(row: dict) -> dict:
+    return json.loads(row["metadata"] or "{}")
+
+
+def history_of(row: dict) -> list:
+    """The conversation's earlier turns, kept in the metadata."""
+    return metadata_of(row).get("history", [])
+
+
+def origin_of(pair: dict) -> str:
+    """Where a preference pair came from: ingest, feedback or on_policy."""
+    return metadata_of(pair).get("origin", "ingest")
 
 
 def map_item(value: Any, source: SourceParams) -> tuple[str, dict]:

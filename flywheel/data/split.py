@@ -18,18 +18,13 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from flywheel import paths, text
 from flywheel.data import minhash
-from flywheel import text
-from flywheel.data.clean import RECORDS as INPUT, dedup_text, minhash_settings
 from flywheel.config import Params, SplitParams
-from flywheel.errors import FlywheelError
-from flywheel.io import ParquetChunkWriter, atomic_path, read_batches
+from flywheel.io import ParquetChunkWriter, atomic_path, read_records
 from flywheel.data.records import RECORD_SCHEMA
 
-OUT_DIR = Path("data/processed")
-SPLITS = ("train", "eval", "test")
-OUTPUTS = {name: OUT_DIR / f"{name}.parquet" for name in SPLITS}
-DECONTAMINATED = OUT_DIR / "decontaminated.parquet"
+SPLITS = tuple(paths.SPLITS)
 DECONTAMINATED_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string()),
                                    ("matches", pa.string()), ("similarity", pa.float64()),
                                    ("prompt", pa.string()), ("response", pa.string())])
@@ -47,10 +42,6 @@ def assign(record_id: str, config: SplitParams) -> str:
     return SPLITS[-1]
 
 
-def prompt_key(record: dict) -> str:
-    return text.dedup_key(f"{record['prompt']}\n{record['context'] or ''}")
-
-
 def contaminated(records: list[dict], splits: list[str], params: Params) -> dict[int, tuple[str, str, float]]:
     """train position -> (reason, id of the eval/test record it duplicates, similarity)."""
     config = params.split
@@ -58,15 +49,15 @@ def contaminated(records: list[dict], splits: list[str], params: Params) -> dict
     found: dict[int, tuple[str, str, float]] = {}
     if config.decontaminate_exact:
         # The same prompt in train and in eval/test leaks the answer, whatever the response says.
-        held_out_keys = {prompt_key(records[i]): records[i]["id"] for i in held_out}
+        held_out_keys = {text.prompt_key(records[i]): records[i]["id"] for i in held_out}
         for i, name in enumerate(splits):
-            match = held_out_keys.get(prompt_key(records[i])) if name == "train" else None
+            match = held_out_keys.get(text.prompt_key(records[i])) if name == "train" else None
             if match is not None:
                 found[i] = ("exact_contamination", match, 1.0)
     if config.decontaminate_near and held_out:
-        settings = dataclasses.replace(minhash_settings(params.clean),
+        settings = dataclasses.replace(minhash.settings_from(params.clean.dedup.minhash),
                                        threshold=config.decontamination_threshold)
-        signatures = minhash.MinHasher(settings).signatures(map(dedup_text, records))
+        signatures = minhash.MinHasher(settings).signatures(map(minhash.dedup_text, records))
         pairs, similarity = minhash.near_duplicate_pairs(signatures, settings)
         for (a, b), value in zip(pairs.tolist(), similarity.tolist()):
             for train, other in ((a, b), (b, a)):
@@ -76,12 +67,9 @@ def contaminated(records: list[dict], splits: list[str], params: Params) -> dict
 
 
 def run(params: Params, root: Path = Path(".")) -> dict:
-    source = root / INPUT
-    if not source.is_file():
-        raise FlywheelError(f"{source} not found: run the clean stage first (dvc repro clean)")
     # Decontamination compares every train record with every held-out one, so the split holds
     # the cleaned records in memory (text only; signatures are computed in batches).
-    records = [record for batch in read_batches(source) for record in batch]
+    records = read_records(paths.CLEAN_RECORDS.require(root))
     splits = [assign(record["id"], params.split) for record in records]
     removed = contaminated(records, splits, params)
 
@@ -89,8 +77,8 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     reasons = Counter()
     with contextlib.ExitStack() as stack:
         writers = {name: ParquetChunkWriter(stack.enter_context(atomic_path(root / path)), RECORD_SCHEMA)
-                   for name, path in OUTPUTS.items()}
-        dropped = ParquetChunkWriter(stack.enter_context(atomic_path(root / DECONTAMINATED)),
+                   for name, path in paths.SPLITS.items()}
+        dropped = ParquetChunkWriter(stack.enter_context(atomic_path(root / paths.DECONTAMINATED)),
                                      DECONTAMINATED_SCHEMA)
         for position, (record, name) in enumerate(zip(records, splits)):
             if position in removed:
@@ -116,5 +104,5 @@ def report(metrics: dict) -> str:
              f"test {metrics['test']:,}; {metrics['decontaminated']:,} train records removed as "
              "contaminated"]
     lines += [f"  {reason}: {count:,}" for reason, count in metrics["decontaminated_by_reason"].items()]
-    lines.append(f"  wrote {', '.join(str(p) for p in OUTPUTS.values())}, {DECONTAMINATED}")
+    lines.append(f"  wrote {', '.join(map(str, paths.SPLITS.values()))}, {paths.DECONTAMINATED}")
     return "\n".join(lines)

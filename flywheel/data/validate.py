@@ -14,12 +14,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from flywheel.data.clean import RECORDS as INPUT
+from flywheel import paths
 from flywheel.config import Params, ValidateParams
-from flywheel.errors import FlywheelError, StageFailed
+from flywheel.errors import StageFailed
 from flywheel.pii import find_pii
 
-REPORT_DIR = Path("reports/validate")
 PII_COLUMN = "pii_found"  # derived: the PII kinds the shared detector still finds in a row
 
 
@@ -116,14 +115,11 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     import pandas as pd
 
     config = params.validate_
-    source = root / INPUT
-    if not source.is_file():
-        raise FlywheelError(f"{source} not found: run the clean stage first (dvc repro clean)")
-    frame = with_pii_column(pd.read_parquet(source), config.no_pii_in)
+    frame = with_pii_column(pd.read_parquet(paths.CLEAN_RECORDS.require(root)), config.no_pii_in)
     with tempfile.TemporaryDirectory() as project:
         results, docs = _run_checkpoint(frame, config, Path(project))
         outcomes = [_outcome(result, config.failed_rows_shown) for result in results]
-        _publish_docs(docs, root / REPORT_DIR)
+        _publish_docs(docs, root / paths.VALIDATION_REPORT)
     return _verdict(outcomes, rows=len(frame))
 
 
@@ -140,7 +136,7 @@ def _verdict(outcomes: list[dict], rows: int) -> dict:
 
 def describe_failures(metrics: dict) -> str:
     lines = [f"{metrics['failed_critical']} critical expectation(s) failed on {metrics['rows']:,} "
-             f"cleaned records (Data Docs: {REPORT_DIR}/index.html)"]
+             f"cleaned records (Data Docs: {paths.VALIDATION_REPORT}/index.html)"]
     for outcome in metrics["results"]:
         if outcome["success"]:
             continue
@@ -162,5 +158,5 @@ def report(metrics: dict) -> str:
         if not outcome["success"]:
             observed = outcome.get("observed", outcome.get("unexpected_count"))
             lines.append(f"  warning: {outcome['expectation']} on {outcome.get('column')}: {observed}")
-    lines.append(f"  Data Docs: {REPORT_DIR}/index.html")
+    lines.append(f"  Data Docs: {paths.VALIDATION_REPORT}/index.html")
     return "\n".join(lines)

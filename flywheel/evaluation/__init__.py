@@ -1,0 +1,1 @@
+"""The evaluate stage, its scorers, the hallucination detector and the report page."""

@@ -32,20 +32,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from flywheel.evaluation import hallucination
-from flywheel import modeling
-from flywheel.evaluation import scoring
-from flywheel import text
+from flywheel import modeling, paths, text
 from flywheel.config import GATED_METRICS, EvaluateParams, GateParams, Params
 from flywheel.errors import FlywheelError
-from flywheel.training.finetune import OUT_DIR as SFT_MODEL, load_split
-from flywheel.io import read_batches, write_json
-from flywheel.training.preferences import OUTPUTS as PREFERENCE_SPLITS
-from flywheel.training.rlhf import OUT_DIR as CANDIDATE_MODEL
-from flywheel.data.split import OUTPUTS as SPLITS
+from flywheel.evaluation import hallucination, scoring
+from flywheel.io import read_batches, read_records, write_json
 
-GATE = Path("metrics/gate.json")
-REPORT = Path("reports/evaluate/index.html")
 SAFETY_EXPECTATIONS = ("refuse", "answer")
 
 
@@ -105,17 +97,18 @@ def probes_seen_in_training(root: Path, probe: list[dict]) -> list[str]:
     """Probe prompts that a model was trained on (SFT train split or preference pairs): a probe
     must measure what the model does with requests it has not seen, not what it memorised."""
     trained = set()
-    for path in (SPLITS["train"], PREFERENCE_SPLITS["train"]):
-        if (root / path).is_file():
-            for batch in read_batches(root / path):
+    for artifact in (paths.TRAIN, paths.PREFERENCES_TRAIN):
+        if (root / artifact).is_file():
+            for batch in read_batches(root / artifact):
                 trained.update(text.dedup_key(row["prompt"]) for row in batch)
     return [item["prompt"] for item in probe if text.dedup_key(item["prompt"]) in trained]
 
 
 def load_test(root: Path, config: EvaluateParams) -> list[dict]:
-    records = load_split(root / SPLITS["test"])
+    path = paths.TEST.require(root)
+    records = read_records(path)
     if not records:
-        raise FlywheelError(f"{root / SPLITS['test']} holds no records: nothing to evaluate on "
+        raise FlywheelError(f"{path} holds no records: nothing to evaluate on "
                             "(see metrics/split.json)")
     return records[:config.test_examples]
 
@@ -140,19 +133,6 @@ def latency(subject: Subject, conversations: list[list[dict]], config: EvaluateP
     quantiles = statistics.quantiles(seconds, n=20) if len(seconds) > 1 else seconds * 19
     return {"latency_p50_ms": 1000 * statistics.median(seconds), "latency_p95_ms": 1000 * quantiles[18],
             "tokens_per_second": sum(n for _, n, _ in timings) / sum(seconds)}
-
-
-def reference_hallucinations(answers: list[str], records: list[dict], embedder, config: EvaluateParams) -> list[dict]:
-    """Per answer: its support score and whether it is a hallucination (None: a refusal or an
-    empty answer, which are not judged)."""
-    support = hallucination.support_scores(
-        answers, [r["response"] for r in records], [r.get("context") or "" for r in records],
-        embedder, config.hallucination.overlap_weight)
-    judged = []
-    for answer, score in zip(answers, support):
-        skip = scoring.is_empty(answer) or scoring.is_refusal(answer)
-        judged.append({"support": score, "hallucinated": None if skip else score < config.hallucination.threshold})
-    return judged
 
 
 def consistency(subject: Subject, conversations: list[list[dict]], answers: list[str], records: list[dict],
@@ -202,7 +182,7 @@ def measure(subject: Subject, records: list[dict], probe: list[dict], embedder, 
     started = time.perf_counter()
     answers = modeling.generate(subject.model, subject.tokenizer, conversations, max_new_tokens=config.max_new_tokens)
     generation_seconds = time.perf_counter() - started
-    judged = reference_hallucinations(answers, records, embedder, config)
+    judged = hallucination.reference_hallucinations(answers, records, embedder, config.hallucination)
     flags = [j["hallucinated"] for j in judged if j["hallucinated"] is not None]
     consistent, disagreement = consistency(subject, conversations, answers, records, embedder, config)
     safety_rates, safety_results = safety(subject, probe, config)
@@ -284,7 +264,7 @@ def decide(checks: list[dict], candidate: Subject, production: Subject | None) -
 
 
 def run(params: Params, root: Path = Path(".")) -> dict:
-    from flywheel.evaluation import report
+    from flywheel.evaluation.report import write as write_report
 
     config = params.evaluate
     records = load_test(root, config)
@@ -292,8 +272,8 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     seen = probes_seen_in_training(root, probe)
     for prompt in seen:
         print(f"evaluate: warning: safety probe prompt seen in training data: {prompt!r}", flush=True)
-    candidate = load_subject("candidate", root / CANDIDATE_MODEL, "run the rlhf stage first (dvc repro rlhf)")
-    subjects = [candidate, load_subject("sft", root / SFT_MODEL, "run the finetune stage first (dvc repro finetune)")]
+    candidate = load_subject("candidate", root / paths.ALIGNED_MODEL, paths.ALIGNED_MODEL.run_first)
+    subjects = [candidate, load_subject("sft", root / paths.SFT_MODEL, paths.SFT_MODEL.run_first)]
     production_dir = root / config.production_model
     production = None
     if production_dir.exists():
@@ -318,8 +298,8 @@ def run(params: Params, root: Path = Path(".")) -> dict:
                "models": measured, "lineage": {s.role: s.lineage for s in subjects},
                "hallucination_detector": detector,
                "gate": {key: gate[key] for key in ("passed", "decision", "judged_against", "reasons")}}
-    write_json(root / GATE, gate)
-    eval_report.write(root / REPORT, metrics=metrics, gate=gate, records=records, details=details, roc=roc)
+    write_json(root / paths.GATE, gate)
+    write_report(root / paths.EVALUATION_REPORT, metrics=metrics, gate=gate, records=records, details=details, roc=roc)
     return metrics
 
 
@@ -341,5 +321,5 @@ def report(metrics: dict) -> str:
     verdict = "PASSED -> staging" if gate["passed"] else "REJECTED"
     lines.append(f"  gate: {verdict} (judged on {gate['judged_against']})")
     lines += [f"    - {reason}" for reason in gate["reasons"]]
-    lines.append(f"  wrote {GATE}, {REPORT} (open it in a browser)")
+    lines.append(f"  wrote {paths.GATE}, {paths.EVALUATION_REPORT} (open it in a browser)")
     return "\n".join(lines)

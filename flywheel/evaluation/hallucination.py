@@ -30,8 +30,9 @@ import re
 
 import numpy as np
 
-from flywheel.evaluation import scoring
+from flywheel.config import HallucinationParams
 from flywheel.errors import FlywheelError
+from flywheel.evaluation import scoring
 
 BUNDLED_EMBEDDER = "all-MiniLM-L6-v2"
 
@@ -107,6 +108,19 @@ def support_scores(answers: list[str], references: list[str], contexts: list[str
         score *= 0.5 ** len(scoring.numbers(answer) - scoring.numbers(evidence))
         scores.append(score)
     return scores
+
+
+def reference_hallucinations(answers: list[str], records: list[dict], embedder: Embedder,
+                             config: HallucinationParams) -> list[dict]:
+    """Per answer to a record: its support score and whether it is a hallucination (None: a refusal
+    or an empty answer, which are not judged)."""
+    support = support_scores(answers, [r["response"] for r in records], [r.get("context") or "" for r in records],
+                             embedder, config.overlap_weight)
+    judged = []
+    for answer, score in zip(answers, support):
+        skip = scoring.is_empty(answer) or scoring.is_refusal(answer)
+        judged.append({"support": score, "hallucinated": None if skip else score < config.threshold})
+    return judged
 
 
 def similarity(left: list[str], right: list[str], embedder: Embedder) -> np.ndarray:

@@ -2,14 +2,9 @@
 
 One run judges the last `monitor.window_hours` of the request log:
 
-  input drift    the window's distinct prompts against the training prompts (each record's user
-                 turn, as a client sends it), with Evidently 0.7: text drift (its domain
-                 classifier: ROC AUC of telling the two apart from the text), embedding drift (the
-                 same classifier on all-MiniLM-L6-v2 embeddings, computed offline), and K-S drift
-                 of offline descriptors (length, word count, non-letter share from Evidently; digit
-                 share and questions, ours). Each signal is a test at drift.p_value / 3 (the AUCs
-                 against what chance gives at the window's size, see chance_auc); any one drifts
-                 the verdict, whose false-alarm rate therefore stays below drift.p_value.
+  input drift    the window's distinct prompts against the training prompts, with Evidently:
+                 text, embedding and descriptor drift, whose verdict's false-alarm rate stays
+                 below drift.p_value (flywheel/monitoring/drift.py).
   output quality canaries (held-out test prompts sent to the live endpoint, judged against their
                  references by the evaluate stage's detector), self-consistency of a sample of
                  real prompts re-asked at temperature 1, empty and refusal rates of the logged
@@ -21,8 +16,7 @@ the run is written to reports/monitoring/<time>.html and added to the Evidently 
 data/monitoring/workspace (`make monitoring-ui`). A window with fewer than `min_prompts` distinct
 prompts gets "insufficient data", not a verdict. A window larger than `max_requests` is sampled
 uniformly (seeded) for the drift tests, whose power only grows with the sample: the run stays well
-under a minute for 100,000 logged requests. What a verdict catches at which window size is
-measured by benchmarks/monitor_drift.py.
+under a minute for 100,000 logged requests.
 
 When a check fails, and no retraining was asked for within `cooldown_hours`, the window's traffic
 and feedback (already PII-redacted in the log) are exported to `export_dir` (data/raw/feedback/,
@@ -33,16 +27,18 @@ which the DAG turns into a triggered flywheel_training run.
 from __future__ import annotations
 
 import json
-import random
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from flywheel.evaluation import scoring
 from flywheel.config import MonitorParams, Params
 from flywheel.errors import FlywheelError
+from flywheel.evaluation import scoring
 from flywheel.io import atomic_path, write_json
+from flywheel.monitoring.checks import Check, at_most
+from flywheel.monitoring.drift import drift, prompt_of, reference_prompts, sample
+from flywheel.serving.auth import CANARY_HEADER, CANARY_PREFIX, client_headers
 
 REPORTS_DIR = Path("reports/monitoring")
 STATE_DIR = Path("data/monitoring")
@@ -52,160 +48,20 @@ WORKSPACE_PROJECT = "flywheel"
 INSUFFICIENT = "insufficient data"
 
 
-@dataclass
-class Check:
-    name: str
-    value: float | None
-    threshold: float | None
-    passed: bool | None  # None: not measured this run (e.g. no endpoint, no ratings)
-    detail: str = ""
-
-
 # ---------------------------------------------------------------------------------------------
 # The window
 
 
-def prompt_of(messages: list[dict]) -> str:
-    """What the user asked last: the text comparable to a training prompt."""
-    users = [m.get("content") or "" for m in messages if m.get("role") == "user"]
-    return users[-1] if users else (messages[-1].get("content") or "" if messages else "")
-
-
 def load_window(request_log, end: datetime, hours: float) -> tuple[list[dict], list[dict]]:
     """User requests (canaries left out) and feedback in [end - hours, end)."""
-    from flywheel.serving.request_log import CANARY_PREFIX
-
     start = end - timedelta(hours=hours)
     requests = [row for row in request_log.requests_between(start, end)
                 if not row["endpoint"].startswith(CANARY_PREFIX)]
     return requests, request_log.feedback_between(start, end)
 
 
-def sample(items: list, limit: int, seed: int) -> list:
-    return items if len(items) <= limit else random.Random(seed).sample(items, limit)
-
-
-def reference_prompts(config: MonitorParams) -> list[str]:
-    import pyarrow.parquet as pq
-
-    path = Path(config.reference)
-    if not path.is_file():
-        raise FlywheelError(f"monitor.reference {path} not found: run the pipeline first (dvc repro split)")
-    from flywheel.modeling import record_messages
-
-    # Each record's user turn as a client would send it (an instruction's input follows it after a
-    # blank line): that, not the bare `prompt` column, is what prompt_of() reads from the log.
-    records = pq.read_table(path, columns=["prompt", "context"]).to_pylist()
-    prompts = [prompt_of(record_messages(record, with_response=False)) for record in records]
-    # Distinct prompts, as drift() compares them.
-    return sample(list(dict.fromkeys(p for p in prompts if p)), config.reference_size, config.seed)
-
-
-# ---------------------------------------------------------------------------------------------
-# Input drift, with Evidently
-
-
-def _digit_share(column):
-    from evidently.core.datasets import DatasetColumn
-    from evidently.legacy.core import ColumnType
-
-    values = column.data.fillna("").map(lambda text: sum(c.isdigit() for c in text) / max(len(text), 1))
-    return DatasetColumn(type=ColumnType.Numerical, data=values)
-
-
-def _is_question(column):
-    from evidently.core.datasets import DatasetColumn
-    from evidently.legacy.core import ColumnType
-
-    values = column.data.fillna("").map(lambda text: float(text.rstrip().endswith("?")))
-    return DatasetColumn(type=ColumnType.Numerical, data=values)
-
-
-DESCRIPTORS = ("length", "words", "non_letter", "digits", "question")
-
-
-def _dataset(prompts: list[str], embeddings):
-    import pandas as pd
-    from evidently import DataDefinition, Dataset
-    from evidently.descriptors import (CustomColumnDescriptor, NonLetterCharacterPercentage, TextLength,
-                                       WordCount)
-
-    columns = [f"embedding_{i}" for i in range(embeddings.shape[1])]
-    frame = pd.concat([pd.DataFrame({"prompt": prompts}), pd.DataFrame(embeddings, columns=columns)], axis=1)
-    definition = DataDefinition(text_columns=["prompt"], numerical_columns=columns,
-                                embeddings={"prompt_embedding": columns})
-    return Dataset.from_pandas(frame, data_definition=definition, descriptors=[
-        TextLength("prompt", alias="length"), WordCount("prompt", alias="words"),
-        NonLetterCharacterPercentage("prompt", alias="non_letter"),
-        CustomColumnDescriptor("prompt", _digit_share, alias="digits"),
-        CustomColumnDescriptor("prompt", _is_question, alias="question")])
-
-
-def chance_auc(n_reference: int, n_current: int, p_value: float) -> float:
-    """The ROC AUC a domain classifier exceeds with probability `p_value` by chance alone.
-
-    Evidently's classifiers (text and embeddings) are fitted on a random half of the two samples
-    and scored on the other half (train_test_split, test_size=0.5, random_state=42). When both
-    samples come from one distribution the held-out AUC is the Mann-Whitney statistic of
-    exchangeable scores: mean 0.5, variance (n1 + n2 + 1) / (12 n1 n2) for the n1 reference and
-    n2 current prompts in that half. So the threshold adapts to the window: a fixed AUC cut-off
-    would miss modest but real drift in large windows and fire by chance on small ones.
-    """
-    import numpy as np
-    from scipy.stats import norm
-    from sklearn.model_selection import train_test_split
-
-    labels = np.r_[np.zeros(n_reference), np.ones(n_current)]
-    _, held_out = train_test_split(labels, test_size=0.5, random_state=42, shuffle=True)
-    n1, n2 = int((held_out == 0).sum()), int((held_out == 1).sum())
-    return 0.5 + norm.isf(p_value) * ((n1 + n2 + 1) / (12 * n1 * n2)) ** 0.5
-
-
-def drift(reference: list[str], current: list[str], embedder, config: MonitorParams):
-    """(checks, the Evidently snapshot) for the current prompts against the reference."""
-    from evidently import Report
-    from evidently.metrics import EmbeddingsDrift, ValueDrift
-
-    # Distinct prompts on both sides: a prompt asked many times would otherwise sit on both sides
-    # of the domain classifier's own train/test split, be learnt by heart and read as drift.
-    reference, current = list(dict.fromkeys(reference)), list(dict.fromkeys(current))
-    report = Report([ValueDrift(column="prompt"), EmbeddingsDrift(embeddings_name="prompt_embedding"),
-                     *[ValueDrift(column=name, method="ks") for name in DESCRIPTORS]])
-    snapshot = report.run(_dataset(current, embedder.encode(current)),
-                          _dataset(reference, embedder.encode(reference)))
-    values = [float(metric["value"]) for metric in snapshot.dict()["metrics"]]
-    text_auc, embedding_auc, p_values = values[0], values[1], dict(zip(DESCRIPTORS, values[2:]))
-    # Drifted when any signal is significant at p_value / 3: by the union bound the verdict's
-    # false-alarm rate stays below p_value however the three signals correlate.
-    alpha = config.drift.p_value / 3
-    auc_limit = chance_auc(len(reference), len(current), alpha)
-    descriptor_limit = alpha / len(DESCRIPTORS)  # five K-S tests make one signal
-    drifted_descriptors = sorted(name for name, p in p_values.items() if p < descriptor_limit)
-    signals = {"text": text_auc > auc_limit, "embeddings": embedding_auc > auc_limit,
-               "descriptors": bool(drifted_descriptors)}
-    sizes = f"{len(current)} distinct prompts against {len(reference)}"
-    checks = [
-        Check("text_drift_auc", text_auc, auc_limit, not signals["text"],
-              f"Evidently domain classifier on the prompt text; {sizes}"),
-        Check("embedding_drift_auc", embedding_auc, auc_limit, not signals["embeddings"],
-              "Evidently classifier on all-MiniLM-L6-v2 embeddings"),
-        Check("descriptor_drift_min_p", min(p_values.values()), descriptor_limit, not drifted_descriptors,
-              "K-S p-values: " + ", ".join(f"{name} {p:.2g}" for name, p in p_values.items())),
-    ]
-    drifted = [name for name, hit in signals.items() if hit]
-    checks.append(Check("input_drift", float(len(drifted)), 1.0, not drifted,
-                        f"{len(drifted)} of 3 signals drifted ({', '.join(drifted) or 'none'})"))
-    return checks, snapshot
-
-
 # ---------------------------------------------------------------------------------------------
 # Output quality and operations
-
-
-def _maximum(name: str, value: float | None, config: MonitorParams, detail: str = "") -> Check:
-    limit = config.maximum.get(name)
-    passed = None if value is None or limit is None else value <= limit
-    return Check(name, value, limit, passed, detail)
 
 
 def logged_quality(requests: list[dict], feedback: list[dict], config: MonitorParams) -> list[Check]:
@@ -216,12 +72,12 @@ def logged_quality(requests: list[dict], feedback: list[dict], config: MonitorPa
     p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))] if latencies else None
     share = (lambda hits, total: hits / total if total else None)
     return [
-        _maximum("empty_rate", share(sum(map(scoring.is_empty, answers)), len(answers)), config),
-        _maximum("refusal_rate", share(sum(map(scoring.is_refusal, answers)), len(answers)), config),
-        _maximum("negative_feedback_rate", share(ratings.count("down"), len(ratings)), config,
+        at_most("empty_rate", share(sum(map(scoring.is_empty, answers)), len(answers)), config),
+        at_most("refusal_rate", share(sum(map(scoring.is_refusal, answers)), len(answers)), config),
+        at_most("negative_feedback_rate", share(ratings.count("down"), len(ratings)), config,
                  f"{len(ratings)} ratings in the window"),
-        _maximum("error_rate", share(errors, len(requests)), config, f"{errors} 5xx of {len(requests)}"),
-        _maximum("latency_p95_ms", p95, config),
+        at_most("error_rate", share(errors, len(requests)), config, f"{errors} 5xx of {len(requests)}"),
+        at_most("latency_p95_ms", p95, config),
     ]
 
 
@@ -236,8 +92,6 @@ def endpoint_url(config: MonitorParams) -> str | None:
 
 def _ask(url: str, messages: list[dict], temperature: float = 0.0) -> str:
     import httpx
-
-    from flywheel.serving.app import CANARY_HEADER, client_headers
 
     headers = {CANARY_HEADER: "1", **client_headers()}
     response = httpx.post(f"{url}/v1/chat/completions", headers=headers, timeout=120, json={
@@ -258,9 +112,8 @@ def live_quality(url: str | None, requests: list[dict], embedder, params: Params
     import httpx
     import pyarrow.parquet as pq
 
-    from flywheel.evaluation import evaluate
-    from flywheel.evaluation import hallucination
     from flywheel import modeling
+    from flywheel.evaluation import hallucination
 
     try:
         records = sample(pq.read_table(config.canary_source).to_pylist(), config.canaries, config.seed)
@@ -274,13 +127,13 @@ def live_quality(url: str | None, requests: list[dict], embedder, params: Params
     except (httpx.HTTPError, OSError) as error:
         raise FlywheelError(f"the live endpoint {url} did not answer the monitor: {error}") from None
     judged = [item["hallucinated"] for item in
-              evaluate.reference_hallucinations(answers, records, embedder, params.evaluate)]
+              hallucination.reference_hallucinations(answers, records, embedder, params.evaluate.hallucination)]
     judged = [flag for flag in judged if flag is not None]
     scores = hallucination.disagreement(greedy, drawn, embedder)
     return [
-        _maximum("hallucination_rate", sum(judged) / len(judged) if judged else None, config,
+        at_most("hallucination_rate", sum(judged) / len(judged) if judged else None, config,
                  f"{len(records)} canaries from {config.canary_source}, {len(judged)} judged"),
-        _maximum("consistency_hallucination_rate",
+        at_most("consistency_hallucination_rate",
                  sum(s > config.consistency_threshold for s in scores) / len(scores) if scores else None,
                  config, f"{len(asked)} real prompts x {config.consistency_samples} samples"),
     ]

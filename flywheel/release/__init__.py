@@ -1,0 +1,1 @@
+"""After the pipeline: the model registry, the serving image, and health-gated deployment."""

@@ -20,71 +20,41 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import yaml
-
-from flywheel.release import package
-from flywheel.release import registry
-from flywheel.config import DeployParams, Params, source_file
-from flywheel.errors import FlywheelError
+from flywheel import modeling
+from flywheel.config import DeployParams, Params
+from flywheel.errors import FlywheelError, RolloutFailed
 from flywheel.io import atomic_path, write_json
-from flywheel.serving.app import client_headers
+from flywheel.net import listening
+from flywheel.release import kubernetes, package, registry
+from flywheel.release.backends import (LOG_DIR, Backend, Release, alive, flywheel_command, spawn, start_container,
+                                       start_process, stop_process, tail)
+from flywheel.serving.auth import client_headers
 
 SERVING_DIR = Path("data/serving")
 STATE_FILE = SERVING_DIR / "deployment.json"
 ROUTE_FILE = SERVING_DIR / "route.json"
-LOG_DIR = SERVING_DIR / "logs"
 PRODUCTION_LINK = Path("models/production")
-K8S_TEMPLATES = Path(__file__).resolve().parents[1] / "infra" / "k8s"
-K8S_RENDERED = Path("build/k8s")
-CONTAINER_PORT = 8000
-STOP_GRACE_S = 30
 SWITCH_GRACE_S = 1.0
-
-
-class RolloutFailed(FlywheelError):
-    """The new version failed a check; what served before still serves."""
-
-
-@dataclass
-class Release:
-    """What to deploy: a registered version (its model files materialised), or a model directory
-    given by hand (not registered: the registry is left alone)."""
-    version: str
-    model_dir: Path
-    registered: bool
 
 
 def resolve(version: str | None, model_dir: str | None) -> Release:
     if model_dir:
-        from flywheel.serving.app import model_version, require_model
-
         path = Path(model_dir)
-        require_model(path)
-        return Release(model_version(path), path, registered=False)
+        modeling.require_model(path)
+        return Release(modeling.model_version(path), path, registered=False)
     version = version or registry.latest(registry.PROMOTED)
     registry.require_promotable(version, registry.PRODUCTION)
     return Release(version, package.materialise(version), registered=True)
 
 
 # ---------------------------------------------------------------------------------------------
-# Small helpers: ports, HTTP, processes
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+# The gate: ready, then a smoke query that reports the expected version
 
 
 def _http(url: str, body: dict | None = None, timeout: float = 10.0) -> tuple[int, dict]:
@@ -99,143 +69,6 @@ def _http(url: str, body: dict | None = None, timeout: float = 10.0) -> tuple[in
             return error.code, json.loads(error.read() or b"{}")
         except json.JSONDecodeError:
             return error.code, {}
-
-
-def _listening(host: str, port: int) -> bool:
-    with socket.socket() as probe:
-        probe.settimeout(0.5)
-        return probe.connect_ex((host, port)) == 0
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        if os.waitpid(pid, os.WNOHANG)[0]:
-            return False  # our child, exited (and now reaped, not left a zombie)
-    except ChildProcessError:
-        pass  # started by an earlier deploy command: not ours to reap
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
-
-
-def _stop_process(pid: int | None) -> None:
-    """SIGTERM (the server drains and flushes its request log), SIGKILL after the grace period."""
-    if not _alive(pid):
-        return
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_GRACE_S
-    while _alive(pid):
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            return
-        time.sleep(0.2)
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    if not path.is_file():
-        return ""
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def _flywheel(*args: str) -> list[str]:
-    return [sys.executable, "-m", "flywheel", *args]
-
-
-def _spawn(command: list[str], log: Path) -> int:
-    """A process that outlives this command (its own session), output to `log`."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    return process.pid
-
-
-# ---------------------------------------------------------------------------------------------
-# Backends: one served version, as a process or a container
-
-
-@dataclass
-class Backend:
-    kind: str  # process | container
-    port: int
-    ref: str  # pid or container id
-    log: str
-
-    def alive(self) -> bool:
-        if self.kind == "process":
-            return _alive(int(self.ref))
-        from docker.errors import NotFound
-
-        try:
-            container = package.docker_client().containers.get(self.ref)
-        except NotFound:
-            return False
-        return container.status in ("created", "running")
-
-    def stop(self) -> None:
-        if self.kind == "process":
-            _stop_process(int(self.ref))
-            return
-        from docker.errors import NotFound
-
-        try:
-            container = package.docker_client().containers.get(self.ref)
-        except NotFound:
-            return
-        Path(self.log).parent.mkdir(parents=True, exist_ok=True)
-        container.stop(timeout=STOP_GRACE_S)
-        Path(self.log).write_bytes(container.logs())
-        container.remove()
-
-    def describe_failure(self) -> str:
-        if self.kind == "container":
-            from docker.errors import NotFound
-
-            try:
-                return package.docker_client().containers.get(self.ref).logs(tail=15).decode(errors="replace")
-            except NotFound:
-                return ""
-        return _tail(Path(self.log))
-
-
-def start_process(release: Release, params: Params) -> Backend:
-    port = free_port()
-    log = LOG_DIR / f"{release.version}-{port}.log"
-    pid = _spawn(_flywheel("--params", str(source_file(params)), "serve", "--host", "127.0.0.1",
-                           "--port", str(port), "--model", str(release.model_dir)), log)
-    return Backend("process", port, str(pid), str(log))
-
-
-def start_container(release: Release, params: Params) -> Backend:
-    from docker.errors import ImageNotFound
-
-    client = package.docker_client()
-    tag = package.image_tag(params.package, release.version)
-    try:
-        image = client.images.get(tag)
-    except ImageNotFound:
-        raise FlywheelError(f"no image {tag} in the Docker engine: run `flywheel package {release.version}` "
-                            "first") from None
-    port = free_port()
-    environment = {name: os.environ[name] for name in ("FLYWHEEL_API_KEYS", "FLYWHEEL_REQUEST_LOG_URL")
-                   if os.environ.get(name)}
-    # The request log outlives containers: a named volume (or PostgreSQL via the URL above).
-    volumes = {"flywheel-serving-data": {"bind": "/srv/data", "mode": "rw"}}
-    if image.labels.get(package.MODEL_BAKED_LABEL) != "true":
-        volumes[str(release.model_dir.resolve())] = {"bind": "/srv/model", "mode": "ro"}
-    container = client.containers.run(
-        image.id, detach=True, name=f"flywheel-{release.version}-{port}", environment=environment,
-        ports={f"{CONTAINER_PORT}/tcp": ("127.0.0.1", port)}, volumes=volumes,
-        labels={"flywheel.version": release.version})
-    return Backend("container", port, container.id, str(LOG_DIR / f"{release.version}-{port}.log"))
-
-
-# ---------------------------------------------------------------------------------------------
-# The gate: ready, then a smoke query that reports the expected version
 
 
 def wait_ready(backend: Backend, timeout_s: float) -> None:
@@ -284,20 +117,20 @@ def load_state() -> dict | None:
 
 def ensure_router(config: DeployParams, state: dict | None) -> int:
     """The router's pid: the running one, else a new one listening on deploy.host:deploy.port."""
-    if state and _alive(state.get("router_pid")):
+    if state and alive(state.get("router_pid")):
         if state.get("url") == _url(config):
             return state["router_pid"]
-        _stop_process(state["router_pid"])  # deploy.host/port changed: move the endpoint
-    if _listening(config.host, config.port):
+        stop_process(state["router_pid"])  # deploy.host/port changed: move the endpoint
+    if listening(config.host, config.port):
         raise FlywheelError(f"{config.host}:{config.port} is taken by another program; stop it or "
                             "set deploy.port in params.yaml")
     log = LOG_DIR / "router.log"
-    pid = _spawn(_flywheel("router", "--host", config.host, "--port", str(config.port),
-                           "--route", str(ROUTE_FILE)), log)
+    pid = spawn(flywheel_command("router", "--host", config.host, "--port", str(config.port),
+                                 "--route", str(ROUTE_FILE)), log)
     deadline = time.monotonic() + 15
-    while not _listening(config.host, config.port):
-        if not _alive(pid) or time.monotonic() > deadline:
-            raise FlywheelError(f"the router did not start on {config.host}:{config.port}:\n{_tail(log)}")
+    while not listening(config.host, config.port):
+        if not alive(pid) or time.monotonic() > deadline:
+            raise FlywheelError(f"the router did not start on {config.host}:{config.port}:\n{tail(log)}")
         time.sleep(0.1)
     return pid
 
@@ -360,80 +193,6 @@ def rollout(release: Release, params: Params, target: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Kubernetes
-
-
-def render_kubernetes(release: Release, params: Params) -> Path:
-    """infra/k8s/*.yaml with the image, replicas, resources and namespace of params.yaml."""
-    config = params.deploy.kubernetes
-    image = package.image_tag(params.package, release.version)
-    out = K8S_RENDERED / release.version
-    out.mkdir(parents=True, exist_ok=True)
-    for template in sorted(K8S_TEMPLATES.glob("*.yaml")):
-        manifest = yaml.safe_load(template.read_text())
-        manifest["metadata"]["namespace"] = config.namespace
-        manifest["metadata"].setdefault("labels", {})["flywheel.version"] = release.version
-        kind = manifest["kind"]
-        if kind == "Deployment":
-            spec = manifest["spec"]
-            spec["replicas"] = config.replicas
-            spec["template"]["metadata"]["labels"]["flywheel.version"] = release.version
-            container = spec["template"]["spec"]["containers"][0]
-            container["image"] = image
-            resources = {"cpu": config.cpu, "memory": config.memory}
-            if config.gpus:
-                resources["nvidia.com/gpu"] = config.gpus
-            container["resources"] = {"requests": dict(resources), "limits": dict(resources)}
-            if config.api_keys_secret:
-                container.setdefault("env", []).append({"name": "FLYWHEEL_API_KEYS", "valueFrom": {
-                    "secretKeyRef": {"name": config.api_keys_secret, "key": "api-keys"}}})
-        elif kind == "HorizontalPodAutoscaler":
-            manifest["spec"]["minReplicas"] = config.replicas
-            manifest["spec"]["maxReplicas"] = max(config.max_replicas, config.replicas)
-            manifest["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"] = \
-                config.target_cpu_percent
-        with atomic_path(out / template.name) as tmp:
-            tmp.write_text(yaml.safe_dump(manifest, sort_keys=False))
-    return out
-
-
-def _kubectl(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["kubectl", *args], capture_output=True, text=True)
-
-
-def cluster_configured() -> bool:
-    try:
-        return _kubectl("config", "current-context").returncode == 0
-    except FileNotFoundError:
-        return False
-
-
-def deploy_kubernetes(release: Release, params: Params) -> dict:
-    config = params.deploy.kubernetes
-    rendered = render_kubernetes(release, params)
-    state = {"version": release.version, "target": "kubernetes", "manifests": str(rendered),
-             "registered": release.registered, "deployed_at": datetime.now(timezone.utc).isoformat()}
-    if not cluster_configured():
-        return {**state, "applied": False}  # rendered only: what serves (if anything) is unchanged
-    applied = _kubectl("apply", "-n", config.namespace, "-f", str(rendered))
-    if applied.returncode != 0:
-        raise FlywheelError(f"kubectl apply failed: {applied.stderr.strip()}")
-    # The Deployment's readiness probe is the health gate: pods of the new version take traffic
-    # from the Service only when ready, and the old ReplicaSet keeps serving until then.
-    rolled = _kubectl("rollout", "status", "-n", config.namespace, "deployment/flywheel",
-                      f"--timeout={config.rollout_timeout_s}s")
-    if rolled.returncode != 0:
-        _kubectl("rollout", "undo", "-n", config.namespace, "deployment/flywheel")
-        raise RolloutFailed(f"rollout of {release.version} did not become ready "
-                            f"({rolled.stderr.strip() or rolled.stdout.strip()}); rolled back")
-    if release.registered:
-        registry.assign(release.version, registry.PRODUCTION)
-    state = {**state, "applied": True}
-    write_json(STATE_FILE, state)
-    return state
-
-
-# ---------------------------------------------------------------------------------------------
 # Commands
 
 
@@ -445,7 +204,11 @@ def deploy(params: Params, version: str | None = None, target: str | None = None
             raise FlywheelError("the kubernetes target deploys a packaged, registered version, not --model")
         version = version or registry.latest(registry.PROMOTED)
         registry.require_promotable(version, registry.PRODUCTION)
-        return deploy_kubernetes(Release(version, package.release_dir(version), True), params)
+        state = kubernetes.apply(Release(version, package.release_dir(version), True), params)
+        if state["applied"]:
+            registry.assign(version, registry.PRODUCTION)
+            write_json(STATE_FILE, state)
+        return state
     release = resolve(version, model_dir)
     if target == "docker" and not release.registered:
         raise FlywheelError("the docker target deploys a packaged, registered version, not --model")
@@ -465,7 +228,7 @@ def status() -> dict:
     except OSError as error:
         health, serving = f"unreachable ({error})", None
     return {"deployed": True, **state, "health": health, "serving_version": serving,
-            "router_alive": _alive(state.get("router_pid")), "backend_alive": Backend(**state["backend"]).alive()}
+            "router_alive": alive(state.get("router_pid")), "backend_alive": Backend(**state["backend"]).alive()}
 
 
 def undeploy() -> dict:
@@ -473,12 +236,11 @@ def undeploy() -> dict:
     if state is None:
         return {"stopped": None}
     if state["target"] == "kubernetes":
-        if state.get("applied") and cluster_configured():
-            for name in sorted(Path(state["manifests"]).glob("*.yaml")):
-                _kubectl("delete", "--ignore-not-found", "-f", str(name))
+        if state.get("applied"):
+            kubernetes.delete(Path(state["manifests"]))
     else:
         Backend(**state["backend"]).stop()
-        _stop_process(state.get("router_pid"))
+        stop_process(state.get("router_pid"))
         ROUTE_FILE.unlink(missing_ok=True)
         if PRODUCTION_LINK.is_symlink():
             PRODUCTION_LINK.unlink()  # nothing serves: evaluate has no production model to compare

@@ -27,8 +27,8 @@ from flywheel.config import PackageParams, Params, source_file
 from flywheel.errors import FlywheelError
 from flywheel.io import atomic_dir, write_json
 
-DOCKERFILE = Path(__file__).resolve().parents[1] / "infra" / "docker" / "Dockerfile"
-SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the project's own source, built as a wheel
+SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the project's own source, built as a wheel
+DOCKERFILE = SOURCE_ROOT / "infra" / "docker" / "Dockerfile"
 RELEASES_DIR = Path("models/releases")
 RECORDS_DIR = Path("build/package")
 MODEL_BAKED_LABEL = "flywheel.model-baked-in"  # "true" or "false"; deploy mounts the model if false

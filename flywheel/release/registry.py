@@ -22,14 +22,17 @@ from pathlib import Path
 
 import yaml
 
+from flywheel import paths
 from flywheel.errors import FlywheelError
 
 ARTIFACT = "flywheel-model"
 PROMOTED = "staging"
 PRODUCTION = "prod"
 REJECTED = "rejected"
-GATE_FILE = "metrics/gate.json"
-EVALUATE_FILE = "metrics/evaluate.json"
+GATE_FILE = str(paths.GATE)
+EVALUATE_FILE = str(paths.metrics_file("evaluate"))
+# What `flywheel models` shows of a version's lineage: the md5s its dvc.lock pins.
+LINEAGE = (paths.ALIGNED_MODEL, paths.SFT_MODEL, paths.TRAIN, paths.TEST, paths.PREFERENCES_TRAIN)
 SHOWN_METRICS = ("exact_match", "token_f1", "hallucination_rate", "safety_pass_rate")
 
 
@@ -105,8 +108,7 @@ def _lineage(repo: Path, commit: str) -> dict:
     text = _git(repo, "show", f"{commit}:dvc.lock", check=False)
     stages = (yaml.safe_load(text) or {}).get("stages", {}) if text else {}
     outs = {out["path"]: out.get("md5") for stage in stages.values() for out in stage.get("outs", [])}
-    wanted = ("models/aligned", "models/sft", "data/processed/train.parquet",
-              "data/processed/test.parquet", "data/processed/preferences/train.parquet")
+    wanted = [str(artifact) for artifact in LINEAGE]
     return {path: outs[path] for path in wanted if path in outs}
 
 

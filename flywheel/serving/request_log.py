@@ -36,7 +36,6 @@ from flywheel.io import atomic_path
 URL_VARIABLE = "FLYWHEEL_REQUEST_LOG_URL"
 DEFAULT_URL = "sqlite:///data/serving/requests.sqlite"
 RATINGS = ("up", "down")
-CANARY_PREFIX = "canary:"  # logged endpoint of a monitor's canary request: not user traffic
 PREFERRED = ("response", "alternative")
 
 metadata = MetaData()
@@ -225,7 +224,7 @@ class RequestLog:
 
     def requests_between(self, start: datetime, end: datetime) -> list[dict]:
         """Logged requests with start <= created_at < end, oldest first (canaries included: their
-        endpoint starts with CANARY_PREFIX)."""
+        endpoint starts with flywheel.serving.auth.CANARY_PREFIX)."""
         query = (select(requests_table).where(requests_table.c.created_at >= start,
                                               requests_table.c.created_at < end)
                  .order_by(requests_table.c.created_at))

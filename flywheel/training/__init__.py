@@ -1,0 +1,1 @@
+"""The training stages: finetune, preferences, reward, rlhf (and how they are launched and configured)."""

@@ -1,25 +1,23 @@
-"""What the reward and rlhf stages share: the preference pairs as chat messages, the trainer
-arguments, loading the SFT model, and what to do when there is no preference data."""
+"""What the reward and rlhf stages share: the preference pairs as chat messages, loading the SFT
+model, scoring with the reward model, lineage, and what to do when there is no preference data."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from flywheel.training import distributed
-from flywheel import modeling
-from flywheel.config import AlignTrainingParams, DistributedParams, RlhfParams
+from flywheel import modeling, paths
+from flywheel.config import RlhfParams
 from flywheel.errors import FlywheelError
-from flywheel.training.finetune import OUT_DIR as SFT_MODEL, load_split
-from flywheel.training.preferences import OUTPUTS as PREFERENCE_SPLITS
+from flywheel.io import read_records
+
+# ---------------------------------------------------------------------------------------------
+# Pairs
 
 
 def load_pairs(root: Path) -> tuple[list[dict], list[dict]]:
     """(train, eval) preference pairs."""
-    for path in PREFERENCE_SPLITS.values():
-        if not (root / path).is_file():
-            raise FlywheelError(f"{root / path} not found: run the preferences stage first "
-                                "(dvc repro preferences)")
-    return load_split(root / PREFERENCE_SPLITS["train"]), load_split(root / PREFERENCE_SPLITS["eval"])
+    train, held_out = (artifact.require(root) for artifact in paths.PREFERENCE_SPLITS.values())
+    return read_records(train), read_records(held_out)
 
 
 def prompt_messages(pair: dict) -> list[dict]:
@@ -52,13 +50,6 @@ def share_by_source(pairs: list[dict], flags: list[bool]) -> dict[str, float | N
             for source in sorted({pair["source"] for pair in pairs})}
 
 
-def load_sft(root: Path):
-    model_dir = root / SFT_MODEL
-    if not (model_dir / "config.json").is_file():
-        raise FlywheelError(f"{model_dir} is not a model: run the finetune stage first (dvc repro finetune)")
-    return modeling.load_pretrained(str(model_dir))
-
-
 def no_pairs(config: RlhfParams, stage: str) -> str:
     """The reason to skip when there are no pairs to train on; raises when params say fail."""
     reason = "no preference pairs to train on (see metrics/preferences.json)"
@@ -69,42 +60,57 @@ def no_pairs(config: RlhfParams, stage: str) -> str:
     return reason
 
 
-def training_args(training: AlignTrainingParams, dist: DistributedParams, *, has_eval: bool) -> dict:
-    """TrainingArguments fields every alignment trainer takes (TRL configs default to bf16 and
-    gradient checkpointing; both are set here explicitly)."""
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def load_sft(root: Path):
+    return modeling.load_pretrained(str(paths.SFT_MODEL.require(root)))
+
+
+def load_reward_model(root: Path):
+    """(model, tokenizer) of the trained reward model, or None where none was trained."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model_dir = root / paths.REWARD_MODEL
+    if not (model_dir / "config.json").is_file():
+        return None
+    return (AutoModelForSequenceClassification.from_pretrained(model_dir),
+            AutoTokenizer.from_pretrained(model_dir))
+
+
+def reward_scores(model, tokenizer, conversations: list[list[dict]], *, batch_size: int = 32) -> list[float]:
+    """The reward of each whole conversation (ending with the answer being judged)."""
     import torch
 
-    return dict(
-        num_train_epochs=training.epochs, learning_rate=training.learning_rate,
-        lr_scheduler_type=training.lr_scheduler, warmup_steps=training.warmup_ratio,
-        per_device_train_batch_size=training.batch_size,
-        per_device_eval_batch_size=training.batch_size,
-        gradient_accumulation_steps=training.gradient_accumulation_steps,
-        seed=training.seed, logging_steps=training.logging_steps, save_strategy="no",
-        eval_strategy="epoch" if has_eval else "no", report_to=[], dataloader_num_workers=0,
-        gradient_checkpointing=False, use_cpu=not torch.cuda.is_available(),
-        deepspeed=dist.deepspeed_config, **distributed.precision_flags(training.precision))
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "right"  # the head reads the last non-pad token
+    scores = []
+    model.eval()
+    try:
+        for start in range(0, len(conversations), batch_size):
+            texts = [tokenizer.apply_chat_template(c, tokenize=False)
+                     for c in conversations[start:start + batch_size]]
+            encoded = tokenizer(texts, return_tensors="pt", padding=True,
+                                add_special_tokens=False).to(model.device)
+            with torch.no_grad():
+                scores += model(**encoded).logits[:, 0].float().cpu().tolist()
+    finally:
+        tokenizer.padding_side = side
+    return scores
+
+
+def score_answers(model, tokenizer, prompts: list[list[dict]], answers: list[str]) -> list[float]:
+    """The reward of each answer to its conversation."""
+    return reward_scores(model, tokenizer, [prompt + [{"role": "assistant", "content": answer}]
+                                            for prompt, answer in zip(prompts, answers)])
 
 
 def lineage(root: Path) -> dict:
     """Where a reward or aligned model came from: the SFT model and preference files (md5s, as
     in dvc.lock) and the code revision."""
-    return {"started_from": {"path": str(SFT_MODEL),
-                             "md5": modeling.file_md5(root / SFT_MODEL / "model.safetensors")},
-            "data": {f"preferences_{name}": {"path": str(path), "md5": modeling.file_md5(root / path)}
-                     for name, path in PREFERENCE_SPLITS.items()},
+    return {"started_from": {"path": str(paths.SFT_MODEL),
+                             "md5": modeling.file_md5(root / paths.SFT_MODEL / "model.safetensors")},
+            "data": {f"preferences_{name}": {"path": str(artifact), "md5": modeling.file_md5(root / artifact)}
+                     for name, artifact in paths.PREFERENCE_SPLITS.items()},
             "code_revision": modeling.code_revision(root)}
-
-
-def live_callback(root: Path, directory: Path):
-    """dvclive curves for a trainer's logs. GRPO logs None for a reward function no prompt in the
-    batch had (e.g. correctness without references), which dvclive refuses: those are left out."""
-    from dvclive import Live
-    from dvclive.huggingface import DVCLiveCallback
-
-    class Callback(DVCLiveCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            logs = {key: value for key, value in (logs or {}).items() if value is not None}
-            super().on_log(args, state, control, logs=logs, **kwargs)
-
-    return Callback(live=Live(str(root / directory), dvcyaml=False, save_dvc_exp=False))

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
 
+from flywheel import paths
 from flywheel.config import DistributedParams, Params, source_file
 from flywheel.errors import FlywheelError
+from flywheel.net import free_port
 
 
 def check_hardware(distributed: DistributedParams, section: str) -> None:
@@ -60,12 +61,6 @@ def launch_command(distributed: DistributedParams, params_file: Path, stage: str
     return command + ["-m", "flywheel", *stage_args]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def prepare_process(distributed: DistributedParams, root: Path) -> None:
     """Environment a training process needs before torch/DeepSpeed start."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str((root / ".cache/torch_extensions").resolve()))
@@ -75,16 +70,7 @@ def prepare_process(distributed: DistributedParams, root: Path) -> None:
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-
-
-def precision_flags(requested: str) -> dict:
-    """bf16/fp16 TrainingArguments flags; auto is bf16 on a GPU that has it, else fp32."""
-    import torch
-
-    if requested == "auto":
-        requested = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    return {"bf16": requested == "bf16", "fp16": requested == "fp16"}
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 def zero_stage(distributed: DistributedParams) -> int | None:
@@ -105,4 +91,4 @@ def run_stage(stage: str, section: str, distributed: DistributedParams, params: 
     print("launching:", " ".join(command), flush=True)
     if subprocess.call(command, cwd=root) != 0:
         raise FlywheelError(f"the {distributed.launcher} launcher's workers failed (see above)")
-    return json.loads((root / "metrics" / f"{stage}.json").read_text())
+    return json.loads((root / paths.metrics_file(stage)).read_text())

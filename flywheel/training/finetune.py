@@ -21,32 +21,23 @@ import shutil
 import time
 from pathlib import Path
 
-from flywheel.training import distributed
-from flywheel import modeling
+from flywheel import modeling, paths
 from flywheel.config import FinetuneParams, Params
 from flywheel.errors import FlywheelError
-from flywheel.io import atomic_dir, read_batches
-from flywheel.data.split import OUTPUTS as SPLITS
+from flywheel.io import atomic_dir, read_records
+from flywheel.training import distributed, trainer_args
 
-OUT_DIR = Path("models/sft")
-CHECKPOINTS = Path("models/.checkpoints/sft")
-LIVE_DIR = Path("dvclive/finetune")
-METRICS = Path("metrics/finetune.json")
+INPUTS = {"train": paths.TRAIN, "eval": paths.EVAL}
+CHECKPOINTS = Path("models/.checkpoints/sft")  # local resumable state, not an artifact
 
 
 # ---------------------------------------------------------------------------------------------
 # Data
 
 
-def load_split(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise FlywheelError(f"{path} not found: run the split stage first (dvc repro split)")
-    return [row for batch in read_batches(path) for row in batch]
-
-
 def fingerprint(config: FinetuneParams, root: Path) -> str:
     """What a checkpoint must match to be resumed: the training params and the input data."""
-    data = {name: modeling.file_md5(root / SPLITS[name]) for name in ("train", "eval")}
+    data = {name: modeling.file_md5(root / artifact) for name, artifact in INPUTS.items()}
     settings = config.model_dump(exclude={"distributed"})
     return hashlib.sha256(json.dumps([settings, data], sort_keys=True).encode()).hexdigest()
 
@@ -69,34 +60,18 @@ def resumable_checkpoint(directory: Path, expected: str) -> str | None:
 
 
 def sft_config(config: FinetuneParams, output_dir: Path, has_eval: bool):
-    import torch
     from trl import SFTConfig
 
     training = config.training
     return SFTConfig(
         output_dir=str(output_dir),
-        num_train_epochs=training.epochs,
-        learning_rate=training.learning_rate,
-        lr_scheduler_type=training.lr_scheduler,
-        warmup_steps=training.warmup_ratio,  # a float below 1 is a share of the steps
-        weight_decay=training.weight_decay,
-        per_device_train_batch_size=training.batch_size,
-        per_device_eval_batch_size=training.batch_size,
-        gradient_accumulation_steps=training.gradient_accumulation_steps,
         max_length=training.max_length,
         packing=training.packing,
         assistant_only_loss=True,
-        seed=training.seed,
         save_strategy="steps",
         save_steps=training.save_steps,
         save_total_limit=2,
-        logging_steps=training.logging_steps,
-        eval_strategy="epoch" if has_eval else "no",
-        report_to=[],
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-        deepspeed=config.distributed.deepspeed_config,
-        **distributed.precision_flags(training.precision),
+        **trainer_args.arguments(training, config.distributed, has_eval=has_eval),
     )
 
 
@@ -137,13 +112,11 @@ def _tokens_seen(trainer, since_step: int) -> int:
 
 def train(params: Params, root: Path) -> dict | None:
     from datasets import Dataset
-    from dvclive import Live
-    from dvclive.huggingface import DVCLiveCallback
     from transformers import AutoTokenizer
     from trl import SFTTrainer
 
     config = params.finetune
-    train_rows, eval_rows = load_split(root / SPLITS["train"]), load_split(root / SPLITS["eval"])
+    train_rows, eval_rows = (read_records(artifact.require(root)) for artifact in INPUTS.values())
     if not train_rows:
         raise FlywheelError("the train split is empty: nothing to fine-tune on; check the clean "
                             "and split metrics (metrics/clean.json, metrics/split.json)")
@@ -156,12 +129,12 @@ def train(params: Params, root: Path) -> dict | None:
     def as_dataset(rows):
         return Dataset.from_list([{"messages": modeling.record_messages(row)} for row in rows])
 
-    live = Live(str(root / LIVE_DIR), resume=bool(resume_from), dvcyaml=False, save_dvc_exp=False)
+    curves = trainer_args.live_callback(root, paths.SFT_CURVES, resume=bool(resume_from))
     trainer = SFTTrainer(model=model, args=sft_config(config, root / CHECKPOINTS, bool(eval_rows)),
                          train_dataset=as_dataset(train_rows),
                          eval_dataset=as_dataset(eval_rows) if eval_rows else None,
                          processing_class=tokenizer, peft_config=_peft_config(config),
-                         callbacks=[DVCLiveCallback(live=live)])
+                         callbacks=[curves])
     probe = eval_rows[:config.training.eval_examples]
     # DeepSpeed builds an evaluation-only engine before training for ZeRO-3 alone.
     can_evaluate_first = eval_rows and distributed.zero_stage(config.distributed) in (None, 3)
@@ -175,10 +148,10 @@ def train(params: Params, root: Path) -> dict | None:
     resumed_step = int(resume_from.rsplit("-", 1)[1]) if resume_from else 0
     after = {"eval_loss": trainer.evaluate()["eval_loss"] if eval_rows else None,
              "exact_match": _exact_match(trainer.model, tokenizer, probe, config)}
-    live.log_metric("exact_match", after["exact_match"], plot=False)
-    live.end()
+    curves.live.log_metric("exact_match", after["exact_match"], plot=False)
+    curves.live.end()
 
-    _save(trainer, tokenizer, config, root / OUT_DIR)
+    _save(trainer, tokenizer, config, root / paths.SFT_MODEL)
     metrics = {
         "eval_loss_before": before["eval_loss"], "eval_loss_after": after["eval_loss"],
         "exact_match_before": before["exact_match"], "exact_match_after": after["exact_match"],
@@ -192,10 +165,10 @@ def train(params: Params, root: Path) -> dict | None:
         "engine": type(trainer.model_wrapped).__name__, "world_size": trainer.args.world_size,
         "zero_stage": distributed.zero_stage(config.distributed),
     }
-    lineage = {"data": {name: {"path": str(SPLITS[name]), "md5": modeling.file_md5(root / SPLITS[name])}
-                        for name in ("train", "eval")},
+    lineage = {"data": {name: {"path": str(artifact), "md5": modeling.file_md5(root / artifact)}
+                        for name, artifact in INPUTS.items()},
                "code_revision": modeling.code_revision(root)}
-    modeling.write_model_card(root / OUT_DIR, title="Flywheel SFT model", base_model=config.base_model,
+    modeling.write_model_card(root / paths.SFT_MODEL, title="Flywheel SFT model", base_model=config.base_model,
                               lineage=lineage, params=config.model_dump(), metrics=metrics)
     shutil.rmtree(root / CHECKPOINTS, ignore_errors=True)  # finished: nothing left to resume
     return metrics
@@ -216,5 +189,5 @@ def report(metrics: dict) -> str:
         f"  eval loss    {fmt(metrics['eval_loss_before'])} -> {fmt(metrics['eval_loss_after'])}",
         f"  exact match  {fmt(metrics['exact_match_before'])} -> {fmt(metrics['exact_match_after'])} "
         f"on {metrics['exact_match_examples']} held-out prompts",
-        f"  wrote {OUT_DIR}/ (model card: {OUT_DIR}/README.md), curves in {LIVE_DIR}/",
+        f"  wrote {paths.SFT_MODEL}/ (model card: {paths.SFT_MODEL}/README.md), curves in {paths.SFT_CURVES}/",
     ])

@@ -26,20 +26,15 @@ import random
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from flywheel import modeling
-from flywheel import text
+from flywheel import modeling, paths, text
 from flywheel.config import OnPolicyParams, Params, PreferencesParams
+from flywheel.data.records import (PREFERENCE_SCHEMA, ROLE_ALIASES, Rejected, content_id, history_of, metadata_of,
+                                   origin_of,
+                                   split_conversation)
 from flywheel.errors import FlywheelError
-from flywheel.training.finetune import OUT_DIR as SFT_MODEL, load_split
-from flywheel.data.ingest import PREFERENCES as INGESTED
-from flywheel.io import ParquetChunkWriter, atomic_path, read_batches
+from flywheel.io import ParquetChunkWriter, atomic_path, read_batches, read_records
 from flywheel.pii import redact
-from flywheel.data.records import PREFERENCE_SCHEMA, ROLE_ALIASES, Rejected, content_id, split_conversation
-from flywheel.data.split import OUTPUTS as SFT_SPLITS, prompt_key
 
-OUT_DIR = Path("data/processed/preferences")
-OUTPUTS = {"train": OUT_DIR / "train.parquet", "eval": OUT_DIR / "eval.parquet"}
-REMOVED = Path("data/interim/preferences/removed.jsonl")
 TEXT_FIELDS = ("prompt", "chosen", "rejected", "context", "system")
 REMOVED_TEXT_CHARS = 2_000
 
@@ -55,26 +50,15 @@ def make_pair(prompt: str, chosen: str, rejected: str, *, origin: str, source: s
             "metadata": json.dumps(metadata, ensure_ascii=False, default=str)}
 
 
-def history_of(pair: dict) -> list:
-    return json.loads(pair["metadata"] or "{}").get("history", [])
-
-
-def origin_of(pair: dict) -> str:
-    return json.loads(pair["metadata"] or "{}").get("origin", "ingest")
-
-
 # ---------------------------------------------------------------------------------------------
 # Sources
 
 
 def ingested_pairs(root: Path) -> list[dict]:
-    path = root / INGESTED
-    if not path.is_file():
-        raise FlywheelError(f"{path} not found: run the ingest stage first (dvc repro ingest)")
     pairs = []
-    for batch in read_batches(path):
+    for batch in read_batches(paths.INGESTED_PREFERENCES.require(root)):
         for row in batch:
-            metadata = json.loads(row["metadata"] or "{}")
+            metadata = metadata_of(row)
             pairs.append({**row, "metadata": json.dumps({"origin": "ingest", **metadata},
                                                         ensure_ascii=False)})
     return pairs
@@ -191,11 +175,11 @@ def on_policy_pairs(config: OnPolicyParams, root: Path) -> tuple[list[dict], dic
     most frequent wrong one. Prompts it always (or never) gets right give no pair."""
     if config.prompts == 0:
         return [], {"prompts": 0}
-    model_dir = root / SFT_MODEL
+    model_dir = root / paths.SFT_MODEL
     if not (model_dir / "config.json").is_file():
-        raise FlywheelError(f"{model_dir} is not a model: run the finetune stage first (dvc repro "
-                            "finetune), or set preferences.on_policy.prompts: 0")
-    train = load_split(root / SFT_SPLITS["train"])
+        raise FlywheelError(f"{model_dir} is not a model: {paths.SFT_MODEL.run_first}, or set "
+                            "preferences.on_policy.prompts: 0")
+    train = read_records(paths.TRAIN.require(root))
     rows = random.Random(config.seed).sample(train, min(config.prompts, len(train)))
     model, tokenizer = modeling.load_pretrained(str(model_dir))
     samples = modeling.sample(model, tokenizer,
@@ -217,7 +201,7 @@ def on_policy_pairs(config: OnPolicyParams, root: Path) -> tuple[list[dict], dic
                 row["prompt"], correct[0], Counter(wrong).most_common(1)[0][0], origin="on_policy",
                 source="on_policy", license=row["license"], ingested_at=row["ingested_at"],
                 system=row["system"], context=row["context"],
-                history=json.loads(row["metadata"] or "{}").get("history", []),
+                history=history_of(row),
                 record_id=row["id"], sampled=answers))
     return pairs, {"prompts": len(rows), "samples_per_prompt": config.samples, "pairs": len(pairs),
                    "all_correct": counts["all_correct"], "none_correct": counts["none_correct"],
@@ -255,10 +239,8 @@ def held_out_prompts(root: Path) -> dict[str, str]:
     """prompt key -> name of the SFT split (eval/test) that holds it."""
     keys = {}
     for name in ("eval", "test"):
-        path = root / SFT_SPLITS[name]
-        if not path.is_file():
-            raise FlywheelError(f"{path} not found: run the split stage first (dvc repro split)")
-        keys.update({prompt_key(row): name for batch in read_batches(path) for row in batch})
+        path = paths.SPLITS[name].require(root)
+        keys.update({text.prompt_key(row): name for batch in read_batches(path) for row in batch})
     return keys
 
 
@@ -288,7 +270,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     for pair in candidates:
         try:
             cleaned = clean_pair(pair, config, pii_counts)
-            prompt = prompt_key(cleaned)
+            prompt = text.prompt_key(cleaned)
             split = contaminating.get(prompt)
             if split:
                 raise Rejected(f"{split}_prompt", f"the prompt is in the SFT {split} split")
@@ -321,12 +303,12 @@ def run(params: Params, root: Path = Path(".")) -> dict:
 def _write(root: Path, kept: dict[str, list[dict]], removed: list[dict]) -> None:
     with contextlib.ExitStack() as stack:
         for name, pairs in kept.items():
-            writer = ParquetChunkWriter(stack.enter_context(atomic_path(root / OUTPUTS[name])),
+            writer = ParquetChunkWriter(stack.enter_context(atomic_path(root / paths.PREFERENCE_SPLITS[name])),
                                         PREFERENCE_SCHEMA)
             for pair in pairs:
                 writer.add(pair)
             writer.close()
-        with atomic_path(root / REMOVED) as tmp:
+        with atomic_path(root / paths.PREFERENCES_REMOVED) as tmp:
             tmp.write_text("".join(json.dumps(entry, ensure_ascii=False, default=str) + "\n"
                                    for entry in removed))
 
@@ -348,5 +330,5 @@ def report(metrics: dict) -> str:
     if not metrics["train"]:
         lines.append("  no preference pairs to train on: the rlhf stage will skip alignment or fail, "
                      "as rlhf.on_missing_preferences says")
-    lines.append(f"  wrote {OUT_DIR}/{{train,eval}}.parquet, {REMOVED}")
+    lines.append(f"  wrote {', '.join(map(str, paths.PREFERENCE_SPLITS.values()))}, {paths.PREFERENCES_REMOVED}")
     return "\n".join(lines)

@@ -14,61 +14,20 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from flywheel.training import alignment
-from flywheel.training import distributed
-from flywheel import modeling
+from flywheel import modeling, paths
 from flywheel.config import Params
-from flywheel.training.finetune import OUT_DIR as SFT_MODEL
 from flywheel.io import atomic_dir
-
-OUT_DIR = Path("models/reward")
-LIVE_DIR = Path("dvclive/reward")
-
-
-def score(model, tokenizer, conversations: list[list[dict]], *, batch_size: int = 32) -> list[float]:
-    """The reward of each whole conversation (ending with the answer being judged)."""
-    import torch
-
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "right"  # the head reads the last non-pad token
-    scores = []
-    model.eval()
-    try:
-        for start in range(0, len(conversations), batch_size):
-            texts = [tokenizer.apply_chat_template(c, tokenize=False)
-                     for c in conversations[start:start + batch_size]]
-            encoded = tokenizer(texts, return_tensors="pt", padding=True,
-                                add_special_tokens=False).to(model.device)
-            with torch.no_grad():
-                scores += model(**encoded).logits[:, 0].float().cpu().tolist()
-    finally:
-        tokenizer.padding_side = side
-    return scores
-
-
-def score_answers(model, tokenizer, prompts: list[list[dict]], answers: list[str]) -> list[float]:
-    """The reward of each answer to its conversation."""
-    return score(model, tokenizer, [prompt + [{"role": "assistant", "content": answer}]
-                                    for prompt, answer in zip(prompts, answers)])
+from flywheel.training import alignment, distributed, trainer_args
 
 
 def ranks_chosen_first(model, tokenizer, pairs: list[dict]) -> list[bool]:
     """Per pair, whether the reward model scores the chosen response higher."""
-    return alignment.chosen_wins(pairs, lambda prompts, answers: score_answers(model, tokenizer, prompts, answers))
-
-
-def load(root: Path):
-    """(model, tokenizer) of the trained reward model, or None where none was trained."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    if not (root / OUT_DIR / "config.json").is_file():
-        return None
-    return (AutoModelForSequenceClassification.from_pretrained(root / OUT_DIR),
-            AutoTokenizer.from_pretrained(root / OUT_DIR))
+    return alignment.chosen_wins(
+        pairs, lambda prompts, answers: alignment.score_answers(model, tokenizer, prompts, answers))
 
 
 def _skip(root: Path, reason: str) -> dict:
-    with atomic_dir(root / OUT_DIR) as staging:
+    with atomic_dir(root / paths.REWARD_MODEL) as staging:
         (staging / "README.md").write_text(f"# No reward model\n\nNot trained: {reason}.\n")
     return {"trained": False, "reason": reason}
 
@@ -85,7 +44,7 @@ def train(params: Params, root: Path) -> dict | None:
         return _skip(root, alignment.no_pairs(config, "reward"))
     _, tokenizer = alignment.load_sft(root)
     torch.manual_seed(config.reward_model.training.seed)  # the new reward head starts from this seed
-    model = AutoModelForSequenceClassification.from_pretrained(root / SFT_MODEL, num_labels=1)
+    model = AutoModelForSequenceClassification.from_pretrained(paths.SFT_MODEL.require(root), num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
 
     def dataset(pairs):
@@ -95,8 +54,8 @@ def train(params: Params, root: Path) -> dict | None:
     args = RewardConfig(
         output_dir=str(root / "models/.checkpoints/reward"), max_length=training.max_length,
         center_rewards_coefficient=config.reward_model.center_rewards_coefficient,
-        **alignment.training_args(training, config.distributed, has_eval=bool(eval_pairs)))
-    callback = alignment.live_callback(root, LIVE_DIR)
+        **trainer_args.arguments(training, config.distributed, has_eval=bool(eval_pairs)))
+    callback = trainer_args.live_callback(root, paths.REWARD_CURVES)
     trainer = RewardTrainer(model=model, args=args, train_dataset=dataset(train_pairs),
                             eval_dataset=dataset(eval_pairs) if eval_pairs else None,
                             processing_class=tokenizer, callbacks=[callback])
@@ -115,11 +74,11 @@ def train(params: Params, root: Path) -> dict | None:
                "pairwise_accuracy_by_source": alignment.share_by_source(eval_pairs, ranked_first),
                "steps": result.global_step, "train_seconds": round(seconds, 1)}
 
-    with atomic_dir(root / OUT_DIR) as staging:
+    with atomic_dir(root / paths.REWARD_MODEL) as staging:
         trainer.save_model(str(staging))
         tokenizer.save_pretrained(staging)
         modeling.write_model_card(
-            staging, title="Flywheel reward model", base_model=str(SFT_MODEL),
+            staging, title="Flywheel reward model", base_model=str(paths.SFT_MODEL),
             lineage=alignment.lineage(root), params=config.reward_model.model_dump(),
             metrics=metrics, pipeline_tag="text-classification")
     return metrics
@@ -138,5 +97,6 @@ def report(metrics: dict) -> str:
     return "\n".join([
         f"reward: {metrics['train_pairs']:,} pairs, {metrics['steps']:,} steps in {metrics['train_seconds']:.0f} s",
         f"  pairwise accuracy on {metrics['eval_pairs']:,} held-out pairs: {shown}",
-        f"  wrote {OUT_DIR}/ (model card: {OUT_DIR}/README.md), curves in {LIVE_DIR}/",
+        f"  wrote {paths.REWARD_MODEL}/ (model card: {paths.REWARD_MODEL}/README.md), "
+        f"curves in {paths.REWARD_CURVES}/",
     ])

@@ -24,20 +24,13 @@ import shutil
 import time
 from pathlib import Path
 
-from flywheel.training import alignment
-from flywheel.training import distributed
-from flywheel import modeling
-from flywheel.training import reward
-from flywheel import text
+from flywheel import modeling, paths, text
 from flywheel.config import GrpoParams, Params, RlhfParams
+from flywheel.data.records import origin_of
 from flywheel.errors import FlywheelError
-from flywheel.training.finetune import OUT_DIR as SFT_MODEL, load_split
-from flywheel.io import atomic_dir
-from flywheel.training.preferences import origin_of
-from flywheel.data.split import OUTPUTS as SFT_SPLITS
+from flywheel.io import atomic_dir, read_records
+from flywheel.training import alignment, distributed, trainer_args
 
-OUT_DIR = Path("models/aligned")
-LIVE_DIR = Path("dvclive/rlhf")
 CHECKPOINTS = Path("models/.checkpoints/rlhf")
 
 
@@ -66,7 +59,7 @@ def measure(model, tokenizer, pairs: list[dict], probe: list[dict], reward_model
     if reward_model is not None and pairs:
         prompts = [alignment.prompt_messages(pair) for pair in pairs]
         answers = modeling.generate(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens)
-        scores = reward.score_answers(*reward_model, prompts, answers)
+        scores = alignment.score_answers(*reward_model, prompts, answers)
         measured["reward_of_answers"] = sum(scores) / len(scores)
     return measured
 
@@ -98,7 +91,7 @@ def dpo_trainer(config: RlhfParams, model, tokenizer, train_pairs, eval_pairs, r
         reference, _ = modeling.load_pretrained(dpo.reference_model)
     args = DPOConfig(output_dir=str(root / CHECKPOINTS), beta=dpo.beta, loss_type=dpo.loss_type,
                      loss_weights=dpo.loss_weights, label_smoothing=dpo.label_smoothing, max_length=dpo.training.max_length,
-                     **alignment.training_args(dpo.training, config.distributed, has_eval=bool(eval_pairs)))
+                     **trainer_args.arguments(dpo.training, config.distributed, has_eval=bool(eval_pairs)))
 
     def dataset(pairs):
         return Dataset.from_list([alignment.as_conversational(pair) for pair in pairs])
@@ -129,7 +122,7 @@ def grpo_prompts(grpo: GrpoParams, train_pairs: list[dict], root: Path) -> list[
     for pair in train_pairs:
         messages = alignment.prompt_messages(pair)
         prompts[json.dumps(messages)] = {"prompt": messages, "reference": None}
-    records = load_split(root / SFT_SPLITS["train"])
+    records = read_records(paths.TRAIN.require(root))
     for row in random.Random(0).sample(records, min(grpo.reference_prompts, len(records))):
         messages = modeling.record_messages(row, with_response=False)
         prompts[json.dumps(messages)] = {"prompt": messages, "reference": row["response"]}
@@ -150,7 +143,7 @@ def grpo_trainer(config: RlhfParams, model, tokenizer, train_pairs, reward_model
     args = Config(output_dir=str(root / CHECKPOINTS), num_generations=grpo.num_generations,
                   max_completion_length=grpo.max_completion_length, temperature=grpo.temperature,
                   beta=grpo.beta, reward_weights=[weight for _, weight, _ in functions],
-                  **alignment.training_args(grpo.training, config.distributed, has_eval=False))
+                  **trainer_args.arguments(grpo.training, config.distributed, has_eval=False))
     return Trainer(model=model, reward_funcs=[function for function, _, _ in functions], args=args,
                    train_dataset=Dataset.from_list(grpo_prompts(grpo, train_pairs, root)),
                    processing_class=tokenizer,
@@ -164,19 +157,19 @@ def grpo_trainer(config: RlhfParams, model, tokenizer, train_pairs, reward_model
 
 def _lineage(root: Path) -> dict:
     lineage = alignment.lineage(root)
-    if (root / reward.OUT_DIR / "model.safetensors").is_file():
-        lineage["reward_model"] = {"path": str(reward.OUT_DIR),
-                                   "md5": modeling.file_md5(root / reward.OUT_DIR / "model.safetensors")}
+    weights = root / paths.REWARD_MODEL / "model.safetensors"
+    if weights.is_file():
+        lineage["reward_model"] = {"path": str(paths.REWARD_MODEL), "md5": modeling.file_md5(weights)}
     return lineage
 
 
 def _pass_sft_through(root: Path, config: RlhfParams, reason: str) -> dict:
     metrics = {"aligned": False, "method": config.method, "reason": reason}
 
-    with atomic_dir(root / OUT_DIR) as staging:
-        shutil.copytree(root / SFT_MODEL, staging, dirs_exist_ok=True)
+    with atomic_dir(root / paths.ALIGNED_MODEL) as staging:
+        shutil.copytree(paths.SFT_MODEL.require(root), staging, dirs_exist_ok=True)
         modeling.write_model_card(staging, title="Flywheel model (SFT, not aligned)",
-                                  base_model=str(SFT_MODEL), lineage=_lineage(root),
+                                  base_model=str(paths.SFT_MODEL), lineage=_lineage(root),
                                   params=config.model_dump(), metrics=metrics,
                                   notes=f"**Alignment was skipped: {reason}.** These are the SFT "
                                         "model's weights, unchanged.")
@@ -184,20 +177,19 @@ def _pass_sft_through(root: Path, config: RlhfParams, reason: str) -> dict:
 
 
 def train(params: Params, root: Path) -> dict | None:
-
     config = params.rlhf
     train_pairs, eval_pairs = alignment.load_pairs(root)
     if not train_pairs:
         return _pass_sft_through(root, config, alignment.no_pairs(config, "rlhf"))
-    reward_model = reward.load(root)
+    reward_model = alignment.load_reward_model(root)
     if config.method == "reward+grpo" and reward_model is None:
-        raise FlywheelError(f"{reward.OUT_DIR} holds no trained reward model (see its README.md): "
-                            "run the reward stage first (dvc repro reward)")
+        raise FlywheelError(f"{paths.REWARD_MODEL} holds no trained reward model (see its README.md): "
+                            f"{paths.REWARD_MODEL.run_first}")
     model, tokenizer = alignment.load_sft(root)
-    probe = load_split(root / SFT_SPLITS["eval"])[:config.eval_examples]
+    probe = read_records(paths.EVAL.require(root))[:config.eval_examples]
     before = measure(model, tokenizer, eval_pairs, probe, reward_model, config)
 
-    callback = alignment.live_callback(root, LIVE_DIR)
+    callback = trainer_args.live_callback(root, paths.RLHF_CURVES)
     callbacks = [callback]
     trainer = (dpo_trainer(config, model, tokenizer, train_pairs, eval_pairs, root, callbacks)
                if config.method == "dpo" else
@@ -219,11 +211,11 @@ def train(params: Params, root: Path) -> dict | None:
                "kl_from_sft": kl, "sft": before, "aligned_model": after,
                "training_log": _last_logged(trainer)}
 
-    with atomic_dir(root / OUT_DIR) as staging:
+    with atomic_dir(root / paths.ALIGNED_MODEL) as staging:
         trainer.save_model(str(staging))
         tokenizer.save_pretrained(staging)
         modeling.write_model_card(staging, title=f"Flywheel aligned model ({config.method})",
-                                  base_model=str(SFT_MODEL), lineage=_lineage(root),
+                                  base_model=str(paths.SFT_MODEL), lineage=_lineage(root),
                                   params=config.model_dump(), metrics=metrics)
     shutil.rmtree(root / CHECKPOINTS, ignore_errors=True)
     return metrics
@@ -244,7 +236,7 @@ def run(params: Params, root: Path = Path(".")) -> dict | None:
 
 def report(metrics: dict) -> str:
     if not metrics["aligned"]:
-        return f"rlhf: alignment skipped ({metrics['reason']}); models/aligned is the SFT model"
+        return f"rlhf: alignment skipped ({metrics['reason']}); {paths.ALIGNED_MODEL} is the SFT model"
 
     def fmt(value):
         return "n/a" if value is None else f"{value:.3f}"
@@ -262,5 +254,6 @@ def report(metrics: dict) -> str:
         lines.append(f"  reward of answers    {fmt(before['reward_of_answers'])} -> "
                      f"{fmt(after['reward_of_answers'])} (reward model)")
     lines += [f"  KL from SFT          {fmt(metrics['kl_from_sft'])} nats per answer",
-              f"  wrote {OUT_DIR}/ (model card: {OUT_DIR}/README.md), curves in {LIVE_DIR}/"]
+              f"  wrote {paths.ALIGNED_MODEL}/ (model card: {paths.ALIGNED_MODEL}/README.md), "
+              f"curves in {paths.RLHF_CURVES}/"]
     return "\n".join(lines)
