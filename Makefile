@@ -16,7 +16,7 @@ export DVC_NO_ANALYTICS := 1
 DOCKER_TESTS ?= 1
 ENGINE := infra/docker/engine.sh
 
-.PHONY: demo test airflow install docker-engine docker-base monitoring-ui
+.PHONY: demo test test-fast lint airflow install docker-engine docker-base monitoring-ui
 
 install: $(VENV)/.installed
 
@@ -45,6 +45,16 @@ demo: install
 test: install $(if $(filter 1,$(DOCKER_TESTS)),docker-base)
 	$(if $(filter 1,$(DOCKER_TESTS)),DOCKER_HOST="$$($(ENGINE) host)") HF_HUB_OFFLINE=1 \
 		python -m pytest $(if $(filter 1,$(DOCKER_TESTS)),,-m "not docker")
+
+# The unit tier: no Docker, PostgreSQL, model training or services (a few minutes on 2 cores).
+test-fast: install
+	HF_HUB_OFFLINE=1 python -m pytest -m "not slow and not docker and not postgres"
+
+# Style, and the import contracts that keep the package layered (pyproject.toml).
+lint: install
+	ruff check .
+	ruff format --check .
+	lint-imports
 
 docker-engine:
 	$(ENGINE) start

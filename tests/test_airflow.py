@@ -20,7 +20,7 @@ from tests.conftest import commit_all, free_port, git_copy, postgres_database, r
 from tests.helpers import QUICK_TRAINING, experiments
 from tests.test_monitor import log_traffic
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 STAGES = ("ingest", "clean", "validate", "split", "finetune", "preferences", "reward", "rlhf", "evaluate")
 CHANGED = {"evaluate.test_examples": 50}  # the form field the test changes (1000 in params.yaml)

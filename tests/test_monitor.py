@@ -63,6 +63,7 @@ def checks(result) -> dict:
     return {check["name"]: check for check in result["checks"]}
 
 
+@pytest.mark.slow  # a whole monitoring run: Evidently's classifiers, embeddings
 def test_traffic_like_the_training_data_passes_and_asks_for_nothing(project):
     root, url = project
     log_traffic(url, *held_out_conversations(root, 200))
@@ -76,6 +77,7 @@ def test_traffic_like_the_training_data_passes_and_asks_for_nothing(project):
     assert not (root / "data/raw/feedback").exists()
 
 
+@pytest.mark.slow  # a whole monitoring run: Evidently's classifiers, embeddings
 def test_drifted_traffic_fails_exports_the_window_and_asks_for_retraining_once(project):
     root, url = project
     log_traffic(url, off_topic_prompts(200), ["Restart it."] * 200, downs=30)

@@ -17,7 +17,7 @@ def postgres_url():
         yield url
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def request_log(request, tmp_path):
     url = (f"sqlite:///{tmp_path / 'requests.sqlite'}" if request.param == "sqlite"
            else request.getfixturevalue("postgres_url"))

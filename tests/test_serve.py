@@ -19,7 +19,7 @@ openai = pytest.importorskip("openai")
 KEY, OTHER_KEY = "test-key-1", "test-key-2"
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def server(request, trained_sft, tmp_path_factory):
     """The fine-tuned sample model served; yields (base URL, process, request log URL)."""
     root = tmp_path_factory.mktemp("serve")
