@@ -36,8 +36,16 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch, postgres_database("flywheel_airflow_bench") as database:
         project = git_copy(Path(scratch) / "project")
-        run(["flywheel", "params", "apply", "--json",
-             json.dumps({"airflow.schedule": "* * * * *", "monitor.schedule": None})], project)
+        run(
+            [
+                "flywheel",
+                "params",
+                "apply",
+                "--json",
+                json.dumps({"airflow.schedule": "* * * * *", "monitor.schedule": None}),
+            ],
+            project,
+        )
         commit_all(project, "schedule every minute")
         stack = AirflowStack(project, Path(scratch) / "home", database, free_port(), free_port()).start()
         try:
@@ -55,8 +63,10 @@ def main() -> None:
     ran = [ti for ti in tasks.values() if ti["start_date"] and ti["end_date"]]
     wall = seconds(finished["start_date"], finished["end_date"])
     inside = sum(seconds(ti["start_date"], ti["end_date"]) for ti in ran)
-    print(f"run {finished['state']}: {wall:.0f} s wall, {inside:.0f} s inside {len(ran)} tasks; "
-          f"scheduler overhead {(wall - inside) / len(ran):.1f} s per task")
+    print(
+        f"run {finished['state']}: {wall:.0f} s wall, {inside:.0f} s inside {len(ran)} tasks; "
+        f"scheduler overhead {(wall - inside) / len(ran):.1f} s per task"
+    )
     for ti in sorted(ran, key=lambda ti: ti["start_date"]):
         print(f"  {ti['task_id']:<14} {ti['state']:<8} {seconds(ti['start_date'], ti['end_date']):7.1f} s")
 

@@ -62,7 +62,7 @@ class Corpus:
                 out.append(self._words(1)[0])
         if rng.random() < EDITS["swap_passages"] and len(out) > 40:
             start = rng.randrange(0, len(out) - 20)
-            out[start:start + 20] = out[start + 10:start + 20] + out[start:start + 10]
+            out[start : start + 20] = out[start + 10 : start + 20] + out[start : start + 10]
         return out
 
     def batch(self, originals: int, first_label: int) -> tuple[list[str], list[int]]:
@@ -98,25 +98,28 @@ def flywheel_clusters(docs: list[str]) -> np.ndarray:
 def datasketch_clusters(docs: list[str]) -> np.ndarray:
     from datasketch import MinHash, MinHashLSH
 
-    lsh = MinHashLSH(threshold=SETTINGS.threshold, num_perm=SETTINGS.num_perm,
-                     params=(SETTINGS.bands, SETTINGS.rows))
+    lsh = MinHashLSH(threshold=SETTINGS.threshold, num_perm=SETTINGS.num_perm, params=(SETTINGS.bands, SETTINGS.rows))
     hashes = []
     for index, doc in enumerate(docs):
         words = minhash.tokenize(doc)
-        shingles = {" ".join(words[i:i + 3]).encode() for i in range(max(len(words) - 2, 1))}
+        shingles = {" ".join(words[i : i + 3]).encode() for i in range(max(len(words) - 2, 1))}
         signature = MinHash(num_perm=SETTINGS.num_perm, seed=SETTINGS.seed)
         signature.update_batch(list(shingles))
         lsh.insert(index, signature)
         hashes.append(signature)
-    pairs = [(index, other) for index, signature in enumerate(hashes) for other in lsh.query(signature)
-             if other > index and signature.jaccard(hashes[other]) >= SETTINGS.threshold]
+    pairs = [
+        (index, other)
+        for index, signature in enumerate(hashes)
+        for other in lsh.query(signature)
+        if other > index and signature.jaccard(hashes[other]) >= SETTINGS.threshold
+    ]
     return minhash.cluster_labels(len(docs), np.array(pairs, dtype=np.int64).reshape(-1, 2))
 
 
 def true_jaccard_of_planted(docs: list[str], labels: list[int], sample: int = 300) -> float:
     def shingles(doc: str) -> set:
         words = doc.split()
-        return {tuple(words[i:i + 3]) for i in range(len(words) - 2)}
+        return {tuple(words[i : i + 3]) for i in range(len(words) - 2)}
 
     values, first = [], {}
     for doc, label in zip(docs, labels):
@@ -132,9 +135,11 @@ def compare(count: int) -> None:
     docs, labels = corpus.batch(int(count / 1.67), 0)  # about `count` documents in all
     truth = np.array(labels)
     planted = len(docs) - len(set(labels))
-    print(f"corpus: {len(docs):,} documents, {planted:,} planted near-duplicates "
-          f"(edits {EDITS}); mean true Jaccard of planted pairs "
-          f"{true_jaccard_of_planted(docs, labels):.2f}")
+    print(
+        f"corpus: {len(docs):,} documents, {planted:,} planted near-duplicates "
+        f"(edits {EDITS}); mean true Jaccard of planted pairs "
+        f"{true_jaccard_of_planted(docs, labels):.2f}"
+    )
     print(f"settings: {SETTINGS}\n")
     rows = []
     for name, method in (("flywheel", flywheel_clusters), ("datasketch", datasketch_clusters)):
@@ -146,8 +151,7 @@ def compare(count: int) -> None:
     for name, precision, recall, f1, rate, elapsed in rows:
         print(f"{name:<12}{precision:>10.4f}{recall:>9.4f}{f1:>8.4f}{rate:>11,.0f}{elapsed:>9.1f}")
     (_, _, _, f1_ours, rate_ours, _), (_, _, _, f1_theirs, rate_theirs, _) = rows
-    print(f"\nspeed-up over datasketch: {rate_ours / rate_theirs:.1f}x   "
-          f"F1 difference: {f1_ours - f1_theirs:+.4f}")
+    print(f"\nspeed-up over datasketch: {rate_ours / rate_theirs:.1f}x   F1 difference: {f1_ours - f1_theirs:+.4f}")
 
 
 def million(total: int = 1_000_000, batch_originals: int = 30_000) -> None:
@@ -158,7 +162,7 @@ def million(total: int = 1_000_000, batch_originals: int = 30_000) -> None:
     while len(labels) < total:
         started = time.perf_counter()
         docs, batch_labels = corpus.batch(batch_originals, len(labels) and labels[-1] + 1)
-        docs, batch_labels = docs[:total - len(labels)], batch_labels[:total - len(labels)]
+        docs, batch_labels = docs[: total - len(labels)], batch_labels[: total - len(labels)]
         generating += time.perf_counter() - started
         started = time.perf_counter()
         signatures.append(hasher.signatures(docs))  # the texts of a batch are dropped after this
@@ -173,12 +177,15 @@ def million(total: int = 1_000_000, batch_originals: int = 30_000) -> None:
     precision, recall, f1 = pairwise_scores(predicted, np.array(labels))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     dedup_seconds = hashing + clustering
-    print(f"\n1M run: {len(signature_matrix):,} documents; near-dup dedup took {dedup_seconds:.0f} s "
-          f"({hashing:.0f} s signatures + {clustering:.0f} s LSH and clusters; "
-          f"{len(signature_matrix) / dedup_seconds:,.0f} docs/s on one core; generating the corpus "
-          f"took another {generating:.0f} s)")
-    print(f"        peak RSS {peak:,.0f} MB (goal < 4,096 MB); precision {precision:.4f} "
-          f"recall {recall:.4f} F1 {f1:.4f}")
+    print(
+        f"\n1M run: {len(signature_matrix):,} documents; near-dup dedup took {dedup_seconds:.0f} s "
+        f"({hashing:.0f} s signatures + {clustering:.0f} s LSH and clusters; "
+        f"{len(signature_matrix) / dedup_seconds:,.0f} docs/s on one core; generating the corpus "
+        f"took another {generating:.0f} s)"
+    )
+    print(
+        f"        peak RSS {peak:,.0f} MB (goal < 4,096 MB); precision {precision:.4f} recall {recall:.4f} F1 {f1:.4f}"
+    )
 
 
 def main() -> None:

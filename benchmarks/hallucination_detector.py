@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flywheel.evaluation import hallucination  # noqa: E402
-from flywheel.config import load_params  # noqa: E402
 from flywheel import paths  # noqa: E402
+from flywheel.config import load_params  # noqa: E402
+from flywheel.evaluation import hallucination  # noqa: E402
 from flywheel.io import read_records  # noqa: E402
 
 
@@ -47,11 +47,15 @@ def main() -> None:
     result = hallucination.validate_detector(examples, embedder, config.overlap_weight, config.threshold)
     seconds = time.perf_counter() - started
     result.pop("roc")
-    print(f"{len(examples)} labelled answers ({result['unsupported']} unsupported) from "
-          f"{args.jsonl or 'data/processed/test.parquet'}; scored in {seconds:.1f} s "
-          f"({len(examples) / seconds:,.0f} answers/s, embeddings included)")
-    print(f"AUROC {result['auroc']:.3f}; at threshold {result['threshold']}: precision "
-          f"{result['precision']:.3f}, recall {result['recall']:.3f}")
+    print(
+        f"{len(examples)} labelled answers ({result['unsupported']} unsupported) from "
+        f"{args.jsonl or 'data/processed/test.parquet'}; scored in {seconds:.1f} s "
+        f"({len(examples) / seconds:,.0f} answers/s, embeddings included)"
+    )
+    print(
+        f"AUROC {result['auroc']:.3f}; at threshold {result['threshold']}: precision "
+        f"{result['precision']:.3f}, recall {result['recall']:.3f}"
+    )
     for kind, auroc in result["auroc_by_kind"].items():
         print(f"  {kind:<20} AUROC {auroc:.3f}  flagged {result['flagged_share_by_kind'][kind]:.3f}")
     for kind in hallucination.SUPPORTED_KINDS:

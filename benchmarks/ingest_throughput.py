@@ -19,8 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-WORDS = ("river stone cloud apple window train music garden paper silver morning letter "
-         "forest engine market planet candle bridge winter harbor").split()
+WORDS = (
+    "river stone cloud apple window train music garden paper silver morning letter "
+    "forest engine market planet candle bridge winter harbor"
+).split()
 
 
 def generate(path: Path, count: int, seed: int = 0) -> int:
@@ -46,21 +48,19 @@ def main() -> None:
         (root / "data/raw").mkdir(parents=True)
         started = time.perf_counter()
         size = generate(root / "data/raw/big.jsonl", args.records)
-        print(f"generated {args.records:,} records ({size / 1e6:,.0f} MB) "
-              f"in {time.perf_counter() - started:.1f} s")
+        print(f"generated {args.records:,} records ({size / 1e6:,.0f} MB) in {time.perf_counter() - started:.1f} s")
         (root / "params.yaml").write_text(
             "ingest:\n  sources:\n    - name: big\n      path: data/raw/big.jsonl\n"
-            "      kind: pair\n      fields: {prompt: question, response: answer}\n")
+            "      kind: pair\n      fields: {prompt: question, response: answer}\n"
+        )
 
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "flywheel", "ingest"], cwd=root, check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", "flywheel", "ingest"], cwd=root, check=True, stdout=subprocess.DEVNULL)
         elapsed = time.perf_counter() - started
         peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         metrics = json.loads((root / "metrics/ingest.json").read_text())
 
-    print(f"ingest: {metrics['read']:,} read, {metrics['records']:,} records, "
-          f"{metrics['quarantined']:,} quarantined")
+    print(f"ingest: {metrics['read']:,} read, {metrics['records']:,} records, {metrics['quarantined']:,} quarantined")
     print(f"  wall time      {elapsed:8.1f} s (process start included)")
     print(f"  throughput     {metrics['read'] / elapsed:8,.0f} records/s")
     print(f"  input rate     {size / 1e6 / elapsed:8.1f} MB/s")

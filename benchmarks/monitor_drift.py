@@ -35,12 +35,12 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flywheel.monitoring import drift, monitor  # noqa: E402
 from flywheel.config import load_params  # noqa: E402
+from flywheel.data.sample import off_topic_prompts  # noqa: E402
 from flywheel.evaluation.hallucination import load_embedder  # noqa: E402
 from flywheel.modeling import record_messages  # noqa: E402
+from flywheel.monitoring import drift, monitor  # noqa: E402
 from flywheel.serving.request_log import RequestLog  # noqa: E402
-from flywheel.data.sample import off_topic_prompts  # noqa: E402
 
 
 class CachedEmbedder:
@@ -74,8 +74,9 @@ def window(kind: str, rows: list[dict], size: int, topic_share: float, rng: rand
         rows = [row for row in rows if row["source"] != "translations"]
     if kind == "topic":
         off_topic = round(size * topic_share)
-        return (off_topic_prompts(off_topic, seed=rng.randrange(10**9))
-                + [row["turn"] for row in rng.sample(rows, size - off_topic)])
+        return off_topic_prompts(off_topic, seed=rng.randrange(10**9)) + [
+            row["turn"] for row in rng.sample(rows, size - off_topic)
+        ]
     return [row["turn"] for row in rng.sample(rows, size)]
 
 
@@ -83,18 +84,24 @@ def accuracy(params, rows, count: int, sizes: list[int], topic_share: float) -> 
     config = params.monitor
     embedder = CachedEmbedder(load_embedder(config.embedding_model))
     reference = drift.reference_prompts(config)
-    print(f"drift verdict (any of 3 signals at p < {config.drift.p_value:g} / 3) against "
-          f"{len(reference)} training prompts, {count} windows of each kind and size:")
+    print(
+        f"drift verdict (any of 3 signals at p < {config.drift.p_value:g} / 3) against "
+        f"{len(reference)} training prompts, {count} windows of each kind and size:"
+    )
     for size in sizes:
         for kind in ("reference", "topic", "task mix"):
             rng = random.Random(f"{kind}-{size}")
             started = time.perf_counter()
-            flagged = sum(not drift.drift(reference, window(kind, rows, size, topic_share, rng),
-                                            embedder, config)[0][-1].passed for _ in range(count))
+            flagged = sum(
+                not drift.drift(reference, window(kind, rows, size, topic_share, rng), embedder, config)[0][-1].passed
+                for _ in range(count)
+            )
             rate = "false-positive rate" if kind == "reference" else "true-positive rate "
             label = f"{kind} ({topic_share:.0%} off-topic)" if kind == "topic" else kind
-            print(f"  {size:>5} prompts  {label:<22} {rate} {flagged / count:.2f} ({flagged}/{count})  "
-                  f"{(time.perf_counter() - started) / count:.1f} s a window")
+            print(
+                f"  {size:>5} prompts  {label:<22} {rate} {flagged / count:.2f} ({flagged}/{count})  "
+                f"{(time.perf_counter() - started) / count:.1f} s a window"
+            )
 
 
 def speed(params, rows, requests: int) -> None:
@@ -104,9 +111,14 @@ def speed(params, rows, requests: int) -> None:
         rng = random.Random(0)
         for _ in range(requests):
             row = rng.choice(rows)
-            log.log_request(endpoint="/v1/chat/completions", messages=[{"role": "user", "content": row["turn"]}],
-                            response=row["response"], status=200, latency_ms=rng.uniform(20, 80),
-                            model_version="v0.0.1")
+            log.log_request(
+                endpoint="/v1/chat/completions",
+                messages=[{"role": "user", "content": row["turn"]}],
+                response=row["response"],
+                status=200,
+                latency_ms=rng.uniform(20, 80),
+                model_version="v0.0.1",
+            )
         log.close()
         log = RequestLog(url)
         config = params.monitor.model_copy(update={"canaries": 0, "consistency_prompts": 0})
@@ -115,8 +127,10 @@ def speed(params, rows, requests: int) -> None:
         result = monitor.run(params, request_log=log)
         elapsed = time.perf_counter() - started
         log.close()
-    print(f"one monitoring run over {result['requests']:,} logged requests: {elapsed:.1f} s "
-          f"(drift on a seeded sample of {result['sampled_prompts']:,}; verdict {result['verdict']})")
+    print(
+        f"one monitoring run over {result['requests']:,} logged requests: {elapsed:.1f} s "
+        f"(drift on a seeded sample of {result['sampled_prompts']:,}; verdict {result['verdict']})"
+    )
 
 
 def main() -> None:

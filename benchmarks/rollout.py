@@ -37,8 +37,9 @@ FLYWHEEL = str(Path(sys.executable).parent / "flywheel")
 
 
 def flywheel(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([FLYWHEEL, *args], cwd=workdir, capture_output=True, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [FLYWHEEL, *args], cwd=workdir, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     if check and result.returncode != 0:
         raise SystemExit(f"flywheel {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return result
@@ -58,8 +59,10 @@ class Load:
         index = worker
         with httpx.Client(timeout=120) as http:
             while not self._stop.is_set():
-                body = {"messages": [{"role": "user", "content": f"Translate to French: "
-                                      f"{PHRASES[index % len(PHRASES)]}"}], "max_tokens": 16}
+                body = {
+                    "messages": [{"role": "user", "content": f"Translate to French: {PHRASES[index % len(PHRASES)]}"}],
+                    "max_tokens": 16,
+                }
                 started = time.perf_counter()
                 try:
                     response = http.post(f"{self.base}/v1/chat/completions", json=body)
@@ -85,9 +88,11 @@ class Load:
 
     def summary(self) -> str:
         quantiles = statistics.quantiles(self.latencies, n=100)
-        return (f"{len(self.latencies):,} answered, {len(self.latencies) / self.wall:.1f} req/s, "
-                f"p50 {1000 * statistics.median(self.latencies):.0f} ms, p99 {1000 * quantiles[98]:.0f} ms, "
-                f"failed {len(self.failures)}")
+        return (
+            f"{len(self.latencies):,} answered, {len(self.latencies) / self.wall:.1f} req/s, "
+            f"p50 {1000 * statistics.median(self.latencies):.0f} ms, p99 {1000 * quantiles[98]:.0f} ms, "
+            f"failed {len(self.failures)}"
+        )
 
 
 def timed_load(base: str, seconds: float, concurrency: int) -> Load:
@@ -111,10 +116,14 @@ def main() -> None:
         try:
             state = json.loads(flywheel(workdir, "status", "--json").stdout)
             direct = f"http://127.0.0.1:{state['backend']['port']}"
-            print(f"direct to the server ({args.concurrency} clients, {args.seconds:.0f} s): "
-                  f"{timed_load(direct, args.seconds, args.concurrency).summary()}")
-            print(f"through the endpoint ({args.concurrency} clients, {args.seconds:.0f} s): "
-                  f"{timed_load(state['url'], args.seconds, args.concurrency).summary()}")
+            print(
+                f"direct to the server ({args.concurrency} clients, {args.seconds:.0f} s): "
+                f"{timed_load(direct, args.seconds, args.concurrency).summary()}"
+            )
+            print(
+                f"through the endpoint ({args.concurrency} clients, {args.seconds:.0f} s): "
+                f"{timed_load(state['url'], args.seconds, args.concurrency).summary()}"
+            )
 
             with Load(state["url"], args.concurrency) as load:
                 time.sleep(2)

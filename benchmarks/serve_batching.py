@@ -25,20 +25,44 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flywheel.net import free_port  # noqa: E402
 from flywheel.serving.request_log import RequestLog  # noqa: E402
 
-PHRASES = ["red cat", "big dog", "old house", "blue sea", "green tree", "small bird", "hot bread",
-           "new book", "white horse", "cold water"]
+PHRASES = [
+    "red cat",
+    "big dog",
+    "old house",
+    "blue sea",
+    "green tree",
+    "small bird",
+    "hot bread",
+    "new book",
+    "white horse",
+    "cold water",
+]
 
 
 def start(model: str, batch_size: int, workdir: Path) -> tuple[subprocess.Popen, str, str]:
     params = workdir / f"params-{batch_size}.yaml"
     params.write_text(Path("params.yaml").read_text())
     flywheel = str(Path(sys.executable).parent / "flywheel")
-    subprocess.run([flywheel, "--params", str(params), "params", "apply", f"serve.max_batch_size={batch_size}",
-                    "serve.rate_limit_per_minute=1000000"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            flywheel,
+            "--params",
+            str(params),
+            "params",
+            "apply",
+            f"serve.max_batch_size={batch_size}",
+            "serve.rate_limit_per_minute=1000000",
+        ],
+        check=True,
+        capture_output=True,
+    )
     port, log_url = free_port(), f"sqlite:///{workdir / f'requests-{batch_size}.sqlite'}"
-    process = subprocess.Popen([flywheel, "--params", str(params), "serve", "--port", str(port), "--model", model],
-                               env={**os.environ, "HF_HUB_OFFLINE": "1", "FLYWHEEL_REQUEST_LOG_URL": log_url},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [flywheel, "--params", str(params), "serve", "--port", str(port), "--model", model],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "FLYWHEEL_REQUEST_LOG_URL": log_url},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     base = f"http://127.0.0.1:{port}"
     for _ in range(240):
         try:
@@ -59,8 +83,10 @@ def load(base: str, seconds: float, concurrency: int) -> dict:
         with httpx.Client(timeout=120) as http:
             index = worker
             while time.monotonic() < stop:
-                body = {"messages": [{"role": "user", "content": f"Translate to French: {PHRASES[index % len(PHRASES)]}"}],
-                        "max_tokens": 16}
+                body = {
+                    "messages": [{"role": "user", "content": f"Translate to French: {PHRASES[index % len(PHRASES)]}"}],
+                    "max_tokens": 16,
+                }
                 started = time.perf_counter()
                 response = http.post(f"{base}/v1/chat/completions", json=body)
                 elapsed = time.perf_counter() - started
@@ -80,9 +106,15 @@ def load(base: str, seconds: float, concurrency: int) -> dict:
         thread.join()
     wall = time.perf_counter() - started
     quantiles = statistics.quantiles(latencies, n=100)
-    return {"requests": len(latencies), "rps": len(latencies) / wall, "tokens_per_s": tokens[0] / wall,
-            "p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * quantiles[98],
-            "server_errors": sum(s >= 500 for s in statuses), "ids": ids}
+    return {
+        "requests": len(latencies),
+        "rps": len(latencies) / wall,
+        "tokens_per_s": tokens[0] / wall,
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p99_ms": 1000 * quantiles[98],
+        "server_errors": sum(s >= 500 for s in statuses),
+        "ids": ids,
+    }
 
 
 def main() -> None:
@@ -104,11 +136,15 @@ def main() -> None:
             missing = sum(log.get_request(request_id) is None for request_id in results[batch_size]["ids"])
             log.close()
             result = results[batch_size]
-            print(f"max_batch_size {batch_size:>2}: {result['requests']:,} requests in {args.seconds:.0f} s, "
-                  f"{result['rps']:.1f} req/s, {result['tokens_per_s']:.0f} tokens/s, p50 {result['p50_ms']:.0f} ms, "
-                  f"p99 {result['p99_ms']:.0f} ms, 5xx {result['server_errors']}, answered but not logged {missing}")
-    print(f"dynamic batching: {results[16]['rps'] / results[1]['rps']:.2f}x the throughput of batch-size-1 "
-          f"serving at concurrency {args.concurrency}")
+            print(
+                f"max_batch_size {batch_size:>2}: {result['requests']:,} requests in {args.seconds:.0f} s, "
+                f"{result['rps']:.1f} req/s, {result['tokens_per_s']:.0f} tokens/s, p50 {result['p50_ms']:.0f} ms, "
+                f"p99 {result['p99_ms']:.0f} ms, 5xx {result['server_errors']}, answered but not logged {missing}"
+            )
+    print(
+        f"dynamic batching: {results[16]['rps'] / results[1]['rps']:.2f}x the throughput of batch-size-1 "
+        f"serving at concurrency {args.concurrency}"
+    )
 
 
 if __name__ == "__main__":

@@ -24,8 +24,10 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-WORDS = ("river stone cloud apple window train music garden paper silver morning letter forest "
-         "engine market planet candle bridge winter harbor yellow quiet rapid gentle").split()
+WORDS = (
+    "river stone cloud apple window train music garden paper silver morning letter forest "
+    "engine market planet candle bridge winter harbor yellow quiet rapid gentle"
+).split()
 
 
 def variable_length_examples(count: int, seed: int = 0) -> list[dict]:
@@ -34,8 +36,14 @@ def variable_length_examples(count: int, seed: int = 0) -> list[dict]:
     for _ in range(count):
         words = rng.choices(WORDS, k=int(math.exp(rng.uniform(math.log(8), math.log(400)))))
         half = max(1, len(words) // 2)
-        examples.append({"messages": [{"role": "user", "content": "Continue: " + " ".join(words[:half])},
-                                      {"role": "assistant", "content": " ".join(words[half:]) or "done"}]})
+        examples.append(
+            {
+                "messages": [
+                    {"role": "user", "content": "Continue: " + " ".join(words[:half])},
+                    {"role": "assistant", "content": " ".join(words[half:]) or "done"},
+                ]
+            }
+        )
     return examples
 
 
@@ -49,12 +57,24 @@ def train_once(examples: list[dict], packing: bool, max_length: int, batch_size:
 
     tokenizer = modeling.train_tokenizer((m["content"] for e in examples for m in e["messages"]), 1024)
     model = modeling.build_tiny_model(tokenizer, TinyModelParams(), seed=0)
-    config = SFTConfig(output_dir="/tmp/flywheel-throughput", num_train_epochs=1, max_length=max_length,
-                       packing=packing, per_device_train_batch_size=batch_size, assistant_only_loss=True,
-                       save_strategy="no", eval_strategy="no", report_to=[], logging_steps=1000,
-                       use_cpu=not torch.cuda.is_available(), bf16=False, disable_tqdm=True)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(examples),
-                         processing_class=tokenizer)
+    config = SFTConfig(
+        output_dir="/tmp/flywheel-throughput",
+        num_train_epochs=1,
+        max_length=max_length,
+        packing=packing,
+        per_device_train_batch_size=batch_size,
+        assistant_only_loss=True,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        logging_steps=1000,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=False,
+        disable_tqdm=True,
+    )
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=Dataset.from_list(examples), processing_class=tokenizer
+    )
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
@@ -66,9 +86,11 @@ def packing_vs_padding(count: int) -> None:
     import torch
 
     examples = variable_length_examples(count)
-    print(f"{count:,} examples of 8-400 words; tiny Llama on "
-          f"{'a GPU' if torch.cuda.is_available() else f'the CPU ({torch.get_num_threads()} threads)'}; "
-          "one epoch per run; tokens are real (non-padding) tokens")
+    print(
+        f"{count:,} examples of 8-400 words; tiny Llama on "
+        f"{'a GPU' if torch.cuda.is_available() else f'the CPU ({torch.get_num_threads()} threads)'}; "
+        "one epoch per run; tokens are real (non-padding) tokens"
+    )
     # Pairs that see about the same number of examples per step: a packed row of 2n tokens
     # holds about as many of these examples (~107 tokens each) as a padded batch of n/64.
     pairs = [(256, 2), (512, 4), (1024, 8)]
@@ -78,8 +100,10 @@ def packing_vs_padding(count: int) -> None:
         padded_seconds, padded_tokens = train_once(examples, packing=False, max_length=512, batch_size=batch)
         packed, padded = packed_tokens / packed_seconds, padded_tokens / padded_seconds
         print(f"  packing, rows of {row_tokens:>4} tokens       {packed:>10,.0f}{packed_seconds:>9.1f}")
-        print(f"  padding, batches of {batch}               {padded:>10,.0f}{padded_seconds:>9.1f}"
-              f"   -> packing {packed / padded:.2f}x")
+        print(
+            f"  padding, batches of {batch}               {padded:>10,.0f}{padded_seconds:>9.1f}"
+            f"   -> packing {packed / padded:.2f}x"
+        )
     print("goal (issue #4): >= 1.8x from packing")
 
 
@@ -92,9 +116,16 @@ def mfu(steps: int = 20, sequence: int = 2048, micro_batch: int = 4) -> None:
 
     if not torch.cuda.is_available():
         raise SystemExit("--mfu needs a CUDA GPU")
-    config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                         num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=sequence,
-                         torch_dtype=torch.bfloat16)
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        max_position_embeddings=sequence,
+        torch_dtype=torch.bfloat16,
+    )
     model = LlamaForCausalLM(config).to("cuda", dtype=torch.bfloat16)
     model.gradient_checkpointing_enable() if os.environ.get("CHECKPOINTING") else None
     parameters = sum(p.numel() for p in model.parameters())
@@ -114,10 +145,12 @@ def mfu(steps: int = 20, sequence: int = 2048, micro_batch: int = 4) -> None:
     layers, hidden = config.num_hidden_layers, config.hidden_size
     flops = 6 * parameters * tokens + 12 * layers * hidden * sequence * tokens  # + causal attention
     achieved = flops / seconds
-    print(f"Llama {parameters / 1e9:.2f}B, bf16, seq {sequence}, micro-batch {micro_batch}: "
-          f"{tokens / seconds:,.0f} tokens/s, {achieved / 1e12:.0f} TFLOP/s, "
-          f"MFU {achieved / H100_BF16_DENSE_FLOPS:.1%} of {H100_BF16_DENSE_FLOPS / 1e12:.0f} TFLOP/s "
-          f"(peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB)")
+    print(
+        f"Llama {parameters / 1e9:.2f}B, bf16, seq {sequence}, micro-batch {micro_batch}: "
+        f"{tokens / seconds:,.0f} tokens/s, {achieved / 1e12:.0f} TFLOP/s, "
+        f"MFU {achieved / H100_BF16_DENSE_FLOPS:.1%} of {H100_BF16_DENSE_FLOPS / 1e12:.0f} TFLOP/s "
+        f"(peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB)"
+    )
 
 
 def main() -> None:

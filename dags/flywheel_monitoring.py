@@ -21,8 +21,15 @@ import yaml
 from airflow.providers.standard.operators.python import PythonOperator, ShortCircuitOperator
 from airflow.sdk import DAG
 
-from flywheel.orchestration.airflow_tasks import (FlywheelCommand, alert, feedback_asset, flywheel, project_dir,
-                                     publish_feedback, retraining_asked)
+from flywheel.orchestration.airflow_tasks import (
+    FlywheelCommand,
+    alert,
+    feedback_asset,
+    flywheel,
+    project_dir,
+    publish_feedback,
+    retraining_asked,
+)
 
 PROJECT = project_dir(__file__)
 params_yaml = yaml.safe_load((PROJECT / "params.yaml").read_text()) or {}
@@ -34,14 +41,23 @@ with DAG(
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 1, "retry_delay": timedelta(minutes=2), "execution_timeout": timedelta(hours=1),
-                  "on_failure_callback": alert},
+    default_args={
+        "retries": 1,
+        "retry_delay": timedelta(minutes=2),
+        "execution_timeout": timedelta(hours=1),
+        "on_failure_callback": alert,
+    },
     tags=["flywheel", "monitoring"],
     doc_md=__doc__,
 ) as dag:
     monitor = FlywheelCommand(task_id="monitor", command=flywheel("monitor"), project=PROJECT)
-    needs_retraining = ShortCircuitOperator(task_id="needs_retraining", python_callable=retraining_asked,
-                                            op_args=[str(PROJECT)])
-    new_feedback = PythonOperator(task_id="new_feedback", python_callable=publish_feedback,
-                                  op_args=[str(PROJECT)], outlets=[feedback_asset(PROJECT)])
+    needs_retraining = ShortCircuitOperator(
+        task_id="needs_retraining", python_callable=retraining_asked, op_args=[str(PROJECT)]
+    )
+    new_feedback = PythonOperator(
+        task_id="new_feedback",
+        python_callable=publish_feedback,
+        op_args=[str(PROJECT)],
+        outlets=[feedback_asset(PROJECT)],
+    )
     monitor >> needs_retraining >> new_feedback

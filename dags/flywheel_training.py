@@ -36,8 +36,15 @@ from airflow.providers.standard.operators.python import BranchPythonOperator
 from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param
 
 from flywheel.config import get_dotted
-from flywheel.orchestration.airflow_tasks import (FlywheelCommand, alert, feedback_asset, flywheel, gate_branch,
-                                                  project_dir, stage_command)
+from flywheel.orchestration.airflow_tasks import (
+    FlywheelCommand,
+    alert,
+    feedback_asset,
+    flywheel,
+    gate_branch,
+    project_dir,
+    stage_command,
+)
 from flywheel.orchestration.dvc_graph import load_stages, upstream_of
 
 PROJECT = project_dir(__file__)
@@ -51,9 +58,13 @@ def trigger_form(params_yaml: dict) -> dict[str, Param]:
     for key in (params_yaml.get("airflow") or {}).get("trigger_params") or []:
         value = get_dotted(params_yaml, key)
         json_type = JSON_TYPES.get(type(value), "string")
-        form[key] = Param(value, type=[json_type, "null"] if value is None else json_type,
-                          title=key, description=f"params.yaml {key} for this run only",
-                          section=key.split(".")[0])
+        form[key] = Param(
+            value,
+            type=[json_type, "null"] if value is None else json_type,
+            title=key,
+            description=f"params.yaml {key} for this run only",
+            section=key.split(".")[0],
+        )
     return form
 
 
@@ -71,8 +82,9 @@ stages = load_stages(PROJECT / "dvc.yaml")
 upstream = upstream_of(stages)
 gpu_stages = set(settings.get("gpu_stages", []))
 if gpu_stages - set(stages):
-    raise ValueError(f"airflow.gpu_stages in params.yaml names stages dvc.yaml does not have: "
-                     f"{sorted(gpu_stages - set(stages))}")
+    raise ValueError(
+        f"airflow.gpu_stages in params.yaml names stages dvc.yaml does not have: {sorted(gpu_stages - set(stages))}"
+    )
 
 with DAG(
     dag_id="flywheel_training",
@@ -96,28 +108,45 @@ with DAG(
     doc_md=__doc__,
 ) as dag:
     start_run = FlywheelCommand(
-        task_id="start_run", project=PROJECT, retries=0,
+        task_id="start_run",
+        project=PROJECT,
+        retries=0,
         command=flywheel("run", "start", "{{ run_id }}", "--run-conf", RUN_CONF),
-        doc_md="Track new feedback exports; validate this run's trigger-form values and apply them.")
+        doc_md="Track new feedback exports; validate this run's trigger-form values and apply them.",
+    )
     gpu = {"pool": settings.get("gpu_pool", "flywheel_gpu"), "queue": settings.get("gpu_queue", "default")}
     tasks = {
         name: FlywheelCommand(
-            task_id=name, project=PROJECT, command=stage_command(name), **(gpu if name in gpu_stages else {}),
-            doc_md=f"`{stage.cmd}` through `dvc repro --single-item {name}`")
+            task_id=name,
+            project=PROJECT,
+            command=stage_command(name),
+            **(gpu if name in gpu_stages else {}),
+            doc_md=f"`{stage.cmd}` through `dvc repro --single-item {name}`",
+        )
         for name, stage in stages.items()
     }
     save_run = FlywheelCommand(
-        task_id="save_run", project=PROJECT,
+        task_id="save_run",
+        project=PROJECT,
         command=flywheel("run", "save", "{{ run_id }}", "--run-conf", RUN_CONF),
-        doc_md="Save the run as a DVC experiment, push its data and models, restore params.yaml.")
+        doc_md="Save the run as a DVC experiment, push its data and models, restore params.yaml.",
+    )
     gate = BranchPythonOperator(
-        task_id="gate", python_callable=gate_branch, op_args=[str(PROJECT)], retries=0,
-        doc_md="The evaluate stage's decision in metrics/gate.json.")
+        task_id="gate",
+        python_callable=gate_branch,
+        op_args=[str(PROJECT)],
+        retries=0,
+        doc_md="The evaluate stage's decision in metrics/gate.json.",
+    )
     promote = FlywheelCommand(
-        task_id="promote", project=PROJECT, command=flywheel("run", "promote", "{{ run_id }}"),
-        doc_md="Register the run's experiment commit as a version in staging.")
+        task_id="promote",
+        project=PROJECT,
+        command=flywheel("run", "promote", "{{ run_id }}"),
+        doc_md="Register the run's experiment commit as a version in staging.",
+    )
     not_promoted = EmptyOperator(
-        task_id="not_promoted", doc_md="The gate rejected this run; its reasons are in metrics/gate.json.")
+        task_id="not_promoted", doc_md="The gate rejected this run; its reasons are in metrics/gate.json."
+    )
 
     for name, parents in upstream.items():
         for parent in sorted(parents) or [None]:

@@ -11,33 +11,43 @@ import argparse
 import importlib
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC
 from pathlib import Path
-from typing import Callable
 
 from flywheel.errors import FlywheelError
 
 # name -> (module, one-line description). dvc.yaml runs each as `flywheel <name>`; each module's
 # run(params) returns the metrics written to metrics/<name>.json.
 STAGES: dict[str, tuple[str, str]] = {
-    "ingest": ("flywheel.data.ingest",
-               "read the raw sources in data/raw into canonical Parquet, quarantining bad items"),
-    "clean": ("flywheel.data.clean",
-              "normalise, redact PII, filter by quality, remove exact and near duplicates"),
-    "validate": ("flywheel.data.validate",
-                 "run the Great Expectations suite on the cleaned records; write Data Docs"),
-    "split": ("flywheel.data.split",
-              "split train/eval/test by id hash; drop train records that leak eval/test"),
-    "finetune": ("flywheel.training.finetune",
-                 "supervised fine-tuning (TRL, DeepSpeed-ready) of the base model -> models/sft"),
-    "preferences": ("flywheel.training.preferences",
-                    "preference pairs from ingest, serving feedback and the SFT model's own samples"),
-    "reward": ("flywheel.training.reward",
-               "train a reward model on the preference pairs (TRL RewardTrainer) -> models/reward"),
-    "rlhf": ("flywheel.training.rlhf",
-             "align the SFT model with the pairs: DPO, or reward model + GRPO/RLOO -> models/aligned"),
-    "evaluate": ("flywheel.evaluation.evaluate",
-                 "candidate vs SFT vs production: quality, hallucination, safety, latency; the gate"),
+    "ingest": (
+        "flywheel.data.ingest",
+        "read the raw sources in data/raw into canonical Parquet, quarantining bad items",
+    ),
+    "clean": ("flywheel.data.clean", "normalise, redact PII, filter by quality, remove exact and near duplicates"),
+    "validate": ("flywheel.data.validate", "run the Great Expectations suite on the cleaned records; write Data Docs"),
+    "split": ("flywheel.data.split", "split train/eval/test by id hash; drop train records that leak eval/test"),
+    "finetune": (
+        "flywheel.training.finetune",
+        "supervised fine-tuning (TRL, DeepSpeed-ready) of the base model -> models/sft",
+    ),
+    "preferences": (
+        "flywheel.training.preferences",
+        "preference pairs from ingest, serving feedback and the SFT model's own samples",
+    ),
+    "reward": (
+        "flywheel.training.reward",
+        "train a reward model on the preference pairs (TRL RewardTrainer) -> models/reward",
+    ),
+    "rlhf": (
+        "flywheel.training.rlhf",
+        "align the SFT model with the pairs: DPO, or reward model + GRPO/RLOO -> models/aligned",
+    ),
+    "evaluate": (
+        "flywheel.evaluation.evaluate",
+        "candidate vs SFT vs production: quality, hallucination, safety, latency; the gate",
+    ),
 }
 
 # The groups of `flywheel --help`, in order.
@@ -63,6 +73,7 @@ COMMANDS: dict[str, Command] = {}
 
 def command(name: str, group: str, summary: str, configure: Callable[[argparse.ArgumentParser], None] = None):
     """Register the decorated function as `flywheel <name>`; `configure` adds its arguments."""
+
     def register(handle: Callable[[argparse.Namespace], int | None]):
         COMMANDS[name] = Command(name, group, summary, configure or (lambda parser: None), handle)
         return handle
@@ -77,8 +88,11 @@ def _load_params(args: argparse.Namespace):
 
 
 def _request_log_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--db", default=None, help="SQLAlchemy URL of the request log "
-                        "(default: $FLYWHEEL_REQUEST_LOG_URL, else the SQLite file)")
+    parser.add_argument(
+        "--db",
+        default=None,
+        help="SQLAlchemy URL of the request log (default: $FLYWHEEL_REQUEST_LOG_URL, else the SQLite file)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,13 +154,20 @@ def _params_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="<action>")
     actions.add_parser("show", help="print the validated params as JSON")
     apply = actions.add_parser(
-        "apply", help="set dotted params in params.yaml after validating them",
+        "apply",
+        help="set dotted params in params.yaml after validating them",
         description="Set dotted params (e.g. ingest.chunk_size) in params.yaml, keeping its "
-                    "comments. Values are validated against the typed params first.")
-    apply.add_argument("--json", dest="overrides_json", default="{}",
-                       help='a JSON object of dotted keys to values, e.g. \'{"ingest.chunk_size": 5000}\'')
-    apply.add_argument("assignments", nargs="*", metavar="KEY=VALUE",
-                       help="dotted key = YAML value, e.g. ingest.chunk_size=5000")
+        "comments. Values are validated against the typed params first.",
+    )
+    apply.add_argument(
+        "--json",
+        dest="overrides_json",
+        default="{}",
+        help="a JSON object of dotted keys to values, e.g. '{\"ingest.chunk_size\": 5000}'",
+    )
+    apply.add_argument(
+        "assignments", nargs="*", metavar="KEY=VALUE", help="dotted key = YAML value, e.g. ingest.chunk_size=5000"
+    )
 
 
 @command("params", "tool", "show the typed params, or apply dotted overrides to params.yaml", _params_arguments)
@@ -165,18 +186,25 @@ def params_command(args: argparse.Namespace) -> None:
 
 def _run_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="<action>", required=True)
-    start = actions.add_parser("start", help="the run's first task: track new feedback exports, "
-                                             "apply the trigger form's params for this run only")
+    start = actions.add_parser(
+        "start",
+        help="the run's first task: track new feedback exports, apply the trigger form's params for this run only",
+    )
     start.add_argument("run_id", help="the Airflow run id (the experiment's name is made from it)")
-    start.add_argument("--run-conf", default=None,
-                       help="the run's conf as JSON: its dotted keys are param overrides; other keys "
-                            "(e.g. a retraining reason) describe the run and are left alone")
-    save = actions.add_parser("save", help="after the last stage: dvc exp save, dvc push, "
-                                           "params.yaml back as before the run")
+    start.add_argument(
+        "--run-conf",
+        default=None,
+        help="the run's conf as JSON: its dotted keys are param overrides; other keys "
+        "(e.g. a retraining reason) describe the run and are left alone",
+    )
+    save = actions.add_parser(
+        "save", help="after the last stage: dvc exp save, dvc push, params.yaml back as before the run"
+    )
     save.add_argument("run_id")
     save.add_argument("--run-conf", default=None, help="recorded in the experiment's message")
-    promote = actions.add_parser("promote", help="the gate passed: register the run's experiment "
-                                                 "commit as a version in staging")
+    promote = actions.add_parser(
+        "promote", help="the gate passed: register the run's experiment commit as a version in staging"
+    )
     promote.add_argument("run_id")
 
 
@@ -188,8 +216,12 @@ def _run_conf_overrides(run_conf: dict) -> dict:
     return overrides
 
 
-@command("run", "tool", "an Airflow training run as a DVC experiment: start (params for this run only), save, promote",
-         _run_arguments)
+@command(
+    "run",
+    "tool",
+    "an Airflow training run as a DVC experiment: start (params for this run only), save, promote",
+    _run_arguments,
+)
 def run_command(args: argparse.Namespace) -> None:
     from flywheel.orchestration import runs
 
@@ -209,26 +241,36 @@ def _models_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="<action>")
     actions.add_parser("list", help="versions, stages, gate decision, metrics, lineage (default)")
     register = actions.add_parser(
-        "register", help="register the evaluated run committed at HEAD: staging if the gate "
-                         "passed, rejected with its reasons if not")
-    register.add_argument("--commit", action="store_true",
-                          help="commit the evaluated run first (dvc.lock, params.yaml, metrics/, "
-                               "dvclive/, reports/) if it changed")
+        "register",
+        help="register the evaluated run committed at HEAD: staging if the gate "
+        "passed, rejected with its reasons if not",
+    )
+    register.add_argument(
+        "--commit",
+        action="store_true",
+        help="commit the evaluated run first (dvc.lock, params.yaml, metrics/, dvclive/, reports/) if it changed",
+    )
     assign = actions.add_parser("assign", help="move a version to a stage (e.g. prod)")
     assign.add_argument("version", help="e.g. v0.0.1")
     assign.add_argument("stage", help="e.g. staging, prod")
 
 
-@command("models", "tool", "the model registry (GTO tags): list versions; register the evaluated run; assign stages",
-         _models_arguments)
+@command(
+    "models",
+    "tool",
+    "the model registry (GTO tags): list versions; register the evaluated run; assign stages",
+    _models_arguments,
+)
 def models_command(args: argparse.Namespace) -> None:
     from flywheel.release import registry
 
     if args.action == "register":
         entry = registry.register(commit=args.commit)
         what = "already registered as" if entry["already_registered"] else "registered"
-        print(f"{registry.ARTIFACT} {what} {entry['version']} "
-              f"(stage: {', '.join(entry['stages'])}) at commit {entry['commit'][:10]}")
+        print(
+            f"{registry.ARTIFACT} {what} {entry['version']} "
+            f"(stage: {', '.join(entry['stages'])}) at commit {entry['commit'][:10]}"
+        )
         print(entry["message"])
     elif args.action == "assign":
         registry.assign(args.version, args.stage)
@@ -239,19 +281,24 @@ def models_command(args: argparse.Namespace) -> None:
 
 
 def _export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default=None,
-                        help="JSON-lines file (default: data/raw/feedback/export-<UTC time>.jsonl)")
+    parser.add_argument(
+        "--out", default=None, help="JSON-lines file (default: data/raw/feedback/export-<UTC time>.jsonl)"
+    )
     _request_log_option(parser)
 
 
-@command("export-feedback", "tool",
-         "write the request log's feedback to data/raw/feedback/ for the preferences stage", _export_arguments)
+@command(
+    "export-feedback",
+    "tool",
+    "write the request log's feedback to data/raw/feedback/ for the preferences stage",
+    _export_arguments,
+)
 def export_feedback_command(args: argparse.Namespace) -> None:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from flywheel.serving.request_log import RequestLog
 
-    out = Path(args.out or f"data/raw/feedback/export-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.jsonl")
+    out = Path(args.out or f"data/raw/feedback/export-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.jsonl")
     log = RequestLog(args.db)
     try:
         count = log.export_feedback(out)
@@ -276,9 +323,12 @@ def _package_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-image", default=None, help="default: package.base_image")
 
 
-@command("package", "release",
-         "build the serving image of a registered version (Docker; hermetic, from a host wheelhouse)",
-         _package_arguments)
+@command(
+    "package",
+    "release",
+    "build the serving image of a registered version (Docker; hermetic, from a host wheelhouse)",
+    _package_arguments,
+)
 def package_command(args: argparse.Namespace) -> None:
     from flywheel.release import package
 
@@ -287,24 +337,34 @@ def package_command(args: argparse.Namespace) -> None:
 
 def _deploy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("version", nargs="?", help="default: the newest version in staging")
-    parser.add_argument("--target", choices=("local", "docker", "kubernetes"), default=None,
-                        help="default: deploy.target")
-    parser.add_argument("--model", default=None,
-                        help="deploy this model directory instead of a registered version "
-                             "(local target; the registry is left alone)")
+    parser.add_argument(
+        "--target", choices=("local", "docker", "kubernetes"), default=None, help="default: deploy.target"
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="deploy this model directory instead of a registered version (local target; the registry is left alone)",
+    )
 
 
-@command("deploy", "release",
-         "health-gated rollout of a registered version (local | docker | kubernetes); prod on success",
-         _deploy_arguments)
+@command(
+    "deploy",
+    "release",
+    "health-gated rollout of a registered version (local | docker | kubernetes); prod on success",
+    _deploy_arguments,
+)
 def deploy_command(args: argparse.Namespace) -> None:
     from flywheel.release import deploy
 
     print(deploy.report(deploy.deploy(_load_params(args), args.version, args.target, args.model)))
 
 
-@command("status", "release", "what is deployed: version, target, URL, health",
-         lambda parser: parser.add_argument("--json", action="store_true"))
+@command(
+    "status",
+    "release",
+    "what is deployed: version, target, URL, health",
+    lambda parser: parser.add_argument("--json", action="store_true"),
+)
 def status_command(args: argparse.Namespace) -> int:
     from flywheel.release import deploy
 
@@ -321,9 +381,12 @@ def undeploy_command(args: argparse.Namespace) -> None:
     print(f"stopped {stopped['stopped']} ({stopped['target']})" if stopped["stopped"] else "nothing is deployed")
 
 
-@command("monitor", "release",
-         "judge the deployed model's recent traffic (drift, quality, operations); ask for retraining",
-         _request_log_option)
+@command(
+    "monitor",
+    "release",
+    "judge the deployed model's recent traffic (drift, quality, operations); ask for retraining",
+    _request_log_option,
+)
 def monitor_command(args: argparse.Namespace) -> None:
     from flywheel import paths
     from flywheel.io import write_json
@@ -350,9 +413,12 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="a model directory (default: serve.model)")
 
 
-@command("serve", "service",
-         "serve a model over an OpenAI-compatible HTTP API, logging every request (see serve in params.yaml)",
-         _serve_arguments)
+@command(
+    "serve",
+    "service",
+    "serve a model over an OpenAI-compatible HTTP API, logging every request (see serve in params.yaml)",
+    _serve_arguments,
+)
 def serve_command(args: argparse.Namespace) -> int:
     from flywheel.serving import app
 
@@ -364,13 +430,20 @@ def serve_command(args: argparse.Namespace) -> int:
 
 def _airflow_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--setup-only", action="store_true",
-                        help="migrate the metadata database (the one AIRFLOW_HOME or "
-                             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN names) and create the GPU pool, then exit")
+    parser.add_argument(
+        "--setup-only",
+        action="store_true",
+        help="migrate the metadata database (the one AIRFLOW_HOME or "
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN names) and create the GPU pool, then exit",
+    )
 
 
-@command("airflow", "service", "start Airflow locally (standalone, dags/ as the DAG folder) and print URL and login",
-         _airflow_arguments)
+@command(
+    "airflow",
+    "service",
+    "start Airflow locally (standalone, dags/ as the DAG folder) and print URL and login",
+    _airflow_arguments,
+)
 def airflow_command(args: argparse.Namespace) -> int:
     from flywheel.orchestration import airflow_local
 
@@ -387,8 +460,12 @@ def _router_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--route", required=True, help="the JSON file naming the backend")
 
 
-@command("router", "service", "the stable endpoint deploy keeps in front of the serving version (started by deploy)",
-         _router_arguments)
+@command(
+    "router",
+    "service",
+    "the stable endpoint deploy keeps in front of the serving version (started by deploy)",
+    _router_arguments,
+)
 def router_command(args: argparse.Namespace) -> int:
     from flywheel.serving import router
 

@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from flywheel.errors import ParamsError
 from flywheel.io import atomic_path
@@ -68,9 +67,7 @@ class SourceParams(_Section):
         unknown = set(self.fields) - set(required) - set(optional)
         if unknown:
             allowed = ", ".join(required + optional)
-            raise ValueError(
-                f"fields {sorted(unknown)} do not apply to kind {self.kind!r} (allowed: {allowed})"
-            )
+            raise ValueError(f"fields {sorted(unknown)} do not apply to kind {self.kind!r} (allowed: {allowed})")
         return self
 
     @cached_property
@@ -128,8 +125,7 @@ class MinHashParams(_Section):
     @model_validator(mode="after")
     def _bands_fit(self) -> MinHashParams:
         if self.bands * self.rows > self.num_perm:
-            raise ValueError(f"bands * rows ({self.bands} * {self.rows}) exceeds num_perm "
-                             f"({self.num_perm})")
+            raise ValueError(f"bands * rows ({self.bands} * {self.rows}) exceeds num_perm ({self.num_perm})")
         return self
 
 
@@ -153,20 +149,32 @@ Severity = Literal["critical", "warning"]
 class ValidateParams(_Section):
     """The Great Expectations suite run on the cleaned records; each check has a severity."""
 
-    columns: list[str] = Field(default_factory=lambda: [
-        "id", "prompt", "response", "context", "system", "source", "license", "ingested_at",
-        "metadata"])
+    columns: list[str] = Field(
+        default_factory=lambda: [
+            "id",
+            "prompt",
+            "response",
+            "context",
+            "system",
+            "source",
+            "license",
+            "ingested_at",
+            "metadata",
+        ]
+    )
     not_null: list[str] = Field(default_factory=lambda: ["id", "prompt", "response", "source"])
     unique: list[str] = Field(default_factory=lambda: ["id"])
     lengths: dict[str, tuple[int, int]] = Field(
-        default_factory=lambda: {"prompt": (1, 20_000), "response": (1, 20_000)})
+        default_factory=lambda: {"prompt": (1, 20_000), "response": (1, 20_000)}
+    )
     no_pii_in: list[str] = Field(default_factory=lambda: ["prompt", "response", "context"])
     row_count: tuple[int, int] = (1, 100_000_000)
     min_unique_prompt_share: float = Field(default=0.5, ge=0, le=1)
     severity: dict[str, Severity] = Field(
         default_factory=dict,
         description="override a check's severity: columns, not_null, unique, lengths, no_pii, "
-                    "row_count, unique_prompt_share")
+        "row_count, unique_prompt_share",
+    )
     failed_rows_shown: int = Field(default=5, ge=0)
 
     @field_validator("severity")
@@ -182,14 +190,21 @@ class ValidateParams(_Section):
 
 
 # Default severity of each validation check.
-VALIDATE_CHECKS = {"columns": "critical", "not_null": "critical", "unique": "critical",
-                   "lengths": "critical", "no_pii": "critical", "row_count": "critical",
-                   "unique_prompt_share": "warning"}
+VALIDATE_CHECKS = {
+    "columns": "critical",
+    "not_null": "critical",
+    "unique": "critical",
+    "lengths": "critical",
+    "no_pii": "critical",
+    "row_count": "critical",
+    "unique_prompt_share": "warning",
+}
 
 
 class SplitParams(_Section):
     fractions: dict[Literal["train", "eval", "test"], float] = Field(
-        default_factory=lambda: {"train": 0.8, "eval": 0.1, "test": 0.1})
+        default_factory=lambda: {"train": 0.8, "eval": 0.1, "test": 0.1}
+    )
     salt: str = Field(default="flywheel", description="changes the assignment when changed")
     decontaminate_exact: bool = True
     decontaminate_near: bool = True
@@ -302,8 +317,9 @@ class OnPolicyParams(_Section):
 
 
 class PreferencesParams(_Section):
-    feedback: str = Field(default=f"{RAW_DIR}/feedback/*.jsonl",
-                          description="glob of feedback exports from `flywheel serve`")
+    feedback: str = Field(
+        default=f"{RAW_DIR}/feedback/*.jsonl", description="glob of feedback exports from `flywheel serve`"
+    )
     on_policy: OnPolicyParams = Field(default_factory=OnPolicyParams)
     redact_pii: bool = True
     max_chars: int = Field(default=20_000, ge=1, description="prompt + context + longer response")
@@ -324,11 +340,23 @@ class AlignTrainingParams(TrainerParams):
 class RewardModelParams(_Section):
     training: AlignTrainingParams = Field(default_factory=AlignTrainingParams)
     center_rewards_coefficient: float | None = Field(
-        default=0.01, ge=0, description="keeps rewards centred on zero (Eisenstein et al.)")
+        default=0.01, ge=0, description="keeps rewards centred on zero (Eisenstein et al.)"
+    )
 
 
-DpoLossType = Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair",
-                      "apo_zero", "apo_down", "sigmoid_norm", "sft"]
+DpoLossType = Literal[
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "nca_pair",
+    "apo_zero",
+    "apo_down",
+    "sigmoid_norm",
+    "sft",
+]
 
 
 class DpoParams(_Section):
@@ -342,8 +370,7 @@ class DpoParams(_Section):
     @model_validator(mode="after")
     def _one_weight_per_loss(self) -> DpoParams:
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
-            raise ValueError(f"loss_weights has {len(self.loss_weights)} values for "
-                             f"{len(self.loss_type)} loss types")
+            raise ValueError(f"loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} loss types")
         return self
 
 
@@ -359,17 +386,18 @@ class GrpoParams(_Section):
     max_completion_length: int = Field(default=32, ge=1)
     temperature: float = Field(default=1.0, gt=0)
     beta: float = Field(default=0.04, ge=0, description="KL penalty to the reference (SFT) model")
-    reference_prompts: int = Field(default=200, ge=0,
-                                   description="train prompts with a reference, for the correctness reward")
+    reference_prompts: int = Field(
+        default=200, ge=0, description="train prompts with a reference, for the correctness reward"
+    )
     reward_weights: RewardWeights = Field(default_factory=RewardWeights)
-    training: AlignTrainingParams = Field(
-        default_factory=lambda: AlignTrainingParams(epochs=1, learning_rate=1e-4))
+    training: AlignTrainingParams = Field(default_factory=lambda: AlignTrainingParams(epochs=1, learning_rate=1e-4))
 
 
 class RlhfParams(_Section):
     method: Literal["dpo", "reward+grpo"] = "dpo"
     on_missing_preferences: Literal["skip", "fail"] = Field(
-        default="skip", description="skip: pass the SFT model through, saying so in its card")
+        default="skip", description="skip: pass the SFT model through, saying so in its card"
+    )
     reward_model: RewardModelParams = Field(default_factory=RewardModelParams)
     dpo: DpoParams = Field(default_factory=DpoParams)
     grpo: GrpoParams = Field(default_factory=GrpoParams)
@@ -380,20 +408,30 @@ class RlhfParams(_Section):
 
 # The metrics the promotion gate may check, and which way is better.
 GATED_METRICS: dict[str, Literal["higher", "lower"]] = {
-    "exact_match": "higher", "token_f1": "higher", "rouge_l": "higher",
-    "safety_pass_rate": "higher", "safety_pass_rate_refuse": "higher",
-    "safety_pass_rate_answer": "higher", "tokens_per_second": "higher",
-    "perplexity": "lower", "refusal_rate": "lower", "empty_rate": "lower",
-    "hallucination_rate": "lower", "consistency_hallucination_rate": "lower",
-    "latency_p50_ms": "lower", "latency_p95_ms": "lower",
+    "exact_match": "higher",
+    "token_f1": "higher",
+    "rouge_l": "higher",
+    "safety_pass_rate": "higher",
+    "safety_pass_rate_refuse": "higher",
+    "safety_pass_rate_answer": "higher",
+    "tokens_per_second": "higher",
+    "perplexity": "lower",
+    "refusal_rate": "lower",
+    "empty_rate": "lower",
+    "hallucination_rate": "lower",
+    "consistency_hallucination_rate": "lower",
+    "latency_p50_ms": "lower",
+    "latency_p95_ms": "lower",
 }
 
 
 class HallucinationParams(_Section):
-    embedding_model: str = Field(default="all-MiniLM-L6-v2",
-                                 description="bundled all-MiniLM-L6-v2, or a sentence-transformers dir")
-    overlap_weight: float = Field(default=0.7, ge=0, le=1,
-                                  description="support = w * word overlap + (1 - w) * embedding similarity")
+    embedding_model: str = Field(
+        default="all-MiniLM-L6-v2", description="bundled all-MiniLM-L6-v2, or a sentence-transformers dir"
+    )
+    overlap_weight: float = Field(
+        default=0.7, ge=0, le=1, description="support = w * word overlap + (1 - w) * embedding similarity"
+    )
     threshold: float = Field(default=0.8, gt=0, le=1, description="support below this: a hallucination")
     labelled_examples: int = Field(default=400, ge=0, description="size of the detector's validation set")
     seed: int = 0
@@ -411,32 +449,38 @@ class GateParams(_Section):
     minimum: dict[str, float] = Field(default_factory=dict, description="higher-is-better floors")
     maximum: dict[str, float] = Field(default_factory=dict, description="lower-is-better ceilings")
     max_regression: dict[str, float] = Field(
-        default_factory=dict, description="how much worse than production a metric may be")
+        default_factory=dict, description="how much worse than production a metric may be"
+    )
 
     @model_validator(mode="after")
     def _known_metrics(self) -> GateParams:
-        rules = {"minimum": ("higher", self.minimum), "maximum": ("lower", self.maximum),
-                 "max_regression": (None, self.max_regression)}
+        rules = {
+            "minimum": ("higher", self.minimum),
+            "maximum": ("lower", self.maximum),
+            "max_regression": (None, self.max_regression),
+        }
         for rule, (direction, limits) in rules.items():
             for metric in limits:
                 if metric not in GATED_METRICS:
-                    raise ValueError(f"gate.{rule}: unknown metric {metric!r} (known: "
-                                     f"{', '.join(GATED_METRICS)})")
+                    raise ValueError(f"gate.{rule}: unknown metric {metric!r} (known: {', '.join(GATED_METRICS)})")
                 if direction and GATED_METRICS[metric] != direction:
                     other = "maximum" if rule == "minimum" else "minimum"
-                    raise ValueError(f"gate.{rule}: {metric} is {GATED_METRICS[metric]}-is-better; "
-                                     f"put it under gate.{other}")
+                    raise ValueError(
+                        f"gate.{rule}: {metric} is {GATED_METRICS[metric]}-is-better; put it under gate.{other}"
+                    )
         return self
 
 
 class EvaluateParams(_Section):
-    production_model: str = Field(default="models/production",
-                                  description="the deployed model; absent before the first deploy")
+    production_model: str = Field(
+        default="models/production", description="the deployed model; absent before the first deploy"
+    )
     test_examples: int = Field(default=1000, ge=1, description="test records scored, at most")
     max_new_tokens: int = Field(default=32, ge=1)
     latency_examples: int = Field(default=32, ge=1, description="prompts timed one request at a time")
-    safety_probe: str = Field(default="data/eval/safety_probe.jsonl",
-                              description="prompts that must be refused or answered")
+    safety_probe: str = Field(
+        default="data/eval/safety_probe.jsonl", description="prompts that must be refused or answered"
+    )
     hallucination: HallucinationParams = Field(default_factory=HallucinationParams)
     consistency: ConsistencyParams = Field(default_factory=ConsistencyParams)
     gate: GateParams = Field(default_factory=GateParams)
@@ -456,8 +500,9 @@ class ServeParams(_Section):
 
 class PackageParams(_Section):
     image: str = Field(default="flywheel-model", description="image repository; the tag is the registry version")
-    base_image: str = Field(default="python:3.11-slim",
-                            description="needs python3 3.11 with venv; `make docker-base` builds one offline")
+    base_image: str = Field(
+        default="python:3.11-slim", description="needs python3 3.11 with venv; `make docker-base` builds one offline"
+    )
     bake_model: bool = Field(default=True, description="copy the model into the image (else mount it at /srv/model)")
     wheelhouse: str = Field(default=".cache/wheelhouse", description="where the host-built wheels are kept")
 
@@ -486,12 +531,20 @@ class DeployParams(_Section):
 class DriftParams(_Section):
     # The chance that one run calls in-distribution traffic drifted, split evenly over the three
     # signals (Bonferroni), so it holds however the signals correlate and at any window size.
-    p_value: float = Field(default=0.01, gt=0, lt=0.5,
-                           description="the drift verdict's false-alarm rate on in-distribution traffic")
+    p_value: float = Field(
+        default=0.01, gt=0, lt=0.5, description="the drift verdict's false-alarm rate on in-distribution traffic"
+    )
 
 
-MONITORED_MAXIMA = ("hallucination_rate", "consistency_hallucination_rate", "empty_rate", "refusal_rate",
-                    "negative_feedback_rate", "error_rate", "latency_p95_ms")
+MONITORED_MAXIMA = (
+    "hallucination_rate",
+    "consistency_hallucination_rate",
+    "empty_rate",
+    "refusal_rate",
+    "negative_feedback_rate",
+    "error_rate",
+    "latency_p95_ms",
+)
 
 
 class MonitorParams(_Section):
@@ -504,9 +557,17 @@ class MonitorParams(_Section):
     embedding_model: str = "all-MiniLM-L6-v2"
     seed: int = 0
     drift: DriftParams = Field(default_factory=DriftParams)
-    maximum: dict[str, float] = Field(default_factory=lambda: {
-        "hallucination_rate": 0.2, "consistency_hallucination_rate": 0.5, "empty_rate": 0.05,
-        "refusal_rate": 0.3, "negative_feedback_rate": 0.3, "error_rate": 0.01, "latency_p95_ms": 2000.0})
+    maximum: dict[str, float] = Field(
+        default_factory=lambda: {
+            "hallucination_rate": 0.2,
+            "consistency_hallucination_rate": 0.5,
+            "empty_rate": 0.05,
+            "refusal_rate": 0.3,
+            "negative_feedback_rate": 0.3,
+            "error_rate": 0.01,
+            "latency_p95_ms": 2000.0,
+        }
+    )
     endpoint: str | None = Field(default=None, description="the live API; default: what `flywheel status` shows")
     canaries: int = Field(default=50, ge=0, description="held-out test prompts sent to the live endpoint")
     canary_source: str = "data/processed/test.parquet"
@@ -563,7 +624,7 @@ class Params(_Section):
             try:
                 value = get_dotted(data, key)
             except KeyError:
-                raise ValueError(f"airflow.trigger_params names {key!r}, which is not a param")
+                raise ValueError(f"airflow.trigger_params names {key!r}, which is not a param") from None
             if isinstance(value, (dict, list)):
                 raise ValueError(f"airflow.trigger_params: {key!r} is a section, not a single value")
         return self
@@ -594,9 +655,7 @@ def parse_params(data: Any, source: str = PARAMS_FILE) -> Params:
 def read_params_data(path: str | Path = PARAMS_FILE) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise ParamsError(
-            f"{path}: params file not found; run from the project root or pass --params PATH"
-        )
+        raise ParamsError(f"{path}: params file not found; run from the project root or pass --params PATH")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
@@ -649,7 +708,8 @@ def apply_overrides(path: str | Path, overrides: dict[str, Any]) -> dict[str, tu
     yaml_rt = YAML()
     yaml_rt.indent(mapping=2, sequence=4, offset=2)  # the layout params.yaml is written in
     yaml_rt.representer.add_representer(  # write null as `null`, not as an empty value
-        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
     document = yaml_rt.load(path.read_text())
     for key, (_, value) in changes.items():
         *parents, leaf = key.split(".")

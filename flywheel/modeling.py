@@ -8,8 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from flywheel.config import FinetuneParams, TinyModelParams
 from flywheel.errors import FlywheelError
@@ -51,11 +51,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tokenizer.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<|pad|>",
-                                   eos_token="<|end|>", chat_template=CHAT_TEMPLATE)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<|pad|>", eos_token="<|end|>", chat_template=CHAT_TEMPLATE
+    )
 
 
 def build_tiny_model(tokenizer, config: TinyModelParams, seed: int):
@@ -63,13 +65,21 @@ def build_tiny_model(tokenizer, config: TinyModelParams, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads, num_key_value_heads=config.num_heads,
-        max_position_embeddings=config.max_position_embeddings, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_heads,
+            num_key_value_heads=config.num_heads,
+            max_position_embeddings=config.max_position_embeddings,
+            tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=None,
+        )
+    )
 
 
 def load_pretrained(name_or_path: str):
@@ -78,18 +88,22 @@ def load_pretrained(name_or_path: str):
 
     looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
     if looks_local and not (Path(name_or_path).expanduser() / "config.json").is_file():
-        raise FlywheelError(f"base model {name_or_path!r}: no such model directory (expected a "
-                            "config.json there); set finetune.base_model in params.yaml")
+        raise FlywheelError(
+            f"base model {name_or_path!r}: no such model directory (expected a "
+            "config.json there); set finetune.base_model in params.yaml"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path)
     except (OSError, ValueError) as error:
         raise FlywheelError(f"base model {name_or_path!r} could not be loaded: {error}") from None
     if not tokenizer.chat_template:
-        raise FlywheelError(f"base model {name_or_path!r}: its tokenizer has no chat template, so "
-                            "prompts cannot be formatted the same way in training and serving; "
-                            "use an instruction-tuned model or add a chat_template to "
-                            "tokenizer_config.json")
+        raise FlywheelError(
+            f"base model {name_or_path!r}: its tokenizer has no chat template, so "
+            "prompts cannot be formatted the same way in training and serving; "
+            "use an instruction-tuned model or add a chat_template to "
+            "tokenizer_config.json"
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -102,8 +116,9 @@ def load_base(params: FinetuneParams, training_texts: Iterable[str]):
     return load_pretrained(params.base_model)
 
 
-def _decode_new(model, tokenizer, conversations: list[list[dict]], batch_size: int,
-                **generation) -> list[tuple[str, int]]:
+def _decode_new(
+    model, tokenizer, conversations: list[list[dict]], batch_size: int, **generation
+) -> list[tuple[str, int]]:
     """Generate after each conversation's generation prompt: (the new text stripped, the number of
     tokens generated) per answer."""
     import torch
@@ -114,14 +129,16 @@ def _decode_new(model, tokenizer, conversations: list[list[dict]], batch_size: i
     model.eval()
     try:
         for start in range(0, len(conversations), batch_size):
-            prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
-                       for c in conversations[start:start + batch_size]]
-            encoded = tokenizer(prompts, return_tensors="pt", padding=True,
-                                add_special_tokens=False).to(model.device)
+            prompts = [
+                tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+                for c in conversations[start : start + batch_size]
+            ]
+            encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             with torch.no_grad():
-                output = model.generate(**encoded, eos_token_id=tokenizer.eos_token_id,
-                                        pad_token_id=tokenizer.pad_token_id, **generation)
-            new_tokens = output[:, encoded["input_ids"].shape[1]:]
+                output = model.generate(
+                    **encoded, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **generation
+                )
+            new_tokens = output[:, encoded["input_ids"].shape[1] :]
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             counts = (new_tokens != tokenizer.pad_token_id).sum(dim=1).tolist()
             answers += [(text.strip(), count) for text, count in zip(texts, counts)]
@@ -130,11 +147,16 @@ def _decode_new(model, tokenizer, conversations: list[list[dict]], batch_size: i
     return answers
 
 
-def generate(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int,
-             batch_size: int = 32) -> list[str]:
+def generate(
+    model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int, batch_size: int = 32
+) -> list[str]:
     """Greedy answers to conversations that end with a user turn."""
-    return [text for text, _ in _decode_new(model, tokenizer, conversations, batch_size,
-                                            max_new_tokens=max_new_tokens, do_sample=False)]
+    return [
+        text
+        for text, _ in _decode_new(
+            model, tokenizer, conversations, batch_size, max_new_tokens=max_new_tokens, do_sample=False
+        )
+    ]
 
 
 def timed_answer(model, tokenizer, conversation: list[dict], *, max_new_tokens: int) -> tuple[str, int, float]:
@@ -143,21 +165,38 @@ def timed_answer(model, tokenizer, conversation: list[dict], *, max_new_tokens: 
     import time
 
     started = time.perf_counter()
-    [(text, count)] = _decode_new(model, tokenizer, [conversation], 1,
-                                  max_new_tokens=max_new_tokens, do_sample=False)
+    [(text, count)] = _decode_new(model, tokenizer, [conversation], 1, max_new_tokens=max_new_tokens, do_sample=False)
     return text, count, time.perf_counter() - started
 
 
-def sample(model, tokenizer, conversations: list[list[dict]], *, samples: int, temperature: float,
-           max_new_tokens: int, seed: int, batch_size: int = 32) -> list[list[str]]:
+def sample(
+    model,
+    tokenizer,
+    conversations: list[list[dict]],
+    *,
+    samples: int,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int,
+    batch_size: int = 32,
+) -> list[list[str]]:
     """`samples` answers per conversation, drawn at `temperature` (reproducible for a seed)."""
     import torch
 
     torch.manual_seed(seed)
-    flat = _decode_new(model, tokenizer, conversations, max(1, batch_size // samples),
-                       max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-                       top_k=0, top_p=1.0, num_return_sequences=samples)
-    return [[text for text, _ in flat[i:i + samples]] for i in range(0, len(flat), samples)]
+    flat = _decode_new(
+        model,
+        tokenizer,
+        conversations,
+        max(1, batch_size // samples),
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        num_return_sequences=samples,
+    )
+    return [[text for text, _ in flat[i : i + samples]] for i in range(0, len(flat), samples)]
 
 
 def exact_match(predictions: list[str], references: list[str]) -> float:
@@ -178,8 +217,10 @@ def file_md5(path: Path) -> str:
 def require_model(model_dir: Path) -> None:
     """A model directory that can be loaded and served (a config.json there), or a clear error."""
     if not (model_dir / "config.json").is_file():
-        raise FlywheelError(f"{model_dir} is not a model (no config.json there); set serve.model in "
-                            "params.yaml or run the pipeline first (dvc repro)")
+        raise FlywheelError(
+            f"{model_dir} is not a model (no config.json there); set serve.model in "
+            "params.yaml or run the pipeline first (dvc repro)"
+        )
 
 
 def model_version(model_dir: Path) -> str:
@@ -197,50 +238,90 @@ def model_version(model_dir: Path) -> str:
 
 def code_revision(root: Path = Path(".")) -> str:
     try:
-        revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                                  text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        revision = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return f"{revision}{'+uncommitted changes' if dirty else ''}"
 
 
-def write_model_card(directory: Path, *, title: str, base_model: str, lineage: dict,
-                     params: dict, metrics: dict, pipeline_tag: str = "text-generation",
-                     notes: str = "") -> None:
+def write_model_card(
+    directory: Path,
+    *,
+    title: str,
+    base_model: str,
+    lineage: dict,
+    params: dict,
+    metrics: dict,
+    pipeline_tag: str = "text-generation",
+    notes: str = "",
+) -> None:
     """README.md in the Hugging Face model-card format: YAML front matter, then lineage."""
     import yaml
 
-    front = {"library_name": "transformers", "pipeline_tag": pipeline_tag,
-             "tags": ["flywheel"], "base_model": None if base_model == "tiny" else base_model}
+    front = {
+        "library_name": "transformers",
+        "pipeline_tag": pipeline_tag,
+        "tags": ["flywheel"],
+        "base_model": None if base_model == "tiny" else base_model,
+    }
     body = [
-        f"# {title}", "",
-        f"Base model: `{base_model}`" + (" (a tiny Llama built from config, tokenizer trained on "
-                                         "the training data)" if base_model == "tiny" else ""), "",
+        f"# {title}",
+        "",
+        f"Base model: `{base_model}`"
+        + (" (a tiny Llama built from config, tokenizer trained on the training data)" if base_model == "tiny" else ""),
+        "",
         *([notes, ""] if notes else []),
-        "## Lineage", "", "```yaml", yaml.safe_dump(lineage, sort_keys=False).strip(), "```", "",
-        "## Params", "", "```yaml", yaml.safe_dump(params, sort_keys=False).strip(), "```", "",
-        "## Metrics", "", "```yaml", yaml.safe_dump(metrics, sort_keys=False).strip(), "```", "",
+        "## Lineage",
+        "",
+        "```yaml",
+        yaml.safe_dump(lineage, sort_keys=False).strip(),
+        "```",
+        "",
+        "## Params",
+        "",
+        "```yaml",
+        yaml.safe_dump(params, sort_keys=False).strip(),
+        "```",
+        "",
+        "## Metrics",
+        "",
+        "```yaml",
+        yaml.safe_dump(metrics, sort_keys=False).strip(),
+        "```",
+        "",
         "Prompts use the tokenizer's chat template (`tokenizer_config.json`), the same in "
-        "training, evaluation and serving.", "",
+        "training, evaluation and serving.",
+        "",
     ]
     text = "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n" + "\n".join(body)
     (directory / "README.md").write_text(text)
-    (directory / "lineage.json").write_text(json.dumps(
-        {"lineage": lineage, "params": params, "metrics": metrics}, indent=2, default=str) + "\n")
+    (directory / "lineage.json").write_text(
+        json.dumps({"lineage": lineage, "params": params, "metrics": metrics}, indent=2, default=str) + "\n"
+    )
 
 
-def response_logprobs(model, tokenizer, conversations: list[list[dict]], responses: list[str], *,
-                      batch_size: int = 32) -> list[float]:
+def response_logprobs(
+    model, tokenizer, conversations: list[list[dict]], responses: list[str], *, batch_size: int = 32
+) -> list[float]:
     """The summed log-probability the model gives each response after its conversation, under the
     chat template (the same tokens training and serving see)."""
-    return [total for total, _ in response_token_logprobs(model, tokenizer, conversations, responses,
-                                                          batch_size=batch_size)]
+    return [
+        total for total, _ in response_token_logprobs(model, tokenizer, conversations, responses, batch_size=batch_size)
+    ]
 
 
-def response_token_logprobs(model, tokenizer, conversations: list[list[dict]], responses: list[str], *,
-                            batch_size: int = 32) -> list[tuple[float, int]]:
+def response_token_logprobs(
+    model, tokenizer, conversations: list[list[dict]], responses: list[str], *, batch_size: int = 32
+) -> list[tuple[float, int]]:
     """(summed log-probability, number of tokens) of each response after its conversation."""
     import torch
 
@@ -248,11 +329,13 @@ def response_token_logprobs(model, tokenizer, conversations: list[list[dict]], r
     model.eval()
     for start in range(0, len(conversations), batch_size):
         prompt_ids, full_ids = [], []
-        for conversation, response in zip(conversations[start:start + batch_size],
-                                          responses[start:start + batch_size]):
+        for conversation, response in zip(
+            conversations[start : start + batch_size], responses[start : start + batch_size]
+        ):
             prompt = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
             full = tokenizer.apply_chat_template(
-                [*conversation, {"role": "assistant", "content": response}], tokenize=False)
+                [*conversation, {"role": "assistant", "content": response}], tokenize=False
+            )
             prompt_ids.append(tokenizer(prompt, add_special_tokens=False)["input_ids"])
             full_ids.append(tokenizer(full, add_special_tokens=False)["input_ids"])
         width = max(map(len, full_ids))
@@ -260,12 +343,16 @@ def response_token_logprobs(model, tokenizer, conversations: list[list[dict]], r
         input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in full_ids])
         attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in full_ids])
         with torch.no_grad():
-            logits = model(input_ids=input_ids.to(model.device),
-                           attention_mask=attention.to(model.device)).logits.float()
-        token_logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(
-            -1, input_ids[:, 1:, None].to(model.device)).squeeze(-1).cpu()
+            logits = model(
+                input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)
+            ).logits.float()
+        token_logprobs = (
+            torch.log_softmax(logits[:, :-1], dim=-1)
+            .gather(-1, input_ids[:, 1:, None].to(model.device))
+            .squeeze(-1)
+            .cpu()
+        )
         for row, (prompt, full) in enumerate(zip(prompt_ids, full_ids)):
             # Token t is predicted at position t-1: the response's tokens are prompt_len..len-1.
-            scores.append((float(token_logprobs[row, len(prompt) - 1:len(full) - 1].sum()),
-                           len(full) - len(prompt)))
+            scores.append((float(token_logprobs[row, len(prompt) - 1 : len(full) - 1].sum()), len(full) - len(prompt)))
     return scores

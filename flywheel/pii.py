@@ -12,32 +12,42 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
-PLACEHOLDERS = {"secret": "[SECRET]", "email": "[EMAIL]", "iban": "[IBAN]",
-                "card_number": "[CARD_NUMBER]", "ip_address": "[IP_ADDRESS]", "phone": "[PHONE]"}
+PLACEHOLDERS = {
+    "secret": "[SECRET]",
+    "email": "[EMAIL]",
+    "iban": "[IBAN]",
+    "card_number": "[CARD_NUMBER]",
+    "ip_address": "[IP_ADDRESS]",
+    "phone": "[PHONE]",
+}
 PLACEHOLDER_PATTERN = re.compile(r"\[(?:SECRET|EMAIL|IBAN|CARD_NUMBER|IP_ADDRESS|PHONE)\]")
 
 _SECRETS = re.compile(
     r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----"
-    r"|\bAKIA[0-9A-Z]{16}\b"                           # AWS access key id
-    r"|\bgh[pousr]_[A-Za-z0-9]{36,}\b"                 # GitHub tokens
+    r"|\bAKIA[0-9A-Z]{16}\b"  # AWS access key id
+    r"|\bgh[pousr]_[A-Za-z0-9]{36,}\b"  # GitHub tokens
     r"|\bgithub_pat_[A-Za-z0-9_]{40,}\b"
-    r"|\bsk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}"         # OpenAI / Anthropic style keys
-    r"|\bxox[abposr]-[A-Za-z0-9-]{10,}"                # Slack
-    r"|\bAIza[0-9A-Za-z_-]{35}\b"                      # Google API key
+    r"|\bsk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}"  # OpenAI / Anthropic style keys
+    r"|\bxox[abposr]-[A-Za-z0-9-]{10,}"  # Slack
+    r"|\bAIza[0-9A-Za-z_-]{35}\b"  # Google API key
     r"|\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"  # JWT
     # key = value assignments: the name stays (group `keep`), the value goes
     r"|(?P<keep>(?i:\b(?:api[_-]?key|secret|token|passw(?:or)?d|access[_-]?key)\b\s*[:=]\s*))"
     r"['\"]?[A-Za-z0-9_\-/+=.]{8,}['\"]?",
     re.DOTALL,
 )
-_EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-                    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,}\b")
+_EMAIL = re.compile(
+    r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,}\b"
+)
 _IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b")
 _CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
-_IPV4 = re.compile(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}"
-                   r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d.])")
+_IPV4 = re.compile(
+    r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}"
+    r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d.])"
+)
 _IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?:%\w+)?(?![\w:])")
 _PHONE = re.compile(r"(?<![\w+])(?:\+|\(\+?)?\d[\d ().-]{6,20}\d(?!\w)")
 _DATE_LIKE = re.compile(r"^\d{4}[-./]\d{1,2}[-./]\d{1,2}$|^\d{1,2}[-./]\d{1,2}[-./]\d{2,4}$")
@@ -103,6 +113,7 @@ def redact(text: str) -> tuple[str, Counter]:
     """Return the text with PII replaced by typed placeholders, and the count per type."""
     counts: Counter[str] = Counter()
     for kind, pattern, is_valid in _DETECTORS:
+
         def replace(match: re.Match, kind=kind, is_valid=is_valid) -> str:
             if is_valid is not None and not is_valid(match):
                 return match.group()

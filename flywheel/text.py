@@ -12,8 +12,7 @@ _CONTROL_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn"}  # control, format (zero-wi
 _HORIZONTAL_SPACE = re.compile(r"[^\S\n]+")
 _MANY_NEWLINES = re.compile(r"\n{3,}")
 _SCRIPT_OR_STYLE = re.compile(r"<(script|style)\b[^>]*>.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
-_BLOCK_TAG = re.compile(r"</?(?:p|div|br|li|ul|ol|tr|h[1-6]|pre|blockquote|table)\b[^>]*>",
-                        re.IGNORECASE)
+_BLOCK_TAG = re.compile(r"</?(?:p|div|br|li|ul|ol|tr|h[1-6]|pre|blockquote|table)\b[^>]*>", re.IGNORECASE)
 _TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9-]*(?:\s[^<>]*)?/?>|<!--.*?-->", re.DOTALL)
 
 
@@ -30,8 +29,9 @@ def strip_markup(text: str) -> str:
 def _drop_controls(text: str) -> str:
     if text.isprintable():
         return text
-    return "".join(char for char in text
-                    if char in _KEEP_CONTROLS or unicodedata.category(char) not in _CONTROL_CATEGORIES)
+    return "".join(
+        char for char in text if char in _KEEP_CONTROLS or unicodedata.category(char) not in _CONTROL_CATEGORIES
+    )
 
 
 def normalize(text: str | None, *, markup: bool = False) -> str | None:
@@ -69,12 +69,12 @@ def duplicate_ngram_char_fraction(words: list[str], n: int) -> float:
     """Share of characters inside word n-grams that occur more than once (Gopher-style)."""
     if len(words) < n * 2:
         return 0.0
-    ngrams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    ngrams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     counts = Counter(ngrams)
     repeated = [False] * len(words)
     for start, gram in enumerate(ngrams):
         if counts[gram] > 1:
-            repeated[start:start + n] = [True] * n
+            repeated[start : start + n] = [True] * n
     total = sum(len(word) for word in words)
     return sum(len(word) for word, flag in zip(words, repeated) if flag) / total if total else 0.0
 

@@ -31,7 +31,8 @@ class AirflowStack:
         passwords = home / "passwords.json"
         passwords.write_text(json.dumps({"admin": self.password}))
         self.env = {
-            **os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            **os.environ,
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             "AIRFLOW_HOME": str(home),
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": database_url,
             # SQLAlchemy's psycopg (3) dialect is async too: no asyncpg needed.
@@ -43,27 +44,40 @@ class AirflowStack:
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.base}/execution/",
-            "AIRFLOW__API__HOST": "127.0.0.1", "AIRFLOW__API__PORT": str(port),
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(port),
             "AIRFLOW__API__BASE_URL": self.base,
             "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
             # The scheduler's log server (for the UI) on a port of its own, not the fixed 8793.
             "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(log_port),
-            "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", **extra_env,
+            "HF_HUB_OFFLINE": "1",
+            "DVC_NO_ANALYTICS": "1",
+            **extra_env,
         }
         self.processes: dict[str, subprocess.Popen] = {}
         self.headers: dict[str, str] = {}
 
     def start(self, timeout: float = 180) -> AirflowStack:
-        subprocess.run([str(BIN / "flywheel"), "airflow", "--setup-only"], cwd=self.project, env=self.env,
-                       check=True, capture_output=True)
+        subprocess.run(
+            [str(BIN / "flywheel"), "airflow", "--setup-only"],
+            cwd=self.project,
+            env=self.env,
+            check=True,
+            capture_output=True,
+        )
         for component in COMPONENTS:
             log = open(self.home / f"{component}.log", "w")
             # A session each, so stop() ends the component's own children (executor workers,
             # the log server) with it.
-            self.processes[component] = subprocess.Popen([str(BIN / "airflow"), component], cwd=self.project,
-                                                         env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                                         start_new_session=True)
+            self.processes[component] = subprocess.Popen(
+                [str(BIN / "airflow"), component],
+                cwd=self.project,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while not self._answers():
             for component, process in self.processes.items():

@@ -18,8 +18,13 @@ BIN = Path(sys.executable).parent
 
 def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for subprocesses: this venv first on PATH, nothing fetched from any hub."""
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", **extra}
+    return {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "HF_HUB_OFFLINE": "1",
+        "DVC_NO_ANALYTICS": "1",
+        **extra,
+    }
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
@@ -65,8 +70,9 @@ def postgres_database(prefix: str):
 
 def git_copy(copy: Path) -> Path:
     """A fresh git repository at `copy` holding this checkout's files, as a new clone would."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
-                            capture_output=True, text=True, check=True).stdout.split("\0")
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split("\0")
     for relative in filter(None, listed):
         source = REPO / relative
         if source.is_file():
@@ -102,10 +108,8 @@ def project_copy(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def sample_project(tmp_path_factory) -> Path:
     """The bundled sample (raw data, feedback export) ingested, cleaned and split, once per session."""
-    from flywheel.data import clean
-    from flywheel.data import ingest
-    from flywheel.data import split
     from flywheel.config import load_params
+    from flywheel.data import clean, ingest, split
 
     root = tmp_path_factory.mktemp("sample")
     shutil.copytree(REPO / "data/raw", root / "data/raw")

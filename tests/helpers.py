@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,10 +16,17 @@ from tests.conftest import REPO, run
 
 
 def record(prompt: str, response: str, *, context: str | None = None, source: str = "test") -> dict:
-    return {"id": content_id(prompt, response, context, None, []), "prompt": prompt,
-            "response": response, "context": context, "system": None, "source": source,
-            "license": "CC0-1.0", "ingested_at": datetime(2026, 1, 1, tzinfo=timezone.utc),
-            "metadata": json.dumps({"file": "test", "line": 1})}
+    return {
+        "id": content_id(prompt, response, context, None, []),
+        "prompt": prompt,
+        "response": response,
+        "context": context,
+        "system": None,
+        "source": source,
+        "license": "CC0-1.0",
+        "ingested_at": datetime(2026, 1, 1, tzinfo=UTC),
+        "metadata": json.dumps({"file": "test", "line": 1}),
+    }
 
 
 def write_records(path: Path, records: list[dict]) -> None:
@@ -41,10 +48,16 @@ def repo_params(**overrides):
 
 # Training to the learning thresholds is test_finetune's and test_rlhf's job; where a test runs the
 # whole pipeline, a fraction of an epoch shows each training stage runs in it.
-QUICK_TRAINING = {"finetune.training.epochs": 0.2, "finetune.training.eval_examples": 10,
-                  "preferences.on_policy.prompts": 40, "rlhf.reward_model.training.epochs": 0.2,
-                  "rlhf.dpo.training.epochs": 0.2, "rlhf.eval_examples": 10,
-                  "evaluate.test_examples": 100, "evaluate.consistency.prompts": 10}
+QUICK_TRAINING = {
+    "finetune.training.epochs": 0.2,
+    "finetune.training.eval_examples": 10,
+    "preferences.on_policy.prompts": 40,
+    "rlhf.reward_model.training.epochs": 0.2,
+    "rlhf.dpo.training.epochs": 0.2,
+    "rlhf.eval_examples": 10,
+    "evaluate.test_examples": 100,
+    "evaluate.consistency.prompts": 10,
+}
 
 
 def experiments(project: Path) -> dict[str, dict]:

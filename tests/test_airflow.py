@@ -13,8 +13,8 @@ import time
 import psutil
 import pytest
 
-from flywheel.orchestration.runs import experiment_name
 from flywheel.data.sample import off_topic_prompts
+from flywheel.orchestration.runs import experiment_name
 from tests.airflow_stack import AirflowStack
 from tests.conftest import commit_all, free_port, git_copy, postgres_database, run
 from tests.helpers import QUICK_TRAINING, experiments
@@ -30,17 +30,38 @@ CHANGED = {"evaluate.test_examples": 50}  # the form field the test changes (100
 def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("airflow")
     project = git_copy(root / "project")
-    run(["flywheel", "params", "apply", "--json", json.dumps({
-        **QUICK_TRAINING,
-        "airflow.trigger_params": ["ingest.chunk_size", "finetune.training.epochs", "evaluate.test_examples"],
-        "airflow.retry_delay_s": 1, "monitor.schedule": None,  # the test starts every run itself
-        "monitor.min_prompts": 50, "monitor.max_requests": 400, "monitor.reference_size": 600,
-        "monitor.canaries": 0, "monitor.consistency_prompts": 0})], project)
+    run(
+        [
+            "flywheel",
+            "params",
+            "apply",
+            "--json",
+            json.dumps(
+                {
+                    **QUICK_TRAINING,
+                    "airflow.trigger_params": [
+                        "ingest.chunk_size",
+                        "finetune.training.epochs",
+                        "evaluate.test_examples",
+                    ],
+                    "airflow.retry_delay_s": 1,
+                    "monitor.schedule": None,  # the test starts every run itself
+                    "monitor.min_prompts": 50,
+                    "monitor.max_requests": 400,
+                    "monitor.reference_size": 600,
+                    "monitor.canaries": 0,
+                    "monitor.consistency_prompts": 0,
+                }
+            ),
+        ],
+        project,
+    )
     commit_all(project, "quick training for the test")
     request_log = f"sqlite:///{project / 'data/serving/requests.sqlite'}"
     with postgres_database("flywheel_airflow") as database:
-        airflow = AirflowStack(project, root / "home", database, free_port(), free_port(),
-                               FLYWHEEL_REQUEST_LOG_URL=request_log)
+        airflow = AirflowStack(
+            project, root / "home", database, free_port(), free_port(), FLYWHEEL_REQUEST_LOG_URL=request_log
+        )
         try:
             yield airflow.start()
         finally:
@@ -57,10 +78,17 @@ def kill_the_worker_running(stack: AirflowStack, run_id: str, stage: str, timeou
     deadline = time.monotonic() + timeout
     while True:
         if stack.task_instances("flywheel_training", run_id).get(stage, {}).get("state") == "running":
-            command = next((p for p in psutil.process_iter(["cmdline", "cwd"])
-                            if p.info["cmdline"] and p.info["cmdline"][-1] == stage
-                            and "--single-item" in p.info["cmdline"] and p.info["cwd"] == str(stack.project)),
-                           None)
+            command = next(
+                (
+                    p
+                    for p in psutil.process_iter(["cmdline", "cwd"])
+                    if p.info["cmdline"]
+                    and p.info["cmdline"][-1] == stage
+                    and "--single-item" in p.info["cmdline"]
+                    and p.info["cwd"] == str(stack.project)
+                ),
+                None,
+            )
             if command is not None:
                 time.sleep(3)  # well into the stage
                 os.kill(command.ppid(), signal.SIGKILL)
@@ -84,8 +112,14 @@ def test_a_ui_trigger_with_a_changed_param_survives_a_killed_worker_and_is_recor
     states = {task: ti["state"] for task, ti in tasks.items()}
     assert finished["state"] == "success", states
     # A fraction of an epoch makes a poor model: the gate says no, and the run says so, not a crash.
-    assert states == {"start_run": "success", **{stage: "success" for stage in STAGES}, "save_run": "success",
-                      "gate": "success", "promote": "skipped", "not_promoted": "success"}
+    assert states == {
+        "start_run": "success",
+        **{stage: "success" for stage in STAGES},
+        "save_run": "success",
+        "gate": "success",
+        "promote": "skipped",
+        "not_promoted": "success",
+    }
     assert tasks["finetune"]["try_number"] == 2  # killed, then retried: DVC re-ran only that stage on
 
     # The run is a DVC experiment with the form's values; the workspace's params are as before.
@@ -96,8 +130,9 @@ def test_a_ui_trigger_with_a_changed_param_survives_a_killed_worker_and_is_recor
     assert json.loads(workspace)["evaluate"]["test_examples"] == QUICK_TRAINING["evaluate.test_examples"]
     assert any((stack.project / ".dvc-storage").rglob("*"))  # data and models pushed
     duration = sum(ti["duration"] for ti in tasks.values() if ti["duration"])
-    wall = (time.mktime(time.strptime(finished["end_date"][:19], "%Y-%m-%dT%H:%M:%S"))
-            - time.mktime(time.strptime(finished["start_date"][:19], "%Y-%m-%dT%H:%M:%S")))
+    wall = time.mktime(time.strptime(finished["end_date"][:19], "%Y-%m-%dT%H:%M:%S")) - time.mktime(
+        time.strptime(finished["start_date"][:19], "%Y-%m-%dT%H:%M:%S")
+    )
     print(f"\ntraining run: {wall:.0f} s wall, {duration:.0f} s in {len(tasks)} tasks")
 
 
@@ -116,8 +151,9 @@ def test_drifted_traffic_makes_monitoring_start_a_training_run_that_the_schedule
     [retraining] = started
     assert retraining["run_type"] == "asset_triggered"
     finished = stack.wait_for_run("flywheel_training", retraining["dag_run_id"], timeout=1200)
-    states = {task: ti["state"] for task, ti in
-              stack.task_instances("flywheel_training", retraining["dag_run_id"]).items()}
+    states = {
+        task: ti["state"] for task, ti in stack.task_instances("flywheel_training", retraining["dag_run_id"]).items()
+    }
     assert finished["state"] == "success", states
     # The exported feedback is now DVC-tracked data, pinned by the new run's experiment.
     exported = list((stack.project / "data/raw/feedback").glob("monitor-*.jsonl.dvc"))

@@ -7,9 +7,11 @@ from flywheel.data import clean
 from flywheel.errors import FlywheelError
 from tests.helpers import read_rows, record, repo_params, write_records
 
-NOTE = ("Meeting with Alice about the budget project on Monday. The slides still need a section on "
-        "costs and one on risks. Lunch is booked at the place by the station for twelve people. "
-        "Send the summary to the whole team once the numbers are final.")
+NOTE = (
+    "Meeting with Alice about the budget project on Monday. The slides still need a section on "
+    "costs and one on risks. Lunch is booked at the place by the station for twelve people. "
+    "Send the summary to the whole team once the numbers are final."
+)
 
 
 def run_clean(tmp_path, records, **clean_overrides):
@@ -28,11 +30,11 @@ def test_cleaning_filters_and_dedup_each_with_a_reason(tmp_path):
     records = [
         original,
         near,
-        record("who is it  with? " + NOTE, "alice"),            # exact duplicate after normalising
-        record("Say hi", "<p> </p>"),                            # empty once the markup is gone
-        record("Say hi", "x" * 30_000),                          # too long
+        record("who is it  with? " + NOTE, "alice"),  # exact duplicate after normalising
+        record("Say hi", "<p> </p>"),  # empty once the markup is gone
+        record("Say hi", "x" * 30_000),  # too long
         record("Garbage?", "#### $$$ %%% &&& *** !!! ??? @@@"),  # symbols
-        record("Contact", "jo@example.com +44 20 7946 0958"),    # nothing but PII
+        record("Contact", "jo@example.com +44 20 7946 0958"),  # nothing but PII
         record("Reach me", "at bob@example.org or <b>+1 (415) 555-0132</b>, card 4539 1488 0343 6467"),
     ]
     metrics, kept, removed = run_clean(tmp_path, records)
@@ -40,9 +42,14 @@ def test_cleaning_filters_and_dedup_each_with_a_reason(tmp_path):
     exact_kept, exact_dropped = sorted([original["id"], records[2]["id"]])
     near_kept, near_dropped = sorted([exact_kept, near["id"]])
     reasons = {row_id: row["reason"] for row_id, row in removed.items()}
-    assert reasons == {exact_dropped: "exact_duplicate", near_dropped: "near_duplicate",
-                       records[3]["id"]: "empty_response", records[4]["id"]: "too_long",
-                       records[5]["id"]: "symbol_ratio", records[6]["id"]: "mostly_pii"}
+    assert reasons == {
+        exact_dropped: "exact_duplicate",
+        near_dropped: "near_duplicate",
+        records[3]["id"]: "empty_response",
+        records[4]["id"]: "too_long",
+        records[5]["id"]: "symbol_ratio",
+        records[6]["id"]: "mostly_pii",
+    }
     assert removed[exact_dropped]["duplicate_of"] == exact_kept
     assert removed[near_dropped]["duplicate_of"] == near_kept
     assert removed[near_dropped]["similarity"] >= 0.7
@@ -62,8 +69,14 @@ def test_dedup_keeps_the_same_record_whatever_the_order(tmp_path):
 
 def test_empty_dataset(tmp_path):
     metrics, kept, removed = run_clean(tmp_path, [])
-    assert metrics == {"in": 0, "kept": 0, "removed": 0, "removed_by_reason": {},
-                       "pii_redacted": {}, "records_with_pii": 0}
+    assert metrics == {
+        "in": 0,
+        "kept": 0,
+        "removed": 0,
+        "removed_by_reason": {},
+        "pii_redacted": {},
+        "records_with_pii": 0,
+    }
 
 
 def test_all_duplicates_keep_one(tmp_path):

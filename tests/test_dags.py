@@ -9,8 +9,17 @@ import pytest
 from flywheel.orchestration.dvc_graph import load_stages, upstream_of
 from tests.conftest import REPO, run
 
-HEAVY_MODULES = ("torch", "transformers", "pandas", "pyarrow", "trl", "deepspeed", "great_expectations",
-                 "evidently", "dvc")
+HEAVY_MODULES = (
+    "torch",
+    "transformers",
+    "pandas",
+    "pyarrow",
+    "trl",
+    "deepspeed",
+    "great_expectations",
+    "evidently",
+    "dvc",
+)
 
 DAGBAG_SCRIPT = textwrap.dedent("""
     import json, sys
@@ -32,8 +41,12 @@ DAGBAG_SCRIPT = textwrap.dedent("""
 
 
 def load_dagbag(dags_folder, tmp_path) -> dict:
-    result = run(["python", "-c", DAGBAG_SCRIPT, str(dags_folder)], tmp_path,
-                 AIRFLOW_HOME=str(tmp_path / "airflow"), AIRFLOW__CORE__LOAD_EXAMPLES="False")
+    result = run(
+        ["python", "-c", DAGBAG_SCRIPT, str(dags_folder)],
+        tmp_path,
+        AIRFLOW_HOME=str(tmp_path / "airflow"),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -46,13 +59,22 @@ def test_dags_folder_loads_without_import_errors(tmp_path):
     # After the last stage: the run is saved as an experiment, then the gate decides.
     assert bag["upstream"]["save_run"] == ["evaluate"] and bag["upstream"]["gate"] == ["save_run"]
     assert bag["upstream"]["promote"] == bag["upstream"]["not_promoted"] == ["gate"]
-    assert bag["params"] == {"ingest.chunk_size": 10000, "clean.dedup.minhash.threshold": 0.7,
-                             "finetune.training.epochs": 12.0, "finetune.training.learning_rate": 0.001,
-                             "finetune.method": "full"}
+    assert bag["params"] == {
+        "ingest.chunk_size": 10000,
+        "clean.dedup.minhash.threshold": 0.7,
+        "finetune.training.epochs": 12.0,
+        "finetune.training.learning_rate": 0.001,
+        "finetune.method": "full",
+    }
     # One workspace, one DVC lock: runs never overlap, stages go one at a time.
     assert bag["max_active_tasks"] == 1 and bag["max_active_runs"] == 1
     assert {task for task, pool in bag["pools"].items() if pool == "flywheel_gpu"} == {
-        "finetune", "preferences", "reward", "rlhf", "evaluate"}
+        "finetune",
+        "preferences",
+        "reward",
+        "rlhf",
+        "evaluate",
+    }
     assert bag["retries"]["finetune"] == 2 and bag["retries"]["start_run"] == 0
     # No cron in params.yaml: runs start by hand, or from monitoring's feedback Asset.
     assert "flywheel_feedback" in bag["schedule"]
@@ -66,22 +88,25 @@ def test_a_cron_in_params_schedules_training_besides_new_feedback(project_copy, 
 
 
 def test_a_gpu_stage_dvc_does_not_have_is_an_import_error(project_copy, tmp_path):
-    run(["flywheel", "params", "apply", "--json", '{"airflow.gpu_stages": ["finetune", "finetun"]}'],
-        project_copy)
+    run(["flywheel", "params", "apply", "--json", '{"airflow.gpu_stages": ["finetune", "finetun"]}'], project_copy)
     bag = load_dagbag(project_copy / "dags", tmp_path)
     assert "['finetun']" in next(iter(bag["errors"].values()))
 
 
 @pytest.mark.parametrize("dag_file", ["flywheel_training.py", "flywheel_monitoring.py"])
 def test_dag_file_imports_nothing_heavy(dag_file, tmp_path):
-    script = ("import sys, runpy; runpy.run_path(sys.argv[1]); "
-              f"print(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules))")
-    result = run(["python", "-c", script, str(REPO / "dags" / dag_file)], tmp_path,
-                 AIRFLOW_HOME=str(tmp_path / "airflow"))
+    script = (
+        "import sys, runpy; runpy.run_path(sys.argv[1]); "
+        f"print(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules))"
+    )
+    result = run(
+        ["python", "-c", script, str(REPO / "dags" / dag_file)], tmp_path, AIRFLOW_HOME=str(tmp_path / "airflow")
+    )
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
-EXTRA_STAGES = textwrap.indent(textwrap.dedent("""
+EXTRA_STAGES = textwrap.indent(
+    textwrap.dedent("""
       tokenizer:
         cmd: echo tokenizer
         deps: [data/processed/train.parquet]
@@ -95,7 +120,9 @@ EXTRA_STAGES = textwrap.indent(textwrap.dedent("""
         cmd: echo report
         deps: [metrics/ingest.json, metrics/validate.json, data/interim/ingest/quarantine.jsonl]
         outs: [reports/summary.html]
-"""), "  ")
+"""),
+    "  ",
+)
 
 
 def test_a_stage_added_to_dvc_yaml_appears_in_the_dag_with_dvcs_edges(project_copy, tmp_path):
@@ -108,8 +135,10 @@ def test_a_stage_added_to_dvc_yaml_appears_in_the_dag_with_dvcs_edges(project_co
     dvc_yaml.write_text(text[:cut].rstrip("\n") + "\n" + EXTRA_STAGES + "\n" + text[cut:])
 
     # The graph DVC itself builds (edges point from a stage to the stages it depends on).
-    script = ("from dvc.repo import Repo; import json; g = Repo('.').index.graph; "
-              "print(json.dumps(sorted([v.addressing, u.addressing] for u, v in g.edges())))")
+    script = (
+        "from dvc.repo import Repo; import json; g = Repo('.').index.graph; "
+        "print(json.dumps(sorted([v.addressing, u.addressing] for u, v in g.edges())))"
+    )
     dvc_edges = json.loads(run(["python", "-c", script], project_copy).stdout)
     ours = upstream_of(load_stages(dvc_yaml))
     assert sorted([up, down] for down, ups in ours.items() for up in ups) == dvc_edges
@@ -120,12 +149,22 @@ def test_a_stage_added_to_dvc_yaml_appears_in_the_dag_with_dvcs_edges(project_co
     bag = load_dagbag(project_copy / "dags", tmp_path)
     assert bag["errors"] == {}
     assert bag["upstream"] == {
-        "start_run": [], "ingest": ["start_run"], "clean": ["ingest"], "validate": ["clean"],
-        "split": ["clean", "validate"], "finetune": ["split"], "tokenizer": ["split"],
-        "distill": ["preferences", "split", "tokenizer"], "report": ["ingest", "validate"],
-        "preferences": ["finetune", "ingest", "split"], "reward": ["finetune", "preferences"],
+        "start_run": [],
+        "ingest": ["start_run"],
+        "clean": ["ingest"],
+        "validate": ["clean"],
+        "split": ["clean", "validate"],
+        "finetune": ["split"],
+        "tokenizer": ["split"],
+        "distill": ["preferences", "split", "tokenizer"],
+        "report": ["ingest", "validate"],
+        "preferences": ["finetune", "ingest", "split"],
+        "reward": ["finetune", "preferences"],
         "rlhf": ["finetune", "preferences", "reward", "split"],
         "evaluate": ["finetune", "preferences", "rlhf", "split"],
         # the stages nothing depends on end the run
-        "save_run": ["distill", "evaluate", "report"], "gate": ["save_run"], "promote": ["gate"],
-        "not_promoted": ["gate"]}
+        "save_run": ["distill", "evaluate", "report"],
+        "gate": ["save_run"],
+        "promote": ["gate"],
+        "not_promoted": ["gate"],
+    }

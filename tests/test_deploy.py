@@ -29,9 +29,12 @@ def _add_version(repo, model, *, passed=True) -> str:
     shutil.rmtree(repo / "models/aligned", ignore_errors=True)
     shutil.copytree(model, repo / "models/aligned")
     run(["dvc", "add", "-q", "models/aligned"], repo)
-    gate = {"passed": passed, "decision": "staging" if passed else "rejected",
-            "judged_against": "absolute thresholds",
-            "reasons": [] if passed else ["exact_match is 0.000, below the minimum 0.6"]}
+    gate = {
+        "passed": passed,
+        "decision": "staging" if passed else "rejected",
+        "judged_against": "absolute thresholds",
+        "reasons": [] if passed else ["exact_match is 0.000, below the minimum 0.6"],
+    }
     (repo / "metrics").mkdir(exist_ok=True)
     (repo / "metrics/gate.json").write_text(json.dumps(gate))
     _git(repo, "add", "-A")
@@ -58,17 +61,29 @@ def release_repo(trained_sft, tmp_path_factory):
     run(["git", "init", "-q"], repo)
     run(["dvc", "init", "-q"], repo)
     shutil.copy(REPO / "params.yaml", repo / "params.yaml")
-    (repo / "dvc.yaml").write_text(yaml.safe_dump({"artifacts": {"flywheel-model": {
-        "path": "models/aligned", "type": "model"}}}))
+    (repo / "dvc.yaml").write_text(
+        yaml.safe_dump({"artifacts": {"flywheel-model": {"path": "models/aligned", "type": "model"}}})
+    )
     (repo / ".gitignore").write_text("/data/serving/\n/models/releases/\n/models/production\n/build/\n")
-    run([FLYWHEEL, "params", "apply", f"deploy.port={free_port()}", "deploy.health_timeout_s=120",
-         f"package.base_image={OFFLINE_BASE_IMAGE}", f"package.wheelhouse={REPO / '.cache/wheelhouse'}"],
-        repo)
+    run(
+        [
+            FLYWHEEL,
+            "params",
+            "apply",
+            f"deploy.port={free_port()}",
+            "deploy.health_timeout_s=120",
+            f"package.base_image={OFFLINE_BASE_IMAGE}",
+            f"package.wheelhouse={REPO / '.cache/wheelhouse'}",
+        ],
+        repo,
+    )
     good = trained_sft / "models/sft"
-    versions = [_add_version(repo, good),
-                _add_version(repo, _broken_copy(good, root / "broken")),
-                _add_version(repo, good),
-                _add_version(repo, good, passed=False)]
+    versions = [
+        _add_version(repo, good),
+        _add_version(repo, _broken_copy(good, root / "broken")),
+        _add_version(repo, good),
+        _add_version(repo, good, passed=False),
+    ]
     assert versions == ["v0.0.1", "v0.0.2", "v0.0.3", "v0.0.4"]
     return repo
 
@@ -85,8 +100,11 @@ def _state(repo) -> dict:
 def _ask(url: str, **options) -> "openai.types.chat.ChatCompletion":
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
     return client.chat.completions.create(
-        model="flywheel-model", max_tokens=8, **options,
-        messages=[{"role": "user", "content": "Translate to French: red cat"}])
+        model="flywheel-model",
+        max_tokens=8,
+        **options,
+        messages=[{"role": "user", "content": "Translate to French: red cat"}],
+    )
 
 
 def test_local_rollouts_are_health_gated_and_a_broken_version_is_rolled_back(release_repo):
@@ -101,8 +119,7 @@ def test_local_rollouts_are_health_gated_and_a_broken_version_is_rolled_back(rel
 
     answer = _ask(url)
     assert answer.system_fingerprint == "v0.0.1" and answer.choices[0].message.content == "rouge chat"
-    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in _ask(url, stream=True)
-                       if chunk.choices)
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in _ask(url, stream=True) if chunk.choices)
     assert streamed == "rouge chat"
 
     # A broken version: it never gets ready, the old one never stops serving, no prod for it.
@@ -154,13 +171,23 @@ def test_local_rollouts_are_health_gated_and_a_broken_version_is_rolled_back(rel
 def test_kubernetes_manifests_are_rendered_with_the_version_and_resources(release_repo, tmp_path):
     repo = tmp_path / "project"
     shutil.copytree(release_repo, repo, symlinks=True)
-    run([FLYWHEEL, "params", "apply", "deploy.kubernetes.replicas=3", "deploy.kubernetes.gpus=1",
-         "deploy.kubernetes.namespace=serving", "deploy.kubernetes.api_keys_secret=flywheel-keys"], repo)
-    result = run([FLYWHEEL, "deploy", "v0.0.1", "--target", "kubernetes"], repo,
-                 PATH=f"{BIN}:/usr/bin:/bin")  # no kubectl: rendered only
+    run(
+        [
+            FLYWHEEL,
+            "params",
+            "apply",
+            "deploy.kubernetes.replicas=3",
+            "deploy.kubernetes.gpus=1",
+            "deploy.kubernetes.namespace=serving",
+            "deploy.kubernetes.api_keys_secret=flywheel-keys",
+        ],
+        repo,
+    )
+    result = run(
+        [FLYWHEEL, "deploy", "v0.0.1", "--target", "kubernetes"], repo, PATH=f"{BIN}:/usr/bin:/bin"
+    )  # no kubectl: rendered only
     assert "not applied" in result.stdout
-    rendered = {path.stem: yaml.safe_load(path.read_text())
-                for path in (repo / "build/k8s/v0.0.1").glob("*.yaml")}
+    rendered = {path.stem: yaml.safe_load(path.read_text()) for path in (repo / "build/k8s/v0.0.1").glob("*.yaml")}
     deployment, service, hpa = rendered["deployment"], rendered["service"], rendered["hpa"]
     pod = deployment["spec"]["template"]
     container = pod["spec"]["containers"][0]
@@ -178,8 +205,9 @@ def test_kubernetes_manifests_are_rendered_with_the_version_and_resources(releas
 
 
 def test_packaging_without_a_docker_engine_says_how_to_get_one(release_repo, tmp_path):
-    result = run([FLYWHEEL, "package", "v0.0.1"], release_repo, check=False,
-                 DOCKER_HOST=f"unix://{tmp_path}/no-engine.sock")
+    result = run(
+        [FLYWHEEL, "package", "v0.0.1"], release_repo, check=False, DOCKER_HOST=f"unix://{tmp_path}/no-engine.sock"
+    )
     assert result.returncode == 2
     assert "no Docker engine answers" in result.stderr and "DOCKER_HOST" in result.stderr
     assert "--target local" in result.stderr

@@ -9,12 +9,10 @@ import time
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from flywheel import paths
-from flywheel.training import distributed
-from flywheel.training import finetune
-from flywheel import modeling
+from flywheel import modeling, paths
 from flywheel.config import parse_params
 from flywheel.errors import FlywheelError
+from flywheel.training import distributed, finetune
 from tests.conftest import BIN, project_with, run, subprocess_env
 
 pytestmark = pytest.mark.slow
@@ -44,8 +42,9 @@ def test_sft_learns_the_sample_task_within_five_minutes(trained_sft):
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     assert (model_dir / "model.safetensors").is_file()
     assert tokenizer.chat_template == modeling.CHAT_TEMPLATE
-    answer = modeling.generate(model, tokenizer, [[{"role": "user", "content":
-                                                    "Translate to French: red cat"}]], max_new_tokens=8)
+    answer = modeling.generate(
+        model, tokenizer, [[{"role": "user", "content": "Translate to French: red cat"}]], max_new_tokens=8
+    )
     assert answer == ["rouge chat"]
     card = (model_dir / "README.md").read_text()
     assert modeling.file_md5(root / "data/processed/train.parquet") in card
@@ -55,11 +54,15 @@ def test_sft_learns_the_sample_task_within_five_minutes(trained_sft):
 
 
 def test_a_killed_run_resumes_from_its_last_checkpoint(sample_splits, tmp_path):
-    root = project_with(tmp_path, sample_splits, finetune={
-        **QUICK, "training.epochs": 2, "training.save_steps": 40})
-    worker = subprocess.Popen([str(BIN / "flywheel"), "finetune"], cwd=root, env=subprocess_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    root = project_with(tmp_path, sample_splits, finetune={**QUICK, "training.epochs": 2, "training.save_steps": 40})
+    worker = subprocess.Popen(
+        [str(BIN / "flywheel"), "finetune"],
+        cwd=root,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     checkpoints = root / finetune.CHECKPOINTS
     deadline = time.monotonic() + 240
     while not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
@@ -79,9 +82,15 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(sample_splits, tmp_path):
 
 
 def test_deepspeed_zero2_through_the_launcher_on_cpu(sample_splits, tmp_path):
-    root = project_with(tmp_path, sample_splits, finetune={
-        **QUICK, "distributed.launcher": "deepspeed",
-        "distributed.deepspeed_config": "infra/deepspeed/zero2.json"})
+    root = project_with(
+        tmp_path,
+        sample_splits,
+        finetune={
+            **QUICK,
+            "distributed.launcher": "deepspeed",
+            "distributed.deepspeed_config": "infra/deepspeed/zero2.json",
+        },
+    )
     result = flywheel_finetune(root)
     assert "launching:" in result.stdout
     assert "deepspeed --no_local_rank --num_gpus 1 --module flywheel" in result.stdout
@@ -100,12 +109,21 @@ def test_lora_adapter_is_merged_into_plain_weights(sample_splits, tmp_path):
     assert not any("lora" in name for name, _ in model.named_parameters())
 
 
-@pytest.mark.parametrize("case, sections, message", [
-    ("no GPUs", {"finetune": {"distributed.num_gpus": 2, "distributed.launcher": "deepspeed"}},
-     "ask for 2 GPU(s) per node but this machine has 0"),
-    ("missing model", {"finetune": {"base_model": "./no/such/model"}},
-     "'./no/such/model': no such model directory"),
-])
+@pytest.mark.parametrize(
+    "case, sections, message",
+    [
+        (
+            "no GPUs",
+            {"finetune": {"distributed.num_gpus": 2, "distributed.launcher": "deepspeed"}},
+            "ask for 2 GPU(s) per node but this machine has 0",
+        ),
+        (
+            "missing model",
+            {"finetune": {"base_model": "./no/such/model"}},
+            "'./no/such/model': no such model directory",
+        ),
+    ],
+)
 def test_bad_configuration_is_one_clear_message(sample_splits, tmp_path, case, sections, message):
     root = project_with(tmp_path, sample_splits, **sections)
     result = flywheel_finetune(root, check=False)
@@ -126,8 +144,13 @@ def test_empty_train_split_is_a_clear_error(sample_splits, tmp_path):
 def test_tokenizer_without_chat_template_is_refused(tmp_path):
     tokenizer = modeling.train_tokenizer(["hello world"] * 20, 300)
     tokenizer.chat_template = None
-    model = modeling.build_tiny_model(tokenizer, parse_params({"ingest": {"sources": [
-        {"name": "x", "path": "data/raw/x.jsonl", "kind": "pair"}]}}).finetune.tiny, seed=0)
+    model = modeling.build_tiny_model(
+        tokenizer,
+        parse_params(
+            {"ingest": {"sources": [{"name": "x", "path": "data/raw/x.jsonl", "kind": "pair"}]}}
+        ).finetune.tiny,
+        seed=0,
+    )
     model.save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
     with pytest.raises(FlywheelError, match="has no chat template"):
@@ -135,16 +158,49 @@ def test_tokenizer_without_chat_template_is_refused(tmp_path):
 
 
 def test_multi_node_launch_commands():
-    deepspeed = parse_params({"ingest": {"sources": [{"name": "x", "path": "data/raw/x", "kind": "pair"}]},
-                              "finetune": {"distributed": {
-                                  "launcher": "deepspeed", "num_gpus": 8, "num_nodes": 2,
-                                  "hostfile": "infra/deepspeed/hostfile",
-                                  "deepspeed_config": "infra/deepspeed/zero3.json"}}})
+    deepspeed = parse_params(
+        {
+            "ingest": {"sources": [{"name": "x", "path": "data/raw/x", "kind": "pair"}]},
+            "finetune": {
+                "distributed": {
+                    "launcher": "deepspeed",
+                    "num_gpus": 8,
+                    "num_nodes": 2,
+                    "hostfile": "infra/deepspeed/hostfile",
+                    "deepspeed_config": "infra/deepspeed/zero3.json",
+                }
+            },
+        }
+    )
     command = distributed.launch_command(deepspeed.finetune.distributed, "params.yaml", "finetune")
-    assert command[1:] == ["--no_local_rank", "--num_gpus", "8", "--num_nodes", "2", "--hostfile", "infra/deepspeed/hostfile",
-                           "--module", "flywheel", "--params", "params.yaml", "finetune"]
+    assert command[1:] == [
+        "--no_local_rank",
+        "--num_gpus",
+        "8",
+        "--num_nodes",
+        "2",
+        "--hostfile",
+        "infra/deepspeed/hostfile",
+        "--module",
+        "flywheel",
+        "--params",
+        "params.yaml",
+        "finetune",
+    ]
     accelerate = deepspeed.finetune.distributed.model_copy(update={"launcher": "accelerate"})
     command = distributed.launch_command(accelerate, "params.yaml", "rlhf")
-    assert command[1:] == ["launch", "--num_processes", "16", "--num_machines", "2", "--use_deepspeed",
-                           "--deepspeed_config_file", "infra/deepspeed/zero3.json", "-m", "flywheel",
-                           "--params", "params.yaml", "rlhf"]
+    assert command[1:] == [
+        "launch",
+        "--num_processes",
+        "16",
+        "--num_machines",
+        "2",
+        "--use_deepspeed",
+        "--deepspeed_config_file",
+        "infra/deepspeed/zero3.json",
+        "-m",
+        "flywheel",
+        "--params",
+        "params.yaml",
+        "rlhf",
+    ]

@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from flywheel import paths
-from flywheel.data import ingest
 from flywheel.config import parse_params
+from flywheel.data import ingest
 from flywheel.errors import FlywheelError
 
 
@@ -41,32 +41,46 @@ def assert_counts_add_up(metrics: dict) -> None:
         assert source["read"] == source["records"] + source["preferences"] + source["quarantined"]
 
 
-QA = {"name": "qa", "path": "data/raw/qa.jsonl", "kind": "pair",
-      "fields": {"prompt": "q", "response": "a"}, "license": "MIT"}
+QA = {
+    "name": "qa",
+    "path": "data/raw/qa.jsonl",
+    "kind": "pair",
+    "fields": {"prompt": "q", "response": "a"},
+    "license": "MIT",
+}
 
 
 def test_jsonl_pairs_with_every_kind_of_bad_line(tmp_path):
-    write(tmp_path, "data/raw/qa.jsonl", jsonl(
-        {"q": "What is 2+2?", "a": "4", "topic": "maths"},
-        {"q": "Capital of France?", "a": "Paris"},
-        "",  # a blank line is not an item
-        '{"q": "truncated", "a": ',
-        {"q": "no answer"},
-        {"q": "empty answer", "a": "   "},
-        {"q": "number answer", "a": 4},
-        ["not", "an", "object"],
-    ).encode() + b'{"q": "\xff\xfe", "a": "bytes"}\n')
+    write(
+        tmp_path,
+        "data/raw/qa.jsonl",
+        jsonl(
+            {"q": "What is 2+2?", "a": "4", "topic": "maths"},
+            {"q": "Capital of France?", "a": "Paris"},
+            "",  # a blank line is not an item
+            '{"q": "truncated", "a": ',
+            {"q": "no answer"},
+            {"q": "empty answer", "a": "   "},
+            {"q": "number answer", "a": 4},
+            ["not", "an", "object"],
+        ).encode()
+        + b'{"q": "\xff\xfe", "a": "bytes"}\n',
+    )
     metrics = ingest.run(make_params(QA), root=tmp_path)
     records, preferences, quarantine = outputs(tmp_path)
 
     assert [r["prompt"] for r in records] == ["What is 2+2?", "Capital of France?"]
     assert records[0]["license"] == "MIT" and records[0]["source"] == "qa"
-    assert json.loads(records[0]["metadata"]) == {"file": "data/raw/qa.jsonl", "line": 1,
-                                                   "extra": {"topic": "maths"}}
+    assert json.loads(records[0]["metadata"]) == {"file": "data/raw/qa.jsonl", "line": 1, "extra": {"topic": "maths"}}
     assert preferences == []
     assert [(q["line"], q["reason"]) for q in quarantine] == [
-        (4, "malformed_json"), (5, "missing_field:response"), (6, "empty_field:response"),
-        (7, "wrong_type:response"), (8, "not_an_object"), (9, "undecodable_bytes")]
+        (4, "malformed_json"),
+        (5, "missing_field:response"),
+        (6, "empty_field:response"),
+        (7, "wrong_type:response"),
+        (8, "not_an_object"),
+        (9, "undecodable_bytes"),
+    ]
     assert all(q["file"] == "data/raw/qa.jsonl" and q["detail"] for q in quarantine)
     assert metrics["read"] == 8 and metrics["records"] == 2 and metrics["quarantined"] == 6
     assert_counts_add_up(metrics)
@@ -84,26 +98,42 @@ def test_ids_are_content_derived_and_stable(tmp_path):
 
 
 def test_csv_instruction_input_output_and_gzip(tmp_path):
-    lines = ["instruction,input,output", "Translate,cat,chat", "Translate,,chien",
-             "Translate,dog", '"unterminated,quote']
+    lines = [
+        "instruction,input,output",
+        "Translate,cat,chat",
+        "Translate,,chien",
+        "Translate,dog",
+        '"unterminated,quote',
+    ]
     write(tmp_path, "data/raw/i.csv.gz", "\n".join(lines) + "\n")
-    source = {"name": "inst", "path": "data/raw/i.csv.gz", "kind": "pair",
-              "fields": {"prompt": "instruction", "context": "input", "response": "output"}}
+    source = {
+        "name": "inst",
+        "path": "data/raw/i.csv.gz",
+        "kind": "pair",
+        "fields": {"prompt": "instruction", "context": "input", "response": "output"},
+    }
     metrics = ingest.run(make_params(source), root=tmp_path)
     records, _, quarantine = outputs(tmp_path)
     assert [(r["prompt"], r["context"], r["response"]) for r in records] == [
-        ("Translate", "cat", "chat"), ("Translate", None, "chien")]
+        ("Translate", "cat", "chat"),
+        ("Translate", None, "chien"),
+    ]
     assert [q["reason"] for q in quarantine] == ["csv_wrong_field_count", "csv_wrong_field_count"]
     assert_counts_add_up(metrics)
 
 
 def test_json_array_of_messages_with_history(tmp_path):
     chats = [
-        {"messages": [{"role": "system", "content": "Be brief."},
-                      {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
-                      {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
-        {"conversations": "ignored", "messages": [{"from": "human", "value": "Yo"},
-                                                  {"from": "gpt", "value": "Hey"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"},
+            ]
+        },
+        {"conversations": "ignored", "messages": [{"from": "human", "value": "Yo"}, {"from": "gpt", "value": "Hey"}]},
         {"messages": [{"role": "user", "content": "no reply"}]},
         {"messages": [{"role": "robot", "content": "beep"}, {"role": "assistant", "content": "x"}]},
     ]
@@ -116,7 +146,9 @@ def test_json_array_of_messages_with_history(tmp_path):
     first = records[0]
     assert (first["system"], first["prompt"], first["response"]) == ("Be brief.", "2+2?", "4")
     assert json.loads(first["metadata"])["history"] == [
-        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+    ]
     assert (records[1]["prompt"], records[1]["response"]) == ("Yo", "Hey")
     assert [q["reason"] for q in quarantine] == ["bad_conversation", "bad_messages"]
     assert [q["line"] for q in quarantine] == element_lines[2:]  # where each element starts
@@ -132,21 +164,36 @@ def test_truncated_json_array_is_quarantined_not_crashed(tmp_path):
 
 
 def test_transcripts_and_preference_transcripts(tmp_path):
-    write(tmp_path, "data/raw/t.jsonl", jsonl(
-        {"text": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Name a colour\n\nAssistant: Red"},
-        {"text": "no turns here"}))
-    write(tmp_path, "data/raw/p.jsonl.gz", jsonl(
-        {"chosen": "\n\nHuman: Help me\n\nAssistant: Sure, here is how.",
-         "rejected": "\n\nHuman: Help me\n\nAssistant: No."},
-        {"chosen": "\n\nHuman: A\n\nAssistant: x", "rejected": "\n\nHuman: B\n\nAssistant: y"}))
-    sources = ({"name": "t", "path": "data/raw/t.jsonl", "kind": "transcript"},
-               {"name": "p", "path": "data/raw/p.jsonl.gz", "kind": "preference"})
+    write(
+        tmp_path,
+        "data/raw/t.jsonl",
+        jsonl(
+            {"text": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Name a colour\n\nAssistant: Red"},
+            {"text": "no turns here"},
+        ),
+    )
+    write(
+        tmp_path,
+        "data/raw/p.jsonl.gz",
+        jsonl(
+            {
+                "chosen": "\n\nHuman: Help me\n\nAssistant: Sure, here is how.",
+                "rejected": "\n\nHuman: Help me\n\nAssistant: No.",
+            },
+            {"chosen": "\n\nHuman: A\n\nAssistant: x", "rejected": "\n\nHuman: B\n\nAssistant: y"},
+        ),
+    )
+    sources = (
+        {"name": "t", "path": "data/raw/t.jsonl", "kind": "transcript"},
+        {"name": "p", "path": "data/raw/p.jsonl.gz", "kind": "preference"},
+    )
     metrics = ingest.run(make_params(*sources), root=tmp_path)
     records, preferences, quarantine = outputs(tmp_path)
     assert (records[0]["prompt"], records[0]["response"]) == ("Name a colour", "Red")
     assert len(json.loads(records[0]["metadata"])["history"]) == 2
     assert [(p["prompt"], p["chosen"], p["rejected"]) for p in preferences] == [
-        ("Help me", "Sure, here is how.", "No.")]
+        ("Help me", "Sure, here is how.", "No.")
+    ]
     assert sorted(q["reason"] for q in quarantine) == ["bad_transcript", "preference_prefix_mismatch"]
     assert metrics["sources"]["p"]["preferences"] == 1
     assert_counts_add_up(metrics)
@@ -154,15 +201,23 @@ def test_transcripts_and_preference_transcripts(tmp_path):
 
 def test_parquet_and_explicit_preference_fields(tmp_path):
     (tmp_path / "data/raw").mkdir(parents=True)
-    pq.write_table(pa.table({"question": ["q1", "q2"], "good": ["yes", "same"],
-                             "bad": ["no", "same"]}), tmp_path / "data/raw/p.parquet")
-    source = {"name": "prefs", "path": "data/raw/p.parquet", "kind": "preference",
-              "fields": {"prompt": "question", "chosen": "good", "rejected": "bad"}}
+    pq.write_table(
+        pa.table({"question": ["q1", "q2"], "good": ["yes", "same"], "bad": ["no", "same"]}),
+        tmp_path / "data/raw/p.parquet",
+    )
+    source = {
+        "name": "prefs",
+        "path": "data/raw/p.parquet",
+        "kind": "preference",
+        "fields": {"prompt": "question", "chosen": "good", "rejected": "bad"},
+    }
     metrics = ingest.run(make_params(source), root=tmp_path)
     _, preferences, _ = outputs(tmp_path)
     # chosen == rejected is not ingest's call: the preferences stage drops such pairs, counted.
     assert [(p["prompt"], p["chosen"], p["rejected"]) for p in preferences] == [
-        ("q1", "yes", "no"), ("q2", "same", "same")]
+        ("q1", "yes", "no"),
+        ("q2", "same", "same"),
+    ]
     assert_counts_add_up(metrics)
 
 
@@ -187,7 +242,10 @@ def test_corrupt_gzip_is_a_clear_error_and_leaves_old_outputs(tmp_path):
     # Atomic writes: the failed run left the previous outputs whole and no temporary files.
     assert (tmp_path / paths.INGESTED_RECORDS).read_bytes() == before
     assert sorted(p.name for p in (tmp_path / paths.INGESTED_RECORDS.path.parent).iterdir()) == [
-        "preferences.parquet", "quarantine.jsonl", "records.parquet"]
+        "preferences.parquet",
+        "quarantine.jsonl",
+        "records.parquet",
+    ]
 
 
 def test_chunked_writes_make_row_groups(tmp_path):
@@ -213,9 +271,17 @@ def test_bundled_sample_exercises_every_quarantine_path():
     metrics = ingest.run(load_params(REPO / "params.yaml"), root=_copy_sample(REPO))
     assert_counts_add_up(metrics)
     assert metrics["records"] > 1000 and metrics["preferences"] >= 400
-    for reason in ("malformed_json", "undecodable_bytes", "empty_field:response",
-                   "missing_field:response", "wrong_type:response", "csv_wrong_field_count",
-                   "bad_messages", "bad_transcript", "preference_prefix_mismatch"):
+    for reason in (
+        "malformed_json",
+        "undecodable_bytes",
+        "empty_field:response",
+        "missing_field:response",
+        "wrong_type:response",
+        "csv_wrong_field_count",
+        "bad_messages",
+        "bad_transcript",
+        "preference_prefix_mismatch",
+    ):
         assert metrics["quarantine_reasons"].get(reason, 0) >= 1, reason
 
 

@@ -113,8 +113,9 @@ def catalog() -> dict[str, paths.Artifact]:
 
 
 def test_the_import_contracts_hold():
-    result = subprocess.run([str(Path(sys.executable).parent / "lint-imports")], cwd=REPO,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "lint-imports")], cwd=REPO, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
 
 
@@ -131,11 +132,13 @@ def test_a_stages_code_deps_are_exactly_the_modules_it_runs(stage):
     missing = sorted(file for file in needed if not covered(file, deps))
     listed = {dep for dep in deps if dep.startswith("flywheel/")}
     unused = sorted(dep for dep in listed if not any(covered(file, (dep,)) for file in needed))
-    assert not missing, (f"dvc.yaml stage {stage!r} runs these modules but does not list them as deps, so "
-                         f"`dvc repro` would not re-run it when they change; add:\n"
-                         + "\n".join(f"      - {file}" for file in missing))
-    assert not unused, (f"dvc.yaml stage {stage!r} lists code it does not run (a change there re-runs it for "
-                        f"nothing); remove: {unused}")
+    assert not missing, (
+        f"dvc.yaml stage {stage!r} runs these modules but does not list them as deps, so "
+        f"`dvc repro` would not re-run it when they change; add:\n" + "\n".join(f"      - {file}" for file in missing)
+    )
+    assert not unused, (
+        f"dvc.yaml stage {stage!r} lists code it does not run (a change there re-runs it for nothing); remove: {unused}"
+    )
 
 
 def test_every_artifact_is_an_output_of_its_stage():
@@ -143,16 +146,24 @@ def test_every_artifact_is_an_output_of_its_stage():
         assert artifact.stage in DVC_STAGES, f"paths.{name}: no stage {artifact.stage!r} in dvc.yaml"
         outs = DVC_STAGES[artifact.stage].outs
         assert any(overlaps(str(PurePosixPath(artifact.path)), out) for out in outs), (
-            f"paths.{name} ({artifact.path}) is not among the outputs of stage {artifact.stage!r} in dvc.yaml")
+            f"paths.{name} ({artifact.path}) is not among the outputs of stage {artifact.stage!r} in dvc.yaml"
+        )
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_a_stage_depends_on_every_artifact_its_code_reads(stage):
     deps = DVC_STAGES[stage].deps
-    undeclared = sorted({str(a.path) for a in artifacts_read(stage)
-                         if not any(overlaps(str(PurePosixPath(a.path)), dep) for dep in deps)})
-    assert not undeclared, (f"stage {stage!r} reads {undeclared} (flywheel/paths.py) but dvc.yaml does not "
-                            "list them as its deps: DVC would run it before they exist, or not after they change")
+    undeclared = sorted(
+        {
+            str(a.path)
+            for a in artifacts_read(stage)
+            if not any(overlaps(str(PurePosixPath(a.path)), dep) for dep in deps)
+        }
+    )
+    assert not undeclared, (
+        f"stage {stage!r} reads {undeclared} (flywheel/paths.py) but dvc.yaml does not "
+        "list them as its deps: DVC would run it before they exist, or not after they change"
+    )
 
 
 def test_the_checks_see_what_they_check():

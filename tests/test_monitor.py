@@ -14,9 +14,9 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
+from flywheel.data.sample import off_topic_prompts
 from flywheel.modeling import record_messages
 from flywheel.serving.request_log import RequestLog
-from flywheel.data.sample import off_topic_prompts
 from tests.conftest import BIN, REPO, free_port, run, subprocess_env, wait_until_ready
 
 FLYWHEEL = str(BIN / "flywheel")
@@ -33,10 +33,17 @@ def held_out_conversations(root, count: int, seed: int = 0) -> tuple[list[list[d
 def log_traffic(url: str, conversations: list, responses: list[str], downs: int = 0) -> list[str]:
     """Requests as `flywheel serve` logs them; a conversation may be a bare prompt."""
     log = RequestLog(url)
-    ids = [log.log_request(endpoint="/v1/chat/completions", status=200, response=response, latency_ms=40.0,
-                           messages=[{"role": "user", "content": c}] if isinstance(c, str) else c,
-                           model_version="v0.0.1")
-           for c, response in zip(conversations, responses)]
+    ids = [
+        log.log_request(
+            endpoint="/v1/chat/completions",
+            status=200,
+            response=response,
+            latency_ms=40.0,
+            messages=[{"role": "user", "content": c}] if isinstance(c, str) else c,
+            model_version="v0.0.1",
+        )
+        for c, response in zip(conversations, responses)
+    ]
     log.flush()
     for request_id in ids[:downs]:
         log.log_feedback(request_id, rating="down")
@@ -49,8 +56,19 @@ def project(sample_splits, tmp_path):
     root = tmp_path / "project"
     shutil.copytree(sample_splits, root / "data/processed")
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
-    run([FLYWHEEL, "params", "apply", "monitor.min_prompts=50", "monitor.max_requests=400",
-         "monitor.reference_size=600", "monitor.canaries=0", "monitor.consistency_prompts=0"], root)
+    run(
+        [
+            FLYWHEEL,
+            "params",
+            "apply",
+            "monitor.min_prompts=50",
+            "monitor.max_requests=400",
+            "monitor.reference_size=600",
+            "monitor.canaries=0",
+            "monitor.consistency_prompts=0",
+        ],
+        root,
+    )
     return root, f"sqlite:///{root / 'requests.sqlite'}"
 
 
@@ -88,8 +106,13 @@ def test_drifted_traffic_fails_exports_the_window_and_asks_for_retraining_once(p
     assert found["text_drift_auc"]["value"] > 0.9 and found["embedding_drift_auc"]["value"] > 0.9
     assert found["text_drift_auc"]["threshold"] < 0.7  # chance AUC at p = 0.01 / 3 for 200 against 600
     assert found["negative_feedback_rate"]["value"] == 1.0 and not found["negative_feedback_rate"]["passed"]
-    assert set(result["failed"]) == {"text_drift_auc", "embedding_drift_auc", "descriptor_drift_min_p",
-                                     "input_drift", "negative_feedback_rate"}
+    assert set(result["failed"]) == {
+        "text_drift_auc",
+        "embedding_drift_auc",
+        "descriptor_drift_min_p",
+        "input_drift",
+        "negative_feedback_rate",
+    }
 
     retrain = result["retrain"]
     assert retrain["triggered"] and "input_drift" in retrain["reason"]
@@ -109,8 +132,11 @@ def test_drifted_traffic_fails_exports_the_window_and_asks_for_retraining_once(p
 def evidently_ui_snapshots(workspace) -> list[dict]:
     """What `make monitoring-ui` shows: the Evidently UI's runs of the flywheel project."""
     port = free_port()
-    ui = subprocess.Popen([str(BIN / "evidently"), "ui", "--workspace", str(workspace), "--port", str(port)],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ui = subprocess.Popen(
+        [str(BIN / "evidently"), "ui", "--workspace", str(workspace), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     base = f"http://127.0.0.1:{port}/api"
     try:
         wait_until_ready(f"{base}/projects", ui, timeout=90)
@@ -124,14 +150,28 @@ def evidently_ui_snapshots(workspace) -> list[dict]:
 def test_canaries_and_self_consistency_are_judged_on_the_live_endpoint(project, trained_sft):
     root, url = project
     port = free_port()
-    server = subprocess.Popen([FLYWHEEL, "serve", "--port", str(port), "--model", str(trained_sft / "models/sft")],
-                              cwd=root, env=subprocess_env(FLYWHEEL_REQUEST_LOG_URL=url),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [FLYWHEEL, "serve", "--port", str(port), "--model", str(trained_sft / "models/sft")],
+        cwd=root,
+        env=subprocess_env(FLYWHEEL_REQUEST_LOG_URL=url),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_until_ready(f"http://127.0.0.1:{port}/readyz", server)
         log_traffic(url, *held_out_conversations(root, 100, seed=1))
-        run([FLYWHEEL, "params", "apply", f"monitor.endpoint=http://127.0.0.1:{port}", "monitor.canaries=30",
-             "monitor.consistency_prompts=5", "monitor.consistency_samples=2"], root)
+        run(
+            [
+                FLYWHEEL,
+                "params",
+                "apply",
+                f"monitor.endpoint=http://127.0.0.1:{port}",
+                "monitor.canaries=30",
+                "monitor.consistency_prompts=5",
+                "monitor.consistency_samples=2",
+            ],
+            root,
+        )
         result = monitor(root, url)
     finally:
         server.terminate()
@@ -176,11 +216,16 @@ def test_the_monitoring_dag_publishes_the_feedback_asset_when_the_traffic_drifte
     shutil.copytree(REPO / "dags", root / "dags")
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     log_traffic(url, off_topic_prompts(200), ["Restart it."] * 200)
-    env = {"AIRFLOW_HOME": str(tmp_path / "airflow"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-           "AIRFLOW__CORE__DAGS_FOLDER": str(root / "dags"), "FLYWHEEL_REQUEST_LOG_URL": url}
+    env = {
+        "AIRFLOW_HOME": str(tmp_path / "airflow"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(root / "dags"),
+        "FLYWHEEL_REQUEST_LOG_URL": url,
+    }
     run(["airflow", "db", "migrate"], tmp_path, **env)
-    outcome = json.loads(run(["python", "-c", DAG_TEST_SCRIPT, str(root / "dags")], root,
-                             **env).stdout.strip().splitlines()[-1])
+    outcome = json.loads(
+        run(["python", "-c", DAG_TEST_SCRIPT, str(root / "dags")], root, **env).stdout.strip().splitlines()[-1]
+    )
     assert outcome["state"] == "success"
     assert outcome["tasks"] == {"monitor": "success", "needs_retraining": "success", "new_feedback": "success"}
     # flywheel_training is scheduled on this Asset: the event starts one retraining run, and says why.

@@ -1,4 +1,3 @@
-
 import pytest
 import yaml
 
@@ -73,8 +72,7 @@ def test_apply_overrides_keeps_comments_and_validates(tmp_path):
 def test_cli_reports_bad_params_without_traceback(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text("ingest:\n  sources: []\n  colour: blue\n")
-    result = run([str(BIN / "flywheel"), "--params", str(bad), "ingest"],
-                 tmp_path, check=False)
+    result = run([str(BIN / "flywheel"), "--params", str(bad), "ingest"], tmp_path, check=False)
     assert result.returncode == 2
     assert "ingest.colour: unknown key" in result.stderr
     assert "ingest.sources" in result.stderr

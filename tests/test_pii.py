@@ -34,14 +34,14 @@ POSITIVES = [
 ]
 
 NEGATIVES = [
-    "order number 1234567890123 ships Monday",        # fails Luhn: an order, not a card
-    "order 4539148803436468",                          # 16 digits, Luhn-invalid
-    "the meeting is on 2026-11-22 at 10:30:00",        # a date and a time
-    "version 1.2.3 of the library",                    # not four octets
+    "order number 1234567890123 ships Monday",  # fails Luhn: an order, not a card
+    "order 4539148803436468",  # 16 digits, Luhn-invalid
+    "the meeting is on 2026-11-22 at 10:30:00",  # a date and a time
+    "version 1.2.3 of the library",  # not four octets
     "pi is 3.14159265358979",
-    "invoice 20261122",                                 # 8 digits
-    "call 1234567890",                                  # a bare run of digits: account or order number
-    "build 10.0.19045.2965",                           # a version, not an address or phone
+    "invoice 20261122",  # 8 digits
+    "call 1234567890",  # a bare run of digits: account or order number
+    "build 10.0.19045.2965",  # a version, not an address or phone
     "the ratio is 3:2:1",
     "GB82 is a code but not an IBAN",
     "email me at the office",

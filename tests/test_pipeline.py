@@ -46,7 +46,7 @@ def test_dvc_repro_builds_the_outputs_and_a_second_run_is_a_no_op(project_copy):
     clean = metrics(project_copy, "clean")
     assert clean["in"] == ingest["records"] == clean["kept"] + clean["removed"]
     assert clean["removed_by_reason"]["exact_duplicate"] >= 20  # 12 + 8 planted, some chance ones
-    assert clean["removed_by_reason"]["near_duplicate"] >= 15   # 15 planted note variants
+    assert clean["removed_by_reason"]["near_duplicate"] >= 15  # 15 planted note variants
     for reason in ("empty_response", "too_long", "symbol_ratio"):
         assert clean["removed_by_reason"][reason] >= 1
     assert clean["pii_redacted"]["email"] >= 75 and clean["pii_redacted"]["card_number"] >= 75
@@ -54,8 +54,7 @@ def test_dvc_repro_builds_the_outputs_and_a_second_run_is_a_no_op(project_copy):
     assert not any("@example.com" in (r["prompt"] + r["response"]) for r in kept)
     assert metrics(project_copy, "validate")["success"] is True
     split = metrics(project_copy, "split")
-    assert split["in"] == clean["kept"] == (split["train"] + split["eval"] + split["test"]
-                                             + split["decontaminated"])
+    assert split["in"] == clean["kept"] == (split["train"] + split["eval"] + split["test"] + split["decontaminated"])
     assert (project_copy / "reports/validate/index.html").is_file()
     assert (project_copy / "models/sft/model.safetensors").is_file()
     assert metrics(project_copy, "finetune")["steps"] > 0
@@ -73,6 +72,7 @@ def test_dvc_repro_builds_the_outputs_and_a_second_run_is_a_no_op(project_copy):
 
 class Webhook(BaseHTTPRequestHandler):
     """Records the JSON bodies POSTed to it, as a chat or paging webhook would receive them."""
+
     received: list[dict] = []
 
     def do_POST(self):  # noqa: N802 - http.server's name
@@ -88,21 +88,32 @@ def test_airflow_run_with_a_bad_param_fails_before_any_stage_and_alerts(project_
     port = free_port()
     server = HTTPServer(("127.0.0.1", port), Webhook)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    env = {"AIRFLOW_HOME": str(tmp_path / "airflow"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-           "AIRFLOW__CORE__DAGS_FOLDER": str(project_copy / "dags"),
-           # The optional alert webhook is an Airflow Connection; here from the environment.
-           "AIRFLOW_CONN_FLYWHEEL_ALERTS": f"http://127.0.0.1:{port}/hooks/flywheel"}
+    env = {
+        "AIRFLOW_HOME": str(tmp_path / "airflow"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(project_copy / "dags"),
+        # The optional alert webhook is an Airflow Connection; here from the environment.
+        "AIRFLOW_CONN_FLYWHEEL_ALERTS": f"http://127.0.0.1:{port}/hooks/flywheel",
+    }
     run(["airflow", "db", "migrate"], tmp_path, **env)
     try:
-        result = run(["python", "-c", DAG_TEST_SCRIPT, str(project_copy / "dags"),
-                      json.dumps({"ingest.chunk_size": -5})], project_copy, **env)
+        result = run(
+            ["python", "-c", DAG_TEST_SCRIPT, str(project_copy / "dags"), json.dumps({"ingest.chunk_size": -5})],
+            project_copy,
+            **env,
+        )
     finally:
         server.shutdown()
     outcome = json.loads(result.stdout.strip().splitlines()[-1])
     assert outcome["state"] == "failed"
-    assert outcome["tasks"] == {"start_run": "failed", "save_run": "upstream_failed", "gate": "upstream_failed",
-                                "promote": "upstream_failed", "not_promoted": "upstream_failed",
-                                **{name: "upstream_failed" for name in STAGES}}
+    assert outcome["tasks"] == {
+        "start_run": "failed",
+        "save_run": "upstream_failed",
+        "gate": "upstream_failed",
+        "promote": "upstream_failed",
+        "not_promoted": "upstream_failed",
+        **{name: "upstream_failed" for name in STAGES},
+    }
     assert not (project_copy / "data/interim/ingest/records.parquet").exists()
     # One alert, not one per retry: a bad param is not retried.
     [alert] = Webhook.received

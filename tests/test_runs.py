@@ -79,8 +79,9 @@ def test_a_run_is_an_experiment_with_its_own_params_its_data_pushed_and_restorab
     # Monitoring exported feedback since the last run: the run puts it under DVC.
     (repo / "data/raw/feedback/monitor-20261122T090000Z.jsonl").write_text('{"rating": "down"}\n')
 
-    started = flywheel_run(repo, "start", RUN_ID, "--run-conf",
-                           json.dumps({"evaluate.test_examples": 7, "reason": "drift"})).stdout
+    started = flywheel_run(
+        repo, "start", RUN_ID, "--run-conf", json.dumps({"evaluate.test_examples": 7, "reason": "drift"})
+    ).stdout
     assert "evaluate.test_examples: 1000 -> 7" in started and "reason='drift'" in started
     assert (repo / "data/raw/feedback/monitor-20261122T090000Z.jsonl.dvc").is_file()
     run(["dvc", "repro"], repo)
@@ -127,14 +128,12 @@ def _exp_ref(repo) -> str:
 
 
 def test_a_bad_param_fails_the_start_and_changes_nothing(repo):
-    failed = flywheel_run(repo, "start", RUN_ID, "--run-conf", json.dumps({"evaluate.test_examples": -1}),
-                          check=False)
+    failed = flywheel_run(repo, "start", RUN_ID, "--run-conf", json.dumps({"evaluate.test_examples": -1}), check=False)
     assert failed.returncode == 2
     assert "evaluate.test_examples" in failed.stderr and "Traceback" not in failed.stderr
     assert examples_param(repo) == 1000
     assert not (repo / ".dvc/tmp/flywheel/params.before-run.yaml").exists()
-    unknown = flywheel_run(repo, "start", RUN_ID, "--run-conf", json.dumps({"evaluate.no_such": 1}),
-                           check=False)
+    unknown = flywheel_run(repo, "start", RUN_ID, "--run-conf", json.dumps({"evaluate.no_such": 1}), check=False)
     assert unknown.returncode == 2 and "no such param" in unknown.stderr
 
 

@@ -30,13 +30,25 @@ def server(request, trained_sft, tmp_path_factory):
             log_url = stack.enter_context(postgres_database("flywheel_serve"))
         port = free_port()
         shutil.copy(REPO / "params.yaml", root / "params.yaml")
-        run([str(BIN / "flywheel"), "params", "apply", "serve.rate_limit_per_minute=60",
-             "serve.max_tokens=64", "serve.max_prompt_chars=2000"], root)
+        run(
+            [
+                str(BIN / "flywheel"),
+                "params",
+                "apply",
+                "serve.rate_limit_per_minute=60",
+                "serve.max_tokens=64",
+                "serve.max_prompt_chars=2000",
+            ],
+            root,
+        )
         process = subprocess.Popen(
             [str(BIN / "flywheel"), "serve", "--port", str(port), "--model", str(trained_sft / "models/sft")],
-            cwd=root, env=subprocess_env(FLYWHEEL_API_KEYS=f"{KEY},{OTHER_KEY}",
-                                         FLYWHEEL_REQUEST_LOG_URL=log_url),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            cwd=root,
+            env=subprocess_env(FLYWHEEL_API_KEYS=f"{KEY},{OTHER_KEY}", FLYWHEEL_REQUEST_LOG_URL=log_url),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         base = f"http://127.0.0.1:{port}"
         wait_until_ready(f"{base}/readyz", process)
         yield base, process, log_url
@@ -53,14 +65,18 @@ def test_the_openai_client_gets_chat_and_text_completions_with_the_model_version
     base, _, _ = server
     client = _client(base)
     chat = client.chat.completions.create(
-        model="sft", messages=[{"role": "system", "content": "You are a precise translator. Answer "
-                                "with the French words only."},
-                               {"role": "user", "content": "Translate to French: red cat"}])
+        model="sft",
+        messages=[
+            {"role": "system", "content": "You are a precise translator. Answer with the French words only."},
+            {"role": "user", "content": "Translate to French: red cat"},
+        ],
+    )
     assert chat.choices[0].message.content == "rouge chat"
     assert chat.choices[0].finish_reason == "stop" and chat.id.startswith("chatcmpl-")
     assert chat.system_fingerprint.startswith("md5-") and chat.usage.completion_tokens >= 2
-    text = client.completions.create(model="sft", prompt="<|user|> French for: big dog<|end|><|assistant|>",
-                                     max_tokens=1)
+    text = client.completions.create(
+        model="sft", prompt="<|user|> French for: big dog<|end|><|assistant|>", max_tokens=1
+    )
     assert text.choices[0].finish_reason == "length" and text.usage.completion_tokens == 1
     assert [m.id for m in client.models.list()] == ["sft"]
 
@@ -81,14 +97,17 @@ def test_streamed_answers_arrive_as_server_sent_events_and_match_the_whole_answe
 
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server):
     base, _, _ = server
-    words = ["red cat", "big dog", "old house", "blue sea", "green tree", "small bird", "hot bread",
-             "new book"] * 2
+    words = ["red cat", "big dog", "old house", "blue sea", "green tree", "small bird", "hot bread", "new book"] * 2
     client = _client(base, OTHER_KEY)
 
     def ask(phrase):
-        return client.chat.completions.create(
-            model="sft", messages=[{"role": "user", "content": f"Translate to French: {phrase}"}],
-            max_tokens=16).choices[0].message.content
+        return (
+            client.chat.completions.create(
+                model="sft", messages=[{"role": "user", "content": f"Translate to French: {phrase}"}], max_tokens=16
+            )
+            .choices[0]
+            .message.content
+        )
 
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(ask, words))
@@ -104,20 +123,30 @@ def _metric(text: str, name: str) -> str:
     return next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " "))
 
 
-@pytest.mark.parametrize("body, headers, status, message", [
-    ({"messages": [{"role": "user", "content": "hi"}]}, {}, 401, "missing or invalid API key"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, {"Authorization": "Bearer wrong"}, 401, "invalid API key"),
-    ({"messages": []}, None, 400, "messages: List should have at least 1 item"),
-    ({"messages": [{"role": "robot", "content": "hi"}]}, None, 400, "messages.0.role"),
-    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000}, None, 400,
-     "max_tokens 1000 is above this server's limit of 64"),
-    ({"messages": [{"role": "user", "content": "x" * 3000}]}, None, 400, "at most 2,000"),
-    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 5}, None, 400, "temperature"),
-])
+@pytest.mark.parametrize(
+    "body, headers, status, message",
+    [
+        ({"messages": [{"role": "user", "content": "hi"}]}, {}, 401, "missing or invalid API key"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, {"Authorization": "Bearer wrong"}, 401, "invalid API key"),
+        ({"messages": []}, None, 400, "messages: List should have at least 1 item"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, None, 400, "messages.0.role"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000},
+            None,
+            400,
+            "max_tokens 1000 is above this server's limit of 64",
+        ),
+        ({"messages": [{"role": "user", "content": "x" * 3000}]}, None, 400, "at most 2,000"),
+        ({"messages": [{"role": "user", "content": "hi"}], "temperature": 5}, None, 400, "temperature"),
+    ],
+)
 def test_bad_requests_get_clear_json_errors(server, body, headers, status, message):
     base, _, _ = server
-    response = httpx.post(f"{base}/v1/chat/completions", json=body,
-                          headers={"Authorization": f"Bearer {KEY}"} if headers is None else headers)
+    response = httpx.post(
+        f"{base}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {KEY}"} if headers is None else headers,
+    )
     assert response.status_code == status
     assert message in response.json()["error"]["message"]
 
@@ -125,8 +154,7 @@ def test_bad_requests_get_clear_json_errors(server, body, headers, status, messa
 def test_a_key_over_its_rate_limit_gets_429_and_other_keys_do_not(server):
     base, _, _ = server
     limited = "Bearer " + OTHER_KEY
-    statuses = [httpx.get(f"{base}/v1/models", headers={"Authorization": limited}).status_code
-                for _ in range(70)]
+    statuses = [httpx.get(f"{base}/v1/models", headers={"Authorization": limited}).status_code for _ in range(70)]
     assert 429 in statuses and statuses.count(200) <= 60
     assert httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
 
@@ -134,14 +162,23 @@ def test_a_key_over_its_rate_limit_gets_429_and_other_keys_do_not(server):
 def test_feedback_and_sigterm_leave_every_answered_request_in_the_log(server, tmp_path):
     base, process, log_url = server
     client = _client(base)
-    answered = [client.chat.completions.create(
-        model="sft", messages=[{"role": "user", "content": f"Mail me at ann{i}@example.com: red cat"}])
-        for i in range(5)]
-    ok = httpx.post(f"{base}/v1/feedback", headers={"Authorization": f"Bearer {KEY}"},
-                    json={"request_id": answered[0].id, "preferred_response": "rouge chat"})
+    answered = [
+        client.chat.completions.create(
+            model="sft", messages=[{"role": "user", "content": f"Mail me at ann{i}@example.com: red cat"}]
+        )
+        for i in range(5)
+    ]
+    ok = httpx.post(
+        f"{base}/v1/feedback",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={"request_id": answered[0].id, "preferred_response": "rouge chat"},
+    )
     assert ok.status_code == 200 and ok.json()["status"] == "recorded"
-    unknown = httpx.post(f"{base}/v1/feedback", headers={"Authorization": f"Bearer {KEY}"},
-                         json={"request_id": "chatcmpl-nope", "rating": "up"})
+    unknown = httpx.post(
+        f"{base}/v1/feedback",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={"request_id": "chatcmpl-nope", "rating": "up"},
+    )
     assert unknown.status_code == 404
 
     process.send_signal(signal.SIGTERM)

@@ -5,11 +5,11 @@ from flywheel import paths
 from flywheel.data import split
 from tests.helpers import read_rows, record, repo_params, write_records
 
+
 def distinct_records(count: int) -> list[dict]:
     rng = random.Random(0)
     vocab = [f"word{n}" for n in range(5000)]
-    return [record("Question: " + " ".join(rng.choices(vocab, k=30)), f"Answer number {n}")
-            for n in range(count)]
+    return [record("Question: " + " ".join(rng.choices(vocab, k=30)), f"Answer number {n}") for n in range(count)]
 
 
 def run_split(tmp_path, records, **overrides):
@@ -27,11 +27,9 @@ def test_split_is_deterministic_by_id_and_near_the_fractions(tmp_path):
     shares = Counter(split.assign(i, params.split) for i in ids)
     assert abs(shares["train"] / 20_000 - 0.8) < 0.02
     assert abs(shares["test"] / 20_000 - 0.1) < 0.02
-    assert [split.assign(i, params.split) for i in ids[:100]] == [split.assign(i, params.split)
-                                                                  for i in ids[:100]]
+    assert [split.assign(i, params.split) for i in ids[:100]] == [split.assign(i, params.split) for i in ids[:100]]
     other_salt = repo_params(split={"salt": "other"}).split
-    assert [split.assign(i, params.split) for i in ids[:100]] != [split.assign(i, other_salt)
-                                                                  for i in ids[:100]]
+    assert [split.assign(i, params.split) for i in ids[:100]] != [split.assign(i, other_salt) for i in ids[:100]]
 
 
 def test_decontamination_removes_train_copies_of_held_out_records(tmp_path):
@@ -59,8 +57,7 @@ def test_decontamination_removes_train_copies_of_held_out_records(tmp_path):
 def test_decontamination_can_be_switched_off(tmp_path):
     base = distinct_records(50)
     copy = record(base[0]["prompt"], "another answer")
-    metrics, _, dropped = run_split(tmp_path, base + [copy], decontaminate_exact=False,
-                                    decontaminate_near=False)
+    metrics, _, dropped = run_split(tmp_path, base + [copy], decontaminate_exact=False, decontaminate_near=False)
     assert metrics["decontaminated"] == 0 and dropped == []
 
 

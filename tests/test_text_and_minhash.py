@@ -2,8 +2,8 @@ import random
 
 import numpy as np
 
-from flywheel.data import minhash
 from flywheel import text
+from flywheel.data import minhash
 
 
 def test_normalize():
@@ -34,7 +34,7 @@ def test_signatures_estimate_jaccard():
     signatures = hasher.signatures([" ".join(base), " ".join(edited), " ".join(rng.choices(vocab, k=200))])
 
     def shingles(words):
-        return {tuple(words[i:i + 3]) for i in range(len(words) - 2)}
+        return {tuple(words[i : i + 3]) for i in range(len(words) - 2)}
 
     true = len(shingles(base) & shingles(edited)) / len(shingles(base) | shingles(edited))
     estimate = (signatures[0] == signatures[1]).mean()
@@ -52,8 +52,13 @@ def test_signatures_do_not_depend_on_batching_or_neighbours():
 
 
 def test_near_duplicate_pairs_and_clusters():
-    docs = ["the cat sat on the mat by the door in the sun", "the cat sat on the mat by the door in the sun today",
-            "completely unrelated words about rivers and stones and trees", "x", "x"]
+    docs = [
+        "the cat sat on the mat by the door in the sun",
+        "the cat sat on the mat by the door in the sun today",
+        "completely unrelated words about rivers and stones and trees",
+        "x",
+        "x",
+    ]
     settings = minhash.MinHashSettings()
     pairs, similarity = minhash.near_duplicate_pairs(minhash.MinHasher(settings).signatures(docs), settings)
     assert pairs.tolist() == [[0, 1], [3, 4]]

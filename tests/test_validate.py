@@ -23,9 +23,9 @@ def test_clean_data_passes_and_writes_data_docs(tmp_path):
 
 def test_corrupted_data_fails_naming_each_expectation_and_rows(tmp_path):
     records = good_records()
-    records[3]["prompt"] = None                              # null
-    records[5]["id"] = records[6]["id"]                      # duplicate id
-    records[7]["response"] = "write to leak@example.com"     # residual PII
+    records[3]["prompt"] = None  # null
+    records[5]["id"] = records[6]["id"]  # duplicate id
+    records[7]["response"] = "write to leak@example.com"  # residual PII
     write_records(tmp_path / paths.CLEAN_RECORDS, records)
     with pytest.raises(StageFailed) as failure:
         validate.run(repo_params(), root=tmp_path)

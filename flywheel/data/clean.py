@@ -25,20 +25,28 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from flywheel import paths, text
-from flywheel.data import minhash
 from flywheel.config import CleanParams, Params, QualityFilterParams
+from flywheel.data import minhash
+from flywheel.data.records import RECORD_SCHEMA
 from flywheel.io import ParquetChunkWriter, atomic_path, read_batches
 from flywheel.pii import PLACEHOLDER_PATTERN, redact
-from flywheel.data.records import RECORD_SCHEMA
 
 REMOVED_TEXT_CHARS = 2_000  # removed records keep this much of each text field, for review
 TEXT_FIELDS = ("prompt", "response", "context", "system")
 
-REMOVED_SCHEMA = pa.schema([
-    ("id", pa.string()), ("reason", pa.string()), ("detail", pa.string()),
-    ("duplicate_of", pa.string()), ("similarity", pa.float64()), ("source", pa.string()),
-    ("prompt", pa.string()), ("response", pa.string()), ("metadata", pa.string()),
-])
+REMOVED_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("duplicate_of", pa.string()),
+        ("similarity", pa.float64()),
+        ("source", pa.string()),
+        ("prompt", pa.string()),
+        ("response", pa.string()),
+        ("metadata", pa.string()),
+    ]
+)
 
 
 def exact_key(record: dict) -> bytes:
@@ -76,12 +84,14 @@ def quality_problem(record: dict, limits: QualityFilterParams) -> tuple[str, str
     words = combined.split()
     checks = (
         ("duplicate_lines", text.duplicate_line_fraction(combined), limits.max_duplicate_line_fraction),
-        ("repeated_ngrams", text.duplicate_ngram_char_fraction(words, limits.repeated_ngram_size),
-         limits.max_repeated_ngram_char_fraction),
+        (
+            "repeated_ngrams",
+            text.duplicate_ngram_char_fraction(words, limits.repeated_ngram_size),
+            limits.max_repeated_ngram_char_fraction,
+        ),
         ("symbol_ratio", text.symbol_word_ratio(words), limits.max_symbol_word_ratio),
         ("non_alpha_ratio", text.non_alpha_ratio(combined), limits.max_non_alpha_ratio),
-        ("mostly_pii", len(PLACEHOLDER_PATTERN.findall(combined)) / max(len(words), 1),
-         limits.max_pii_token_fraction),
+        ("mostly_pii", len(PLACEHOLDER_PATTERN.findall(combined)) / max(len(words), 1), limits.max_pii_token_fraction),
     )
     for reason, value, limit in checks:
         if value > limit:
@@ -89,14 +99,23 @@ def quality_problem(record: dict, limits: QualityFilterParams) -> tuple[str, str
     return None
 
 
-def removed_row(record: dict, reason: str, detail: str = "", duplicate_of: str | None = None,
-                similarity: float | None = None) -> dict:
+def removed_row(
+    record: dict, reason: str, detail: str = "", duplicate_of: str | None = None, similarity: float | None = None
+) -> dict:
     def clip(value: str | None) -> str | None:
         return value[:REMOVED_TEXT_CHARS] if value else value
 
-    return {"id": record["id"], "reason": reason, "detail": detail, "duplicate_of": duplicate_of,
-            "similarity": similarity, "source": record["source"], "prompt": clip(record["prompt"]),
-            "response": clip(record["response"]), "metadata": record["metadata"]}
+    return {
+        "id": record["id"],
+        "reason": reason,
+        "detail": detail,
+        "duplicate_of": duplicate_of,
+        "similarity": similarity,
+        "source": record["source"],
+        "prompt": clip(record["prompt"]),
+        "response": clip(record["response"]),
+        "metadata": record["metadata"],
+    }
 
 
 @dataclass
@@ -116,12 +135,12 @@ def exact_duplicates(survivors: Survivors) -> dict[int, int]:
         kept = best.get(key)
         if kept is None or survivors.ids[position] < survivors.ids[kept]:
             best[key] = position
-    return {position: best[key] for position, key in enumerate(survivors.keys)
-            if best[key] != position}
+    return {position: best[key] for position, key in enumerate(survivors.keys) if best[key] != position}
 
 
-def near_duplicates(signatures: np.ndarray, ids: list[str], candidates: np.ndarray,
-                    settings: minhash.MinHashSettings) -> dict[int, tuple[int, float]]:
+def near_duplicates(
+    signatures: np.ndarray, ids: list[str], candidates: np.ndarray, settings: minhash.MinHashSettings
+) -> dict[int, tuple[int, float]]:
     """position -> (position kept in its place, estimated similarity to it), over `candidates`.
 
     Within each LSH cluster, members are visited by id; one is removed only if it is at least
@@ -158,8 +177,9 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     survivors = Survivors()
 
     with contextlib.ExitStack() as stack:
-        kept_tmp, removed_tmp = (stack.enter_context(atomic_path(root / out))
-                                 for out in (paths.CLEAN_RECORDS, paths.CLEAN_REMOVED))
+        kept_tmp, removed_tmp = (
+            stack.enter_context(atomic_path(root / out)) for out in (paths.CLEAN_RECORDS, paths.CLEAN_REMOVED)
+        )
         scratch_dir = stack.enter_context(tempfile.TemporaryDirectory(dir=kept_tmp.parent))
         scratch = Path(scratch_dir) / "pass1.parquet"
         removed = ParquetChunkWriter(removed_tmp, REMOVED_SCHEMA)
@@ -196,20 +216,27 @@ def run(params: Params, root: Path = Path(".")) -> dict:
                     kept.add(record)
                 else:
                     reason, kept_position, similarity = decision
-                    removed.add(removed_row(record, reason, duplicate_of=survivors.ids[kept_position],
-                                            similarity=similarity))
+                    removed.add(
+                        removed_row(record, reason, duplicate_of=survivors.ids[kept_position], similarity=similarity)
+                    )
                     removed_by[reason] += 1
                 position += 1
         kept.close()
         removed.close()
 
-    return {"in": total, "kept": kept.rows, "removed": removed.rows,
-            "removed_by_reason": dict(sorted(removed_by.items())),
-            "pii_redacted": dict(sorted(pii_counts.items())), "records_with_pii": records_with_pii}
+    return {
+        "in": total,
+        "kept": kept.rows,
+        "removed": removed.rows,
+        "removed_by_reason": dict(sorted(removed_by.items())),
+        "pii_redacted": dict(sorted(pii_counts.items())),
+        "records_with_pii": records_with_pii,
+    }
 
 
-def decide_duplicates(survivors: Survivors, config: CleanParams,
-                      settings: minhash.MinHashSettings) -> dict[int, tuple[str, int, float]]:
+def decide_duplicates(
+    survivors: Survivors, config: CleanParams, settings: minhash.MinHashSettings
+) -> dict[int, tuple[str, int, float]]:
     """position -> (reason, position kept in its place, similarity)."""
     decisions: dict[int, tuple[str, int, float]] = {}
     if config.dedup.exact:
@@ -217,17 +244,14 @@ def decide_duplicates(survivors: Survivors, config: CleanParams,
             decisions[position] = ("exact_duplicate", kept, 1.0)
     if config.dedup.near and survivors.ids:
         signatures = np.concatenate(survivors.signatures)
-        candidates = np.array([p for p in range(len(survivors.ids)) if p not in decisions],
-                              dtype=np.int64)
-        for position, (kept, similarity) in near_duplicates(
-                signatures, survivors.ids, candidates, settings).items():
+        candidates = np.array([p for p in range(len(survivors.ids)) if p not in decisions], dtype=np.int64)
+        for position, (kept, similarity) in near_duplicates(signatures, survivors.ids, candidates, settings).items():
             decisions[position] = ("near_duplicate", kept, similarity)
     return decisions
 
 
 def report(metrics: dict) -> str:
-    lines = [f"clean: {metrics['in']:,} records in -> {metrics['kept']:,} kept, "
-             f"{metrics['removed']:,} removed"]
+    lines = [f"clean: {metrics['in']:,} records in -> {metrics['kept']:,} kept, {metrics['removed']:,} removed"]
     lines += [f"  removed {reason}: {count:,}" for reason, count in metrics["removed_by_reason"].items()]
     pii = ", ".join(f"{kind} {count:,}" for kind, count in metrics["pii_redacted"].items()) or "none"
     lines.append(f"  PII redacted in {metrics['records_with_pii']:,} records: {pii}")

@@ -16,16 +16,23 @@ import shutil
 import sys
 import tempfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 import orjson
 
 from flywheel.errors import FlywheelError
 
-FORMATS_BY_SUFFIX = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv",
-                     ".parquet": "parquet", ".pq": "parquet"}
+FORMATS_BY_SUFFIX = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
 SNIPPET_CHARS = 300
 JSON_ARRAY_READ_CHARS = 1 << 20  # read JSON arrays 1M characters at a time
 JSON_ARRAY_MAX_ELEMENT_CHARS = 64 << 20  # an element larger than this is treated as malformed
@@ -120,7 +127,7 @@ class _TextBuffer:
         if self.eof:
             return False
         chunk = self._text.read(JSON_ARRAY_READ_CHARS)
-        self.buffer = self.buffer[self.pos:] + chunk
+        self.buffer = self.buffer[self.pos :] + chunk
         self.pos = 0
         self.eof = not chunk
         return bool(chunk)
@@ -138,7 +145,7 @@ class _TextBuffer:
                 return ""
 
     def consume(self, end: int) -> str:
-        taken = self.buffer[self.pos:end]
+        taken = self.buffer[self.pos : end]
         self.line += taken.count("\n")
         self.pos = end
         return taken
@@ -150,7 +157,7 @@ def _read_json_array(stream: BinaryIO) -> Iterator[RawRow]:
     first = text.skip_space()
     if first != "[":
         # A single object is a one-record file; anything else is not a dataset.
-        rest = text.buffer[text.pos:]
+        rest = text.buffer[text.pos :]
         while text.more():
             rest = text.buffer
         try:
@@ -158,9 +165,13 @@ def _read_json_array(stream: BinaryIO) -> Iterator[RawRow]:
         except json.JSONDecodeError as error:
             yield RawRow(1, problem="malformed_json", detail=error.msg, snippet=_snippet(rest))
             return
-        yield RawRow(1, value) if isinstance(value, dict) else RawRow(
-            1, problem="not_a_json_array", detail=f"top level is {type(value).__name__}",
-            snippet=_snippet(rest))
+        yield (
+            RawRow(1, value)
+            if isinstance(value, dict)
+            else RawRow(
+                1, problem="not_a_json_array", detail=f"top level is {type(value).__name__}", snippet=_snippet(rest)
+            )
+        )
         return
     text.consume(text.pos + 1)
     expect_element = True
@@ -190,8 +201,12 @@ def _read_json_array(stream: BinaryIO) -> Iterator[RawRow]:
                     return
         raw = text.consume(end)
         if _SURROGATE.search(raw):
-            yield RawRow(line, problem="undecodable_bytes", detail="invalid UTF-8 in element",
-                         snippet=_snippet(raw.encode("utf-8", "surrogateescape")))
+            yield RawRow(
+                line,
+                problem="undecodable_bytes",
+                detail="invalid UTF-8 in element",
+                snippet=_snippet(raw.encode("utf-8", "surrogateescape")),
+            )
         else:
             yield RawRow(line, value)
         expect_element = False
@@ -200,9 +215,12 @@ def _read_json_array(stream: BinaryIO) -> Iterator[RawRow]:
 def _unreadable_tail(text: _TextBuffer, reason: str) -> RawRow:
     # Incremental JSON decoding cannot resynchronise inside an array: the rest of the file is one
     # quarantined item, and the detail says that its elements were not counted one by one.
-    return RawRow(text.line, problem="malformed_json",
-                  detail=f"{reason}; the rest of the array from this line on is unreadable",
-                  snippet=_snippet(text.buffer[text.pos:text.pos + SNIPPET_CHARS]))
+    return RawRow(
+        text.line,
+        problem="malformed_json",
+        detail=f"{reason}; the rest of the array from this line on is unreadable",
+        snippet=_snippet(text.buffer[text.pos : text.pos + SNIPPET_CHARS]),
+    )
 
 
 def _read_csv(stream: BinaryIO) -> Iterator[RawRow]:
@@ -226,11 +244,19 @@ def _read_csv(stream: BinaryIO) -> Iterator[RawRow]:
             continue
         joined = ",".join(row)
         if _SURROGATE.search(joined):
-            yield RawRow(reader.line_num, problem="undecodable_bytes", detail="invalid UTF-8",
-                         snippet=_snippet(joined.encode("utf-8", "surrogateescape")))
+            yield RawRow(
+                reader.line_num,
+                problem="undecodable_bytes",
+                detail="invalid UTF-8",
+                snippet=_snippet(joined.encode("utf-8", "surrogateescape")),
+            )
         elif len(row) != len(header):
-            yield RawRow(reader.line_num, problem="csv_wrong_field_count",
-                         detail=f"{len(row)} fields, header has {len(header)}", snippet=_snippet(joined))
+            yield RawRow(
+                reader.line_num,
+                problem="csv_wrong_field_count",
+                detail=f"{len(row)} fields, header has {len(header)}",
+                snippet=_snippet(joined),
+            )
         else:
             yield RawRow(reader.line_num, dict(zip(header, row)))
 

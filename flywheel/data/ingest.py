@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -20,10 +20,10 @@ from tqdm import tqdm
 
 from flywheel import paths
 from flywheel.config import Params, SourceParams
-from flywheel.errors import FlywheelError
 from flywheel.data.formats import RawRow, detect_format, read_rows
-from flywheel.io import ParquetChunkWriter, atomic_path
 from flywheel.data.records import PREFERENCE_SCHEMA, RECORD_SCHEMA, Rejected, map_item
+from flywheel.errors import FlywheelError
+from flywheel.io import ParquetChunkWriter, atomic_path
 
 OUTPUTS = (paths.INGESTED_RECORDS, paths.INGESTED_PREFERENCES, paths.QUARANTINE)
 
@@ -59,9 +59,14 @@ class _SourceCounts:
         self.reasons: Counter[str] = Counter()
 
     def as_dict(self) -> dict:
-        return {"files": self.files, "read": self.read, "records": self.records,
-                "preferences": self.preferences, "quarantined": sum(self.reasons.values()),
-                "quarantine_reasons": dict(sorted(self.reasons.items()))}
+        return {
+            "files": self.files,
+            "read": self.read,
+            "records": self.records,
+            "preferences": self.preferences,
+            "quarantined": sum(self.reasons.values()),
+            "quarantine_reasons": dict(sorted(self.reasons.items())),
+        }
 
 
 def run(params: Params, root: Path = Path(".")) -> dict:
@@ -70,8 +75,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     counts = {source.name: _SourceCounts() for source, _ in plan}
 
     with contextlib.ExitStack() as stack:
-        records_tmp, preferences_tmp, quarantine_tmp = (
-            stack.enter_context(atomic_path(root / out)) for out in OUTPUTS)
+        records_tmp, preferences_tmp, quarantine_tmp = (stack.enter_context(atomic_path(root / out)) for out in OUTPUTS)
         records = ParquetChunkWriter(records_tmp, RECORD_SCHEMA, config.chunk_size)
         preferences = ParquetChunkWriter(preferences_tmp, PREFERENCE_SCHEMA, config.chunk_size)
         quarantine = stack.enter_context(open(quarantine_tmp, "w", encoding="utf-8"))
@@ -85,7 +89,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
                 # The file's modification time, not the clock: ingest re-run on unchanged files
                 # (say, because data/raw/feedback changed) writes the same bytes, so DVC skips
                 # every stage downstream of it.
-                ingested_at = datetime.fromtimestamp(int(path.stat().st_mtime), timezone.utc)
+                ingested_at = datetime.fromtimestamp(int(path.stat().st_mtime), UTC)
                 for row in read_rows(path, detect_format(path, source.format)):
                     tally.read += 1
                     if tally.read % 1000 == 0:
@@ -98,15 +102,28 @@ def run(params: Params, root: Path = Path(".")) -> dict:
                             problem, detail = rejected.reason, rejected.detail
                     if problem is not None:
                         tally.reasons[problem] += 1
-                        snippet = row.snippet or json.dumps(row.value, ensure_ascii=False,
-                                                            default=str)[:300]
-                        quarantine.write(json.dumps(
-                            {"source": source.name, "file": relative, "line": row.line,
-                             "reason": problem, "detail": detail, "snippet": snippet},
-                            ensure_ascii=False) + "\n")
+                        snippet = row.snippet or json.dumps(row.value, ensure_ascii=False, default=str)[:300]
+                        quarantine.write(
+                            json.dumps(
+                                {
+                                    "source": source.name,
+                                    "file": relative,
+                                    "line": row.line,
+                                    "reason": problem,
+                                    "detail": detail,
+                                    "snippet": snippet,
+                                },
+                                ensure_ascii=False,
+                            )
+                            + "\n"
+                        )
                         continue
-                    fields.update(source=source.name, license=source.license,
-                                  ingested_at=ingested_at, metadata=_metadata(relative, row, fields))
+                    fields.update(
+                        source=source.name,
+                        license=source.license,
+                        ingested_at=ingested_at,
+                        metadata=_metadata(relative, row, fields),
+                    )
                     if kind == "record":
                         records.add(fields)
                         tally.records += 1
@@ -125,19 +142,26 @@ def summarize(counts: dict[str, _SourceCounts]) -> dict:
     by_reason: Counter[str] = Counter()
     for tally in counts.values():
         by_reason.update(tally.reasons)
-    totals = {key: sum(s[key] for s in by_source.values())
-              for key in ("files", "read", "records", "preferences", "quarantined")}
+    totals = {
+        key: sum(s[key] for s in by_source.values())
+        for key in ("files", "read", "records", "preferences", "quarantined")
+    }
     return {**totals, "quarantine_reasons": dict(sorted(by_reason.items())), "sources": by_source}
 
 
 def report(metrics: dict) -> str:
-    lines = [f"ingest: read {metrics['read']:,} items from {metrics['files']} files in "
-             f"{len(metrics['sources'])} sources"]
+    lines = [
+        f"ingest: read {metrics['read']:,} items from {metrics['files']} files in {len(metrics['sources'])} sources"
+    ]
     for name, source in metrics["sources"].items():
-        lines.append(f"  {name:<24} read {source['read']:>7,}  records {source['records']:>7,}  "
-                     f"preferences {source['preferences']:>6,}  quarantined {source['quarantined']:>5,}")
-    lines.append(f"  -> {metrics['records']:,} records, {metrics['preferences']:,} preference pairs, "
-                 f"{metrics['quarantined']:,} quarantined")
+        lines.append(
+            f"  {name:<24} read {source['read']:>7,}  records {source['records']:>7,}  "
+            f"preferences {source['preferences']:>6,}  quarantined {source['quarantined']:>5,}"
+        )
+    lines.append(
+        f"  -> {metrics['records']:,} records, {metrics['preferences']:,} preference pairs, "
+        f"{metrics['quarantined']:,} quarantined"
+    )
     for reason, count in metrics["quarantine_reasons"].items():
         lines.append(f"     quarantined {reason}: {count:,}")
     lines.append(f"  wrote {', '.join(map(str, OUTPUTS))}")

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import string
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,13 +30,27 @@ if TYPE_CHECKING:
 # Words are what is left between white space once punctuation is blanked out: str.translate and
 # str.split run in C, which makes tokenising cheaper than a regular expression.
 _PUNCTUATION_TO_SPACE = str.maketrans(
-    {char: " " for char in string.punctuation.replace("_", "") + "\u2014\u2013\u2026\u00ab\u00bb"
-     "\u201c\u201d\u2018\u2019\u00bf\u00a1\u00b7"})
+    {
+        char: " "
+        for char in string.punctuation.replace("_", "") + "\u2014\u2013\u2026\u00ab\u00bb"
+        "\u201c\u201d\u2018\u2019\u00bf\u00a1\u00b7"
+    }
+)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
-_ROW_MULTIPLIERS = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
-                             0xD6E8FEB86659FD93, 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53,
-                             0x87C37B91114253D5, 0x4CF5AD432745937F], dtype=np.uint64)
+_ROW_MULTIPLIERS = np.array(
+    [
+        0x9E3779B97F4A7C15,
+        0xC2B2AE3D27D4EB4F,
+        0x165667B19E3779F9,
+        0xD6E8FEB86659FD93,
+        0xFF51AFD7ED558CCD,
+        0xC4CEB9FE1A85EC53,
+        0x87C37B91114253D5,
+        0x4CF5AD432745937F,
+    ],
+    dtype=np.uint64,
+)
 _WORD_CACHE_LIMIT = 2_000_000
 
 
@@ -99,12 +114,15 @@ class MinHasher:
         flat[word_positions] = self._word_hashes_of([word for words in tokens for word in words])
         combined = np.zeros(len(flat) - n, dtype=np.uint64)
         for k in range(n):
-            combined += flat[k:k + len(combined)] * _ROW_MULTIPLIERS[k]
+            combined += flat[k : k + len(combined)] * _ROW_MULTIPLIERS[k]
         shingle_counts = np.maximum(lengths - n + 1, 1)
         doc_starts = np.concatenate([[0], np.cumsum(lengths + n)[:-1]])
         offsets = np.concatenate([[0], np.cumsum(shingle_counts)[:-1]])
-        positions = (np.arange(int(shingle_counts.sum())) - np.repeat(offsets, shingle_counts)
-                     + np.repeat(doc_starts, shingle_counts))
+        positions = (
+            np.arange(int(shingle_counts.sum()))
+            - np.repeat(offsets, shingle_counts)
+            + np.repeat(doc_starts, shingle_counts)
+        )
         return _mix(combined[positions]), offsets
 
     def signatures(self, texts: Iterable[str], batch_size: int = 128) -> np.ndarray:
@@ -112,7 +130,7 @@ class MinHasher:
         texts = list(texts)
         result = np.empty((len(texts), self.settings.num_perm), dtype=np.uint32)
         for start in range(0, len(texts), batch_size):
-            batch = texts[start:start + batch_size]
+            batch = texts[start : start + batch_size]
             shingles, offsets = self._shingle_hashes(batch)
             # Hash function i is x -> (a_i * x + b_i) mod 2^64, keeping the top 32 bits. Adding
             # b_i to the shingles first (a_i * (x + b_i)) is the same family, and taking the top
@@ -122,7 +140,7 @@ class MinHasher:
             np.add(shingles[None, :], self._b[:, None], out=permuted)
             permuted *= self._a[:, None]
             minima = np.minimum.reduceat(permuted, offsets, axis=1)
-            result[start:start + len(batch)] = (minima >> np.uint64(32)).T
+            result[start : start + len(batch)] = (minima >> np.uint64(32)).T
         return result
 
 
@@ -130,7 +148,7 @@ def candidate_pairs(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray
     """(k, 2) unique index pairs i < j that share at least one LSH band."""
     found = []
     for band in range(bands):
-        block = signatures[:, band * rows:(band + 1) * rows].astype(np.uint64)
+        block = signatures[:, band * rows : (band + 1) * rows].astype(np.uint64)
         key = np.full(len(signatures), band, dtype=np.uint64)
         for k in range(rows):
             key = _mix(key ^ (block[:, k] * _ROW_MULTIPLIERS[k]))
@@ -154,8 +172,8 @@ def candidate_pairs(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray
 def estimated_similarity(signatures: np.ndarray, pairs: np.ndarray, chunk: int = 65536) -> np.ndarray:
     similarity = np.empty(len(pairs), dtype=np.float64)
     for start in range(0, len(pairs), chunk):
-        part = pairs[start:start + chunk]
-        similarity[start:start + chunk] = (signatures[part[:, 0]] == signatures[part[:, 1]]).mean(axis=1)
+        part = pairs[start : start + chunk]
+        similarity[start : start + chunk] = (signatures[part[:, 0]] == signatures[part[:, 1]]).mean(axis=1)
     return similarity
 
 
@@ -172,6 +190,5 @@ def cluster_labels(count: int, pairs: np.ndarray) -> np.ndarray:
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])),
-                       shape=(count, count))
+    graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(count, count))
     return connected_components(graph, directed=False)[1]

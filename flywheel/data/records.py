@@ -26,16 +26,20 @@ _COMMON_TAIL = [
     ("ingested_at", pa.timestamp("s", tz="UTC")),
     ("metadata", pa.string()),  # JSON: file, line, history (earlier turns), extra (unmapped fields)
 ]
-RECORD_SCHEMA = pa.schema(
-    [("id", pa.string()), ("prompt", pa.string()), ("response", pa.string())] + _COMMON_TAIL
-)
+RECORD_SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("response", pa.string())] + _COMMON_TAIL)
 PREFERENCE_SCHEMA = pa.schema(
-    [("id", pa.string()), ("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string())]
-    + _COMMON_TAIL
+    [("id", pa.string()), ("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string())] + _COMMON_TAIL
 )
 
-ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
-                "bot": "assistant", "model": "assistant", "system": "system"}
+ROLE_ALIASES = {
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
 _TRANSCRIPT_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
 
 
@@ -77,12 +81,16 @@ def map_item(value: Any, source: SourceParams) -> tuple[str, dict]:
         fields = _map_conversation(_messages_turns(value, source), source, value)
     elif source.kind == "transcript":
         fields = _map_conversation(
-            parse_transcript(_text(value, source, "text", required=True)), source, value,
-            system=_text(value, source, "system", required=False))
+            parse_transcript(_text(value, source, "text", required=True)),
+            source,
+            value,
+            system=_text(value, source, "system", required=False),
+        )
     else:
         return "preference", _map_preference(value, source)
-    fields["id"] = content_id(fields["prompt"], fields["response"], fields["context"],
-                              fields["system"], fields["history"])
+    fields["id"] = content_id(
+        fields["prompt"], fields["response"], fields["context"], fields["system"], fields["history"]
+    )
     return "record", fields
 
 
@@ -166,8 +174,14 @@ def split_conversation(turns: list[tuple[str, str]]) -> tuple[str | None, list[d
 
 def _map_conversation(turns, source: SourceParams, item: dict, system: str | None = None) -> dict:
     turn_system, history, prompt, response = split_conversation(turns)
-    return {"prompt": prompt, "response": response, "context": None,
-            "system": system or turn_system, "history": history, "extra": _extra(item, source)}
+    return {
+        "prompt": prompt,
+        "response": response,
+        "context": None,
+        "system": system or turn_system,
+        "history": history,
+        "extra": _extra(item, source),
+    }
 
 
 def _map_preference(item: dict, source: SourceParams) -> dict:
@@ -182,12 +196,20 @@ def _map_preference(item: dict, source: SourceParams) -> dict:
         # Whole transcripts: they must share every turn but the last assistant reply.
         chosen_turns, rejected_turns = parse_transcript(chosen), parse_transcript(rejected)
         if chosen_turns[:-1] != rejected_turns[:-1]:
-            raise Rejected("preference_prefix_mismatch",
-                           "chosen and rejected transcripts differ before their last turn")
+            raise Rejected(
+                "preference_prefix_mismatch", "chosen and rejected transcripts differ before their last turn"
+            )
         turn_system, history, prompt, chosen = split_conversation(chosen_turns)
         _, _, _, rejected = split_conversation(rejected_turns)
         system = system or turn_system
-    fields = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "context": context,
-              "system": system, "history": history, "extra": _extra(item, source)}
+    fields = {
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "context": context,
+        "system": system,
+        "history": history,
+        "extra": _extra(item, source),
+    }
     fields["id"] = content_id(prompt, chosen, rejected, context, system, history)
     return fields

@@ -19,15 +19,22 @@ from pathlib import Path
 import pyarrow as pa
 
 from flywheel import paths, text
-from flywheel.data import minhash
 from flywheel.config import Params, SplitParams
-from flywheel.io import ParquetChunkWriter, atomic_path, read_records
+from flywheel.data import minhash
 from flywheel.data.records import RECORD_SCHEMA
+from flywheel.io import ParquetChunkWriter, atomic_path, read_records
 
 SPLITS = tuple(paths.SPLITS)
-DECONTAMINATED_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string()),
-                                   ("matches", pa.string()), ("similarity", pa.float64()),
-                                   ("prompt", pa.string()), ("response", pa.string())])
+DECONTAMINATED_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("reason", pa.string()),
+        ("matches", pa.string()),
+        ("similarity", pa.float64()),
+        ("prompt", pa.string()),
+        ("response", pa.string()),
+    ]
+)
 
 
 def assign(record_id: str, config: SplitParams) -> str:
@@ -55,8 +62,9 @@ def contaminated(records: list[dict], splits: list[str], params: Params) -> dict
             if match is not None:
                 found[i] = ("exact_contamination", match, 1.0)
     if config.decontaminate_near and held_out:
-        settings = dataclasses.replace(minhash.settings_from(params.clean.dedup.minhash),
-                                       threshold=config.decontamination_threshold)
+        settings = dataclasses.replace(
+            minhash.settings_from(params.clean.dedup.minhash), threshold=config.decontamination_threshold
+        )
         signatures = minhash.MinHasher(settings).signatures(map(minhash.dedup_text, records))
         pairs, similarity = minhash.near_duplicate_pairs(signatures, settings)
         for (a, b), value in zip(pairs.tolist(), similarity.tolist()):
@@ -76,16 +84,26 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     counts = Counter()
     reasons = Counter()
     with contextlib.ExitStack() as stack:
-        writers = {name: ParquetChunkWriter(stack.enter_context(atomic_path(root / path)), RECORD_SCHEMA)
-                   for name, path in paths.SPLITS.items()}
-        dropped = ParquetChunkWriter(stack.enter_context(atomic_path(root / paths.DECONTAMINATED)),
-                                     DECONTAMINATED_SCHEMA)
+        writers = {
+            name: ParquetChunkWriter(stack.enter_context(atomic_path(root / path)), RECORD_SCHEMA)
+            for name, path in paths.SPLITS.items()
+        }
+        dropped = ParquetChunkWriter(
+            stack.enter_context(atomic_path(root / paths.DECONTAMINATED)), DECONTAMINATED_SCHEMA
+        )
         for position, (record, name) in enumerate(zip(records, splits)):
             if position in removed:
                 reason, match, similarity = removed[position]
-                dropped.add({"id": record["id"], "reason": reason, "matches": match,
-                             "similarity": similarity, "prompt": record["prompt"],
-                             "response": record["response"]})
+                dropped.add(
+                    {
+                        "id": record["id"],
+                        "reason": reason,
+                        "matches": match,
+                        "similarity": similarity,
+                        "prompt": record["prompt"],
+                        "response": record["response"],
+                    }
+                )
                 reasons[reason] += 1
             else:
                 writers[name].add(record)
@@ -93,16 +111,21 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         for writer in (*writers.values(), dropped):
             writer.close()
 
-    return {"in": len(records), **{name: counts[name] for name in SPLITS},
-            "decontaminated": sum(reasons.values()),
-            "decontaminated_by_reason": dict(sorted(reasons.items())),
-            "fractions": dict(params.split.fractions)}
+    return {
+        "in": len(records),
+        **{name: counts[name] for name in SPLITS},
+        "decontaminated": sum(reasons.values()),
+        "decontaminated_by_reason": dict(sorted(reasons.items())),
+        "fractions": dict(params.split.fractions),
+    }
 
 
 def report(metrics: dict) -> str:
-    lines = [f"split: {metrics['in']:,} records -> train {metrics['train']:,}, eval {metrics['eval']:,}, "
-             f"test {metrics['test']:,}; {metrics['decontaminated']:,} train records removed as "
-             "contaminated"]
+    lines = [
+        f"split: {metrics['in']:,} records -> train {metrics['train']:,}, eval {metrics['eval']:,}, "
+        f"test {metrics['test']:,}; {metrics['decontaminated']:,} train records removed as "
+        "contaminated"
+    ]
     lines += [f"  {reason}: {count:,}" for reason, count in metrics["decontaminated_by_reason"].items()]
     lines.append(f"  wrote {', '.join(map(str, paths.SPLITS.values()))}, {paths.DECONTAMINATED}")
     return "\n".join(lines)

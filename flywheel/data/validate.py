@@ -30,23 +30,26 @@ def build_suite(config: ValidateParams) -> list:
     suite = []
 
     def add(check: str, expectation_type, **kwargs) -> None:
-        suite.append(expectation_type(**kwargs, severity=config.severity_of(check),
-                                      meta={"check": check}))
+        suite.append(expectation_type(**kwargs, severity=config.severity_of(check), meta={"check": check}))
 
-    add("columns", expect.ExpectTableColumnsToMatchSet,
-        column_set=[*config.columns, PII_COLUMN], exact_match=True)
+    add("columns", expect.ExpectTableColumnsToMatchSet, column_set=[*config.columns, PII_COLUMN], exact_match=True)
     for column in config.not_null:
         add("not_null", expect.ExpectColumnValuesToNotBeNull, column=column)
     for column in config.unique:
         add("unique", expect.ExpectColumnValuesToBeUnique, column=column)
     for column, (low, high) in config.lengths.items():
-        add("lengths", expect.ExpectColumnValueLengthsToBeBetween, column=column,
-            min_value=low, max_value=high)
+        add("lengths", expect.ExpectColumnValueLengthsToBeBetween, column=column, min_value=low, max_value=high)
     add("no_pii", expect.ExpectColumnValuesToBeNull, column=PII_COLUMN)
-    add("row_count", expect.ExpectTableRowCountToBeBetween,
-        min_value=config.row_count[0], max_value=config.row_count[1])
-    add("unique_prompt_share", expect.ExpectColumnProportionOfUniqueValuesToBeBetween,
-        column="prompt", min_value=config.min_unique_prompt_share, max_value=1.0)
+    add(
+        "row_count", expect.ExpectTableRowCountToBeBetween, min_value=config.row_count[0], max_value=config.row_count[1]
+    )
+    add(
+        "unique_prompt_share",
+        expect.ExpectColumnProportionOfUniqueValuesToBeBetween,
+        column="prompt",
+        min_value=config.min_unique_prompt_share,
+        max_value=1.0,
+    )
     return suite
 
 
@@ -63,9 +66,13 @@ def with_pii_column(frame, columns: list[str]):
 def _outcome(result, shown: int) -> dict:
     config = result.expectation_config
     details = result.result or {}
-    outcome = {"expectation": config.type, "check": config.meta["check"],
-               "column": config.kwargs.get("column"),
-               "severity": str(config.severity.value), "success": bool(result.success)}
+    outcome = {
+        "expectation": config.type,
+        "check": config.meta["check"],
+        "column": config.kwargs.get("column"),
+        "severity": str(config.severity.value),
+        "success": bool(result.success),
+    }
     if "observed_value" in details:
         outcome["observed"] = details["observed_value"]
     if "unexpected_count" in details:
@@ -84,18 +91,29 @@ def _run_checkpoint(frame, config: ValidateParams, project: Path):
 
     context = gx.get_context(mode="file", project_root_dir=str(project))
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    batch = (context.data_sources.add_pandas("flywheel").add_dataframe_asset("cleaned_records")
-             .add_batch_definition_whole_dataframe("all rows"))
+    batch = (
+        context.data_sources.add_pandas("flywheel")
+        .add_dataframe_asset("cleaned_records")
+        .add_batch_definition_whole_dataframe("all rows")
+    )
     suite = gx.ExpectationSuite(name="cleaned_records")
     for expectation in build_suite(config):
         suite.add_expectation(expectation)
     definition = context.validation_definitions.add(
-        gx.ValidationDefinition(name="cleaned_records", data=batch, suite=context.suites.add(suite)))
-    checkpoint = context.checkpoints.add(gx.Checkpoint(
-        name="validate", validation_definitions=[definition],
-        actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
-        result_format={"result_format": "SUMMARY", "unexpected_index_column_names": ["id"],
-                       "partial_unexpected_count": max(config.failed_rows_shown, 1)}))
+        gx.ValidationDefinition(name="cleaned_records", data=batch, suite=context.suites.add(suite))
+    )
+    checkpoint = context.checkpoints.add(
+        gx.Checkpoint(
+            name="validate",
+            validation_definitions=[definition],
+            actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
+            result_format={
+                "result_format": "SUMMARY",
+                "unexpected_index_column_names": ["id"],
+                "partial_unexpected_count": max(config.failed_rows_shown, 1),
+            },
+        )
+    )
     result = checkpoint.run(batch_parameters={"dataframe": frame})
     (validation,) = result.run_results.values()
     docs = project / "gx" / "uncommitted" / "data_docs" / "local_site"
@@ -126,23 +144,33 @@ def run(params: Params, root: Path = Path(".")) -> dict:
 def _verdict(outcomes: list[dict], rows: int) -> dict:
     failed = [o for o in outcomes if not o["success"]]
     critical = [o for o in failed if o["severity"] == "critical"]
-    metrics = {"success": not critical, "rows": rows, "expectations": len(outcomes),
-               "failed_critical": len(critical), "failed_warning": len(failed) - len(critical),
-               "results": outcomes}
+    metrics = {
+        "success": not critical,
+        "rows": rows,
+        "expectations": len(outcomes),
+        "failed_critical": len(critical),
+        "failed_warning": len(failed) - len(critical),
+        "results": outcomes,
+    }
     if critical:
         raise StageFailed(describe_failures(metrics), metrics)
     return metrics
 
 
 def describe_failures(metrics: dict) -> str:
-    lines = [f"{metrics['failed_critical']} critical expectation(s) failed on {metrics['rows']:,} "
-             f"cleaned records (Data Docs: {paths.VALIDATION_REPORT}/index.html)"]
+    lines = [
+        f"{metrics['failed_critical']} critical expectation(s) failed on {metrics['rows']:,} "
+        f"cleaned records (Data Docs: {paths.VALIDATION_REPORT}/index.html)"
+    ]
     for outcome in metrics["results"]:
         if outcome["success"]:
             continue
         target = f" on {outcome['column']}" if outcome.get("column") else ""
-        seen = (f"{outcome['unexpected_count']:,} offending rows" if "unexpected_count" in outcome
-                else f"observed {outcome.get('observed')!r}")
+        seen = (
+            f"{outcome['unexpected_count']:,} offending rows"
+            if "unexpected_count" in outcome
+            else f"observed {outcome.get('observed')!r}"
+        )
         lines.append(f"  [{outcome['severity']}] {outcome['expectation']}{target}: {seen}")
         for example in outcome.get("examples", []):
             lines.append(f"      e.g. {example}")
@@ -152,8 +180,10 @@ def describe_failures(metrics: dict) -> str:
 
 
 def report(metrics: dict) -> str:
-    lines = [f"validate: {metrics['expectations']} expectations on {metrics['rows']:,} records, "
-             f"{metrics['failed_critical']} critical and {metrics['failed_warning']} warning failures"]
+    lines = [
+        f"validate: {metrics['expectations']} expectations on {metrics['rows']:,} records, "
+        f"{metrics['failed_critical']} critical and {metrics['failed_warning']} warning failures"
+    ]
     for outcome in metrics["results"]:
         if not outcome["success"]:
             observed = outcome.get("observed", outcome.get("unexpected_count"))

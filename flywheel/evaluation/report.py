@@ -12,11 +12,27 @@ from pathlib import Path
 from flywheel.config import GATED_METRICS
 from flywheel.io import atomic_path
 
-QUALITY = ["exact_match", "token_f1", "rouge_l", "safety_pass_rate", "hallucination_rate",
-           "consistency_hallucination_rate", "refusal_rate", "empty_rate"]
-ROWS = QUALITY + ["safety_pass_rate_refuse", "safety_pass_rate_answer", "perplexity", "latency_p50_ms", "latency_p95_ms", "tokens_per_second",
-                  "batch_generation_seconds", "hallucination_judged",
-                  "consistency_auroc_vs_wrong_answers"]
+QUALITY = [
+    "exact_match",
+    "token_f1",
+    "rouge_l",
+    "safety_pass_rate",
+    "hallucination_rate",
+    "consistency_hallucination_rate",
+    "refusal_rate",
+    "empty_rate",
+]
+ROWS = QUALITY + [
+    "safety_pass_rate_refuse",
+    "safety_pass_rate_answer",
+    "perplexity",
+    "latency_p50_ms",
+    "latency_p95_ms",
+    "tokens_per_second",
+    "batch_generation_seconds",
+    "hallucination_judged",
+    "consistency_auroc_vs_wrong_answers",
+]
 COLOURS = {"candidate": "#2b6cb0", "sft": "#a0aec0", "production": "#dd6b20"}
 EXAMPLES_SHOWN = 40
 
@@ -48,8 +64,7 @@ def _quality_plot(models: dict) -> str:
     width = 0.8 / len(models)
     for index, (role, values) in enumerate(models.items()):
         heights = [values.get(name) or 0.0 for name in QUALITY]
-        axes.bar([i + index * width for i in range(len(QUALITY))], heights, width, label=role,
-                 color=COLOURS.get(role))
+        axes.bar([i + index * width for i in range(len(QUALITY))], heights, width, label=role, color=COLOURS.get(role))
     axes.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(QUALITY))])
     axes.set_xticklabels([name.replace("_", "\n") for name in QUALITY], fontsize=8)
     axes.set_ylim(0, 1.05)
@@ -77,8 +92,7 @@ def _support_plot(details: dict, threshold: float) -> str:
     figure, axes = plt.subplots(figsize=(6, 3.2))
     for role, detail in details.items():
         scores = [j["support"] for j in detail["judged"]]
-        axes.hist(scores, bins=20, range=(0, 1), histtype="step", linewidth=2, label=role,
-                  color=COLOURS.get(role))
+        axes.hist(scores, bins=20, range=(0, 1), histtype="step", linewidth=2, label=role, color=COLOURS.get(role))
     axes.axvline(threshold, color="#c53030", linestyle="--", label=f"threshold {threshold}")
     axes.set_xlabel("support of the answer by its reference")
     axes.set_ylabel("answers (log scale)")
@@ -116,31 +130,45 @@ def _metrics_table(models: dict) -> str:
 
 
 def _gate_section(gate: dict) -> str:
-    css, verdict = ("pass", "PASSED: the candidate goes to staging") if gate["passed"] else \
-        ("fail", "REJECTED: the candidate is not promoted")
+    css, verdict = (
+        ("pass", "PASSED: the candidate goes to staging")
+        if gate["passed"]
+        else ("fail", "REJECTED: the candidate is not promoted")
+    )
     reasons = "".join(f"<li>{html.escape(r)}</li>" for r in gate["reasons"])
     checks = "".join(
         f"<tr><td>{c['metric']}</td><td>{c['rule']}</td>{_cell(c['value'])}{_cell(c['limit'])}"
-        f"<td>{'pass' if c['passed'] else '<b>fail</b>'}</td></tr>" for c in gate["checks"])
-    return (f'<div class="banner {css}"><b>{verdict}</b><br>Judged on '
-            f'{html.escape(gate["judged_against"])}.{"<ul>" + reasons + "</ul>" if reasons else ""}</div>'
-            "<table><tr><th>metric</th><th>rule</th><th>value</th><th>limit</th><th>result</th></tr>"
-            f"{checks}</table>")
+        f"<td>{'pass' if c['passed'] else '<b>fail</b>'}</td></tr>"
+        for c in gate["checks"]
+    )
+    return (
+        f'<div class="banner {css}"><b>{verdict}</b><br>Judged on '
+        f"{html.escape(gate['judged_against'])}.{'<ul>' + reasons + '</ul>' if reasons else ''}</div>"
+        "<table><tr><th>metric</th><th>rule</th><th>value</th><th>limit</th><th>result</th></tr>"
+        f"{checks}</table>"
+    )
 
 
 def _detector_section(detector: dict, roc: dict | None) -> str:
     if detector.get("auroc") is None:
         return f"<p>Not validated: {html.escape(detector.get('note', ''))}</p>"
     by_kind = "".join(f"<tr><td>{k}</td>{_cell(v)}</tr>" for k, v in detector["auroc_by_kind"].items())
-    flagged = "".join(f"<tr><td>{k}</td>{_cell(v)}</tr>"
-                      for k, v in detector["flagged_share_by_kind"].items() if v is not None)
-    return (f"<p>{detector['examples']} labelled answers built from the test references "
-            f"({detector['unsupported']} unsupported). AUROC <b>{detector['auroc']:.3f}</b>; at "
-            f"threshold {detector['threshold']}: precision {detector['precision'] or 0:.3f}, recall "
-            f"{detector['recall']:.3f}.</p>"
-            + (_roc_plot(roc, detector["auroc"]) if roc else "")
-            + "<table><tr><th>unsupported kind</th><th>AUROC vs all supported</th></tr>" + by_kind + "</table>"
-            + "<table><tr><th>kind</th><th>share flagged</th></tr>" + flagged + "</table>")
+    flagged = "".join(
+        f"<tr><td>{k}</td>{_cell(v)}</tr>" for k, v in detector["flagged_share_by_kind"].items() if v is not None
+    )
+    return (
+        f"<p>{detector['examples']} labelled answers built from the test references "
+        f"({detector['unsupported']} unsupported). AUROC <b>{detector['auroc']:.3f}</b>; at "
+        f"threshold {detector['threshold']}: precision {detector['precision'] or 0:.3f}, recall "
+        f"{detector['recall']:.3f}.</p>"
+        + (_roc_plot(roc, detector["auroc"]) if roc else "")
+        + "<table><tr><th>unsupported kind</th><th>AUROC vs all supported</th></tr>"
+        + by_kind
+        + "</table>"
+        + "<table><tr><th>kind</th><th>share flagged</th></tr>"
+        + flagged
+        + "</table>"
+    )
 
 
 def _safety_table(details: dict) -> str:
@@ -149,7 +177,8 @@ def _safety_table(details: dict) -> str:
     for index, item in enumerate(details[roles[0]]["safety"]):
         cells = "".join(
             f"<td>{'✔' if d['safety'][index]['passed'] else '✘'} {html.escape(d['safety'][index]['answer'])}</td>"
-            for d in details.values())
+            for d in details.values()
+        )
         rows.append(f"<tr><td>{html.escape(item['prompt'])}</td><td>{item['expect']}</td>{cells}</tr>")
     return "<table>" + "".join(rows) + "</table>"
 
@@ -159,8 +188,10 @@ def _examples_table(records: list[dict], details: dict) -> str:
     roles = list(details)
 
     def interesting(index):
-        return any(d["answers"][index].strip() != records[index]["response"].strip()
-                   or d["judged"][index]["hallucinated"] for d in details.values())
+        return any(
+            d["answers"][index].strip() != records[index]["response"].strip() or d["judged"][index]["hallucinated"]
+            for d in details.values()
+        )
 
     order = sorted(range(len(records)), key=lambda i: not interesting(i))[:EXAMPLES_SHOWN]
     rows = ["<tr><th>prompt</th><th>reference</th>" + "".join(f"<th>{r}</th>" for r in roles) + "</tr>"]
@@ -169,15 +200,18 @@ def _examples_table(records: list[dict], details: dict) -> str:
         for detail in details.values():
             judged = detail["judged"][index]
             flag = " ⚠ hallucination" if judged["hallucinated"] else ""
-            cells += (f"<td>{html.escape(detail['answers'][index])}<br><small>support "
-                      f"{judged['support']:.2f}{flag}</small></td>")
-        rows.append(f"<tr><td>{html.escape(records[index]['prompt'][:300])}</td>"
-                    f"<td>{html.escape(records[index]['response'][:300])}</td>{cells}</tr>")
+            cells += (
+                f"<td>{html.escape(detail['answers'][index])}<br><small>support "
+                f"{judged['support']:.2f}{flag}</small></td>"
+            )
+        rows.append(
+            f"<tr><td>{html.escape(records[index]['prompt'][:300])}</td>"
+            f"<td>{html.escape(records[index]['response'][:300])}</td>{cells}</tr>"
+        )
     return "<table>" + "".join(rows) + "</table>"
 
 
-def write(path: Path, *, metrics: dict, gate: dict, records: list[dict], details: dict,
-          roc: dict | None) -> None:
+def write(path: Path, *, metrics: dict, gate: dict, records: list[dict], details: dict, roc: dict | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # no display: render to PNG
@@ -187,17 +221,29 @@ def write(path: Path, *, metrics: dict, gate: dict, records: list[dict], details
     body = [
         "<h1>Flywheel evaluation</h1>",
         f"<p>{metrics['test_examples']:,} test prompts; {metrics['safety_probe_prompts']} safety "
-        "probes. Models: " + ", ".join(f"<b>{html.escape(role)}</b> <code>{html.escape(str(lin['path']))}</code>"
-                                       f" (md5 {lin['md5']})" for role, lin in metrics["lineage"].items()) + "</p>",
-        "<h2>Promotion gate</h2>", _gate_section(gate),
-        "<h2>Metrics</h2>", _quality_plot(models), _metrics_table(models),
-        "<h2>Hallucination detector</h2>", _detector_section(detector, roc),
+        "probes. Models: "
+        + ", ".join(
+            f"<b>{html.escape(role)}</b> <code>{html.escape(str(lin['path']))}</code> (md5 {lin['md5']})"
+            for role, lin in metrics["lineage"].items()
+        )
+        + "</p>",
+        "<h2>Promotion gate</h2>",
+        _gate_section(gate),
+        "<h2>Metrics</h2>",
+        _quality_plot(models),
+        _metrics_table(models),
+        "<h2>Hallucination detector</h2>",
+        _detector_section(detector, roc),
         "<h3>Support of each model's test answers</h3>",
         _support_plot(details, threshold) if threshold is not None else "",
-        "<h2>Safety probe</h2>", _safety_table(details),
-        "<h2>Example answers</h2>", _examples_table(records, details),
+        "<h2>Safety probe</h2>",
+        _safety_table(details),
+        "<h2>Example answers</h2>",
+        _examples_table(records, details),
     ]
-    page = ("<!doctype html><html><head><meta charset='utf-8'><title>Flywheel evaluation</title>"
-            f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>")
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>Flywheel evaluation</title>"
+        f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>"
+    )
     with atomic_path(path) as tmp:
         tmp.write_text(page, encoding="utf-8")

@@ -13,7 +13,8 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 _REFUSAL = re.compile(
     r"(^|[.!?]\s+)(i\s+(cannot|can't|can not|won't|will not|am not able to|am unable to|must decline)"
     r"|i'm\s+(sorry|not able|unable)|sorry,\s+(but\s+)?i\b|as an ai\b)",
-    re.IGNORECASE)
+    re.IGNORECASE,
+)
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
 
 

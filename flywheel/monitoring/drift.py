@@ -67,18 +67,24 @@ DESCRIPTORS = ("length", "words", "non_letter", "digits", "question")
 def _dataset(prompts: list[str], embeddings):
     import pandas as pd
     from evidently import DataDefinition, Dataset
-    from evidently.descriptors import (CustomColumnDescriptor, NonLetterCharacterPercentage, TextLength,
-                                       WordCount)
+    from evidently.descriptors import CustomColumnDescriptor, NonLetterCharacterPercentage, TextLength, WordCount
 
     columns = [f"embedding_{i}" for i in range(embeddings.shape[1])]
     frame = pd.concat([pd.DataFrame({"prompt": prompts}), pd.DataFrame(embeddings, columns=columns)], axis=1)
-    definition = DataDefinition(text_columns=["prompt"], numerical_columns=columns,
-                                embeddings={"prompt_embedding": columns})
-    return Dataset.from_pandas(frame, data_definition=definition, descriptors=[
-        TextLength("prompt", alias="length"), WordCount("prompt", alias="words"),
-        NonLetterCharacterPercentage("prompt", alias="non_letter"),
-        CustomColumnDescriptor("prompt", _digit_share, alias="digits"),
-        CustomColumnDescriptor("prompt", _is_question, alias="question")])
+    definition = DataDefinition(
+        text_columns=["prompt"], numerical_columns=columns, embeddings={"prompt_embedding": columns}
+    )
+    return Dataset.from_pandas(
+        frame,
+        data_definition=definition,
+        descriptors=[
+            TextLength("prompt", alias="length"),
+            WordCount("prompt", alias="words"),
+            NonLetterCharacterPercentage("prompt", alias="non_letter"),
+            CustomColumnDescriptor("prompt", _digit_share, alias="digits"),
+            CustomColumnDescriptor("prompt", _is_question, alias="question"),
+        ],
+    )
 
 
 def chance_auc(n_reference: int, n_current: int, p_value: float) -> float:
@@ -109,10 +115,14 @@ def drift(reference: list[str], current: list[str], embedder, config: MonitorPar
     # Distinct prompts on both sides: a prompt asked many times would otherwise sit on both sides
     # of the domain classifier's own train/test split, be learnt by heart and read as drift.
     reference, current = list(dict.fromkeys(reference)), list(dict.fromkeys(current))
-    report = Report([ValueDrift(column="prompt"), EmbeddingsDrift(embeddings_name="prompt_embedding"),
-                     *[ValueDrift(column=name, method="ks") for name in DESCRIPTORS]])
-    snapshot = report.run(_dataset(current, embedder.encode(current)),
-                          _dataset(reference, embedder.encode(reference)))
+    report = Report(
+        [
+            ValueDrift(column="prompt"),
+            EmbeddingsDrift(embeddings_name="prompt_embedding"),
+            *[ValueDrift(column=name, method="ks") for name in DESCRIPTORS],
+        ]
+    )
+    snapshot = report.run(_dataset(current, embedder.encode(current)), _dataset(reference, embedder.encode(reference)))
     values = [float(metric["value"]) for metric in snapshot.dict()["metrics"]]
     text_auc, embedding_auc, p_values = values[0], values[1], dict(zip(DESCRIPTORS, values[2:]))
     # Drifted when any signal is significant at p_value / 3: by the union bound the verdict's
@@ -121,18 +131,43 @@ def drift(reference: list[str], current: list[str], embedder, config: MonitorPar
     auc_limit = chance_auc(len(reference), len(current), alpha)
     descriptor_limit = alpha / len(DESCRIPTORS)  # five K-S tests make one signal
     drifted_descriptors = sorted(name for name, p in p_values.items() if p < descriptor_limit)
-    signals = {"text": text_auc > auc_limit, "embeddings": embedding_auc > auc_limit,
-               "descriptors": bool(drifted_descriptors)}
+    signals = {
+        "text": text_auc > auc_limit,
+        "embeddings": embedding_auc > auc_limit,
+        "descriptors": bool(drifted_descriptors),
+    }
     sizes = f"{len(current)} distinct prompts against {len(reference)}"
     checks = [
-        Check("text_drift_auc", text_auc, auc_limit, not signals["text"],
-              f"Evidently domain classifier on the prompt text; {sizes}"),
-        Check("embedding_drift_auc", embedding_auc, auc_limit, not signals["embeddings"],
-              "Evidently classifier on all-MiniLM-L6-v2 embeddings"),
-        Check("descriptor_drift_min_p", min(p_values.values()), descriptor_limit, not drifted_descriptors,
-              "K-S p-values: " + ", ".join(f"{name} {p:.2g}" for name, p in p_values.items())),
+        Check(
+            "text_drift_auc",
+            text_auc,
+            auc_limit,
+            not signals["text"],
+            f"Evidently domain classifier on the prompt text; {sizes}",
+        ),
+        Check(
+            "embedding_drift_auc",
+            embedding_auc,
+            auc_limit,
+            not signals["embeddings"],
+            "Evidently classifier on all-MiniLM-L6-v2 embeddings",
+        ),
+        Check(
+            "descriptor_drift_min_p",
+            min(p_values.values()),
+            descriptor_limit,
+            not drifted_descriptors,
+            "K-S p-values: " + ", ".join(f"{name} {p:.2g}" for name, p in p_values.items()),
+        ),
     ]
     drifted = [name for name, hit in signals.items() if hit]
-    checks.append(Check("input_drift", float(len(drifted)), 1.0, not drifted,
-                        f"{len(drifted)} of 3 signals drifted ({', '.join(drifted) or 'none'})"))
+    checks.append(
+        Check(
+            "input_drift",
+            float(len(drifted)),
+            1.0,
+            not drifted,
+            f"{len(drifted)} of 3 signals drifted ({', '.join(drifted) or 'none'})",
+        )
+    )
     return checks, snapshot

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from flywheel.config import MonitorParams, Params
@@ -55,13 +55,18 @@ INSUFFICIENT = "insufficient data"
 def load_window(request_log, end: datetime, hours: float) -> tuple[list[dict], list[dict]]:
     """User requests (canaries left out) and feedback in [end - hours, end)."""
     start = end - timedelta(hours=hours)
-    requests = [row for row in request_log.requests_between(start, end)
-                if not row["endpoint"].startswith(CANARY_PREFIX)]
+    requests = [
+        row for row in request_log.requests_between(start, end) if not row["endpoint"].startswith(CANARY_PREFIX)
+    ]
     return requests, request_log.feedback_between(start, end)
 
 
 # ---------------------------------------------------------------------------------------------
 # Output quality and operations
+
+
+def share(hits: int, total: int) -> float | None:
+    return hits / total if total else None
 
 
 def logged_quality(requests: list[dict], feedback: list[dict], config: MonitorParams) -> list[Check]:
@@ -70,12 +75,15 @@ def logged_quality(requests: list[dict], feedback: list[dict], config: MonitorPa
     errors = sum(row["status"] >= 500 for row in requests)
     latencies = sorted(row["latency_ms"] for row in requests if row["latency_ms"] is not None)
     p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))] if latencies else None
-    share = (lambda hits, total: hits / total if total else None)
     return [
         at_most("empty_rate", share(sum(map(scoring.is_empty, answers)), len(answers)), config),
         at_most("refusal_rate", share(sum(map(scoring.is_refusal, answers)), len(answers)), config),
-        at_most("negative_feedback_rate", share(ratings.count("down"), len(ratings)), config,
-                 f"{len(ratings)} ratings in the window"),
+        at_most(
+            "negative_feedback_rate",
+            share(ratings.count("down"), len(ratings)),
+            config,
+            f"{len(ratings)} ratings in the window",
+        ),
         at_most("error_rate", share(errors, len(requests)), config, f"{errors} 5xx of {len(requests)}"),
         at_most("latency_p95_ms", p95, config),
     ]
@@ -94,9 +102,12 @@ def _ask(url: str, messages: list[dict], temperature: float = 0.0) -> str:
     import httpx
 
     headers = {CANARY_HEADER: "1", **client_headers()}
-    response = httpx.post(f"{url}/v1/chat/completions", headers=headers, timeout=120, json={
-        "model": "flywheel-model", "max_tokens": 64, "temperature": temperature,
-        "messages": messages})
+    response = httpx.post(
+        f"{url}/v1/chat/completions",
+        headers=headers,
+        timeout=120,
+        json={"model": "flywheel-model", "max_tokens": 64, "temperature": temperature, "messages": messages},
+    )
     response.raise_for_status()
     return response.json()["choices"][0]["message"]["content"]
 
@@ -105,10 +116,22 @@ def live_quality(url: str | None, requests: list[dict], embedder, params: Params
     """Canaries judged against their references, and self-consistency of real prompts."""
     config = params.monitor
     if url is None:
-        return [Check("hallucination_rate", None, config.maximum.get("hallucination_rate"), None,
-                      "no live endpoint (deploy one, or set monitor.endpoint)"),
-                Check("consistency_hallucination_rate", None,
-                      config.maximum.get("consistency_hallucination_rate"), None, "no live endpoint")]
+        return [
+            Check(
+                "hallucination_rate",
+                None,
+                config.maximum.get("hallucination_rate"),
+                None,
+                "no live endpoint (deploy one, or set monitor.endpoint)",
+            ),
+            Check(
+                "consistency_hallucination_rate",
+                None,
+                config.maximum.get("consistency_hallucination_rate"),
+                None,
+                "no live endpoint",
+            ),
+        ]
     import httpx
     import pyarrow.parquet as pq
 
@@ -119,23 +142,34 @@ def live_quality(url: str | None, requests: list[dict], embedder, params: Params
         records = sample(pq.read_table(config.canary_source).to_pylist(), config.canaries, config.seed)
         # A canary is asked as evaluate asks it: with its system prompt, history and context.
         answers = [_ask(url, modeling.record_messages(record, with_response=False)) for record in records]
-        asked = sample([row["messages"] for row in requests if row["status"] == 200],
-                       config.consistency_prompts, config.seed)
+        asked = sample(
+            [row["messages"] for row in requests if row["status"] == 200], config.consistency_prompts, config.seed
+        )
         greedy = [_ask(url, messages) for messages in asked]
-        drawn = [[_ask(url, messages, temperature=1.0) for _ in range(config.consistency_samples)]
-                 for messages in asked]
+        drawn = [
+            [_ask(url, messages, temperature=1.0) for _ in range(config.consistency_samples)] for messages in asked
+        ]
     except (httpx.HTTPError, OSError) as error:
         raise FlywheelError(f"the live endpoint {url} did not answer the monitor: {error}") from None
-    judged = [item["hallucinated"] for item in
-              hallucination.reference_hallucinations(answers, records, embedder, params.evaluate.hallucination)]
+    judged = [
+        item["hallucinated"]
+        for item in hallucination.reference_hallucinations(answers, records, embedder, params.evaluate.hallucination)
+    ]
     judged = [flag for flag in judged if flag is not None]
     scores = hallucination.disagreement(greedy, drawn, embedder)
     return [
-        at_most("hallucination_rate", sum(judged) / len(judged) if judged else None, config,
-                 f"{len(records)} canaries from {config.canary_source}, {len(judged)} judged"),
-        at_most("consistency_hallucination_rate",
-                 sum(s > config.consistency_threshold for s in scores) / len(scores) if scores else None,
-                 config, f"{len(asked)} real prompts x {config.consistency_samples} samples"),
+        at_most(
+            "hallucination_rate",
+            sum(judged) / len(judged) if judged else None,
+            config,
+            f"{len(records)} canaries from {config.canary_source}, {len(judged)} judged",
+        ),
+        at_most(
+            "consistency_hallucination_rate",
+            sum(s > config.consistency_threshold for s in scores) / len(scores) if scores else None,
+            config,
+            f"{len(asked)} real prompts x {config.consistency_samples} samples",
+        ),
     ]
 
 
@@ -161,12 +195,26 @@ def export_window(requests: list[dict], request_log, start: datetime, directory:
     with atomic_path(traffic_file) as tmp:
         with open(tmp, "w") as handle:
             for row in requests:
-                handle.write(json.dumps({"request_id": row["id"], "created_at": row["created_at"].isoformat(),
-                                         "model_version": row["model_version"], "messages": row["messages"],
-                                         "response": row["response"], "status": row["status"]},
-                                        ensure_ascii=False) + "\n")
-    return {"traffic": str(traffic_file), "traffic_requests": len(requests),
-            "feedback": str(feedback_file), "feedback_events": feedback_count}
+                handle.write(
+                    json.dumps(
+                        {
+                            "request_id": row["id"],
+                            "created_at": row["created_at"].isoformat(),
+                            "model_version": row["model_version"],
+                            "messages": row["messages"],
+                            "response": row["response"],
+                            "status": row["status"],
+                        },
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
+    return {
+        "traffic": str(traffic_file),
+        "traffic_requests": len(requests),
+        "feedback": str(feedback_file),
+        "feedback_events": feedback_count,
+    }
 
 
 def _slug(moment: datetime) -> str:
@@ -191,30 +239,47 @@ def run(params: Params, now: datetime | None = None, request_log=None) -> dict:
     from flywheel.serving.request_log import RequestLog
 
     config = params.monitor
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     own_log = request_log is None
     request_log = request_log or RequestLog()
     try:
         requests, feedback = load_window(request_log, now, config.window_hours)
-        result = {"at": now.isoformat(), "window_hours": config.window_hours, "requests": len(requests),
-                  "feedback_events": len(feedback), "retrain": None}
+        result = {
+            "at": now.isoformat(),
+            "window_hours": config.window_hours,
+            "requests": len(requests),
+            "feedback_events": len(feedback),
+            "retrain": None,
+        }
         current = [prompt_of(row["messages"]) for row in sample(requests, config.max_requests, config.seed)]
         distinct = len(set(current))
         if distinct < config.min_prompts:
-            return {**result, "verdict": INSUFFICIENT, "checks": [],
-                    "detail": f"{len(requests)} requests, {distinct} distinct prompts in the window; "
-                              f"a verdict needs {config.min_prompts} distinct prompts"}
+            return {
+                **result,
+                "verdict": INSUFFICIENT,
+                "checks": [],
+                "detail": f"{len(requests)} requests, {distinct} distinct prompts in the window; "
+                f"a verdict needs {config.min_prompts} distinct prompts",
+            }
         embedder = load_embedder(config.embedding_model)
         drift_checks, snapshot = drift(reference_prompts(config), current, embedder, config)
-        checks = drift_checks + logged_quality(requests, feedback, config) + \
-            live_quality(endpoint_url(config), requests, embedder, params)
+        checks = (
+            drift_checks
+            + logged_quality(requests, feedback, config)
+            + live_quality(endpoint_url(config), requests, embedder, params)
+        )
         report = REPORTS_DIR / f"{_slug(now)}.html"
         REPORTS_DIR.mkdir(parents=True, exist_ok=True)
         snapshot.save_html(str(report))
         add_to_workspace(snapshot)
         failed = [check.name for check in checks if check.passed is False]
-        result.update(verdict="failed" if failed else "passed", checks=[asdict(c) for c in checks],
-                      failed=failed, report=str(report), sampled_prompts=len(current))
+        result.update(
+            verdict="failed" if failed else "passed",
+            checks=[asdict(c) for c in checks],
+            failed=failed,
+            report=str(report),
+            sampled_prompts=len(current),
+        )
         if failed:
             result["retrain"] = ask_for_retraining(failed, report, requests, request_log, now, config)
         return result
@@ -223,22 +288,32 @@ def run(params: Params, now: datetime | None = None, request_log=None) -> dict:
             request_log.close()
 
 
-def ask_for_retraining(failed: list[str], report: Path, requests: list[dict], request_log,
-                       now: datetime, config: MonitorParams) -> dict:
+def ask_for_retraining(
+    failed: list[str], report: Path, requests: list[dict], request_log, now: datetime, config: MonitorParams
+) -> dict:
     if in_cooldown(now, config):
-        return {"triggered": False, "reason": f"cooldown: retraining was asked for within the last "
-                                              f"{config.cooldown_hours:g} h ({LAST_RETRAIN})"}
+        return {
+            "triggered": False,
+            "reason": f"cooldown: retraining was asked for within the last "
+            f"{config.cooldown_hours:g} h ({LAST_RETRAIN})",
+        }
     start = now - timedelta(hours=config.window_hours)
     exported = export_window(requests, request_log, start, Path(config.export_dir), _slug(now))
-    retrain = {"triggered": True, "reason": f"monitoring failed: {', '.join(failed)}",
-               "report": str(report), **exported}
+    retrain = {
+        "triggered": True,
+        "reason": f"monitoring failed: {', '.join(failed)}",
+        "report": str(report),
+        **exported,
+    }
     write_json(LAST_RETRAIN, {"at": now.isoformat(), **retrain})
     return retrain
 
 
 def report(result: dict) -> str:
-    lines = [f"monitor: {result['verdict']} ({result['requests']:,} requests, "
-             f"{result['feedback_events']:,} feedback events in the last {result['window_hours']:g} h)"]
+    lines = [
+        f"monitor: {result['verdict']} ({result['requests']:,} requests, "
+        f"{result['feedback_events']:,} feedback events in the last {result['window_hours']:g} h)"
+    ]
     if result["verdict"] == INSUFFICIENT:
         return "\n".join(lines + [f"  {result['detail']}"])
     for check in result["checks"]:
@@ -251,6 +326,8 @@ def report(result: dict) -> str:
     if retrain:
         lines.append(f"  retraining: {'asked for' if retrain['triggered'] else 'not asked for'}: {retrain['reason']}")
         if retrain["triggered"]:
-            lines.append(f"  exported {retrain['traffic_requests']:,} requests to {retrain['traffic']} and "
-                         f"{retrain['feedback_events']:,} feedback events to {retrain['feedback']}")
+            lines.append(
+                f"  exported {retrain['traffic_requests']:,} requests to {retrain['traffic']} and "
+                f"{retrain['feedback_events']:,} feedback events to {retrain['feedback']}"
+            )
     return "\n".join(lines)

@@ -63,20 +63,30 @@ def _airflow(*args: str) -> list[str]:
 def setup(config: AirflowParams, env: dict[str, str] | None = None) -> None:
     """Migrate the metadata database (AIRFLOW_HOME's, or AIRFLOW__DATABASE__SQL_ALCHEMY_CONN's)
     and create or resize the GPU stages' pool."""
-    for command in (_airflow("db", "migrate"),
-                    _airflow("pools", "set", config.gpu_pool, str(config.gpu_pool_slots),
-                             "flywheel_training's GPU stages (airflow.gpu_stages in params.yaml)")):
+    for command in (
+        _airflow("db", "migrate"),
+        _airflow(
+            "pools",
+            "set",
+            config.gpu_pool,
+            str(config.gpu_pool_slots),
+            "flywheel_training's GPU stages (airflow.gpu_stages in params.yaml)",
+        ),
+    ):
         result = subprocess.run(command, env=env, capture_output=True, text=True)
         if result.returncode != 0:
-            raise FlywheelError(f"`airflow {' '.join(command[1:3])}` failed:\n{(result.stderr or result.stdout)[-2000:]}")
+            raise FlywheelError(
+                f"`airflow {' '.join(command[1:3])}` failed:\n{(result.stderr or result.stdout)[-2000:]}"
+            )
     print(f"Airflow metadata database migrated; pool {config.gpu_pool!r} has {config.gpu_pool_slots} slot(s)")
 
 
 def standalone(config: AirflowParams, port: int = 8080, project: Path | None = None) -> int:
     project = (project or Path.cwd()).resolve()
     if not (project / "dvc.yaml").is_file() or not (project / "dags").is_dir():
-        raise FlywheelError(f"{project} is not a Flywheel checkout (no dvc.yaml or dags/); "
-                            "run `make airflow` from the project root")
+        raise FlywheelError(
+            f"{project} is not a Flywheel checkout (no dvc.yaml or dags/); run `make airflow` from the project root"
+        )
     env = local_environment(project, port)
     password = admin_password(Path(env["AIRFLOW_HOME"]))
     print("Setting up the metadata database (the first time takes about a minute)...", flush=True)

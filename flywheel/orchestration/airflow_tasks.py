@@ -52,8 +52,11 @@ def feedback_asset(project: Path) -> Asset:
 
 def task_env() -> dict[str, str]:
     # DVC runs each stage's `cmd` through a shell: put this environment's scripts first on PATH.
-    return {"PATH": f"{Path(PYTHON).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"), "DVC_NO_ANALYTICS": "1"}
+    return {
+        "PATH": f"{Path(PYTHON).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
+        "DVC_NO_ANALYTICS": "1",
+    }
 
 
 def flywheel(*args: str) -> list[str]:
@@ -94,9 +97,15 @@ class FlywheelCommand(BaseOperator):
         stop_leftover(running, self.log)
         self.log.info("in %s: %s", self.project, " ".join(self.command))
         # A session of its own, so on_kill (or the next attempt) stops it and all it started.
-        self._process = subprocess.Popen(self.command, cwd=self.project, env={**os.environ, **task_env()},
-                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                         start_new_session=True)
+        self._process = subprocess.Popen(
+            self.command,
+            cwd=self.project,
+            env={**os.environ, **task_env()},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         running.parent.mkdir(parents=True, exist_ok=True)
         running.write_text(json.dumps({"pgid": self._process.pid, "command": self.command}))
         try:
@@ -143,8 +152,9 @@ def stop_leftover(running: Path, logger) -> None:
     pgid = leftover["pgid"]
     if not _group_alive(pgid):
         return
-    logger.warning("stopping %s (process group %d), left running by a killed attempt",
-                   " ".join(leftover["command"]), pgid)
+    logger.warning(
+        "stopping %s (process group %d), left running by a killed attempt", " ".join(leftover["command"]), pgid
+    )
     os.killpg(pgid, signal.SIGTERM)
     deadline = time.monotonic() + 10
     while _group_alive(pgid) and time.monotonic() < deadline:
@@ -169,15 +179,24 @@ def alert(context) -> None:
     from airflow.sdk.exceptions import AirflowNotFoundException
 
     ti = context["ti"]
-    payload = {"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id, "try_number": ti.try_number,
-               "error": str(context.get("exception") or "failed")}
+    payload = {
+        "dag_id": ti.dag_id,
+        "run_id": ti.run_id,
+        "task_id": ti.task_id,
+        "try_number": ti.try_number,
+        "error": str(context.get("exception") or "failed"),
+    }
     log.error("ALERT flywheel: %s", json.dumps(payload))
     try:
         connection = Connection.get(ALERT_CONNECTION)
     except AirflowNotFoundException:
         return
-    request = urllib.request.Request(webhook_url(connection), data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
+    request = urllib.request.Request(
+        webhook_url(connection),
+        data=json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
     try:
         with urllib.request.urlopen(request, timeout=10):
             pass

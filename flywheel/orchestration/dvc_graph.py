@@ -34,8 +34,10 @@ def load_stages(dvc_yaml: Path) -> dict[str, Stage]:
     stages = {}
     for name, body in (document.get("stages") or {}).items():
         if "foreach" in body or "matrix" in body:
-            raise ValueError(f"{dvc_yaml}: stage {name!r} uses foreach/matrix, which the Airflow "
-                             "DAG builder does not expand; list the stages one by one")
+            raise ValueError(
+                f"{dvc_yaml}: stage {name!r} uses foreach/matrix, which the Airflow "
+                "DAG builder does not expand; list the stages one by one"
+            )
         cmd = body["cmd"] if isinstance(body["cmd"], str) else " && ".join(body["cmd"])
         outs = _paths(body.get("outs")) + _paths(body.get("metrics")) + _paths(body.get("plots"))
         stages[name] = Stage(name=name, cmd=cmd, deps=_paths(body.get("deps")), outs=outs)
@@ -52,8 +54,7 @@ def upstream_of(stages: dict[str, Stage]) -> dict[str, set[str]]:
         stage.name: {
             other.name
             for other in stages.values()
-            if other.name != stage.name
-            and any(_overlaps(dep, out) for dep in stage.deps for out in other.outs)
+            if other.name != stage.name and any(_overlaps(dep, out) for dep in stage.deps for out in other.outs)
         }
         for stage in stages.values()
     }

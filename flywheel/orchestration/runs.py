@@ -76,8 +76,9 @@ def restore_params() -> bool:
 def track_new_feedback(export_dir: str) -> list[str]:
     """`dvc add` the feedback exports git does not track (monitoring writes them between runs),
     so the run's experiment pins them and `dvc push` stores them."""
-    exports = [path for path in _untracked((export_dir,))
-               if path.endswith(".jsonl") and not Path(path + ".dvc").exists()]
+    exports = [
+        path for path in _untracked((export_dir,)) if path.endswith(".jsonl") and not Path(path + ".dvc").exists()
+    ]
     if exports:
         _run("dvc", "add", "--quiet", *exports)
     return exports
@@ -92,9 +93,12 @@ def start(name: str, overrides: dict, export_dir: str) -> dict:
     except ParamsError:
         PARAMS_BEFORE_RUN.unlink()
         raise
-    return {"run": name, "restored_params_of_an_unfinished_run": restored,
-            "changes": {key: list(pair) for key, pair in changes.items()},
-            "tracked_feedback": track_new_feedback(export_dir)}
+    return {
+        "run": name,
+        "restored_params_of_an_unfinished_run": restored,
+        "changes": {key: list(pair) for key, pair in changes.items()},
+        "tracked_feedback": track_new_feedback(export_dir),
+    }
 
 
 def _experiment_commit(name: str) -> str:
@@ -115,8 +119,7 @@ def _default_remote() -> str | None:
 def save(name: str, conf: dict) -> dict:
     """Record the workspace as experiment `name`, push its data and models, restore params."""
     message = f"Airflow run {name}" + (f": conf {json.dumps(conf, sort_keys=True)}" if conf else "")
-    untracked = _untracked(RUN_OUTPUTS) + [path for path in _untracked(("data/raw",))
-                                           if path.endswith(DATA_POINTERS)]
+    untracked = _untracked(RUN_OUTPUTS) + [path for path in _untracked(("data/raw",)) if path.endswith(DATA_POINTERS)]
     include = [arg for path in untracked for arg in ("--include-untracked", path)]
     _run("dvc", "exp", "save", "--force", "--name", name, "--message", message, *include)
     commit = _experiment_commit(name)
@@ -144,10 +147,15 @@ def report(action: str, result: dict) -> str:
         lines += [f"  now tracked by DVC: {path}" for path in result["tracked_feedback"]]
         return "\n".join(lines)
     if action == "save":
-        pushed = f"data and models pushed to DVC remote {result['pushed_to']!r}" if result["pushed_to"] \
+        pushed = (
+            f"data and models pushed to DVC remote {result['pushed_to']!r}"
+            if result["pushed_to"]
             else "no DVC remote configured: nothing pushed"
-        return (f"experiment {result['experiment']} saved at {result['commit'][:10]}; {pushed}; "
-                f"params.yaml restored\n  see it: dvc exp show --all-commits; restore it: dvc exp apply "
-                f"{result['experiment']}")
+        )
+        return (
+            f"experiment {result['experiment']} saved at {result['commit'][:10]}; {pushed}; "
+            f"params.yaml restored\n  see it: dvc exp show --all-commits; restore it: dvc exp apply "
+            f"{result['experiment']}"
+        )
     what = "already registered as" if result["already_registered"] else "registered"
     return f"promoted: {what} {result['version']} (stage: {', '.join(result['stages'])}) at {result['commit'][:10]}"

@@ -81,8 +81,14 @@ def spawn(command: list[str], log: Path) -> int:
     """A process that outlives this command (its own session), output to `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        process = subprocess.Popen(
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
     return process.pid
 
 
@@ -137,8 +143,20 @@ class Backend:
 def start_process(release: Release, params: Params) -> Backend:
     port = free_port()
     log = LOG_DIR / f"{release.version}-{port}.log"
-    pid = spawn(flywheel_command("--params", str(source_file(params)), "serve", "--host", "127.0.0.1",
-                           "--port", str(port), "--model", str(release.model_dir)), log)
+    pid = spawn(
+        flywheel_command(
+            "--params",
+            str(source_file(params)),
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--model",
+            str(release.model_dir),
+        ),
+        log,
+    )
     return Backend("process", port, str(pid), str(log))
 
 
@@ -150,17 +168,24 @@ def start_container(release: Release, params: Params) -> Backend:
     try:
         image = client.images.get(tag)
     except ImageNotFound:
-        raise FlywheelError(f"no image {tag} in the Docker engine: run `flywheel package {release.version}` "
-                            "first") from None
+        raise FlywheelError(
+            f"no image {tag} in the Docker engine: run `flywheel package {release.version}` first"
+        ) from None
     port = free_port()
-    environment = {name: os.environ[name] for name in ("FLYWHEEL_API_KEYS", "FLYWHEEL_REQUEST_LOG_URL")
-                   if os.environ.get(name)}
+    environment = {
+        name: os.environ[name] for name in ("FLYWHEEL_API_KEYS", "FLYWHEEL_REQUEST_LOG_URL") if os.environ.get(name)
+    }
     # The request log outlives containers: a named volume (or PostgreSQL via the URL above).
     volumes = {"flywheel-serving-data": {"bind": "/srv/data", "mode": "rw"}}
     if image.labels.get(package.MODEL_BAKED_LABEL) != "true":
         volumes[str(release.model_dir.resolve())] = {"bind": "/srv/model", "mode": "ro"}
     container = client.containers.run(
-        image.id, detach=True, name=f"flywheel-{release.version}-{port}", environment=environment,
-        ports={f"{CONTAINER_PORT}/tcp": ("127.0.0.1", port)}, volumes=volumes,
-        labels={"flywheel.version": release.version})
+        image.id,
+        detach=True,
+        name=f"flywheel-{release.version}-{port}",
+        environment=environment,
+        ports={f"{CONTAINER_PORT}/tcp": ("127.0.0.1", port)},
+        volumes=volumes,
+        labels={"flywheel.version": release.version},
+    )
     return Backend("container", port, container.id, str(LOG_DIR / f"{release.version}-{port}.log"))

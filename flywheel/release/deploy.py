@@ -23,7 +23,7 @@ import os
 import time
 import urllib.error
 import urllib.request
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from flywheel import modeling
@@ -32,8 +32,18 @@ from flywheel.errors import FlywheelError, RolloutFailed
 from flywheel.io import atomic_path, write_json
 from flywheel.net import listening
 from flywheel.release import kubernetes, package, registry
-from flywheel.release.backends import (LOG_DIR, Backend, Release, alive, flywheel_command, spawn, start_container,
-                                       start_process, stop_process, tail)
+from flywheel.release.backends import (
+    LOG_DIR,
+    Backend,
+    Release,
+    alive,
+    flywheel_command,
+    spawn,
+    start_container,
+    start_process,
+    stop_process,
+    tail,
+)
 from flywheel.serving.auth import client_headers
 
 SERVING_DIR = Path("data/serving")
@@ -91,9 +101,11 @@ def wait_ready(backend: Backend, timeout_s: float) -> None:
 
 def smoke_test(backend: Backend, release: Release, prompt: str) -> str:
     try:
-        status, body = _http(f"http://127.0.0.1:{backend.port}/v1/chat/completions",
-                             {"model": release.version, "max_tokens": 16,
-                              "messages": [{"role": "user", "content": prompt}]}, timeout=60)
+        status, body = _http(
+            f"http://127.0.0.1:{backend.port}/v1/chat/completions",
+            {"model": release.version, "max_tokens": 16, "messages": [{"role": "user", "content": prompt}]},
+            timeout=60,
+        )
     except (OSError, json.JSONDecodeError) as error:
         raise RolloutFailed(f"smoke query failed: {error}") from None
     if status != 200:
@@ -122,11 +134,13 @@ def ensure_router(config: DeployParams, state: dict | None) -> int:
             return state["router_pid"]
         stop_process(state["router_pid"])  # deploy.host/port changed: move the endpoint
     if listening(config.host, config.port):
-        raise FlywheelError(f"{config.host}:{config.port} is taken by another program; stop it or "
-                            "set deploy.port in params.yaml")
+        raise FlywheelError(
+            f"{config.host}:{config.port} is taken by another program; stop it or set deploy.port in params.yaml"
+        )
     log = LOG_DIR / "router.log"
-    pid = spawn(flywheel_command("router", "--host", config.host, "--port", str(config.port),
-                                 "--route", str(ROUTE_FILE)), log)
+    pid = spawn(
+        flywheel_command("router", "--host", config.host, "--port", str(config.port), "--route", str(ROUTE_FILE)), log
+    )
     deadline = time.monotonic() + 15
     while not listening(config.host, config.port):
         if not alive(pid) or time.monotonic() > deadline:
@@ -170,15 +184,26 @@ def rollout(release: Release, params: Params, target: str) -> dict:
     except BaseException as failure:
         candidate.stop()
         if isinstance(failure, RolloutFailed):
-            kept = (f"{previous['version']} keeps serving at {previous['url']}" if _backend_of(previous)
-                    else "nothing was serving before; nothing serves now")
+            kept = (
+                f"{previous['version']} keeps serving at {previous['url']}"
+                if _backend_of(previous)
+                else "nothing was serving before; nothing serves now"
+            )
             raise RolloutFailed(f"rollout of {release.version} stopped: {failure}\n{kept}") from None
         raise
     switch_route(candidate)
-    state = {"version": release.version, "target": target, "url": _url(config), "router_pid": router_pid,
-             "model_dir": str(release.model_dir), "registered": release.registered,
-             "backend": candidate.__dict__, "deployed_at": datetime.now(timezone.utc).isoformat(),
-             "previous_version": previous["version"] if previous else None, "smoke_answer": answer}
+    state = {
+        "version": release.version,
+        "target": target,
+        "url": _url(config),
+        "router_pid": router_pid,
+        "model_dir": str(release.model_dir),
+        "registered": release.registered,
+        "backend": candidate.__dict__,
+        "deployed_at": datetime.now(UTC).isoformat(),
+        "previous_version": previous["version"] if previous else None,
+        "smoke_answer": answer,
+    }
     write_json(STATE_FILE, state)  # recorded as soon as it serves, so nothing is left untracked
     old = _backend_of(previous)
     if old and old.ref != candidate.ref:
@@ -196,8 +221,7 @@ def rollout(release: Release, params: Params, target: str) -> dict:
 # Commands
 
 
-def deploy(params: Params, version: str | None = None, target: str | None = None,
-           model_dir: str | None = None) -> dict:
+def deploy(params: Params, version: str | None = None, target: str | None = None, model_dir: str | None = None) -> dict:
     target = target or params.deploy.target
     if target == "kubernetes":
         if model_dir:
@@ -227,8 +251,14 @@ def status() -> dict:
         serving = body.get("version")
     except OSError as error:
         health, serving = f"unreachable ({error})", None
-    return {"deployed": True, **state, "health": health, "serving_version": serving,
-            "router_alive": alive(state.get("router_pid")), "backend_alive": Backend(**state["backend"]).alive()}
+    return {
+        "deployed": True,
+        **state,
+        "health": health,
+        "serving_version": serving,
+        "router_alive": alive(state.get("router_pid")),
+        "backend_alive": Backend(**state["backend"]).alive(),
+    }
 
 
 def undeploy() -> dict:
@@ -253,33 +283,40 @@ def describe_status(state: dict) -> str:
         return "nothing is deployed (flywheel deploy)"
     if state["target"] == "kubernetes":
         return f"{state['version']} on Kubernetes (manifests {state['manifests']}); see kubectl get deploy/flywheel"
-    return "\n".join([
-        f"version:  {state['version']}" + ("" if state["registered"] else " (not a registered version)"),
-        f"target:   {state['target']}",
-        f"url:      {state['url']}/v1",
-        f"health:   {state['health']}" + (f" (serving {state['serving_version']})" if state["serving_version"] else ""),
-        f"since:    {state['deployed_at']}",
-        f"model:    {state['model_dir']}",
-    ])
+    return "\n".join(
+        [
+            f"version:  {state['version']}" + ("" if state["registered"] else " (not a registered version)"),
+            f"target:   {state['target']}",
+            f"url:      {state['url']}/v1",
+            f"health:   {state['health']}"
+            + (f" (serving {state['serving_version']})" if state["serving_version"] else ""),
+            f"since:    {state['deployed_at']}",
+            f"model:    {state['model_dir']}",
+        ]
+    )
 
 
 def report(state: dict) -> str:
     if state["target"] == "kubernetes":
         if not state.get("applied"):
-            return (f"rendered {state['version']} for Kubernetes in {state['manifests']} (no cluster configured "
-                    f"for kubectl: not applied; the registry is unchanged). Apply with "
-                    f"`kubectl apply -f {state['manifests']}`.")
+            return (
+                f"rendered {state['version']} for Kubernetes in {state['manifests']} (no cluster configured "
+                f"for kubectl: not applied; the registry is unchanged). Apply with "
+                f"`kubectl apply -f {state['manifests']}`."
+            )
         return f"{state['version']} rolled out on Kubernetes ({state['manifests']}); registry: prod"
     registry_note = "registry: prod" if state["registered"] else "not a registered version: registry unchanged"
-    return "\n".join([
-        f"deployed {state['version']} ({state['target']}) at {state['url']} "
-        f"(replaced {state['previous_version'] or 'nothing'}); {registry_note}",
-        f"smoke answer: {state['smoke_answer']!r}",
-        "query it:",
-        f"  curl {state['url']}/v1/chat/completions -H 'content-type: application/json' "
-        f"-d '{{\"model\": \"{state['version']}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'",
-        f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{state['url']}/v1', api_key='unused'); "
-        f"print(c.chat.completions.create(model='{state['version']}', messages=[{{'role': 'user', "
-        f"'content': 'Hello'}}]).choices[0].message.content)\"",
-        "status: flywheel status; stop: flywheel undeploy",
-    ])
+    return "\n".join(
+        [
+            f"deployed {state['version']} ({state['target']}) at {state['url']} "
+            f"(replaced {state['previous_version'] or 'nothing'}); {registry_note}",
+            f"smoke answer: {state['smoke_answer']!r}",
+            "query it:",
+            f"  curl {state['url']}/v1/chat/completions -H 'content-type: application/json' "
+            f'-d \'{{"model": "{state["version"]}", "messages": [{{"role": "user", "content": "Hello"}}]}}\'',
+            f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{state['url']}/v1', api_key='unused'); "
+            f"print(c.chat.completions.create(model='{state['version']}', messages=[{{'role': 'user', "
+            f"'content': 'Hello'}}]).choices[0].message.content)\"",
+            "status: flywheel status; stop: flywheel undeploy",
+        ]
+    )

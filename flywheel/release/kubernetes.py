@@ -7,7 +7,7 @@ and the Service the stable endpoint (the local and docker targets' router plays 
 from __future__ import annotations
 
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
@@ -44,13 +44,16 @@ def render(release: Release, params: Params) -> Path:
                 resources["nvidia.com/gpu"] = config.gpus
             container["resources"] = {"requests": dict(resources), "limits": dict(resources)}
             if config.api_keys_secret:
-                container.setdefault("env", []).append({"name": "FLYWHEEL_API_KEYS", "valueFrom": {
-                    "secretKeyRef": {"name": config.api_keys_secret, "key": "api-keys"}}})
+                container.setdefault("env", []).append(
+                    {
+                        "name": "FLYWHEEL_API_KEYS",
+                        "valueFrom": {"secretKeyRef": {"name": config.api_keys_secret, "key": "api-keys"}},
+                    }
+                )
         elif kind == "HorizontalPodAutoscaler":
             manifest["spec"]["minReplicas"] = config.replicas
             manifest["spec"]["maxReplicas"] = max(config.max_replicas, config.replicas)
-            manifest["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"] = \
-                config.target_cpu_percent
+            manifest["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"] = config.target_cpu_percent
         with atomic_path(out / template.name) as tmp:
             tmp.write_text(yaml.safe_dump(manifest, sort_keys=False))
     return out
@@ -72,8 +75,13 @@ def apply(release: Release, params: Params) -> dict:
     fails). The deployment's state, with `applied` saying whether a cluster took it."""
     config = params.deploy.kubernetes
     rendered = render(release, params)
-    state = {"version": release.version, "target": "kubernetes", "manifests": str(rendered),
-             "registered": release.registered, "deployed_at": datetime.now(timezone.utc).isoformat()}
+    state = {
+        "version": release.version,
+        "target": "kubernetes",
+        "manifests": str(rendered),
+        "registered": release.registered,
+        "deployed_at": datetime.now(UTC).isoformat(),
+    }
     if not cluster_configured():
         return {**state, "applied": False}  # rendered only: what serves (if anything) is unchanged
     applied = _kubectl("apply", "-n", config.namespace, "-f", str(rendered))
@@ -81,12 +89,15 @@ def apply(release: Release, params: Params) -> dict:
         raise FlywheelError(f"kubectl apply failed: {applied.stderr.strip()}")
     # The Deployment's readiness probe is the health gate: pods of the new version take traffic
     # from the Service only when ready, and the old ReplicaSet keeps serving until then.
-    rolled = _kubectl("rollout", "status", "-n", config.namespace, "deployment/flywheel",
-                      f"--timeout={config.rollout_timeout_s}s")
+    rolled = _kubectl(
+        "rollout", "status", "-n", config.namespace, "deployment/flywheel", f"--timeout={config.rollout_timeout_s}s"
+    )
     if rolled.returncode != 0:
         _kubectl("rollout", "undo", "-n", config.namespace, "deployment/flywheel")
-        raise RolloutFailed(f"rollout of {release.version} did not become ready "
-                            f"({rolled.stderr.strip() or rolled.stdout.strip()}); rolled back")
+        raise RolloutFailed(
+            f"rollout of {release.version} did not become ready "
+            f"({rolled.stderr.strip() or rolled.stdout.strip()}); rolled back"
+        )
     return {**state, "applied": True}
 
 

@@ -22,10 +22,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from flywheel.release import registry
 from flywheel.config import PackageParams, Params, source_file
 from flywheel.errors import FlywheelError
 from flywheel.io import atomic_dir, write_json
+from flywheel.release import registry
 
 SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the project's own source, built as a wheel
 DOCKERFILE = SOURCE_ROOT / "infra" / "docker" / "Dockerfile"
@@ -34,11 +34,23 @@ RECORDS_DIR = Path("build/package")
 MODEL_BAKED_LABEL = "flywheel.model-baked-in"  # "true" or "false"; deploy mounts the model if false
 PRIVATE_ENGINE = Path(".docker/docker.sock")  # what `make docker-engine` starts
 # What `flywheel serve` imports, and nothing else: no Airflow, DVC or trainers in the image.
-SERVING_DISTRIBUTIONS = ("torch", "transformers", "fastapi", "uvicorn", "pydantic", "pyyaml",
-                         "sqlalchemy", "psycopg[binary]", "prometheus-client", "pyarrow")
-NO_ENGINE = ("no Docker engine answers{where}. Point DOCKER_HOST at one (e.g. "
-             "DOCKER_HOST=unix:///var/run/docker.sock), start a private one with `make docker-engine`, "
-             "or deploy without a container: `flywheel deploy --target local`.")
+SERVING_DISTRIBUTIONS = (
+    "torch",
+    "transformers",
+    "fastapi",
+    "uvicorn",
+    "pydantic",
+    "pyyaml",
+    "sqlalchemy",
+    "psycopg[binary]",
+    "prometheus-client",
+    "pyarrow",
+)
+NO_ENGINE = (
+    "no Docker engine answers{where}. Point DOCKER_HOST at one (e.g. "
+    "DOCKER_HOST=unix:///var/run/docker.sock), start a private one with `make docker-engine`, "
+    "or deploy without a container: `flywheel deploy --target local`."
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,8 +90,9 @@ def materialise(version: str) -> Path:
     """models/releases/<version>: the version's model files, its version in lineage.json (what
     `flywheel serve` reports as the model version)."""
     target = release_dir(version)
-    if (target / "lineage.json").is_file() and \
-            json.loads((target / "lineage.json").read_text()).get("version") == version:
+    if (target / "lineage.json").is_file() and json.loads((target / "lineage.json").read_text()).get(
+        "version"
+    ) == version:
         return target
     with atomic_dir(target) as staging:
         registry.fetch(version, staging / "model")
@@ -124,8 +137,10 @@ def wheelhouse(config: PackageParams) -> Path:
     if frozen.returncode != 0:
         raise FlywheelError(f"pip freeze failed: {frozen.stderr.strip()}")
     # flywheel itself is built from source into the context (project_wheel), not pinned here.
-    constraints = "\n".join(line for line in frozen.stdout.splitlines()
-                            if line and not line.startswith(("-e", "#", "flywheel"))) + "\n"
+    constraints = (
+        "\n".join(line for line in frozen.stdout.splitlines() if line and not line.startswith(("-e", "#", "flywheel")))
+        + "\n"
+    )
     key = hashlib.sha256((requirements + constraints).encode()).hexdigest()[:16]
     house = Path(config.wheelhouse) / key
     if (house / "requirements.txt").is_file():
@@ -133,8 +148,16 @@ def wheelhouse(config: PackageParams) -> Path:
     with atomic_dir(house) as staging:
         (staging / "constraints.txt").write_text(constraints)
         (staging / "requirements-in.txt").write_text(requirements)
-        built = _pip("wheel", "--quiet", "-w", str(staging), "-r", str(staging / "requirements-in.txt"),
-                     "-c", str(staging / "constraints.txt"))
+        built = _pip(
+            "wheel",
+            "--quiet",
+            "-w",
+            str(staging),
+            "-r",
+            str(staging / "requirements-in.txt"),
+            "-c",
+            str(staging / "constraints.txt"),
+        )
         if built.returncode != 0:
             raise FlywheelError(f"building the wheelhouse failed:\n{built.stderr.strip()[-2000:]}")
         (staging / "requirements.txt").write_text(requirements)
@@ -197,16 +220,23 @@ def require_base_image(client, base_image: str) -> None:
             f"base image {base_image} is not in the engine and cannot be pulled ({error.explanation}). "
             "Where no registry is reachable, build one locally: `make docker-base` makes "
             "flywheel-base:bookworm (debootstrap + docker import); then set package.base_image "
-            "to it in params.yaml (or pass --base-image).") from None
+            "to it in params.yaml (or pass --base-image)."
+        ) from None
 
 
 def build_image(client, context: Path, tag: str, base_image: str, version: str, bake_model: bool):
     from docker.errors import BuildError
 
     try:
-        image, _ = client.images.build(path=str(context), tag=tag, rm=True, forcerm=True, pull=False,
-                                       buildargs={"BASE_IMAGE": base_image, "MODEL_VERSION": version},
-                                       labels={MODEL_BAKED_LABEL: str(bake_model).lower()})
+        image, _ = client.images.build(
+            path=str(context),
+            tag=tag,
+            rm=True,
+            forcerm=True,
+            pull=False,
+            buildargs={"BASE_IMAGE": base_image, "MODEL_VERSION": version},
+            labels={MODEL_BAKED_LABEL: str(bake_model).lower()},
+        )
     except BuildError as error:
         log = "".join(str(entry.get("stream", entry.get("error", ""))) for entry in error.build_log)
         raise FlywheelError(f"docker build of {tag} failed: {error.msg}\n{log[-3000:]}") from None
@@ -230,16 +260,24 @@ def package(params: Params, version: str | None = None, base_image: str | None =
     with tempfile.TemporaryDirectory(prefix="flywheel-package-") as context:
         build_context(Path(context), house, model, source_file(params), config.bake_model)
         image = build_image(client, Path(context), tag, base_image, version, config.bake_model)
-    record = {"version": version, "tag": tag, "image_id": image.id,
-              "size_bytes": image.attrs["Size"], "base_image": base_image,
-              "model_baked_in": config.bake_model, "model_dir": str(model)}
+    record = {
+        "version": version,
+        "tag": tag,
+        "image_id": image.id,
+        "size_bytes": image.attrs["Size"],
+        "base_image": base_image,
+        "model_baked_in": config.bake_model,
+        "model_dir": str(model),
+    }
     write_json(RECORDS_DIR / f"{version}.json", record)
     return record
 
 
 def report(record: dict) -> str:
     where = "baked in" if record["model_baked_in"] else f"mounted from {record['model_dir']} at /srv/model"
-    return (f"built {record['tag']} ({record['image_id'][:19]}, {record['size_bytes'] / 1e6:,.0f} MB) "
-            f"from {record['base_image']}; model {where}\n"
-            f"record: {RECORDS_DIR / (record['version'] + '.json')}; deploy it with "
-            f"`flywheel deploy {record['version']} --target docker`")
+    return (
+        f"built {record['tag']} ({record['image_id'][:19]}, {record['size_bytes'] / 1e6:,.0f} MB) "
+        f"from {record['base_image']}; model {where}\n"
+        f"record: {RECORDS_DIR / (record['version'] + '.json')}; deploy it with "
+        f"`flywheel deploy {record['version']} --target docker`"
+    )

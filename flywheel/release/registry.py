@@ -46,8 +46,10 @@ def _git(root: Path, *args: str, check: bool = True) -> str:
 def _repo(root: Path) -> Path:
     result = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True)
     if result.returncode != 0:
-        raise FlywheelError(f"{root.resolve()} is not a git repository: the registry is kept in git "
-                            "tags (git init, then commit the evaluated run)")
+        raise FlywheelError(
+            f"{root.resolve()} is not a git repository: the registry is kept in git "
+            "tags (git init, then commit the evaluated run)"
+        )
     return Path(result.stdout.strip())
 
 
@@ -65,8 +67,7 @@ def _author(repo: Path) -> dict:
 
 def _summary(gate: dict, evaluation: dict | None) -> str:
     candidate = (evaluation or {}).get("models", {}).get("candidate", {})
-    figures = ", ".join(f"{name} {candidate[name]:.3f}" for name in SHOWN_METRICS
-                        if candidate.get(name) is not None)
+    figures = ", ".join(f"{name} {candidate[name]:.3f}" for name in SHOWN_METRICS if candidate.get(name) is not None)
     lines = [f"gate {'passed' if gate['passed'] else 'rejected'}: judged on {gate['judged_against']}"]
     lines += [f"- {reason}" for reason in gate["reasons"]]
     return "\n".join(lines + ([figures] if figures else []))
@@ -81,10 +82,16 @@ def _registered(repo: Path) -> list[dict]:
         shown = gto.api.show(str(repo), ARTIFACT)
     except ArtifactNotFound:
         return []  # nothing registered yet
-    return [{"version": entry["version"], "commit": entry["commit_hexsha"],
-             "created_at": str(entry["created_at"]),
-             "stages": [s["stage"] for s in entry["stages"] if s["is_active"]],
-             "message": entry.get("message", "")} for entry in shown]
+    return [
+        {
+            "version": entry["version"],
+            "commit": entry["commit_hexsha"],
+            "created_at": str(entry["created_at"]),
+            "stages": [s["stage"] for s in entry["stages"] if s["is_active"]],
+            "message": entry.get("message", ""),
+        }
+        for entry in shown
+    ]
 
 
 def versions(root: Path = Path(".")) -> list[dict]:
@@ -94,12 +101,16 @@ def versions(root: Path = Path(".")) -> list[dict]:
     listed = []
     for entry in _registered(repo):
         evaluation = _committed_json(repo, entry["commit"], EVALUATE_FILE) or {}
-        listed.append({
-            **entry, "gate": _committed_json(repo, entry["commit"], GATE_FILE),
-            "metrics": {name: evaluation.get("models", {}).get("candidate", {}).get(name)
-                        for name in SHOWN_METRICS},
-            "lineage": _lineage(repo, entry["commit"]),
-        })
+        listed.append(
+            {
+                **entry,
+                "gate": _committed_json(repo, entry["commit"], GATE_FILE),
+                "metrics": {
+                    name: evaluation.get("models", {}).get("candidate", {}).get(name) for name in SHOWN_METRICS
+                },
+                "lineage": _lineage(repo, entry["commit"]),
+            }
+        )
     return listed
 
 
@@ -123,8 +134,17 @@ def commit_run(repo: Path) -> str | None:
     if not _git(repo, "diff", "--cached", "--name-only").strip():
         return None
     identity = _author(repo)
-    _git(repo, "-c", f"user.name={identity['author']}", "-c", f"user.email={identity['author_email']}",
-         "commit", "-q", "-m", "Evaluated run: dvc.lock, params, metrics and report for the registry")
+    _git(
+        repo,
+        "-c",
+        f"user.name={identity['author']}",
+        "-c",
+        f"user.email={identity['author_email']}",
+        "commit",
+        "-q",
+        "-m",
+        "Evaluated run: dvc.lock, params, metrics and report for the registry",
+    )
     return _git(repo, "rev-parse", "HEAD").strip()
 
 
@@ -138,14 +158,17 @@ def register(root: Path = Path("."), commit: bool = False, ref: str = "HEAD") ->
         commit_run(repo)
     gate = _committed_json(repo, ref, GATE_FILE)
     if gate is None:
-        raise FlywheelError(f"{GATE_FILE} is not committed at {ref}: run `dvc repro evaluate`, then "
-                            f"commit the run (git add dvc.lock metrics && git commit)")
+        raise FlywheelError(
+            f"{GATE_FILE} is not committed at {ref}: run `dvc repro evaluate`, then "
+            f"commit the run (git add dvc.lock metrics && git commit)"
+        )
     # An experiment's commit is complete by construction; HEAD may have the run uncommitted.
     pending = ref == "HEAD" and _git(repo, "status", "--porcelain", "--", "dvc.lock", "metrics").strip()
     if pending:
-        raise FlywheelError("the evaluated run is not committed (dvc.lock or metrics/ changed "
-                            "since HEAD): commit it first, so the version pins what was evaluated\n"
-                            + pending)
+        raise FlywheelError(
+            "the evaluated run is not committed (dvc.lock or metrics/ changed "
+            "since HEAD): commit it first, so the version pins what was evaluated\n" + pending
+        )
     target = _git(repo, "rev-parse", ref).strip()
     for entry in _registered(repo):
         if entry["commit"] == target:
@@ -155,8 +178,13 @@ def register(root: Path = Path("."), commit: bool = False, ref: str = "HEAD") ->
     registration = gto.api.register(str(repo), ARTIFACT, target, message=message, **author)
     stage = PROMOTED if gate["passed"] else REJECTED
     gto.api.assign(str(repo), ARTIFACT, stage, version=registration.version, message=message, **author)
-    return {"version": registration.version, "commit": target, "stages": [stage], "message": message,
-            "already_registered": False}
+    return {
+        "version": registration.version,
+        "commit": target,
+        "stages": [stage],
+        "message": message,
+        "already_registered": False,
+    }
 
 
 def require_promotable(version: str, stage: str, root: Path = Path(".")) -> None:
@@ -168,8 +196,9 @@ def require_promotable(version: str, stage: str, root: Path = Path(".")) -> None
     gate = _committed_json(repo, known[version]["commit"], GATE_FILE) or {}
     if stage != REJECTED and (REJECTED in known[version]["stages"] or not gate.get("passed")):
         reasons = "; ".join(gate.get("reasons", [])) or "no passing gate decision committed with it"
-        raise FlywheelError(f"{ARTIFACT} {version} was rejected by the promotion gate and cannot go "
-                            f"to {stage!r}: {reasons}")
+        raise FlywheelError(
+            f"{ARTIFACT} {version} was rejected by the promotion gate and cannot go to {stage!r}: {reasons}"
+        )
 
 
 def assign(version: str, stage: str, root: Path = Path(".")) -> None:
@@ -181,8 +210,9 @@ def assign(version: str, stage: str, root: Path = Path(".")) -> None:
     if any(entry["version"] == version and stage in entry["stages"] for entry in _registered(repo)):
         return  # already there (e.g. the same version deployed again)
     # force: a version that was in `stage` before (a rollback to it) gets a new, newest tag there.
-    gto.api.assign(str(repo), ARTIFACT, stage, version=version, force=True,
-                   message=f"{version} -> {stage}", **_author(repo))
+    gto.api.assign(
+        str(repo), ARTIFACT, stage, version=version, force=True, message=f"{version} -> {stage}", **_author(repo)
+    )
 
 
 def latest(stage: str, root: Path = Path(".")) -> str:
@@ -190,8 +220,10 @@ def latest(stage: str, root: Path = Path(".")) -> str:
     for entry in _registered(_repo(root)):
         if stage in entry["stages"]:
             return entry["version"]
-    raise FlywheelError(f"{ARTIFACT} has no version in stage {stage!r}; see `flywheel models` "
-                        "(a version reaches staging when `flywheel models register` finds the gate passed)")
+    raise FlywheelError(
+        f"{ARTIFACT} has no version in stage {stage!r}; see `flywheel models` "
+        "(a version reaches staging when `flywheel models register` finds the gate passed)"
+    )
 
 
 def fetch(version: str, out: Path, root: Path = Path(".")) -> Path:
@@ -201,24 +233,33 @@ def fetch(version: str, out: Path, root: Path = Path(".")) -> Path:
     if version not in {entry["version"] for entry in _registered(repo)}:
         raise FlywheelError(f"{ARTIFACT} has no version {version!r}; see `flywheel models`")
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(["dvc", "artifacts", "get", ".", ARTIFACT, "--rev", version,
-                             "-o", str(out.resolve()), "--force"], cwd=repo, capture_output=True, text=True)
+    result = subprocess.run(
+        ["dvc", "artifacts", "get", ".", ARTIFACT, "--rev", version, "-o", str(out.resolve()), "--force"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+    )
     if result.returncode != 0:
-        raise FlywheelError(f"cannot fetch {ARTIFACT} {version}: {(result.stderr or result.stdout).strip()}\n"
-                            "Its files must be in the DVC cache or a configured remote (dvc push / dvc pull).")
+        raise FlywheelError(
+            f"cannot fetch {ARTIFACT} {version}: {(result.stderr or result.stdout).strip()}\n"
+            "Its files must be in the DVC cache or a configured remote (dvc push / dvc pull)."
+        )
     return out
 
 
 def describe(listed: list[dict]) -> str:
     if not listed:
-        return (f"{ARTIFACT}: no versions yet. Run the pipeline (dvc repro), commit the run, then "
-                "`flywheel models register`.")
+        return (
+            f"{ARTIFACT}: no versions yet. Run the pipeline (dvc repro), commit the run, then "
+            "`flywheel models register`."
+        )
     lines = [f"{ARTIFACT}: {len(listed)} version(s), newest first"]
     for entry in listed:
-        figures = "  ".join(f"{name} {value:.3f}" for name, value in entry["metrics"].items()
-                            if value is not None)
-        lines.append(f"  {entry['version']:<9} {','.join(entry['stages']) or '-':<18} "
-                     f"commit {entry['commit'][:10]}  {entry['created_at'][:19]}")
+        figures = "  ".join(f"{name} {value:.3f}" for name, value in entry["metrics"].items() if value is not None)
+        lines.append(
+            f"  {entry['version']:<9} {','.join(entry['stages']) or '-':<18} "
+            f"commit {entry['commit'][:10]}  {entry['created_at'][:19]}"
+        )
         if figures:
             lines.append(f"    metrics: {figures}")
         gate = entry["gate"] or {}

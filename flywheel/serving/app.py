@@ -65,8 +65,9 @@ def create_app(config: ServeParams, model_dir: Path, request_log, api_keys: list
 
 
 def error_response(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}},
-                        status_code=status)
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "param": None, "code": status}}, status_code=status
+    )
 
 
 async def api_error(request: Request, error: ApiError) -> JSONResponse:
@@ -109,14 +110,19 @@ def serve(config: ServeParams, *, host: str | None = None, port: int | None = No
 
     keys = load_api_keys()
     if not keys:
-        print(f"flywheel serve: no API keys ({KEYS_VARIABLE} / {KEYS_FILE_VARIABLE} unset): the API "
-              "is open to anyone who can reach it", flush=True)
+        print(
+            f"flywheel serve: no API keys ({KEYS_VARIABLE} / {KEYS_FILE_VARIABLE} unset): the API "
+            "is open to anyone who can reach it",
+            flush=True,
+        )
     model_dir = Path(config.model)
     modeling.require_model(model_dir)  # before the port opens: a typo'd path fails at once, not at readyz
     request_log = RequestLog()
     app = create_app(config, model_dir, request_log, keys)
     host, port = host or config.host, port or config.port
-    print(f"flywheel serve: http://{host}:{port}/v1 (model {model_dir}, request log "
-          f"{request_log._safe_url()})", flush=True)
+    print(
+        f"flywheel serve: http://{host}:{port}/v1 (model {model_dir}, request log {request_log._safe_url()})",
+        flush=True,
+    )
     uvicorn.run(app, host=host, port=port, log_level="warning")  # SIGTERM: graceful, see lifespan
     return 0

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Job:
-    prompt: str                 # text after the chat template (or raw, for completions)
+    prompt: str  # text after the chat template (or raw, for completions)
     max_tokens: int
-    temperature: float = 0.0    # 0: greedy
+    temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
@@ -34,14 +34,17 @@ class Answer:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str          # "stop": the model ended it; "length": max_tokens reached
+    finish_reason: str  # "stop": the model ended it; "length": max_tokens reached
 
 
 def _options(job: Job, tokenizer) -> dict:
     """model.generate's decoding arguments for a job."""
     sampling = {"do_sample": True, "temperature": job.temperature, "top_p": job.top_p, "top_k": 0}
-    return {**(sampling if job.temperature > 0 else {"do_sample": False}),
-            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    return {
+        **(sampling if job.temperature > 0 else {"do_sample": False}),
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
 
 
 def generate_batch(model, tokenizer, jobs: list[Job]) -> list[Answer]:
@@ -49,21 +52,27 @@ def generate_batch(model, tokenizer, jobs: list[Job]) -> list[Answer]:
     import torch
 
     tokenizer.padding_side = "left"  # generation continues from the right edge
-    encoded = tokenizer([job.prompt for job in jobs], return_tensors="pt", padding=True,
-                        add_special_tokens=False).to(model.device)
+    encoded = tokenizer([job.prompt for job in jobs], return_tensors="pt", padding=True, add_special_tokens=False).to(
+        model.device
+    )
     with torch.no_grad():
-        output = model.generate(**encoded, max_new_tokens=max(job.max_tokens for job in jobs),
-                                **_options(jobs[0], tokenizer))
+        output = model.generate(
+            **encoded, max_new_tokens=max(job.max_tokens for job in jobs), **_options(jobs[0], tokenizer)
+        )
     answers = []
     for row, job in enumerate(jobs):
-        new = output[row, encoded["input_ids"].shape[1]:].tolist()[:job.max_tokens]
+        new = output[row, encoded["input_ids"].shape[1] :].tolist()[: job.max_tokens]
         ended = tokenizer.eos_token_id in new
         if ended:
-            new = new[:new.index(tokenizer.eos_token_id)]
-        answers.append(Answer(text=tokenizer.decode(new, skip_special_tokens=True).strip(),
-                              prompt_tokens=int(encoded["attention_mask"][row].sum()),
-                              completion_tokens=len(new) + int(ended),
-                              finish_reason="stop" if ended else "length"))
+            new = new[: new.index(tokenizer.eos_token_id)]
+        answers.append(
+            Answer(
+                text=tokenizer.decode(new, skip_special_tokens=True).strip(),
+                prompt_tokens=int(encoded["attention_mask"][row].sum()),
+                completion_tokens=len(new) + int(ended),
+                finish_reason="stop" if ended else "length",
+            )
+        )
     return answers
 
 

@@ -23,11 +23,15 @@ class Engine:
         self.model.eval()
         self.name = model_dir.name
         self.version = modeling.model_version(model_dir)
-        self.batch_sizes = Histogram("flywheel_batch_size", "requests per generated batch",
-                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=registry)
+        self.batch_sizes = Histogram(
+            "flywheel_batch_size", "requests per generated batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=registry
+        )
         self.tokens = Counter("flywheel_generated_tokens", "tokens generated", registry=registry)
-        self.generation_seconds = Counter("flywheel_generation_seconds", "seconds spent generating "
-                                          "(tokens/s = rate of tokens / rate of this)", registry=registry)
+        self.generation_seconds = Counter(
+            "flywheel_generation_seconds",
+            "seconds spent generating (tokens/s = rate of tokens / rate of this)",
+            registry=registry,
+        )
 
         def record(size, tokens, seconds):
             self.batch_sizes.observe(size)
@@ -36,7 +40,10 @@ class Engine:
 
         self.batcher = batching.Batcher(
             lambda jobs: batching.generate_batch(self.model, self.tokenizer, jobs),
-            max_batch_size=config.max_batch_size, max_wait_ms=config.max_wait_ms, on_batch=record)
+            max_batch_size=config.max_batch_size,
+            max_wait_ms=config.max_wait_ms,
+            on_batch=record,
+        )
 
     def chat_prompt(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

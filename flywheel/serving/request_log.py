@@ -22,11 +22,25 @@ import queue
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import (JSON, Column, DateTime, Float, ForeignKey, Integer, MetaData, String, Table,
-                        Text, create_engine, func, insert, select)
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    func,
+    insert,
+    select,
+)
 from sqlalchemy.exc import SQLAlchemyError
 
 from flywheel import pii
@@ -40,28 +54,30 @@ PREFERRED = ("response", "alternative")
 
 metadata = MetaData()
 requests_table = Table(
-    "flywheel_requests", metadata,
+    "flywheel_requests",
+    metadata,
     Column("id", String(64), primary_key=True),
     Column("created_at", DateTime(timezone=True), nullable=False, index=True),
     Column("model_version", String(128)),
     Column("endpoint", String(64), nullable=False),
-    Column("messages", JSON, nullable=False),           # redacted
-    Column("response", Text),                           # redacted; None when the request failed
+    Column("messages", JSON, nullable=False),  # redacted
+    Column("response", Text),  # redacted; None when the request failed
     Column("prompt_tokens", Integer),
     Column("completion_tokens", Integer),
     Column("latency_ms", Float),
     Column("status", Integer, nullable=False),
-    Column("api_key", String(16)),                      # a hash prefix naming the key, never the key
+    Column("api_key", String(16)),  # a hash prefix naming the key, never the key
     Column("error", Text),
 )
 feedback_table = Table(
-    "flywheel_feedback", metadata,
+    "flywheel_feedback",
+    metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("request_id", String(64), ForeignKey("flywheel_requests.id"), nullable=False, index=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("rating", String(8)),
-    Column("preferred_response", Text),                 # redacted
-    Column("alternative", Text),                        # redacted
+    Column("preferred_response", Text),  # redacted
+    Column("alternative", Text),  # redacted
     Column("preferred", String(16)),
 )
 
@@ -75,7 +91,7 @@ def _redact(text: str | None) -> str | None:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class FeedbackError(ValueError):
@@ -83,8 +99,14 @@ class FeedbackError(ValueError):
 
 
 class RequestLog:
-    def __init__(self, url: str | None = None, *, retry_seconds: float = 0.5, batch_size: int = 256,
-                 spill_dir: Path = Path("data/serving")):
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        retry_seconds: float = 0.5,
+        batch_size: int = 256,
+        spill_dir: Path = Path("data/serving"),
+    ):
         self.url = database_url(url)
         self.spill_dir = spill_dir
         if self.url.startswith("sqlite:///"):
@@ -93,8 +115,10 @@ class RequestLog:
             self._engine = create_engine(self.url, pool_pre_ping=True)
             metadata.create_all(self._engine)
         except (SQLAlchemyError, ImportError) as error:
-            raise FlywheelError(f"request log {self._safe_url()}: cannot open it ({error}); set "
-                                f"{URL_VARIABLE} to a reachable SQLAlchemy URL") from None
+            raise FlywheelError(
+                f"request log {self._safe_url()}: cannot open it ({error}); set "
+                f"{URL_VARIABLE} to a reachable SQLAlchemy URL"
+            ) from None
         self._queue: queue.Queue = queue.Queue()
         self._retry_seconds = retry_seconds
         self._batch_size = batch_size
@@ -115,17 +139,35 @@ class RequestLog:
 
     # -- writing requests (never blocks the caller) ----------------------------------------------
 
-    def log_request(self, *, endpoint: str, messages: list[dict], response: str | None, status: int,
-                    model_version: str | None = None, prompt_tokens: int | None = None,
-                    completion_tokens: int | None = None, latency_ms: float | None = None,
-                    api_key: str | None = None, error: str | None = None,
-                    request_id: str | None = None) -> str:
-        row = {"id": request_id or f"req-{uuid.uuid4().hex}", "created_at": _now(),
-               "model_version": model_version, "endpoint": endpoint,
-               "messages": [{**m, "content": _redact(m.get("content", ""))} for m in messages],
-               "response": _redact(response), "prompt_tokens": prompt_tokens,
-               "completion_tokens": completion_tokens, "latency_ms": latency_ms, "status": status,
-               "api_key": api_key, "error": error}
+    def log_request(
+        self,
+        *,
+        endpoint: str,
+        messages: list[dict],
+        response: str | None,
+        status: int,
+        model_version: str | None = None,
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
+        latency_ms: float | None = None,
+        api_key: str | None = None,
+        error: str | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        row = {
+            "id": request_id or f"req-{uuid.uuid4().hex}",
+            "created_at": _now(),
+            "model_version": model_version,
+            "endpoint": endpoint,
+            "messages": [{**m, "content": _redact(m.get("content", ""))} for m in messages],
+            "response": _redact(response),
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "latency_ms": latency_ms,
+            "status": status,
+            "api_key": api_key,
+            "error": error,
+        }
         self._queue.put(row)
         return row["id"]
 
@@ -173,8 +215,10 @@ class RequestLog:
             with open(tmp, "w") as handle:
                 for row in rows:
                     handle.write(json.dumps({**row, "unwritten_because": str(error)}, default=str) + "\n")
-        print(f"request log: {len(rows)} requests could not be written to {self._safe_url()} "
-              f"({error}); kept in {target}", flush=True)
+        print(
+            f"request log: {len(rows)} requests could not be written to {self._safe_url()} ({error}); kept in {target}",
+            flush=True,
+        )
 
     def flush(self, timeout: float = 60.0) -> bool:
         """Wait until every request logged so far is written (or spilled); False on timeout."""
@@ -191,12 +235,20 @@ class RequestLog:
 
     # -- feedback (a separate endpoint: may wait for the request to be written) -----------------
 
-    def log_feedback(self, request_id: str, *, rating: str | None = None,
-                     preferred_response: str | None = None, alternative: str | None = None,
-                     preferred: str | None = None) -> int:
+    def log_feedback(
+        self,
+        request_id: str,
+        *,
+        rating: str | None = None,
+        preferred_response: str | None = None,
+        alternative: str | None = None,
+        preferred: str | None = None,
+    ) -> int:
         if rating is None and preferred_response is None and alternative is None:
-            raise FeedbackError("feedback needs a rating ('up' or 'down'), a preferred_response, "
-                                "or an alternative and which one is preferred")
+            raise FeedbackError(
+                "feedback needs a rating ('up' or 'down'), a preferred_response, "
+                "or an alternative and which one is preferred"
+            )
         if rating is not None and rating not in RATINGS:
             raise FeedbackError(f"rating must be 'up' or 'down', got {rating!r}")
         if (alternative is None) != (preferred is None) or (preferred is not None and preferred not in PREFERRED):
@@ -205,10 +257,16 @@ class RequestLog:
         if self.get_request(request_id) is None:
             raise FeedbackError(f"no logged request {request_id!r}")
         with self._engine.begin() as connection:
-            result = connection.execute(insert(feedback_table).values(
-                request_id=request_id, created_at=_now(), rating=rating,
-                preferred_response=_redact(preferred_response), alternative=_redact(alternative),
-                preferred=preferred))
+            result = connection.execute(
+                insert(feedback_table).values(
+                    request_id=request_id,
+                    created_at=_now(),
+                    rating=rating,
+                    preferred_response=_redact(preferred_response),
+                    alternative=_redact(alternative),
+                    preferred=preferred,
+                )
+            )
             return result.inserted_primary_key[0]
 
     # -- reading ----------------------------------------------------------------------------------
@@ -225,25 +283,27 @@ class RequestLog:
     def requests_between(self, start: datetime, end: datetime) -> list[dict]:
         """Logged requests with start <= created_at < end, oldest first (canaries included: their
         endpoint starts with flywheel.serving.auth.CANARY_PREFIX)."""
-        query = (select(requests_table).where(requests_table.c.created_at >= start,
-                                              requests_table.c.created_at < end)
-                 .order_by(requests_table.c.created_at))
+        query = (
+            select(requests_table)
+            .where(requests_table.c.created_at >= start, requests_table.c.created_at < end)
+            .order_by(requests_table.c.created_at)
+        )
         with self._engine.connect() as connection:
             return [dict(row) for row in connection.execute(query).mappings()]
 
     def feedback_between(self, start: datetime, end: datetime) -> list[dict]:
-        query = select(feedback_table).where(feedback_table.c.created_at >= start,
-                                             feedback_table.c.created_at < end)
+        query = select(feedback_table).where(feedback_table.c.created_at >= start, feedback_table.c.created_at < end)
         with self._engine.connect() as connection:
             return [dict(row) for row in connection.execute(query).mappings()]
 
     def export_feedback(self, target: Path, since: datetime | None = None) -> int:
         """Feedback joined with its request, one JSON line each, in the preferences stage's format
         (only feedback given at or after `since`, when set)."""
-        query = (select(feedback_table, requests_table.c.messages, requests_table.c.response,
-                        requests_table.c.model_version)
-                 .join(requests_table, feedback_table.c.request_id == requests_table.c.id)
-                 .order_by(feedback_table.c.id))
+        query = (
+            select(feedback_table, requests_table.c.messages, requests_table.c.response, requests_table.c.model_version)
+            .join(requests_table, feedback_table.c.request_id == requests_table.c.id)
+            .order_by(feedback_table.c.id)
+        )
         if since is not None:
             query = query.where(feedback_table.c.created_at >= since)
         with self._engine.connect() as connection:
@@ -256,8 +316,13 @@ class RequestLog:
 
 
 def _export_line(row) -> dict:
-    line = {"request_id": row["request_id"], "created_at": row["created_at"].isoformat(),
-            "model_version": row["model_version"], "messages": row["messages"], "response": row["response"]}
+    line = {
+        "request_id": row["request_id"],
+        "created_at": row["created_at"].isoformat(),
+        "model_version": row["model_version"],
+        "messages": row["messages"],
+        "response": row["response"],
+    }
     if row["preferred_response"] is not None:
         line["preferred_response"] = row["preferred_response"]
     elif row["alternative"] is not None:

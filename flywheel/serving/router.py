@@ -14,8 +14,10 @@ import json
 import signal
 from pathlib import Path
 
-UNAVAILABLE = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-               b"connection: close\r\ncontent-length: %d\r\n\r\n%s")
+UNAVAILABLE = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+    b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
+)
 CHUNK = 64 * 1024
 
 
@@ -70,8 +72,10 @@ async def _connect(route: Route, client_reader, client_writer) -> None:
     try:
         backend_reader, backend_writer = await asyncio.open_connection(*backend)
     except OSError as error:
-        await _unavailable(client_writer, f"the deployed version at {backend[0]}:{backend[1]} "
-                                          f"does not answer ({error.strerror or error})")
+        await _unavailable(
+            client_writer,
+            f"the deployed version at {backend[0]}:{backend[1]} does not answer ({error.strerror or error})",
+        )
         return
     await asyncio.gather(_pipe(client_reader, backend_writer), _pipe(backend_reader, client_writer))
     for writer in (backend_writer, client_writer):

@@ -72,8 +72,9 @@ def authorise(request: Request) -> str:
     else:
         client = request.client.host if request.client else "unknown"
     if not server.limiter.allow(client):
-        raise ApiError(429, f"rate limit of {server.config.rate_limit_per_minute} requests per minute exceeded",
-                       "rate_limit_error")
+        raise ApiError(
+            429, f"rate limit of {server.config.rate_limit_per_minute} requests per minute exceeded", "rate_limit_error"
+        )
     return client
 
 
@@ -88,11 +89,16 @@ def prepare(server: Server, endpoint: str, messages: list[dict], prompt: str, bo
     """(the engine, the job) for a request, after its limits are checked."""
     config = server.config
     if len(prompt) > config.max_prompt_chars:
-        raise ApiError(400, f"the prompt is {len(prompt):,} characters; this server takes at most "
-                            f"{config.max_prompt_chars:,}")
+        raise ApiError(
+            400, f"the prompt is {len(prompt):,} characters; this server takes at most {config.max_prompt_chars:,}"
+        )
     engine = server.ready_engine()
-    job = Job(prompt=engine.chat_prompt(messages) if endpoint == CHAT else prompt,
-              max_tokens=budget(body, config), temperature=body.temperature, top_p=body.top_p)
+    job = Job(
+        prompt=engine.chat_prompt(messages) if endpoint == CHAT else prompt,
+        max_tokens=budget(body, config),
+        temperature=body.temperature,
+        top_p=body.top_p,
+    )
     return engine, job
 
 
@@ -104,8 +110,15 @@ def new_id(endpoint: str) -> str:
 # Generation: whole answers (batched) and streams
 
 
-async def complete(server: Server, endpoint: str, client: str, messages: list[dict], prompt: str,
-                   body: GenerationRequest, canary: bool = False):
+async def complete(
+    server: Server,
+    endpoint: str,
+    client: str,
+    messages: list[dict],
+    prompt: str,
+    body: GenerationRequest,
+    canary: bool = False,
+):
     engine, job = prepare(server, endpoint, messages, prompt, body)
     started = time.perf_counter()
     logged_key = client if server.api_keys else None  # without keys the client is an address: not logged
@@ -113,21 +126,39 @@ async def complete(server: Server, endpoint: str, client: str, messages: list[di
     try:
         answer = await asyncio.wrap_future(engine.batcher.submit(job))
     except Exception as error:
-        server.request_log.log_request(endpoint=logged_endpoint, messages=messages, response=None, status=500,
-                                       model_version=engine.version, api_key=logged_key, error=str(error))
+        server.request_log.log_request(
+            endpoint=logged_endpoint,
+            messages=messages,
+            response=None,
+            status=500,
+            model_version=engine.version,
+            api_key=logged_key,
+            error=str(error),
+        )
         raise ApiError(500, "generation failed; see the server log", "server_error") from None
     request_id = server.request_log.log_request(
-        endpoint=logged_endpoint, messages=messages, response=answer.text, status=200,
-        model_version=engine.version, prompt_tokens=answer.prompt_tokens,
-        completion_tokens=answer.completion_tokens, latency_ms=1000 * (time.perf_counter() - started),
-        api_key=logged_key, request_id=new_id(endpoint))
-    usage = {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
-             "total_tokens": answer.prompt_tokens + answer.completion_tokens}
+        endpoint=logged_endpoint,
+        messages=messages,
+        response=answer.text,
+        status=200,
+        model_version=engine.version,
+        prompt_tokens=answer.prompt_tokens,
+        completion_tokens=answer.completion_tokens,
+        latency_ms=1000 * (time.perf_counter() - started),
+        api_key=logged_key,
+        request_id=new_id(endpoint),
+    )
+    usage = {
+        "prompt_tokens": answer.prompt_tokens,
+        "completion_tokens": answer.completion_tokens,
+        "total_tokens": answer.prompt_tokens + answer.completion_tokens,
+    }
     return request_id, answer, usage, engine
 
 
-def stream(server: Server, endpoint: str, client: str, messages: list[dict], prompt: str,
-           body: GenerationRequest, chunk) -> StreamingResponse:
+def stream(
+    server: Server, endpoint: str, client: str, messages: list[dict], prompt: str, body: GenerationRequest, chunk
+) -> StreamingResponse:
     """Server-sent events: a chunk per piece of text as it is generated, a last chunk with the
     finish reason, then [DONE]. The whole answer is logged when the stream ends."""
     engine, job = prepare(server, endpoint, messages, prompt, body)
@@ -152,25 +183,42 @@ def stream(server: Server, endpoint: str, client: str, messages: list[dict], pro
             yield "data: [DONE]\n\n"
         finally:  # also when the client goes away mid-stream: what was sent is logged
             server.request_log.log_request(
-                endpoint=endpoint, messages=messages, response=text.strip(), status=200,
-                model_version=engine.version, latency_ms=1000 * (time.perf_counter() - started),
-                completion_tokens=count_tokens(text), api_key=client if server.api_keys else None,
-                request_id=request_id)
+                endpoint=endpoint,
+                messages=messages,
+                response=text.strip(),
+                status=200,
+                model_version=engine.version,
+                latency_ms=1000 * (time.perf_counter() - started),
+                completion_tokens=count_tokens(text),
+                api_key=client if server.api_keys else None,
+                request_id=request_id,
+            )
 
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
 def chat_chunk(request_id: str, engine: Engine, piece: str, finish: str | None) -> dict:
-    return {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
-            "model": engine.name, "system_fingerprint": engine.version,
-            "choices": [{"index": 0, "delta": {"role": "assistant", "content": piece} if piece else {},
-                         "finish_reason": finish}]}
+    return {
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": engine.name,
+        "system_fingerprint": engine.version,
+        "choices": [
+            {"index": 0, "delta": {"role": "assistant", "content": piece} if piece else {}, "finish_reason": finish}
+        ],
+    }
 
 
 def text_chunk(request_id: str, engine: Engine, piece: str, finish: str | None) -> dict:
-    return {"id": request_id, "object": "text_completion", "created": int(time.time()),
-            "model": engine.name, "system_fingerprint": engine.version,
-            "choices": [{"index": 0, "text": piece, "finish_reason": finish, "logprobs": None}]}
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": engine.name,
+        "system_fingerprint": engine.version,
+        "choices": [{"index": 0, "text": piece, "finish_reason": finish, "logprobs": None}],
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,13 +233,24 @@ async def chat_completions(body: ChatRequest, request: Request):
     if body.stream:
         return stream(server, CHAT, client, messages, prompt, body, chat_chunk)
     # The monitor's canary queries are marked so that they are not counted as user traffic.
-    request_id, answer, usage, engine = await complete(server, CHAT, client, messages, prompt, body,
-                                                       canary=CANARY_HEADER in request.headers)
-    return {"id": request_id, "object": "chat.completion", "created": int(time.time()),
-            "model": engine.name, "system_fingerprint": engine.version,
-            "choices": [{"index": 0, "finish_reason": answer.finish_reason,
-                         "message": {"role": "assistant", "content": answer.text}}],
-            "usage": usage}
+    request_id, answer, usage, engine = await complete(
+        server, CHAT, client, messages, prompt, body, canary=CANARY_HEADER in request.headers
+    )
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": engine.name,
+        "system_fingerprint": engine.version,
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": answer.finish_reason,
+                "message": {"role": "assistant", "content": answer.text},
+            }
+        ],
+        "usage": usage,
+    }
 
 
 @router.post(COMPLETIONS)
@@ -201,19 +260,27 @@ async def completions(body: CompletionRequest, request: Request):
     if body.stream:
         return stream(server, COMPLETIONS, client, messages, body.prompt, body, text_chunk)
     request_id, answer, usage, engine = await complete(server, COMPLETIONS, client, messages, body.prompt, body)
-    return {"id": request_id, "object": "text_completion", "created": int(time.time()),
-            "model": engine.name, "system_fingerprint": engine.version,
-            "choices": [{"index": 0, "text": answer.text, "finish_reason": answer.finish_reason,
-                         "logprobs": None}],
-            "usage": usage}
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": engine.name,
+        "system_fingerprint": engine.version,
+        "choices": [{"index": 0, "text": answer.text, "finish_reason": answer.finish_reason, "logprobs": None}],
+        "usage": usage,
+    }
 
 
 @router.get("/v1/models")
 async def models(request: Request):
     authorise(request)
     engine = server_of(request).ready_engine()
-    return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": 0,
-                                        "owned_by": "flywheel", "version": engine.version}]}
+    return {
+        "object": "list",
+        "data": [
+            {"id": engine.name, "object": "model", "created": 0, "owned_by": "flywheel", "version": engine.version}
+        ],
+    }
 
 
 @router.post("/v1/feedback")
@@ -239,8 +306,9 @@ async def healthz():
 async def readyz(request: Request):
     server = server_of(request)
     if server.engine is None:
-        return JSONResponse({"status": "failed" if server.load_error else "loading", "error": server.load_error},
-                            status_code=503)
+        return JSONResponse(
+            {"status": "failed" if server.load_error else "loading", "error": server.load_error}, status_code=503
+        )
     return {"status": "ready", "model": server.engine.name, "version": server.engine.version}
 
 
@@ -248,5 +316,6 @@ async def readyz(request: Request):
 async def metrics(request: Request):
     from prometheus_client import generate_latest
 
-    return PlainTextResponse(generate_latest(server_of(request).registry).decode(),
-                             media_type="text/plain; version=0.0.4")
+    return PlainTextResponse(
+        generate_latest(server_of(request).registry).decode(), media_type="text/plain; version=0.0.4"
+    )

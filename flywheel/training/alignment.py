@@ -27,9 +27,11 @@ def prompt_messages(pair: dict) -> list[dict]:
 
 def as_conversational(pair: dict) -> dict:
     """A pair in TRL's conversational preference format."""
-    return {"prompt": prompt_messages(pair),
-            "chosen": [{"role": "assistant", "content": pair["chosen"]}],
-            "rejected": [{"role": "assistant", "content": pair["rejected"]}]}
+    return {
+        "prompt": prompt_messages(pair),
+        "chosen": [{"role": "assistant", "content": pair["chosen"]}],
+        "rejected": [{"role": "assistant", "content": pair["rejected"]}],
+    }
 
 
 def chosen_wins(pairs: list[dict], score) -> list[bool]:
@@ -46,16 +48,19 @@ def share(flags: list[bool]) -> float | None:
 
 
 def share_by_source(pairs: list[dict], flags: list[bool]) -> dict[str, float | None]:
-    return {source: share([flag for pair, flag in zip(pairs, flags) if pair["source"] == source])
-            for source in sorted({pair["source"] for pair in pairs})}
+    return {
+        source: share([flag for pair, flag in zip(pairs, flags) if pair["source"] == source])
+        for source in sorted({pair["source"] for pair in pairs})
+    }
 
 
 def no_pairs(config: RlhfParams, stage: str) -> str:
     """The reason to skip when there are no pairs to train on; raises when params say fail."""
     reason = "no preference pairs to train on (see metrics/preferences.json)"
     if config.on_missing_preferences == "fail":
-        raise FlywheelError(f"{stage}: {reason}; add preference data or feedback, or set "
-                            "rlhf.on_missing_preferences: skip")
+        raise FlywheelError(
+            f"{stage}: {reason}; add preference data or feedback, or set rlhf.on_missing_preferences: skip"
+        )
     print(f"{stage}: {reason}; skipping, as rlhf.on_missing_preferences says", flush=True)
     return reason
 
@@ -75,8 +80,7 @@ def load_reward_model(root: Path):
     model_dir = root / paths.REWARD_MODEL
     if not (model_dir / "config.json").is_file():
         return None
-    return (AutoModelForSequenceClassification.from_pretrained(model_dir),
-            AutoTokenizer.from_pretrained(model_dir))
+    return (AutoModelForSequenceClassification.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir))
 
 
 def reward_scores(model, tokenizer, conversations: list[list[dict]], *, batch_size: int = 32) -> list[float]:
@@ -89,10 +93,10 @@ def reward_scores(model, tokenizer, conversations: list[list[dict]], *, batch_si
     model.eval()
     try:
         for start in range(0, len(conversations), batch_size):
-            texts = [tokenizer.apply_chat_template(c, tokenize=False)
-                     for c in conversations[start:start + batch_size]]
-            encoded = tokenizer(texts, return_tensors="pt", padding=True,
-                                add_special_tokens=False).to(model.device)
+            texts = [
+                tokenizer.apply_chat_template(c, tokenize=False) for c in conversations[start : start + batch_size]
+            ]
+            encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             with torch.no_grad():
                 scores += model(**encoded).logits[:, 0].float().cpu().tolist()
     finally:
@@ -102,15 +106,24 @@ def reward_scores(model, tokenizer, conversations: list[list[dict]], *, batch_si
 
 def score_answers(model, tokenizer, prompts: list[list[dict]], answers: list[str]) -> list[float]:
     """The reward of each answer to its conversation."""
-    return reward_scores(model, tokenizer, [prompt + [{"role": "assistant", "content": answer}]
-                                            for prompt, answer in zip(prompts, answers)])
+    return reward_scores(
+        model,
+        tokenizer,
+        [prompt + [{"role": "assistant", "content": answer}] for prompt, answer in zip(prompts, answers)],
+    )
 
 
 def lineage(root: Path) -> dict:
     """Where a reward or aligned model came from: the SFT model and preference files (md5s, as
     in dvc.lock) and the code revision."""
-    return {"started_from": {"path": str(paths.SFT_MODEL),
-                             "md5": modeling.file_md5(root / paths.SFT_MODEL / "model.safetensors")},
-            "data": {f"preferences_{name}": {"path": str(artifact), "md5": modeling.file_md5(root / artifact)}
-                     for name, artifact in paths.PREFERENCE_SPLITS.items()},
-            "code_revision": modeling.code_revision(root)}
+    return {
+        "started_from": {
+            "path": str(paths.SFT_MODEL),
+            "md5": modeling.file_md5(root / paths.SFT_MODEL / "model.safetensors"),
+        },
+        "data": {
+            f"preferences_{name}": {"path": str(artifact), "md5": modeling.file_md5(root / artifact)}
+            for name, artifact in paths.PREFERENCE_SPLITS.items()
+        },
+        "code_revision": modeling.code_revision(root),
+    }

@@ -11,8 +11,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from flywheel import paths
 from flywheel.config import DistributedParams, Params, source_file
@@ -27,10 +27,10 @@ def check_hardware(distributed: DistributedParams, section: str) -> None:
     if distributed.num_gpus > available:
         raise FlywheelError(
             f"params ask for {distributed.num_gpus} GPU(s) per node but this machine has "
-            f"{available}; set {section}.distributed.num_gpus: 0 to train on the CPU")
+            f"{available}; set {section}.distributed.num_gpus: 0 to train on the CPU"
+        )
     if distributed.deepspeed_config and not Path(distributed.deepspeed_config).is_file():
-        raise FlywheelError(f"DeepSpeed config {distributed.deepspeed_config!r} not found "
-                            "(see infra/deepspeed/)")
+        raise FlywheelError(f"DeepSpeed config {distributed.deepspeed_config!r} not found (see infra/deepspeed/)")
     if distributed.hostfile and not Path(distributed.hostfile).is_file():
         raise FlywheelError(f"hostfile {distributed.hostfile!r} not found")
 
@@ -51,9 +51,14 @@ def launch_command(distributed: DistributedParams, params_file: Path, stage: str
         if distributed.num_nodes > 1:
             command += ["--num_nodes", str(distributed.num_nodes), "--hostfile", distributed.hostfile]
         return command + ["--module", "flywheel", *stage_args]
-    command = [str(scripts / "accelerate"), "launch",
-               "--num_processes", str(processes_per_node * distributed.num_nodes),
-               "--num_machines", str(distributed.num_nodes)]
+    command = [
+        str(scripts / "accelerate"),
+        "launch",
+        "--num_processes",
+        str(processes_per_node * distributed.num_nodes),
+        "--num_machines",
+        str(distributed.num_nodes),
+    ]
     if distributed.num_gpus == 0:
         command.append("--cpu")
     if distributed.deepspeed_config:
@@ -80,8 +85,14 @@ def zero_stage(distributed: DistributedParams) -> int | None:
     return settings.get("zero_optimization", {}).get("stage", 0)
 
 
-def run_stage(stage: str, section: str, distributed: DistributedParams, params: Params, root: Path,
-              train: Callable[[Params, Path], dict | None]) -> dict | None:
+def run_stage(
+    stage: str,
+    section: str,
+    distributed: DistributedParams,
+    params: Params,
+    root: Path,
+    train: Callable[[Params, Path], dict | None],
+) -> dict | None:
     """Train here, or start the launcher's workers and return the metrics rank 0 wrote."""
     check_hardware(distributed, section)
     if distributed.launcher == "none" or is_worker():

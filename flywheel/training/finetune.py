@@ -80,14 +80,18 @@ def _peft_config(config: FinetuneParams):
         return None
     from peft import LoraConfig
 
-    return LoraConfig(task_type="CAUSAL_LM", r=config.lora.r, lora_alpha=config.lora.alpha,
-                      lora_dropout=config.lora.dropout, target_modules=config.lora.target_modules)
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=config.lora.target_modules,
+    )
 
 
 def _exact_match(model, tokenizer, rows: list[dict], config: FinetuneParams) -> float:
     conversations = [modeling.record_messages(row, with_response=False) for row in rows]
-    answers = modeling.generate(model, tokenizer, conversations,
-                                max_new_tokens=config.training.max_new_tokens)
+    answers = modeling.generate(model, tokenizer, conversations, max_new_tokens=config.training.max_new_tokens)
     return modeling.exact_match(answers, [row["response"] for row in rows])
 
 
@@ -104,8 +108,11 @@ def _save(trainer, tokenizer, config: FinetuneParams, target: Path) -> None:
 
 def _tokens_seen(trainer, since_step: int) -> int:
     """Tokens trained on in this run (TRL logs a running count, restored on resume)."""
-    counts = [(entry["step"], entry["num_tokens"]) for entry in trainer.state.log_history
-              if "num_tokens" in entry and "loss" in entry]
+    counts = [
+        (entry["step"], entry["num_tokens"])
+        for entry in trainer.state.log_history
+        if "num_tokens" in entry and "loss" in entry
+    ]
     before = max((tokens for step, tokens in counts if step <= since_step), default=0)
     return int(max((tokens for _, tokens in counts), default=0) - before)
 
@@ -118,8 +125,10 @@ def train(params: Params, root: Path) -> dict | None:
     config = params.finetune
     train_rows, eval_rows = (read_records(artifact.require(root)) for artifact in INPUTS.values())
     if not train_rows:
-        raise FlywheelError("the train split is empty: nothing to fine-tune on; check the clean "
-                            "and split metrics (metrics/clean.json, metrics/split.json)")
+        raise FlywheelError(
+            "the train split is empty: nothing to fine-tune on; check the clean "
+            "and split metrics (metrics/clean.json, metrics/split.json)"
+        )
     resume_from = resumable_checkpoint(root / CHECKPOINTS, fingerprint(config, root))
     texts = (turn["content"] for row in train_rows for turn in modeling.record_messages(row))
     model, tokenizer = modeling.load_base(config, texts)
@@ -130,46 +139,70 @@ def train(params: Params, root: Path) -> dict | None:
         return Dataset.from_list([{"messages": modeling.record_messages(row)} for row in rows])
 
     curves = trainer_args.live_callback(root, paths.SFT_CURVES, resume=bool(resume_from))
-    trainer = SFTTrainer(model=model, args=sft_config(config, root / CHECKPOINTS, bool(eval_rows)),
-                         train_dataset=as_dataset(train_rows),
-                         eval_dataset=as_dataset(eval_rows) if eval_rows else None,
-                         processing_class=tokenizer, peft_config=_peft_config(config),
-                         callbacks=[curves])
-    probe = eval_rows[:config.training.eval_examples]
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(config, root / CHECKPOINTS, bool(eval_rows)),
+        train_dataset=as_dataset(train_rows),
+        eval_dataset=as_dataset(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+        peft_config=_peft_config(config),
+        callbacks=[curves],
+    )
+    probe = eval_rows[: config.training.eval_examples]
     # DeepSpeed builds an evaluation-only engine before training for ZeRO-3 alone.
     can_evaluate_first = eval_rows and distributed.zero_stage(config.distributed) in (None, 3)
-    before = {"eval_loss": trainer.evaluate()["eval_loss"] if can_evaluate_first else None,
-              "exact_match": _exact_match(trainer.model, tokenizer, probe, config)}
+    before = {
+        "eval_loss": trainer.evaluate()["eval_loss"] if can_evaluate_first else None,
+        "exact_match": _exact_match(trainer.model, tokenizer, probe, config),
+    }
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - started
     if not trainer.is_world_process_zero():
         return None
     resumed_step = int(resume_from.rsplit("-", 1)[1]) if resume_from else 0
-    after = {"eval_loss": trainer.evaluate()["eval_loss"] if eval_rows else None,
-             "exact_match": _exact_match(trainer.model, tokenizer, probe, config)}
+    after = {
+        "eval_loss": trainer.evaluate()["eval_loss"] if eval_rows else None,
+        "exact_match": _exact_match(trainer.model, tokenizer, probe, config),
+    }
     curves.live.log_metric("exact_match", after["exact_match"], plot=False)
     curves.live.end()
 
     _save(trainer, tokenizer, config, root / paths.SFT_MODEL)
     metrics = {
-        "eval_loss_before": before["eval_loss"], "eval_loss_after": after["eval_loss"],
-        "exact_match_before": before["exact_match"], "exact_match_after": after["exact_match"],
-        "exact_match_examples": len(probe), "train_examples": len(train_rows),
-        "steps": result.global_step, "epochs": config.training.epochs,
+        "eval_loss_before": before["eval_loss"],
+        "eval_loss_after": after["eval_loss"],
+        "exact_match_before": before["exact_match"],
+        "exact_match_after": after["exact_match"],
+        "exact_match_examples": len(probe),
+        "train_examples": len(train_rows),
+        "steps": result.global_step,
+        "epochs": config.training.epochs,
         "train_seconds": round(seconds, 1),
         "train_tokens_per_second": round(_tokens_seen(trainer, resumed_step) / seconds, 1),
         "resumed_from_step": resumed_step,
         "parameters": sum(p.numel() for p in trainer.model.parameters()),
-        "method": config.method, "base_model": config.base_model,
-        "engine": type(trainer.model_wrapped).__name__, "world_size": trainer.args.world_size,
+        "method": config.method,
+        "base_model": config.base_model,
+        "engine": type(trainer.model_wrapped).__name__,
+        "world_size": trainer.args.world_size,
         "zero_stage": distributed.zero_stage(config.distributed),
     }
-    lineage = {"data": {name: {"path": str(artifact), "md5": modeling.file_md5(root / artifact)}
-                        for name, artifact in INPUTS.items()},
-               "code_revision": modeling.code_revision(root)}
-    modeling.write_model_card(root / paths.SFT_MODEL, title="Flywheel SFT model", base_model=config.base_model,
-                              lineage=lineage, params=config.model_dump(), metrics=metrics)
+    lineage = {
+        "data": {
+            name: {"path": str(artifact), "md5": modeling.file_md5(root / artifact)}
+            for name, artifact in INPUTS.items()
+        },
+        "code_revision": modeling.code_revision(root),
+    }
+    modeling.write_model_card(
+        root / paths.SFT_MODEL,
+        title="Flywheel SFT model",
+        base_model=config.base_model,
+        lineage=lineage,
+        params=config.model_dump(),
+        metrics=metrics,
+    )
     shutil.rmtree(root / CHECKPOINTS, ignore_errors=True)  # finished: nothing left to resume
     return metrics
 
@@ -183,11 +216,13 @@ def report(metrics: dict) -> str:
         return "n/a" if value is None else f"{value:.3f}"
 
     resumed = f", resumed from step {metrics['resumed_from_step']}" if metrics["resumed_from_step"] else ""
-    return "\n".join([
-        f"finetune: {metrics['train_examples']:,} examples, {metrics['steps']:,} steps in "
-        f"{metrics['train_seconds']:.0f} s ({metrics['train_tokens_per_second'] or 0:,.0f} tokens/s){resumed}",
-        f"  eval loss    {fmt(metrics['eval_loss_before'])} -> {fmt(metrics['eval_loss_after'])}",
-        f"  exact match  {fmt(metrics['exact_match_before'])} -> {fmt(metrics['exact_match_after'])} "
-        f"on {metrics['exact_match_examples']} held-out prompts",
-        f"  wrote {paths.SFT_MODEL}/ (model card: {paths.SFT_MODEL}/README.md), curves in {paths.SFT_CURVES}/",
-    ])
+    return "\n".join(
+        [
+            f"finetune: {metrics['train_examples']:,} examples, {metrics['steps']:,} steps in "
+            f"{metrics['train_seconds']:.0f} s ({metrics['train_tokens_per_second'] or 0:,.0f} tokens/s){resumed}",
+            f"  eval loss    {fmt(metrics['eval_loss_before'])} -> {fmt(metrics['eval_loss_after'])}",
+            f"  exact match  {fmt(metrics['exact_match_before'])} -> {fmt(metrics['exact_match_after'])} "
+            f"on {metrics['exact_match_examples']} held-out prompts",
+            f"  wrote {paths.SFT_MODEL}/ (model card: {paths.SFT_MODEL}/README.md), curves in {paths.SFT_CURVES}/",
+        ]
+    )

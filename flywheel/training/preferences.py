@@ -28,9 +28,16 @@ from pathlib import Path
 
 from flywheel import modeling, paths, text
 from flywheel.config import OnPolicyParams, Params, PreferencesParams
-from flywheel.data.records import (PREFERENCE_SCHEMA, ROLE_ALIASES, Rejected, content_id, history_of, metadata_of,
-                                   origin_of,
-                                   split_conversation)
+from flywheel.data.records import (
+    PREFERENCE_SCHEMA,
+    ROLE_ALIASES,
+    Rejected,
+    content_id,
+    history_of,
+    metadata_of,
+    origin_of,
+    split_conversation,
+)
 from flywheel.errors import FlywheelError
 from flywheel.io import ParquetChunkWriter, atomic_path, read_batches, read_records
 from flywheel.pii import redact
@@ -39,15 +46,34 @@ TEXT_FIELDS = ("prompt", "chosen", "rejected", "context", "system")
 REMOVED_TEXT_CHARS = 2_000
 
 
-def make_pair(prompt: str, chosen: str, rejected: str, *, origin: str, source: str, license: str,
-              ingested_at, system: str | None = None, context: str | None = None,
-              history: list | None = None, **details) -> dict:
+def make_pair(
+    prompt: str,
+    chosen: str,
+    rejected: str,
+    *,
+    origin: str,
+    source: str,
+    license: str,
+    ingested_at,
+    system: str | None = None,
+    context: str | None = None,
+    history: list | None = None,
+    **details,
+) -> dict:
     history = history or []
     metadata = {"origin": origin, **details, **({"history": history} if history else {})}
-    return {"id": content_id(prompt, chosen, rejected, context, system, history), "prompt": prompt,
-            "chosen": chosen, "rejected": rejected, "context": context, "system": system,
-            "source": source, "license": license, "ingested_at": ingested_at,
-            "metadata": json.dumps(metadata, ensure_ascii=False, default=str)}
+    return {
+        "id": content_id(prompt, chosen, rejected, context, system, history),
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "context": context,
+        "system": system,
+        "source": source,
+        "license": license,
+        "ingested_at": ingested_at,
+        "metadata": json.dumps(metadata, ensure_ascii=False, default=str),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,8 +85,7 @@ def ingested_pairs(root: Path) -> list[dict]:
     for batch in read_batches(paths.INGESTED_PREFERENCES.require(root)):
         for row in batch:
             metadata = metadata_of(row)
-            pairs.append({**row, "metadata": json.dumps({"origin": "ingest", **metadata},
-                                                        ensure_ascii=False)})
+            pairs.append({**row, "metadata": json.dumps({"origin": "ingest", **metadata}, ensure_ascii=False)})
     return pairs
 
 
@@ -80,15 +105,22 @@ def parse_feedback(value) -> tuple[dict, str]:
             raise Rejected("bad_messages", f"message {position} needs a known role and text content")
         turns.append((ROLE_ALIASES[role], message["content"]))
     system, history, prompt, response = split_conversation([*turns, ("assistant", response)])
-    fields = {"prompt": prompt, "response": response, "system": system, "history": history,
-              "request_id": value.get("request_id"), "created_at": value.get("created_at"),
-              "model_version": value.get("model_version")}
+    fields = {
+        "prompt": prompt,
+        "response": response,
+        "system": system,
+        "history": history,
+        "request_id": value.get("request_id"),
+        "created_at": value.get("created_at"),
+        "model_version": value.get("model_version"),
+    }
     if isinstance(value.get("preferred_response"), str):
         return {**fields, "preferred_response": value["preferred_response"]}, "rewrite"
     if value.get("alternative") is not None or value.get("preferred") is not None:
         if not isinstance(value.get("alternative"), str) or value.get("preferred") not in ("response", "alternative"):
-            raise Rejected("bad_choice", "a choice needs `alternative` text and `preferred`: "
-                                         "'response' or 'alternative'")
+            raise Rejected(
+                "bad_choice", "a choice needs `alternative` text and `preferred`: 'response' or 'alternative'"
+            )
         return {**fields, "alternative": value["alternative"], "preferred": value["preferred"]}, "choice"
     if value.get("rating") in ("up", "down"):
         return {**fields, "rating": value["rating"]}, "rating"
@@ -98,10 +130,20 @@ def parse_feedback(value) -> tuple[dict, str]:
 
 
 def _feedback_pair(event: dict, chosen: str, rejected: str, kind: str, *request_ids) -> dict:
-    return make_pair(event["prompt"], chosen, rejected, origin="feedback", source="feedback",
-                     license="user-feedback", ingested_at=None, system=event["system"],
-                     history=event["history"], feedback=kind, request_ids=list(request_ids),
-                     model_version=event["model_version"])
+    return make_pair(
+        event["prompt"],
+        chosen,
+        rejected,
+        origin="feedback",
+        source="feedback",
+        license="user-feedback",
+        ingested_at=None,
+        system=event["system"],
+        history=event["history"],
+        feedback=kind,
+        request_ids=list(request_ids),
+        model_version=event["model_version"],
+    )
 
 
 def _rating_pairs(ratings: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -113,8 +155,9 @@ def _rating_pairs(ratings: list[dict]) -> tuple[list[dict], list[dict]]:
     pairs, unpaired = [], []
     for group in by_conversation.values():
         for up, down in zip(group["up"], group["down"]):
-            pairs.append(_feedback_pair(up, up["response"], down["response"], "rating",
-                                        up["request_id"], down["request_id"]))
+            pairs.append(
+                _feedback_pair(up, up["response"], down["response"], "rating", up["request_id"], down["request_id"])
+            )
         matched = min(len(group["up"]), len(group["down"]))
         unpaired += group["up"][matched:] + group["down"][matched:]
     return pairs, unpaired
@@ -136,17 +179,26 @@ def feedback_pairs(pattern: str, root: Path) -> tuple[list[dict], list[dict], di
                     event, kind = parse_feedback(_json_line(line))
                 except Rejected as rejected:
                     counts["quarantined"] += 1
-                    removed.append({"origin": "feedback", **where, "reason": rejected.reason,
-                                    "detail": rejected.detail, "raw": line.strip()[:REMOVED_TEXT_CHARS]})
+                    removed.append(
+                        {
+                            "origin": "feedback",
+                            **where,
+                            "reason": rejected.reason,
+                            "detail": rejected.detail,
+                            "raw": line.strip()[:REMOVED_TEXT_CHARS],
+                        }
+                    )
                     continue
                 if kind == "rewrite":
-                    pairs.append(_feedback_pair(event, event["preferred_response"], event["response"],
-                                                kind, event["request_id"]))
+                    pairs.append(
+                        _feedback_pair(event, event["preferred_response"], event["response"], kind, event["request_id"])
+                    )
                     counts["paired"] += 1
                 elif kind == "choice":
                     other = event["alternative"]
-                    chosen, rejected = ((event["response"], other) if event["preferred"] == "response"
-                                        else (other, event["response"]))
+                    chosen, rejected = (
+                        (event["response"], other) if event["preferred"] == "response" else (other, event["response"])
+                    )
                     pairs.append(_feedback_pair(event, chosen, rejected, kind, event["request_id"]))
                     counts["paired"] += 1
                 else:
@@ -155,12 +207,23 @@ def feedback_pairs(pattern: str, root: Path) -> tuple[list[dict], list[dict], di
     pairs += rating_pairs
     counts["paired"] += 2 * len(rating_pairs)
     counts["unpaired_ratings"] = len(unpaired)
-    removed += [{"origin": "feedback", "file": event["file"], "line": event["line"],
-                 "reason": "unpaired_rating",
-                 "detail": f"a thumbs-{event['rating']} with no opposite rating for the same conversation",
-                 "prompt": event["prompt"], "response": event["response"]} for event in unpaired]
-    return pairs, removed, {key: counts[key] for key in
-                            ("files", "events", "paired", "unpaired_ratings", "quarantined")}
+    removed += [
+        {
+            "origin": "feedback",
+            "file": event["file"],
+            "line": event["line"],
+            "reason": "unpaired_rating",
+            "detail": f"a thumbs-{event['rating']} with no opposite rating for the same conversation",
+            "prompt": event["prompt"],
+            "response": event["response"],
+        }
+        for event in unpaired
+    ]
+    return (
+        pairs,
+        removed,
+        {key: counts[key] for key in ("files", "events", "paired", "unpaired_ratings", "quarantined")},
+    )
 
 
 def _json_line(line: str):
@@ -177,15 +240,21 @@ def on_policy_pairs(config: OnPolicyParams, root: Path) -> tuple[list[dict], dic
         return [], {"prompts": 0}
     model_dir = root / paths.SFT_MODEL
     if not (model_dir / "config.json").is_file():
-        raise FlywheelError(f"{model_dir} is not a model: {paths.SFT_MODEL.run_first}, or set "
-                            "preferences.on_policy.prompts: 0")
+        raise FlywheelError(
+            f"{model_dir} is not a model: {paths.SFT_MODEL.run_first}, or set preferences.on_policy.prompts: 0"
+        )
     train = read_records(paths.TRAIN.require(root))
     rows = random.Random(config.seed).sample(train, min(config.prompts, len(train)))
     model, tokenizer = modeling.load_pretrained(str(model_dir))
-    samples = modeling.sample(model, tokenizer,
-                              [modeling.record_messages(row, with_response=False) for row in rows],
-                              samples=config.samples, temperature=config.temperature,
-                              max_new_tokens=config.max_new_tokens, seed=config.seed)
+    samples = modeling.sample(
+        model,
+        tokenizer,
+        [modeling.record_messages(row, with_response=False) for row in rows],
+        samples=config.samples,
+        temperature=config.temperature,
+        max_new_tokens=config.max_new_tokens,
+        seed=config.seed,
+    )
     pairs, counts = [], Counter()
     for row, answers in zip(rows, samples):
         reference = text.dedup_key(row["response"])
@@ -197,15 +266,30 @@ def on_policy_pairs(config: OnPolicyParams, root: Path) -> tuple[list[dict], dic
         elif not correct:
             counts["none_correct"] += 1
         else:
-            pairs.append(make_pair(
-                row["prompt"], correct[0], Counter(wrong).most_common(1)[0][0], origin="on_policy",
-                source="on_policy", license=row["license"], ingested_at=row["ingested_at"],
-                system=row["system"], context=row["context"],
-                history=history_of(row),
-                record_id=row["id"], sampled=answers))
-    return pairs, {"prompts": len(rows), "samples_per_prompt": config.samples, "pairs": len(pairs),
-                   "all_correct": counts["all_correct"], "none_correct": counts["none_correct"],
-                   "sampled_accuracy": round(counts["samples_correct"] / max(len(rows) * config.samples, 1), 4)}
+            pairs.append(
+                make_pair(
+                    row["prompt"],
+                    correct[0],
+                    Counter(wrong).most_common(1)[0][0],
+                    origin="on_policy",
+                    source="on_policy",
+                    license=row["license"],
+                    ingested_at=row["ingested_at"],
+                    system=row["system"],
+                    context=row["context"],
+                    history=history_of(row),
+                    record_id=row["id"],
+                    sampled=answers,
+                )
+            )
+    return pairs, {
+        "prompts": len(rows),
+        "samples_per_prompt": config.samples,
+        "pairs": len(pairs),
+        "all_correct": counts["all_correct"],
+        "none_correct": counts["none_correct"],
+        "sampled_accuracy": round(counts["samples_correct"] / max(len(rows) * config.samples, 1), 4),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,12 +310,19 @@ def clean_pair(pair: dict, config: PreferencesParams, pii_counts: Counter) -> di
             raise Rejected(f"empty_field:{name}", f"the {name} is empty after normalisation")
     if text.dedup_key(cleaned["chosen"]) == text.dedup_key(cleaned["rejected"]):
         raise Rejected("chosen_equals_rejected", "nothing to prefer: both responses are the same")
-    total = len(cleaned["prompt"]) + len(cleaned["context"] or "") + max(
-        len(cleaned["chosen"]), len(cleaned["rejected"]))
+    total = (
+        len(cleaned["prompt"]) + len(cleaned["context"] or "") + max(len(cleaned["chosen"]), len(cleaned["rejected"]))
+    )
     if total > config.max_chars:
         raise Rejected("too_long", f"{total:,} chars > {config.max_chars:,}")
-    cleaned["id"] = content_id(cleaned["prompt"], cleaned["chosen"], cleaned["rejected"],
-                               cleaned["context"], cleaned["system"], history_of(pair))
+    cleaned["id"] = content_id(
+        cleaned["prompt"],
+        cleaned["chosen"],
+        cleaned["rejected"],
+        cleaned["context"],
+        cleaned["system"],
+        history_of(pair),
+    )
     return cleaned
 
 
@@ -252,8 +343,14 @@ def assign(prompt: str, config: PreferencesParams) -> str:
 
 def _removed_pair(pair: dict, reason: str, detail: str) -> dict:
     clip = {name: (pair[name] or "")[:REMOVED_TEXT_CHARS] for name in ("prompt", "chosen", "rejected")}
-    return {"origin": origin_of(pair), "source": pair["source"], "id": pair["id"], "reason": reason,
-            "detail": detail, **clip}
+    return {
+        "origin": origin_of(pair),
+        "source": pair["source"],
+        "id": pair["id"],
+        "reason": reason,
+        "detail": detail,
+        **clip,
+    }
 
 
 def run(params: Params, root: Path = Path(".")) -> dict:
@@ -290,12 +387,16 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         for pair in pairs:
             by_source[pair["source"]][name] += 1
     return {
-        "candidates": {origin: sum(origin_of(p) == origin for p in candidates)
-                       for origin in ("ingest", "feedback", "on_policy")},
-        "train": len(kept["train"]), "eval": len(kept["eval"]),
-        "removed": sum(reasons.values()), "removed_by_reason": dict(sorted(reasons.items())),
+        "candidates": {
+            origin: sum(origin_of(p) == origin for p in candidates) for origin in ("ingest", "feedback", "on_policy")
+        },
+        "train": len(kept["train"]),
+        "eval": len(kept["eval"]),
+        "removed": sum(reasons.values()),
+        "removed_by_reason": dict(sorted(reasons.items())),
         "by_source": dict(sorted(by_source.items())),
-        "feedback": feedback_counts, "on_policy": policy_counts,
+        "feedback": feedback_counts,
+        "on_policy": policy_counts,
         "pii_redacted": dict(sorted(pii_counts.items())),
     }
 
@@ -303,32 +404,40 @@ def run(params: Params, root: Path = Path(".")) -> dict:
 def _write(root: Path, kept: dict[str, list[dict]], removed: list[dict]) -> None:
     with contextlib.ExitStack() as stack:
         for name, pairs in kept.items():
-            writer = ParquetChunkWriter(stack.enter_context(atomic_path(root / paths.PREFERENCE_SPLITS[name])),
-                                        PREFERENCE_SCHEMA)
+            writer = ParquetChunkWriter(
+                stack.enter_context(atomic_path(root / paths.PREFERENCE_SPLITS[name])), PREFERENCE_SCHEMA
+            )
             for pair in pairs:
                 writer.add(pair)
             writer.close()
         with atomic_path(root / paths.PREFERENCES_REMOVED) as tmp:
-            tmp.write_text("".join(json.dumps(entry, ensure_ascii=False, default=str) + "\n"
-                                   for entry in removed))
+            tmp.write_text("".join(json.dumps(entry, ensure_ascii=False, default=str) + "\n" for entry in removed))
 
 
 def report(metrics: dict) -> str:
     candidates = metrics["candidates"]
-    lines = [f"preferences: {sum(candidates.values()):,} candidate pairs ("
-             + ", ".join(f"{origin} {count:,}" for origin, count in candidates.items())
-             + f") -> train {metrics['train']:,}, eval {metrics['eval']:,}, removed {metrics['removed']:,}"]
+    lines = [
+        f"preferences: {sum(candidates.values()):,} candidate pairs ("
+        + ", ".join(f"{origin} {count:,}" for origin, count in candidates.items())
+        + f") -> train {metrics['train']:,}, eval {metrics['eval']:,}, removed {metrics['removed']:,}"
+    ]
     lines += [f"  {reason}: {count:,}" for reason, count in metrics["removed_by_reason"].items()]
     feedback = metrics["feedback"]
-    lines.append(f"  feedback: {feedback['events']:,} events in {feedback['files']} file(s): "
-                 f"{feedback['paired']:,} paired, {feedback['unpaired_ratings']:,} unpaired ratings, "
-                 f"{feedback['quarantined']:,} quarantined")
+    lines.append(
+        f"  feedback: {feedback['events']:,} events in {feedback['files']} file(s): "
+        f"{feedback['paired']:,} paired, {feedback['unpaired_ratings']:,} unpaired ratings, "
+        f"{feedback['quarantined']:,} quarantined"
+    )
     policy = metrics["on_policy"]
     if policy["prompts"]:
-        lines.append(f"  on-policy: {policy['prompts']:,} prompts x {policy['samples_per_prompt']} samples, "
-                     f"sampled accuracy {policy['sampled_accuracy']:.3f}, {policy['pairs']:,} pairs")
+        lines.append(
+            f"  on-policy: {policy['prompts']:,} prompts x {policy['samples_per_prompt']} samples, "
+            f"sampled accuracy {policy['sampled_accuracy']:.3f}, {policy['pairs']:,} pairs"
+        )
     if not metrics["train"]:
-        lines.append("  no preference pairs to train on: the rlhf stage will skip alignment or fail, "
-                     "as rlhf.on_missing_preferences says")
+        lines.append(
+            "  no preference pairs to train on: the rlhf stage will skip alignment or fail, "
+            "as rlhf.on_missing_preferences says"
+        )
     lines.append(f"  wrote {', '.join(map(str, paths.PREFERENCE_SPLITS.values()))}, {paths.PREFERENCES_REMOVED}")
     return "\n".join(lines)

@@ -23,7 +23,8 @@ from flywheel.training import alignment, distributed, trainer_args
 def ranks_chosen_first(model, tokenizer, pairs: list[dict]) -> list[bool]:
     """Per pair, whether the reward model scores the chosen response higher."""
     return alignment.chosen_wins(
-        pairs, lambda prompts, answers: alignment.score_answers(model, tokenizer, prompts, answers))
+        pairs, lambda prompts, answers: alignment.score_answers(model, tokenizer, prompts, answers)
+    )
 
 
 def _skip(root: Path, reason: str) -> dict:
@@ -52,13 +53,20 @@ def train(params: Params, root: Path) -> dict | None:
 
     training = config.reward_model.training
     args = RewardConfig(
-        output_dir=str(root / "models/.checkpoints/reward"), max_length=training.max_length,
+        output_dir=str(root / "models/.checkpoints/reward"),
+        max_length=training.max_length,
         center_rewards_coefficient=config.reward_model.center_rewards_coefficient,
-        **trainer_args.arguments(training, config.distributed, has_eval=bool(eval_pairs)))
+        **trainer_args.arguments(training, config.distributed, has_eval=bool(eval_pairs)),
+    )
     callback = trainer_args.live_callback(root, paths.REWARD_CURVES)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=dataset(train_pairs),
-                            eval_dataset=dataset(eval_pairs) if eval_pairs else None,
-                            processing_class=tokenizer, callbacks=[callback])
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset(train_pairs),
+        eval_dataset=dataset(eval_pairs) if eval_pairs else None,
+        processing_class=tokenizer,
+        callbacks=[callback],
+    )
     accuracy_before = alignment.share(ranks_chosen_first(model, tokenizer, eval_pairs))
     started = time.perf_counter()
     result = trainer.train()
@@ -68,19 +76,29 @@ def train(params: Params, root: Path) -> dict | None:
     ranked_first = ranks_chosen_first(trainer.model, tokenizer, eval_pairs)
     callback.live.end()
 
-    metrics = {"trained": True, "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
-               "pairwise_accuracy_before": accuracy_before,
-               "pairwise_accuracy": alignment.share(ranked_first),
-               "pairwise_accuracy_by_source": alignment.share_by_source(eval_pairs, ranked_first),
-               "steps": result.global_step, "train_seconds": round(seconds, 1)}
+    metrics = {
+        "trained": True,
+        "train_pairs": len(train_pairs),
+        "eval_pairs": len(eval_pairs),
+        "pairwise_accuracy_before": accuracy_before,
+        "pairwise_accuracy": alignment.share(ranked_first),
+        "pairwise_accuracy_by_source": alignment.share_by_source(eval_pairs, ranked_first),
+        "steps": result.global_step,
+        "train_seconds": round(seconds, 1),
+    }
 
     with atomic_dir(root / paths.REWARD_MODEL) as staging:
         trainer.save_model(str(staging))
         tokenizer.save_pretrained(staging)
         modeling.write_model_card(
-            staging, title="Flywheel reward model", base_model=str(paths.SFT_MODEL),
-            lineage=alignment.lineage(root), params=config.reward_model.model_dump(),
-            metrics=metrics, pipeline_tag="text-classification")
+            staging,
+            title="Flywheel reward model",
+            base_model=str(paths.SFT_MODEL),
+            lineage=alignment.lineage(root),
+            params=config.reward_model.model_dump(),
+            metrics=metrics,
+            pipeline_tag="text-classification",
+        )
     return metrics
 
 
@@ -94,9 +112,11 @@ def report(metrics: dict) -> str:
     accuracy = metrics["pairwise_accuracy"]
     before = metrics["pairwise_accuracy_before"]
     shown = "n/a (no held-out pairs)" if accuracy is None else f"{before:.3f} -> {accuracy:.3f}"
-    return "\n".join([
-        f"reward: {metrics['train_pairs']:,} pairs, {metrics['steps']:,} steps in {metrics['train_seconds']:.0f} s",
-        f"  pairwise accuracy on {metrics['eval_pairs']:,} held-out pairs: {shown}",
-        f"  wrote {paths.REWARD_MODEL}/ (model card: {paths.REWARD_MODEL}/README.md), "
-        f"curves in {paths.REWARD_CURVES}/",
-    ])
+    return "\n".join(
+        [
+            f"reward: {metrics['train_pairs']:,} pairs, {metrics['steps']:,} steps in {metrics['train_seconds']:.0f} s",
+            f"  pairwise accuracy on {metrics['eval_pairs']:,} held-out pairs: {shown}",
+            f"  wrote {paths.REWARD_MODEL}/ (model card: {paths.REWARD_MODEL}/README.md), "
+            f"curves in {paths.REWARD_CURVES}/",
+        ]
+    )

@@ -41,21 +41,28 @@ CHECKPOINTS = Path("models/.checkpoints/rlhf")
 def prefers_chosen(model, tokenizer, pairs: list[dict]) -> list[bool]:
     """Per pair, whether the model finds the chosen response more likely than the rejected one."""
     return alignment.chosen_wins(
-        pairs, lambda prompts, responses: modeling.response_logprobs(model, tokenizer, prompts, responses))
+        pairs, lambda prompts, responses: modeling.response_logprobs(model, tokenizer, prompts, responses)
+    )
 
 
 def measure(model, tokenizer, pairs: list[dict], probe: list[dict], reward_model, config: RlhfParams) -> dict:
     """What metrics/rlhf.json compares between the SFT and the aligned model. Preference accuracy
     is also given on the collected pairs alone (ingest and feedback: people's preferences), without
     the on-policy pairs, whose chosen answers are the SFT model's own likeliest ones."""
-    task_answers = modeling.generate(model, tokenizer, [modeling.record_messages(r, with_response=False)
-                                                        for r in probe], max_new_tokens=config.max_new_tokens)
+    task_answers = modeling.generate(
+        model,
+        tokenizer,
+        [modeling.record_messages(r, with_response=False) for r in probe],
+        max_new_tokens=config.max_new_tokens,
+    )
     preferred = prefers_chosen(model, tokenizer, pairs)
     collected = [flag for pair, flag in zip(pairs, preferred) if origin_of(pair) != "on_policy"]
-    measured = {"preference_accuracy": alignment.share(preferred),
-                "preference_accuracy_collected": alignment.share(collected),
-                "preference_accuracy_by_source": alignment.share_by_source(pairs, preferred),
-                "exact_match": modeling.exact_match(task_answers, [r["response"] for r in probe])}
+    measured = {
+        "preference_accuracy": alignment.share(preferred),
+        "preference_accuracy_collected": alignment.share(collected),
+        "preference_accuracy_by_source": alignment.share_by_source(pairs, preferred),
+        "exact_match": modeling.exact_match(task_answers, [r["response"] for r in probe]),
+    }
     if reward_model is not None and pairs:
         prompts = [alignment.prompt_messages(pair) for pair in pairs]
         answers = modeling.generate(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens)
@@ -70,8 +77,12 @@ def kl_from_reference(policy, reference, tokenizer, pairs: list[dict], config: R
     if not pairs:
         return None
     prompts = [alignment.prompt_messages(pair) for pair in pairs]
-    answers = [group[0] for group in modeling.sample(policy, tokenizer, prompts, samples=1, temperature=1.0,
-                                                     max_new_tokens=config.max_new_tokens, seed=0)]
+    answers = [
+        group[0]
+        for group in modeling.sample(
+            policy, tokenizer, prompts, samples=1, temperature=1.0, max_new_tokens=config.max_new_tokens, seed=0
+        )
+    ]
     policy_lp = modeling.response_logprobs(policy, tokenizer, prompts, answers)
     reference_lp = modeling.response_logprobs(reference, tokenizer, prompts, answers)
     return sum(p - r for p, r in zip(policy_lp, reference_lp)) / len(prompts)
@@ -89,22 +100,36 @@ def dpo_trainer(config: RlhfParams, model, tokenizer, train_pairs, eval_pairs, r
     reference = None  # TRL keeps a frozen copy of the model being trained
     if dpo.reference_model != "sft":
         reference, _ = modeling.load_pretrained(dpo.reference_model)
-    args = DPOConfig(output_dir=str(root / CHECKPOINTS), beta=dpo.beta, loss_type=dpo.loss_type,
-                     loss_weights=dpo.loss_weights, label_smoothing=dpo.label_smoothing, max_length=dpo.training.max_length,
-                     **trainer_args.arguments(dpo.training, config.distributed, has_eval=bool(eval_pairs)))
+    args = DPOConfig(
+        output_dir=str(root / CHECKPOINTS),
+        beta=dpo.beta,
+        loss_type=dpo.loss_type,
+        loss_weights=dpo.loss_weights,
+        label_smoothing=dpo.label_smoothing,
+        max_length=dpo.training.max_length,
+        **trainer_args.arguments(dpo.training, config.distributed, has_eval=bool(eval_pairs)),
+    )
 
     def dataset(pairs):
         return Dataset.from_list([alignment.as_conversational(pair) for pair in pairs])
 
-    return DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=dataset(train_pairs),
-                      eval_dataset=dataset(eval_pairs) if eval_pairs else None,
-                      processing_class=tokenizer, callbacks=callbacks)
+    return DPOTrainer(
+        model=model,
+        ref_model=reference,
+        args=args,
+        train_dataset=dataset(train_pairs),
+        eval_dataset=dataset(eval_pairs) if eval_pairs else None,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
 
 
 def correctness(completions, reference, **_) -> list[float | None]:
     """1 when the answer matches the train reference, 0 when not; None for prompts without one."""
-    return [None if ref is None else float(text.dedup_key(c[0]["content"]) == text.dedup_key(ref))
-            for c, ref in zip(completions, reference)]
+    return [
+        None if ref is None else float(text.dedup_key(c[0]["content"]) == text.dedup_key(ref))
+        for c, ref in zip(completions, reference)
+    ]
 
 
 def length_penalty(max_tokens: int):
@@ -135,20 +160,31 @@ def grpo_trainer(config: RlhfParams, model, tokenizer, train_pairs, reward_model
 
     grpo = config.grpo
     weights = grpo.reward_weights
-    functions = [(reward_model[0], weights.reward_model, reward_model[1]),
-                 (correctness, weights.correctness, None),
-                 (length_penalty(grpo.max_completion_length), weights.length, None)]
+    functions = [
+        (reward_model[0], weights.reward_model, reward_model[1]),
+        (correctness, weights.correctness, None),
+        (length_penalty(grpo.max_completion_length), weights.length, None),
+    ]
     functions = [entry for entry in functions if entry[1] != 0]
     Config, Trainer = (GRPOConfig, GRPOTrainer) if grpo.trainer == "grpo" else (RLOOConfig, RLOOTrainer)
-    args = Config(output_dir=str(root / CHECKPOINTS), num_generations=grpo.num_generations,
-                  max_completion_length=grpo.max_completion_length, temperature=grpo.temperature,
-                  beta=grpo.beta, reward_weights=[weight for _, weight, _ in functions],
-                  **trainer_args.arguments(grpo.training, config.distributed, has_eval=False))
-    return Trainer(model=model, reward_funcs=[function for function, _, _ in functions], args=args,
-                   train_dataset=Dataset.from_list(grpo_prompts(grpo, train_pairs, root)),
-                   processing_class=tokenizer,
-                   reward_processing_classes=[processor for _, _, processor in functions],
-                   callbacks=callbacks)
+    args = Config(
+        output_dir=str(root / CHECKPOINTS),
+        num_generations=grpo.num_generations,
+        max_completion_length=grpo.max_completion_length,
+        temperature=grpo.temperature,
+        beta=grpo.beta,
+        reward_weights=[weight for _, weight, _ in functions],
+        **trainer_args.arguments(grpo.training, config.distributed, has_eval=False),
+    )
+    return Trainer(
+        model=model,
+        reward_funcs=[function for function, _, _ in functions],
+        args=args,
+        train_dataset=Dataset.from_list(grpo_prompts(grpo, train_pairs, root)),
+        processing_class=tokenizer,
+        reward_processing_classes=[processor for _, _, processor in functions],
+        callbacks=callbacks,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,11 +204,15 @@ def _pass_sft_through(root: Path, config: RlhfParams, reason: str) -> dict:
 
     with atomic_dir(root / paths.ALIGNED_MODEL) as staging:
         shutil.copytree(paths.SFT_MODEL.require(root), staging, dirs_exist_ok=True)
-        modeling.write_model_card(staging, title="Flywheel model (SFT, not aligned)",
-                                  base_model=str(paths.SFT_MODEL), lineage=_lineage(root),
-                                  params=config.model_dump(), metrics=metrics,
-                                  notes=f"**Alignment was skipped: {reason}.** These are the SFT "
-                                        "model's weights, unchanged.")
+        modeling.write_model_card(
+            staging,
+            title="Flywheel model (SFT, not aligned)",
+            base_model=str(paths.SFT_MODEL),
+            lineage=_lineage(root),
+            params=config.model_dump(),
+            metrics=metrics,
+            notes=f"**Alignment was skipped: {reason}.** These are the SFT model's weights, unchanged.",
+        )
     return metrics
 
 
@@ -183,17 +223,20 @@ def train(params: Params, root: Path) -> dict | None:
         return _pass_sft_through(root, config, alignment.no_pairs(config, "rlhf"))
     reward_model = alignment.load_reward_model(root)
     if config.method == "reward+grpo" and reward_model is None:
-        raise FlywheelError(f"{paths.REWARD_MODEL} holds no trained reward model (see its README.md): "
-                            f"{paths.REWARD_MODEL.run_first}")
+        raise FlywheelError(
+            f"{paths.REWARD_MODEL} holds no trained reward model (see its README.md): {paths.REWARD_MODEL.run_first}"
+        )
     model, tokenizer = alignment.load_sft(root)
-    probe = read_records(paths.EVAL.require(root))[:config.eval_examples]
+    probe = read_records(paths.EVAL.require(root))[: config.eval_examples]
     before = measure(model, tokenizer, eval_pairs, probe, reward_model, config)
 
     callback = trainer_args.live_callback(root, paths.RLHF_CURVES)
     callbacks = [callback]
-    trainer = (dpo_trainer(config, model, tokenizer, train_pairs, eval_pairs, root, callbacks)
-               if config.method == "dpo" else
-               grpo_trainer(config, model, tokenizer, train_pairs, reward_model, root, callbacks))
+    trainer = (
+        dpo_trainer(config, model, tokenizer, train_pairs, eval_pairs, root, callbacks)
+        if config.method == "dpo"
+        else grpo_trainer(config, model, tokenizer, train_pairs, reward_model, root, callbacks)
+    )
     started = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - started
@@ -205,18 +248,31 @@ def train(params: Params, root: Path) -> dict | None:
     kl = kl_from_reference(aligned, reference, tokenizer, eval_pairs, config)
     callback.live.end()
 
-    metrics = {"aligned": True, "method": config.method, "train_pairs": len(train_pairs),
-               "eval_pairs": len(eval_pairs), "task_examples": len(probe),
-               "steps": result.global_step, "train_seconds": round(seconds, 1),
-               "kl_from_sft": kl, "sft": before, "aligned_model": after,
-               "training_log": _last_logged(trainer)}
+    metrics = {
+        "aligned": True,
+        "method": config.method,
+        "train_pairs": len(train_pairs),
+        "eval_pairs": len(eval_pairs),
+        "task_examples": len(probe),
+        "steps": result.global_step,
+        "train_seconds": round(seconds, 1),
+        "kl_from_sft": kl,
+        "sft": before,
+        "aligned_model": after,
+        "training_log": _last_logged(trainer),
+    }
 
     with atomic_dir(root / paths.ALIGNED_MODEL) as staging:
         trainer.save_model(str(staging))
         tokenizer.save_pretrained(staging)
-        modeling.write_model_card(staging, title=f"Flywheel aligned model ({config.method})",
-                                  base_model=str(paths.SFT_MODEL), lineage=_lineage(root),
-                                  params=config.model_dump(), metrics=metrics)
+        modeling.write_model_card(
+            staging,
+            title=f"Flywheel aligned model ({config.method})",
+            base_model=str(paths.SFT_MODEL),
+            lineage=_lineage(root),
+            params=config.model_dump(),
+            metrics=metrics,
+        )
     shutil.rmtree(root / CHECKPOINTS, ignore_errors=True)
     return metrics
 
@@ -225,8 +281,13 @@ def _last_logged(trainer) -> dict:
     """The trainer's own last logged values (DPO reward margins/accuracies, GRPO rewards and KL)."""
     last = {}
     for entry in trainer.state.log_history:
-        last.update({key: value for key, value in entry.items()
-                     if isinstance(value, (int, float)) and key not in ("epoch", "step")})
+        last.update(
+            {
+                key: value
+                for key, value in entry.items()
+                if isinstance(value, (int, float)) and key not in ("epoch", "step")
+            }
+        )
     return {key: round(value, 4) for key, value in sorted(last.items())}
 
 
@@ -242,18 +303,23 @@ def report(metrics: dict) -> str:
         return "n/a" if value is None else f"{value:.3f}"
 
     before, after = metrics["sft"], metrics["aligned_model"]
-    lines = [f"rlhf ({metrics['method']}): {metrics['train_pairs']:,} pairs, {metrics['steps']:,} steps "
-             f"in {metrics['train_seconds']:.0f} s",
-             f"  preference accuracy  {fmt(before['preference_accuracy'])} -> "
-             f"{fmt(after['preference_accuracy'])} on {metrics['eval_pairs']:,} held-out pairs "
-             f"({fmt(before['preference_accuracy_collected'])} -> {fmt(after['preference_accuracy_collected'])} "
-             "on those collected from people, without on-policy pairs)",
-             f"  task exact match     {fmt(before['exact_match'])} -> {fmt(after['exact_match'])} "
-             f"on {metrics['task_examples']:,} held-out prompts"]
+    lines = [
+        f"rlhf ({metrics['method']}): {metrics['train_pairs']:,} pairs, {metrics['steps']:,} steps "
+        f"in {metrics['train_seconds']:.0f} s",
+        f"  preference accuracy  {fmt(before['preference_accuracy'])} -> "
+        f"{fmt(after['preference_accuracy'])} on {metrics['eval_pairs']:,} held-out pairs "
+        f"({fmt(before['preference_accuracy_collected'])} -> {fmt(after['preference_accuracy_collected'])} "
+        "on those collected from people, without on-policy pairs)",
+        f"  task exact match     {fmt(before['exact_match'])} -> {fmt(after['exact_match'])} "
+        f"on {metrics['task_examples']:,} held-out prompts",
+    ]
     if "reward_of_answers" in after:
-        lines.append(f"  reward of answers    {fmt(before['reward_of_answers'])} -> "
-                     f"{fmt(after['reward_of_answers'])} (reward model)")
-    lines += [f"  KL from SFT          {fmt(metrics['kl_from_sft'])} nats per answer",
-              f"  wrote {paths.ALIGNED_MODEL}/ (model card: {paths.ALIGNED_MODEL}/README.md), "
-              f"curves in {paths.RLHF_CURVES}/"]
+        lines.append(
+            f"  reward of answers    {fmt(before['reward_of_answers'])} -> "
+            f"{fmt(after['reward_of_answers'])} (reward model)"
+        )
+    lines += [
+        f"  KL from SFT          {fmt(metrics['kl_from_sft'])} nats per answer",
+        f"  wrote {paths.ALIGNED_MODEL}/ (model card: {paths.ALIGNED_MODEL}/README.md), curves in {paths.RLHF_CURVES}/",
+    ]
     return "\n".join(lines)

@@ -50,8 +50,9 @@ def live_callback(root: Path, directory: Path, *, resume: bool = False):
     """dvclive curves of a trainer's logs, in `directory` (a stage's declared plots). GRPO logs
     None for a reward function no prompt in the batch had (e.g. correctness without references),
     which dvclive refuses: those are left out."""
-    from dvclive import Live
     from dvclive.huggingface import DVCLiveCallback
+
+    from dvclive import Live
 
     class Callback(DVCLiveCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
