@@ -9,7 +9,10 @@
 #   engine.sh host    print the DOCKER_HOST to use (what `start` chose)
 #   engine.sh base    build the base image flywheel-base:bookworm (Debian bookworm, minbase, with
 #                     python3 and venv) with debootstrap and `docker import`, unless it exists.
-#                     For machines that cannot pull python:3.11-slim from a registry.
+#                     For machines that cannot pull python:3.11-slim from a registry. The
+#                     Debian mirror is DEBIAN_MIRROR if set, else the one this machine's apt is
+#                     configured with (so a local mirror or proxy is used as apt uses it).
+#   engine.sh mirror  print that mirror
 #   engine.sh stop    stop the private dockerd
 set -euo pipefail
 
@@ -19,7 +22,7 @@ SOCKET="unix://$STATE/docker.sock"
 # containerd's sockets live under the exec root; a short path keeps them under the 108-byte limit.
 EXEC_ROOT="/tmp/flywheel-docker-$(printf '%s' "$ROOT" | md5sum | cut -c1-8)"
 BASE_IMAGE="${FLYWHEEL_BASE_IMAGE:-flywheel-base:bookworm}"
-MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+SUITE=bookworm
 
 answers() { DOCKER_HOST="$1" docker info >/dev/null 2>&1; }
 
@@ -58,6 +61,45 @@ start() {
     exit 1
 }
 
+# The first archive apt is configured with for $SUITE's main component, from one-line sources
+# (deb [options] URI suite components...) and deb822 .sources files (Types/URIs/Suites/Components).
+apt_mirror() {
+    command -v apt-config >/dev/null || return 1
+    local list parts
+    eval "$(apt-config shell list Dir::Etc::sourcelist/f parts Dir::Etc::sourceparts/d)"
+    {
+        [[ -f "$list" ]] && cat "$list"
+        for file in "$parts"/*.list; do [[ -f "$file" ]] && cat "$file"; done
+    } | awk -v suite="$SUITE" '
+        /^[ \t]*deb[ \t]/ {
+            sub(/\[[^]]*\][ \t]*/, "")
+            if ($3 == suite) for (i = 4; i <= NF; i++) if ($i == "main") { print $2; exit }
+        }' | head -n1 | grep . && return
+    for file in "$parts"/*.sources; do [[ -f "$file" ]] && cat "$file" && echo; done | awk -v suite="$SUITE" '
+        function flush() {
+            if (types ~ /(^| )deb( |$)/ && (" " suites " ") ~ (" " suite " ") && (" " components " ") ~ / main /) {
+                split(uris, first, " "); print first[1]; found = 1; exit
+            }
+            types = uris = suites = components = ""
+        }
+        /^[ \t]*#/ { next }
+        /^[ \t]*$/ { flush(); next }
+        /^Types:/ { sub(/^Types:[ \t]*/, ""); types = $0 }
+        /^URIs:/ { sub(/^URIs:[ \t]*/, ""); uris = $0 }
+        /^Suites:/ { sub(/^Suites:[ \t]*/, ""); suites = $0 }
+        /^Components:/ { sub(/^Components:[ \t]*/, ""); components = $0 }
+        END { if (!found) flush() }' | head -n1 | grep .
+}
+
+mirror() {
+    if [[ -n "${DEBIAN_MIRROR:-}" ]]; then echo "$DEBIAN_MIRROR"; return; fi
+    apt_mirror || {
+        echo "engine.sh: no Debian $SUITE archive in this machine's apt sources; set DEBIAN_MIRROR" \
+             "to a Debian mirror URL" >&2
+        return 1
+    }
+}
+
 base() {
     export DOCKER_HOST
     DOCKER_HOST="$(host)" || { echo "engine.sh: no Docker engine; run 'engine.sh start' first" >&2; exit 1; }
@@ -65,10 +107,18 @@ base() {
         echo "engine.sh: base image $BASE_IMAGE exists"; return
     fi
     command -v debootstrap >/dev/null || { echo "engine.sh: installing debootstrap"; install_packages debootstrap; }
+    local source
+    source="$(mirror)" || exit 1
+    # apt's proxy, where apt has one and the environment does not.
+    if [[ -z "${http_proxy:-}" ]] && command -v apt-config >/dev/null; then
+        local proxy=""
+        eval "$(apt-config shell proxy Acquire::http::Proxy)"
+        [[ -n "$proxy" ]] && export http_proxy="$proxy"
+    fi
     rootfs="$(mktemp -d "$STATE/rootfs.XXXXXX")"
     trap 'rm -rf "$rootfs"' EXIT
-    echo "engine.sh: debootstrap bookworm (minbase + python3) from $MIRROR"
-    debootstrap --variant=minbase --include=python3,python3-venv bookworm "$rootfs" "$MIRROR" \
+    echo "engine.sh: debootstrap $SUITE (minbase + python3) from $source"
+    debootstrap --variant=minbase --include=python3,python3-venv "$SUITE" "$rootfs" "$source" \
         >"$STATE/debootstrap.log" 2>&1 \
         || { tail -n 20 "$STATE/debootstrap.log" >&2; exit 1; }
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
@@ -87,6 +137,7 @@ case "${1:-}" in
     start) start ;;
     host) host || { echo "engine.sh: no Docker engine answers" >&2; exit 1; } ;;
     base) base ;;
+    mirror) mirror ;;
     stop) stop ;;
-    *) echo "usage: $0 start|host|base|stop" >&2; exit 2 ;;
+    *) echo "usage: $0 start|host|base|mirror|stop" >&2; exit 2 ;;
 esac
