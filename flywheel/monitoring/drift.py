@@ -28,6 +28,7 @@ def prompt_of(messages: list[dict]) -> str:
 
 
 def sample(items: list, limit: int, seed: int) -> list:
+    """At most `limit` of `items`, drawn uniformly and reproducibly for a seed."""
     return items if len(items) <= limit else random.Random(seed).sample(items, limit)
 
 

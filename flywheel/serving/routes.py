@@ -197,28 +197,26 @@ def stream(
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
-def chat_chunk(request_id: str, engine: Engine, piece: str, finish: str | None) -> dict:
+def completion(request_id: str, engine: Engine, kind: str, choice: dict, **extra) -> dict:
+    """An OpenAI completion object (or chunk) of one choice; the model version is its fingerprint."""
     return {
         "id": request_id,
-        "object": "chat.completion.chunk",
+        "object": kind,
         "created": int(time.time()),
         "model": engine.name,
         "system_fingerprint": engine.version,
-        "choices": [
-            {"index": 0, "delta": {"role": "assistant", "content": piece} if piece else {}, "finish_reason": finish}
-        ],
+        "choices": [{"index": 0, **choice}],
+        **extra,
     }
+
+
+def chat_chunk(request_id: str, engine: Engine, piece: str, finish: str | None) -> dict:
+    delta = {"role": "assistant", "content": piece} if piece else {}
+    return completion(request_id, engine, "chat.completion.chunk", {"delta": delta, "finish_reason": finish})
 
 
 def text_chunk(request_id: str, engine: Engine, piece: str, finish: str | None) -> dict:
-    return {
-        "id": request_id,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": engine.name,
-        "system_fingerprint": engine.version,
-        "choices": [{"index": 0, "text": piece, "finish_reason": finish, "logprobs": None}],
-    }
+    return completion(request_id, engine, "text_completion", {"text": piece, "finish_reason": finish, "logprobs": None})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,21 +234,10 @@ async def chat_completions(body: ChatRequest, request: Request):
     request_id, answer, usage, engine = await complete(
         server, CHAT, client, messages, prompt, body, canary=CANARY_HEADER in request.headers
     )
-    return {
-        "id": request_id,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": engine.name,
-        "system_fingerprint": engine.version,
-        "choices": [
-            {
-                "index": 0,
-                "finish_reason": answer.finish_reason,
-                "message": {"role": "assistant", "content": answer.text},
-            }
-        ],
-        "usage": usage,
-    }
+    message = {"role": "assistant", "content": answer.text}
+    return completion(
+        request_id, engine, "chat.completion", {"finish_reason": answer.finish_reason, "message": message}, usage=usage
+    )
 
 
 @router.post(COMPLETIONS)
@@ -260,15 +247,8 @@ async def completions(body: CompletionRequest, request: Request):
     if body.stream:
         return stream(server, COMPLETIONS, client, messages, body.prompt, body, text_chunk)
     request_id, answer, usage, engine = await complete(server, COMPLETIONS, client, messages, body.prompt, body)
-    return {
-        "id": request_id,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": engine.name,
-        "system_fingerprint": engine.version,
-        "choices": [{"index": 0, "text": answer.text, "finish_reason": answer.finish_reason, "logprobs": None}],
-        "usage": usage,
-    }
+    choice = {"text": answer.text, "finish_reason": answer.finish_reason, "logprobs": None}
+    return completion(request_id, engine, "text_completion", choice, usage=usage)
 
 
 @router.get("/v1/models")
