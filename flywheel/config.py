@@ -271,8 +271,6 @@ class TrainingParams(TrainerParams):
     learning_rate: LearningRate = 1e-3
     warmup_ratio: WarmupRatio = 0.03
     batch_size: int = Field(default=1, ge=1, description="rows per device step (packed rows when packing)")
-    # TRL's SFTConfig turns it on by default; kept so that SFT trains as it always has.
-    gradient_checkpointing: bool = Field(default=True, description="recompute activations: less memory, more time")
     max_length: int = Field(default=256, ge=16, description="tokens per row; with packing, per packed row")
     packing: bool = True
     save_steps: int = Field(default=500, ge=1, description="checkpoint every N optimizer steps")
