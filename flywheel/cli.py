@@ -87,6 +87,13 @@ def _load_params(args: argparse.Namespace):
     return load_params(args.params)
 
 
+def _size_threads(params) -> None:
+    """Before torch is imported: its pools sized to the CPUs this process may use (flywheel.threads)."""
+    from flywheel import threads
+
+    threads.configure(params.runtime.threads)
+
+
 def _request_log_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--db",
@@ -106,6 +113,7 @@ def run_stage(name: str, params_path: str) -> None:
     from flywheel.io import write_json
 
     params = load_params(params_path)
+    _size_threads(params)
     module = importlib.import_module(STAGES[name][0])
     try:
         metrics = module.run(params)
@@ -388,12 +396,14 @@ def undeploy_command(args: argparse.Namespace) -> None:
     _request_log_option,
 )
 def monitor_command(args: argparse.Namespace) -> None:
+    params = _load_params(args)
+    _size_threads(params)
+
     from flywheel import paths
     from flywheel.io import write_json
     from flywheel.monitoring import monitor
     from flywheel.serving.request_log import RequestLog
 
-    params = _load_params(args)
     request_log = RequestLog(args.db)
     try:
         result = monitor.run(params, request_log=request_log)
@@ -420,9 +430,12 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     _serve_arguments,
 )
 def serve_command(args: argparse.Namespace) -> int:
+    params = _load_params(args)
+    _size_threads(params)
+
     from flywheel.serving import app
 
-    config = _load_params(args).serve
+    config = params.serve
     if args.model:
         config = config.model_copy(update={"model": args.model})
     return app.serve(config, host=args.host, port=args.port)

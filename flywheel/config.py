@@ -598,6 +598,17 @@ class AirflowParams(_Section):
     )
 
 
+class RuntimeParams(_Section):
+    """How processes use the machine. No stage lists this section as a dep: the work is the same."""
+
+    threads: int = Field(
+        default=0,
+        ge=0,
+        description="torch/OpenMP threads per process; 0: the CPUs it may use (affinity, cgroup quota)"
+        " shared among the ranks a launcher started, unless OMP_NUM_THREADS says otherwise",
+    )
+
+
 class Params(_Section):
     _source_file: Path | None = PrivateAttr(default=None)  # where these params were read from
 
@@ -614,6 +625,7 @@ class Params(_Section):
     deploy: DeployParams = Field(default_factory=DeployParams)
     monitor: MonitorParams = Field(default_factory=MonitorParams)
     airflow: AirflowParams = Field(default_factory=AirflowParams)
+    runtime: RuntimeParams = Field(default_factory=RuntimeParams)
 
     @model_validator(mode="after")
     def _trigger_params_exist(self) -> Params:

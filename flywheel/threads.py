@@ -1,0 +1,94 @@
+"""How many compute threads a Flywheel process uses: the CPUs it may run on, not the machine's.
+
+torch (and the OpenMP/MKL/BLAS pools under numpy and scikit-learn) size their pools from the
+host's cores. In a container with a CPU quota, under an affinity mask, or beside other jobs, that
+oversubscribes the CPUs, and training was seen running 10-50x slower than with one thread. So
+every command that computes sizes its pools first: `runtime.threads` in params.yaml when set,
+else OMP_NUM_THREADS when the user or a launcher set it, else the CPUs this process may use
+(affinity mask and cgroup quota) shared among the ranks a launcher started on this node.
+Standard library only: it runs before torch is imported, so the pools start at the right size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+POOL_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+# What configure() chose, so a child (a launched rank) can tell Flywheel's OMP_NUM_THREADS, which it
+# re-divides among the ranks, from one a user or launcher set, which it keeps.
+CHOSEN_VARIABLE = "FLYWHEEL_THREADS"
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROCESS_CGROUP = Path("/proc/self/cgroup")
+
+
+def _cgroup_v2_limit(root: Path, process_cgroup: Path) -> float | None:
+    """cpu.max of this process's cgroup and its ancestors (the tightest), as CPUs."""
+    entries = _read(process_cgroup).splitlines()
+    relative = next((line.split("::", 1)[1] for line in entries if line.startswith("0::")), None)
+    if relative is None:
+        return None
+    limits = []
+    directory = root / relative.strip().lstrip("/")
+    while True:
+        quota, _, period = _read(directory / "cpu.max").partition(" ")
+        if quota and quota != "max" and period:
+            limits.append(int(quota) / int(period))
+        if directory == root or root not in directory.parents:
+            break
+        directory = directory.parent
+    return min(limits) if limits else None
+
+
+def _cgroup_v1_limit(root: Path) -> float | None:
+    quota, period = _read(root / "cpu/cpu.cfs_quota_us"), _read(root / "cpu/cpu.cfs_period_us")
+    if not quota or not period or int(quota) <= 0:
+        return None
+    return int(quota) / int(period)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def available_cpus(cgroup_root: Path = CGROUP_ROOT, process_cgroup: Path = PROCESS_CGROUP) -> int:
+    """The CPUs this process may use: its affinity mask, capped by a cgroup CPU quota."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _cgroup_v2_limit(cgroup_root, process_cgroup) or _cgroup_v1_limit(cgroup_root)
+    if quota:
+        cpus = min(cpus, math.ceil(quota))
+    return max(1, cpus)
+
+
+def local_processes() -> int:
+    """Processes a launcher started on this node (torchrun: LOCAL_WORLD_SIZE, DeepSpeed: LOCAL_SIZE)."""
+    for variable in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        if os.environ.get(variable, "").isdigit():
+            return max(1, int(os.environ[variable]))
+    return 1
+
+
+def choose(requested: int = 0) -> int:
+    """Threads for this process: `requested` if positive, else OMP_NUM_THREADS, else a fair share."""
+    if requested > 0:
+        return requested
+    user_set = os.environ.get("OMP_NUM_THREADS", "")
+    if user_set.isdigit() and int(user_set) > 0 and user_set != os.environ.get(CHOSEN_VARIABLE):
+        return int(user_set)
+    return max(1, available_cpus() // local_processes())
+
+
+def configure(requested: int = 0) -> int:
+    """Size the thread pools of this process (and the children it starts); returns the count."""
+    threads = choose(requested)
+    for variable in (*POOL_VARIABLES, CHOSEN_VARIABLE):
+        os.environ[variable] = str(threads)
+    torch = sys.modules.get("torch")
+    if torch is not None:  # already imported: its pool read the variables already
+        torch.set_num_threads(threads)
+    return threads

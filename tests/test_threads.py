@@ -1,0 +1,80 @@
+"""Thread pools sized to the CPUs a process may use, not the machine's (flywheel/threads.py)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from flywheel import threads
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for variable in (*threads.POOL_VARIABLES, threads.CHOSEN_VARIABLE, "LOCAL_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(variable, raising=False)
+    return monkeypatch
+
+
+def _cgroup_v2(tmp_path, cpu_max: str | None, parent_cpu_max: str | None = None):
+    (tmp_path / "job/step").mkdir(parents=True)
+    if parent_cpu_max:
+        (tmp_path / "job/cpu.max").write_text(parent_cpu_max + "\n")
+    if cpu_max:
+        (tmp_path / "job/step/cpu.max").write_text(cpu_max + "\n")
+    process = tmp_path / "cgroup"
+    process.write_text("0::/job/step\n")
+    return tmp_path, process
+
+
+def test_a_cgroup_v2_quota_caps_the_affinity_mask(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    root, process = _cgroup_v2(tmp_path, "150000 100000")
+    assert threads.available_cpus(root, process) == 2  # 1.5 CPUs of quota: two threads
+    root, process = _cgroup_v2(tmp_path / "b", "max 100000", parent_cpu_max="400000 100000")
+    assert threads.available_cpus(root, process) == 4  # the parent's quota binds
+    root, process = _cgroup_v2(tmp_path / "c", "max 100000")
+    assert threads.available_cpus(root, process) == 64
+
+
+def test_a_cgroup_v1_quota_caps_the_affinity_mask(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu/cpu.cfs_quota_us").write_text("100000\n")
+    (tmp_path / "cpu/cpu.cfs_period_us").write_text("100000\n")
+    assert threads.available_cpus(tmp_path, tmp_path / "no-such-file") == 1
+    (tmp_path / "cpu/cpu.cfs_quota_us").write_text("-1\n")
+    assert threads.available_cpus(tmp_path, tmp_path / "no-such-file") == 4
+
+
+def test_params_then_the_users_omp_then_a_fair_share_per_launched_rank(clean_env, monkeypatch):
+    monkeypatch.setattr(threads, "available_cpus", lambda: 8)
+    assert threads.choose(3) == 3
+    assert threads.choose() == 8
+    clean_env.setenv("LOCAL_SIZE", "4")  # DeepSpeed's launcher started four ranks on this node
+    assert threads.choose() == 2
+    clean_env.setenv("OMP_NUM_THREADS", "5")  # the user's choice is kept
+    assert threads.choose() == 5
+    clean_env.setenv(threads.CHOSEN_VARIABLE, "5")  # ... but Flywheel's own, inherited, is re-divided
+    assert threads.choose() == 2
+
+
+def test_a_process_pinned_to_one_cpu_runs_torch_on_one_thread():
+    code = (
+        "import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})\n"
+        "from flywheel import threads; chosen = threads.configure()\n"
+        "import torch; print(chosen, torch.get_num_threads(), os.environ['OMP_NUM_THREADS'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in (*threads.POOL_VARIABLES, threads.CHOSEN_VARIABLE)}
+    output = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert output.stdout.split() == ["1", "1", "1"]
+
+
+def test_an_already_imported_torch_is_resized(clean_env):
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    try:
+        assert threads.configure(1) == 1
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
