@@ -89,6 +89,16 @@ class SourceParams(_Section):
 class IngestParams(_Section):
     sources: list[SourceParams] = Field(min_length=1)
     chunk_size: int = Field(default=10_000, ge=1, description="records per Parquet row group")
+    max_quarantine_share: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="a source with a larger share of its items quarantined fails ingest (a wrong field "
+        "mapping quarantines them all)",
+    )
+    warn_quarantine_share: float = Field(
+        default=0.05, ge=0, le=1, description="a source with a larger share quarantined is reported as a warning"
+    )
 
     @field_validator("sources")
     @classmethod
@@ -106,9 +116,13 @@ class QualityFilterParams(_Section):
     min_prompt_chars: int = Field(default=1, ge=0)
     min_response_chars: int = Field(default=1, ge=0)
     max_chars: int = Field(default=20_000, ge=1, description="prompt + context + response")
-    max_duplicate_line_fraction: float = Field(default=0.3, ge=0, le=1)
-    repeated_ngram_size: int = Field(default=3, ge=1)
-    max_repeated_ngram_char_fraction: float = Field(default=0.3, ge=0, le=1)
+    max_duplicate_line_fraction: float = Field(default=0.3, ge=0, le=1, description="of the response's lines")
+    repeated_ngram_size: int = Field(
+        default=10, ge=2, description="words per n-gram of the repetition filter (on the response alone)"
+    )
+    max_repeated_ngram_char_fraction: float = Field(
+        default=0.6, ge=0, le=1, description="share of the response's characters inside repeated n-grams"
+    )
     max_symbol_word_ratio: float = Field(default=0.3, ge=0, le=1)
     max_non_alpha_ratio: float = Field(default=0.6, ge=0, le=1)
     max_pii_token_fraction: float = Field(default=0.5, ge=0, le=1)
@@ -201,14 +215,63 @@ VALIDATE_CHECKS = {
 }
 
 
+EVAL_DATA_DIR = "data/eval"
+HELD_OUT_SOURCES = ("eval", "test", "safety_probe")
+
+
+class BenchmarkParams(_Section):
+    """A benchmark file (or glob) the train split must not overlap, compared on the named fields."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    path: str = Field(description=f"glob relative to the project root, under {EVAL_DATA_DIR}/")
+    fields: list[str] = Field(min_length=1, description="text fields compared, e.g. [question, answer]")
+    format: Literal["auto", "jsonl", "json", "csv", "parquet"] = "auto"
+
+    @field_validator("path")
+    @classmethod
+    def _under_eval_dir(cls, path: str) -> str:
+        # dvc.yaml lists data/eval as a dep of split: a benchmark elsewhere could change unnoticed.
+        if not path.startswith(f"{EVAL_DATA_DIR}/") or ".." in Path(path).parts:
+            raise ValueError(f"must be a glob under {EVAL_DATA_DIR}/ (got {path!r})")
+        return path
+
+
+class DecontaminateParams(_Section):
+    """Which train records count as contaminated by evaluation data (see flywheel/data/decontaminate.py)."""
+
+    exact: bool = Field(default=True, description="train prompt (+context) equal to an evaluation text")
+    ngram: bool = Field(default=True, description="train text sharing long word n-grams with an evaluation text")
+    n: int = Field(default=13, ge=3, description="words per n-gram (GPT-3: 13)")
+    min_ngrams: int = Field(default=1, ge=1, description="distinct n-grams a train record shares with one item")
+    min_words: int = Field(default=8, ge=3, description="an item shorter than n words but this long must occur whole")
+    # Not context by default: reading-comprehension sets ask several questions about one passage, and a
+    # shared passage would remove every train question about a held-out one (split those by passage).
+    fields: list[Literal["prompt", "context", "response"]] = Field(
+        default_factory=lambda: ["prompt", "response"], min_length=1
+    )
+    against: list[Literal["eval", "test", "safety_probe"]] = Field(
+        default_factory=lambda: list(HELD_OUT_SOURCES), description="the held-out data train is checked against"
+    )
+    benchmarks: list[BenchmarkParams] = Field(default_factory=list)
+    warn_share: float = Field(default=0.05, ge=0, le=1, description="warn when more of train is removed")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DecontaminateParams:
+        if self.min_words > self.n:
+            raise ValueError(f"min_words ({self.min_words}) must not exceed n ({self.n})")
+        names = [b.name for b in self.benchmarks]
+        clashes = sorted({n for n in names if names.count(n) > 1 or n in HELD_OUT_SOURCES})
+        if clashes:
+            raise ValueError(f"benchmark names must be unique and not {list(HELD_OUT_SOURCES)}; got {clashes}")
+        return self
+
+
 class SplitParams(_Section):
     fractions: dict[Literal["train", "eval", "test"], float] = Field(
         default_factory=lambda: {"train": 0.8, "eval": 0.1, "test": 0.1}
     )
     salt: str = Field(default="flywheel", description="changes the assignment when changed")
-    decontaminate_exact: bool = True
-    decontaminate_near: bool = True
-    decontamination_threshold: float = Field(default=0.7, gt=0, le=1)
+    decontaminate: DecontaminateParams = Field(default_factory=DecontaminateParams)
 
     @field_validator("fractions")
     @classmethod

@@ -5,6 +5,9 @@ Shared by the clean stage and by serving (prompts are redacted before they are l
 Candidates found by regular expressions are checked before they are replaced: card numbers must
 pass the Luhn check (so order numbers survive), IBANs the ISO 7064 mod-97 check, IPv6 addresses
 Python's parser, phone numbers must have 9–15 digits and look like a phone, not a date.
+Arithmetic is not PII: a number run written next to `=`, `+`, `*` (worked solutions write
+`1000-450-300 = 250` and `<<2000000-400000=1600000>>`), a minus with spaces around it, or digit
+groups no card is printed in (`2000000-400000`) are left alone, even when Luhn-valid by chance.
 """
 
 from __future__ import annotations
@@ -51,6 +54,15 @@ _IPV4 = re.compile(
 _IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?:%\w+)?(?![\w:])")
 _PHONE = re.compile(r"(?<![\w+])(?:\+|\(\+?)?\d[\d ().-]{6,20}\d(?!\w)")
 _DATE_LIKE = re.compile(r"^\d{4}[-./]\d{1,2}[-./]\d{1,2}$|^\d{1,2}[-./]\d{1,2}[-./]\d{2,4}$")
+# Phone shapes without a country code: North American 555-123-4567 (one separator throughout,
+# optionally after a leading 1), or a national number with its trunk prefix 0 (020 7946 0958,
+# 06 12 34 56 78). Results of sums rarely start with 0; their digit groups rarely fall 3-3-4.
+_NORTH_AMERICAN = re.compile(r"^(?:1[ .-]?)?\d{3}([ .-])\d{3}\1\d{4}$")
+_TRUNK_PREFIXED = re.compile(r"^0\d{1,4}([ .-])\d{2,8}(?:\1\d{2,8}){0,3}$")
+_AREA_CODE_FIRST = re.compile(r"^\(\+?\d{1,5}\)[ .-]?\d")
+_SPACED_MINUS = re.compile(r"\s-|-\s")
+_ARITHMETIC_NEIGHBOURS = set("=+*×÷^")
+_NEIGHBOUR_WINDOW = 8  # characters looked at either side; bounded, so long texts stay linear
 
 
 def luhn_valid(digits: str) -> bool:
@@ -63,9 +75,27 @@ def luhn_valid(digits: str) -> bool:
     return total % 10 == 0
 
 
+def _beside_arithmetic(match: re.Match) -> bool:
+    """Whether the nearest character either side (past spaces) is an arithmetic operator."""
+    text = match.string
+    before = text[max(0, match.start() - _NEIGHBOUR_WINDOW) : match.start()].rstrip()[-1:]
+    after = text[match.end() : match.end() + _NEIGHBOUR_WINDOW].lstrip()[:1]
+    return bool({before, after} & _ARITHMETIC_NEIGHBOURS)
+
+
+def _card_grouping(groups: list[str]) -> bool:
+    """One run of digits, or the groups cards are printed in: 4-4-4-4(-1..3), 4-6-5, 4-6-4."""
+    lengths = [len(group) for group in groups]
+    if len(lengths) == 1 or lengths in ([4, 6, 5], [4, 6, 4]):
+        return True
+    return all(length == 4 for length in lengths[:-1]) and 1 <= lengths[-1] <= 4
+
+
 def _card(match: re.Match) -> bool:
     digits = re.sub(r"\D", "", match.group())
-    return 13 <= len(digits) <= 19 and luhn_valid(digits)
+    if not (13 <= len(digits) <= 19 and luhn_valid(digits)):
+        return False
+    return _card_grouping(re.findall(r"\d+", match.group())) and not _beside_arithmetic(match)
 
 
 def _iban(match: re.Match) -> bool:
@@ -89,12 +119,14 @@ def _phone(match: re.Match) -> bool:
     digits = re.sub(r"\D", "", text)
     if not 9 <= len(digits) <= 15 or _DATE_LIKE.match(text):
         return False
-    groups = re.findall(r"\d+", text)
-    if text.startswith(("+", "(")):
-        return len(groups) >= 2
-    # Without a country code or area-code brackets, want the 555-123-4567 shape: a bare run of
-    # digits is an order or account number, and 3.14159265 is a number.
-    return len(groups) >= 3 and all(2 <= len(group) <= 5 for group in groups)
+    if _SPACED_MINUS.search(text) or _beside_arithmetic(match):
+        return False  # 100 - 50 - 30 - 15, 1000-450-300 = 250
+    if text.startswith("+"):
+        return len(re.findall(r"\d+", text)) >= 2
+    if text.startswith("("):
+        return bool(_AREA_CODE_FIRST.match(text)) and len(re.findall(r"\d+", text)) >= 3
+    # A bare run of digits is an order or account number, and 3.14159265 is a number.
+    return bool(_NORTH_AMERICAN.match(text) or _TRUNK_PREFIXED.match(text))
 
 
 # Order matters: a secret or e-mail may contain digit runs that look like phones.

@@ -113,6 +113,7 @@ def sample_project(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("sample")
     shutil.copytree(REPO / "data/raw", root / "data/raw")
+    shutil.copytree(REPO / "data/eval", root / "data/eval")  # split decontaminates against the probe
     shutil.copytree(REPO / "infra", root / "infra")
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
     params = load_params(REPO / "params.yaml")

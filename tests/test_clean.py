@@ -76,6 +76,7 @@ def test_empty_dataset(tmp_path):
         "removed_by_reason": {},
         "pii_redacted": {},
         "records_with_pii": 0,
+        "markup_stripped": {"tags": 0, "records": 0},
     }
 
 
@@ -99,3 +100,57 @@ def test_ten_megabyte_record_is_removed_quickly(tmp_path):
 def test_missing_input_names_the_stage_to_run(tmp_path):
     with pytest.raises(FlywheelError, match="run the ingest stage first"):
         clean.run(repo_params(), root=tmp_path)
+
+
+# Real GSM8K test items (openai/grade-school-math, MIT): worked solutions restate the question's
+# quantities line after line. Gopher's 3-gram setting removed both, and 22% of the set.
+GSM8K = [
+    (
+        "Nathan is buying decorations for his wedding reception. He drops a ball from the top of a "
+        "3-story building, each story 24 feet tall. After each bounce it rises 2/3rds as high. How "
+        "high does it go after two bounces?",
+        "First find the total height from which Nathan drops the ball: 24 feet/story * 3 stories = "
+        "<<24*3=72>>72 feet\nThen multiply that number by 2/3rds to find the height of the ball after "
+        "one bounce: 72 feet * 2/3 = <<72*2/3=48>>48 feet\nThen multiply that number by 2/3rds to find "
+        "the height of the ball after two bounces: 48 feet * 2/3 = <<48*2/3=32>>32 feet\n#### 32",
+    ),
+    (
+        "Toulouse has twice as many sheep as Charleston. Charleston has 4 times as many sheep as "
+        "Seattle. How many sheep do Toulouse, Charleston, and Seattle have together if Seattle has 20 sheep?",
+        "If Seattle has 20 sheep, Charleston has 4 * 20 sheep = <<20*4=80>>80 sheep\nToulouse has twice "
+        "as many sheep as Charleston, which is 2 * 80 sheep = <<2*80=160>>160 sheep\nTogether, the three "
+        "has 20 sheep + 160 sheep + 80 sheep = <<20+160+80=260>>260 sheep\n#### 260",
+    ),
+    (
+        "Alan has 1000 minutes of music. He deletes 450 minutes and then 300 minutes. How many are left?",
+        "1000 minutes - 450 minutes - 300 minutes = <<1000-450-300=250>>250 minutes\n#### 250",
+    ),
+]
+LOOPS = [
+    "I'm sorry, I can't help with that. " * 8,
+    "Here is a plan. " + "Buy now, buy now, buy now! " * 12,
+    "Sure. First, preheat the oven to 200 degrees and grease the tin. "
+    + "Then stir the batter until it is smooth and pour it in. " * 6,
+]
+
+
+def test_repetition_filter_keeps_worked_solutions_and_removes_loops(tmp_path):
+    solutions = [record(question, answer) for question, answer in GSM8K]
+    # A dialogue turn whose history (context) repeats itself is not a degenerate reply.
+    history = "Human: Can you help me?\nAssistant: I can help.\n" * 4
+    dialogue = record("Then what should I do?", "Call the helpline and ask them.", context=history)
+    loops = [record(f"Tell me {n}", loop) for n, loop in enumerate(LOOPS)]
+    metrics, kept, removed = run_clean(tmp_path, [*solutions, dialogue, *loops])
+    assert {row["id"] for row in kept} == {r["id"] for r in [*solutions, dialogue]}
+    assert {row_id: row["reason"] for row_id, row in removed.items()} == {r["id"]: "repeated_ngrams" for r in loops}
+    assert metrics["pii_redacted"] == {}  # 1000-450-300 is a sum, not a phone number
+
+
+def test_angle_bracketed_prose_survives_markup_stripping(tmp_path):
+    # From Anthropic HH transcripts: the reply "<long answer>" is prose in brackets, not a tag.
+    prose = record("Which one of your programmers is the worst one?", "<long answer>")
+    html = record("Describe it", "See <b>Battery and nail filer</b> in <a href='x'>the list</a>.")
+    metrics, kept, removed = run_clean(tmp_path, [prose, html])
+    assert removed == {}
+    assert sorted(row["response"] for row in kept) == ["<long answer>", "See Battery and nail filer in the list."]
+    assert metrics["markup_stripped"] == {"tags": 4, "records": 1}

@@ -12,8 +12,8 @@ from flywheel.data import ingest
 from flywheel.errors import FlywheelError
 
 
-def make_params(*sources: dict, chunk_size: int = 2):
-    return parse_params({"ingest": {"sources": list(sources), "chunk_size": chunk_size}})
+def make_params(*sources: dict, chunk_size: int = 2, **ingest_options):
+    return parse_params({"ingest": {"sources": list(sources), "chunk_size": chunk_size, **ingest_options}})
 
 
 def write(root: Path, relative: str, data: bytes | str) -> None:
@@ -66,7 +66,8 @@ def test_jsonl_pairs_with_every_kind_of_bad_line(tmp_path):
         ).encode()
         + b'{"q": "\xff\xfe", "a": "bytes"}\n',
     )
-    metrics = ingest.run(make_params(QA), root=tmp_path)
+    # Three quarters of this file is bad on purpose: above the default share that fails ingest.
+    metrics = ingest.run(make_params(QA, max_quarantine_share=1.0), root=tmp_path)
     records, preferences, quarantine = outputs(tmp_path)
 
     assert [r["prompt"] for r in records] == ["What is 2+2?", "Capital of France?"]
@@ -221,6 +222,48 @@ def test_parquet_and_explicit_preference_fields(tmp_path):
     assert_counts_add_up(metrics)
 
 
+GSM8K_CSV = (  # two real GSM8K test items, with the column names capitalised
+    "Question,Answer\n"
+    '"Janet\u2019s ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins '
+    "for her friends every day with four. She sells the remainder at the farmers' market daily for $2 per "
+    "fresh duck egg. How much in dollars does she make every day at the farmers' market?\","
+    '"Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\nShe makes 9 * 2 = $<<9*2=18>>18 every day at '
+    'the farmer\u2019s market.\n#### 18"\n'
+    '"A robe takes 2 bolts of blue fiber and half that much white fiber. How many bolts in total does it take?",'
+    '"It takes 2/2=<<2/2=1>>1 bolt of white fiber\nSo the total amount of fabric is 2+1=<<2+1=3>>3 bolts of '
+    'fabric\n#### 3"\n'
+)
+MATHS = {"name": "maths", "path": "data/raw/maths.csv", "kind": "pair"}
+
+
+def test_a_wrong_field_mapping_fails_ingest_naming_the_fields_the_file_has(tmp_path):
+    write(tmp_path, "data/raw/maths.csv", GSM8K_CSV)
+    wrong = {**MATHS, "fields": {"prompt": "question", "response": "answer"}}
+    right = {**MATHS, "fields": {"prompt": "Question", "response": "Answer"}}
+    ingest.run(make_params(right), root=tmp_path)
+    before = (tmp_path / paths.INGESTED_RECORDS).read_bytes()
+    with pytest.raises(FlywheelError) as failure:
+        ingest.run(make_params(wrong), root=tmp_path)
+    message = str(failure.value)
+    assert "max_quarantine_share" in message and "source 'maths'" in message
+    assert "2 of 2 items (100%)" in message and "missing_field:prompt" in message
+    assert "{prompt: question, response: answer" in message  # the mapping used
+    assert "['Answer', 'Question']" in message  # what the file has
+    assert (tmp_path / paths.INGESTED_RECORDS).read_bytes() == before  # outputs left as they were
+    assert ingest.run(make_params(wrong, max_quarantine_share=1.0), root=tmp_path)["quarantined"] == 2
+
+
+def test_a_notable_quarantine_share_is_a_warning(tmp_path):
+    good = [{"q": f"q{n}", "a": f"a{n}"} for n in range(9)]
+    write(tmp_path, "data/raw/qa.jsonl", jsonl(*good, {"q": "no answer"}))
+    metrics = ingest.run(make_params(QA), root=tmp_path)
+    assert metrics["sources"]["qa"]["quarantined_share"] == 0.1
+    [warning] = metrics["warnings"]
+    assert "source 'qa'" in warning and "missing_field:response x1" in warning
+    assert "warning: source 'qa'" in ingest.report(metrics)
+    assert ingest.run(make_params(QA, warn_quarantine_share=0.2), root=tmp_path)["warnings"] == []
+
+
 def test_missing_source_is_a_clear_error(tmp_path):
     with pytest.raises(FlywheelError, match=r"source 'qa': no files match 'data/raw/qa.jsonl'"):
         ingest.run(make_params(QA), root=tmp_path)
@@ -270,6 +313,7 @@ def test_bundled_sample_exercises_every_quarantine_path():
 
     metrics = ingest.run(load_params(REPO / "params.yaml"), root=_copy_sample(REPO))
     assert_counts_add_up(metrics)
+    assert metrics["warnings"] == []  # a few planted problems per source: no source's share is notable
     assert metrics["records"] > 1000 and metrics["preferences"] >= 400
     for reason in (
         "malformed_json",

@@ -15,6 +15,11 @@ POSITIVES = [
     ("phone", "mobile +49 151 23456789"),
     ("phone", "tel: +33 1 42 68 53 00"),
     ("phone", "+91 98765 43210"),
+    ("phone", "+1 917-444-6321"),  # shapes seen in Anthropic HH transcripts
+    ("phone", "his number is (512) 555-0202."),
+    ("phone", "home 555 123 4567"),
+    ("phone", "UK 020 7946 0958"),  # national numbers keep their trunk prefix 0
+    ("phone", "portable 06 12 34 56 78"),
     ("ip_address", "server at 192.168.10.254 is down"),
     ("ip_address", "host 8.8.8.8"),
     ("ip_address", "v6 address 2001:db8:85a3::8a2e:370:7334 here"),
@@ -22,6 +27,7 @@ POSITIVES = [
     ("card_number", "card 4539 1488 0343 6467 expires"),
     ("card_number", "paid with 5555-5555-5555-4444"),
     ("card_number", "amex 378282246310005"),
+    ("card_number", "amex 3782 822463 10005 on file"),
     ("iban", "IBAN GB82 WEST 1234 5698 7654 32 please"),
     ("iban", "to DE89370400440532013000"),
     ("secret", "key AKIAIOSFODNN7EXAMPLE in the config"),
@@ -48,6 +54,23 @@ NEGATIVES = [
     "sk-short",
     "Translate to French: red cat",
     "user@localhost is not an address with a domain",
+    # Arithmetic, as worked maths solutions write it (GSM8K): sums are not phones or cards, even
+    # when their digits happen to pass the Luhn check (2000000400000 does).
+    "100 - 50 - 30 - 15",
+    "2000000-400000",
+    "so 2,000,000 - 400,000 = 1,600,000 dollars",
+    "She has 1000 minutes - 450 minutes - 300 minutes = <<1000-450-300=250>>250 minutes",
+    "He paid 2400-1100-700=<<2400-1100-700=600>>600 dollars for the monitors.",
+    "Gary's truck can carry 11,600-4000-4800=<<11600-4000-4800=2800>>2800 pounds",
+    "(100 - 50) - 30 - 15 = 5",
+    # Dates, versions and identifiers
+    "due 22.11.2026 or 11/22/2026",
+    "release v2.14.3-rc1",
+    "ISBN 978-3-16-148410-0",
+    "UUID 123e4567-e89b-12d3-a456-426614174000",
+    "order 2024-000123-77",
+    "ticket 20261122-0042",
+    "the log line 12:30:45:10:22:33",
 ]
 
 

@@ -14,11 +14,29 @@ def test_normalize():
     assert text.normalize(None) is None
 
 
+def test_strip_markup_removes_html_and_keeps_angle_bracketed_prose():
+    prose = [
+        "Assistant: <long answer>",  # Anthropic HH transcripts
+        "<repeats himself in response to the second question>",
+        "Write a post titled <title> for <name>",  # template placeholders
+        "if a<b and c>d then stop",
+        "<a few words> in brackets",
+    ]
+    for text_with_prose in prose:
+        assert text.strip_markup(text_with_prose) == (text_with_prose, 0)
+    assert text.strip_markup("with <b>Battery and nail filer</b>") == ("with Battery and nail filer", 2)
+    assert text.strip_markup("the result:\n\n<pre><h3>") == ("the result:\n\n\n\n", 2)  # an unclosed fragment
+    assert text.strip_markup('<a href="x">link</a><br/><!-- note --><img src=a.png>') == ("link\n", 5)
+    assert text.strip_markup("<script>if (a<b) go()</script>ok &amp; done") == (" ok & done", 1)
+
+
 def test_quality_signals():
     assert text.duplicate_line_fraction("a\nb\na\na") == 0.5
     words = ("buy now " * 20).split()
     assert text.duplicate_ngram_char_fraction(words, 3) == 1.0
     assert text.duplicate_ngram_char_fraction("a quick brown fox jumps over it".split(), 3) == 0.0
+    assert text.duplicate_ngram_char_fraction("the answer is 4 the answer is 4".split(), 4) == 1.0
+    assert text.duplicate_ngram_char_fraction("too short to repeat".split(), 4) == 0.0
     assert text.symbol_word_ratio("### ... hello @@".split()) == 0.75
     assert text.non_alpha_ratio("ab12") == 0.5
 

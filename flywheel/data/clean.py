@@ -54,18 +54,48 @@ def exact_key(record: dict) -> bytes:
     return hashlib.blake2b("\x1f".join(parts).encode(), digest_size=12).digest()
 
 
-def clean_record(record: dict, params: CleanParams, pii_counts: Counter) -> tuple[dict, bool]:
-    """The record with normalised, redacted text, and whether any PII was found in it."""
+def clean_record(record: dict, params: CleanParams) -> tuple[dict, Counter, int]:
+    """The record with normalised, redacted text; the PII placeholders put in, by type; and
+    how many HTML tags were stripped from it."""
     cleaned = dict(record)
-    found_pii = False
+    pii: Counter[str] = Counter()
+    markup_tags = 0
     for name in TEXT_FIELDS:
-        value = text.normalize(record[name], markup=params.strip_markup)
+        value = record[name]
+        if value is not None and params.strip_markup:
+            value, stripped = text.strip_markup(value)
+            markup_tags += stripped
+        value = text.normalize(value)
         if value is not None and params.redact_pii:
-            value, counts = redact(value)
-            pii_counts.update(counts)
-            found_pii = found_pii or bool(counts)
+            value, found = redact(value)
+            pii.update(found)
         cleaned[name] = value or None if name in ("context", "system") else value
-    return cleaned, found_pii
+    return cleaned, pii, markup_tags
+
+
+def quality_signals(record: dict, limits: QualityFilterParams) -> list[tuple[str, float, float]]:
+    """(reason, value, limit) for each ratio filter; a value above its limit removes the record.
+
+    Repetition is measured on the response alone: it is what the model learns to write, and a
+    worked answer restates its question's quantities ("4 * 20 sheep = 80 sheep") and a dialogue
+    turn its history without either being degenerate. Repeated n-grams are long ones (Gopher's
+    5-10 word duplicate n-grams, not its short top n-grams, which templated step-by-step answers
+    trip): a loop repeats whole phrases, worked solutions repeat 3-4 word fragments.
+    """
+    response = record["response"] or ""
+    combined = minhash.dedup_text(record)
+    words = combined.split()
+    return [
+        ("duplicate_lines", text.duplicate_line_fraction(response), limits.max_duplicate_line_fraction),
+        (
+            "repeated_ngrams",
+            text.duplicate_ngram_char_fraction(response.split(), limits.repeated_ngram_size),
+            limits.max_repeated_ngram_char_fraction,
+        ),
+        ("symbol_ratio", text.symbol_word_ratio(words), limits.max_symbol_word_ratio),
+        ("non_alpha_ratio", text.non_alpha_ratio(combined), limits.max_non_alpha_ratio),
+        ("mostly_pii", len(PLACEHOLDER_PATTERN.findall(combined)) / max(len(words), 1), limits.max_pii_token_fraction),
+    ]
 
 
 def quality_problem(record: dict, limits: QualityFilterParams) -> tuple[str, str] | None:
@@ -80,20 +110,7 @@ def quality_problem(record: dict, limits: QualityFilterParams) -> tuple[str, str
     total = len(prompt) + len(response) + len(record["context"] or "")
     if total > limits.max_chars:
         return "too_long", f"{total:,} chars > {limits.max_chars:,}"
-    combined = minhash.dedup_text(record)
-    words = combined.split()
-    checks = (
-        ("duplicate_lines", text.duplicate_line_fraction(combined), limits.max_duplicate_line_fraction),
-        (
-            "repeated_ngrams",
-            text.duplicate_ngram_char_fraction(words, limits.repeated_ngram_size),
-            limits.max_repeated_ngram_char_fraction,
-        ),
-        ("symbol_ratio", text.symbol_word_ratio(words), limits.max_symbol_word_ratio),
-        ("non_alpha_ratio", text.non_alpha_ratio(combined), limits.max_non_alpha_ratio),
-        ("mostly_pii", len(PLACEHOLDER_PATTERN.findall(combined)) / max(len(words), 1), limits.max_pii_token_fraction),
-    )
-    for reason, value, limit in checks:
+    for reason, value, limit in quality_signals(record, limits):
         if value > limit:
             return reason, f"{value:.2f} > {limit}"
     return None
@@ -173,6 +190,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     removed_by: Counter[str] = Counter()
     pii_counts: Counter[str] = Counter()
     records_with_pii = 0
+    markup_tags = records_with_markup = 0
     total = 0
     survivors = Survivors()
 
@@ -190,8 +208,11 @@ def run(params: Params, root: Path = Path(".")) -> dict:
             batch_survivors = []
             for record in batch:
                 total += 1
-                cleaned, had_pii = clean_record(record, config, pii_counts)
-                records_with_pii += had_pii
+                cleaned, pii, tags = clean_record(record, config)
+                pii_counts.update(pii)
+                records_with_pii += bool(pii)
+                markup_tags += tags
+                records_with_markup += bool(tags)
                 problem = quality_problem(cleaned, config.filters)
                 if problem:
                     removed.add(removed_row(cleaned, *problem))
@@ -231,6 +252,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         "removed_by_reason": dict(sorted(removed_by.items())),
         "pii_redacted": dict(sorted(pii_counts.items())),
         "records_with_pii": records_with_pii,
+        "markup_stripped": {"tags": markup_tags, "records": records_with_markup},
     }
 
 
@@ -255,5 +277,7 @@ def report(metrics: dict) -> str:
     lines += [f"  removed {reason}: {count:,}" for reason, count in metrics["removed_by_reason"].items()]
     pii = ", ".join(f"{kind} {count:,}" for kind, count in metrics["pii_redacted"].items()) or "none"
     lines.append(f"  PII redacted in {metrics['records_with_pii']:,} records: {pii}")
+    markup = metrics["markup_stripped"]
+    lines.append(f"  HTML stripped from {markup['records']:,} records: {markup['tags']:,} tags")
     lines.append(f"  wrote {paths.CLEAN_RECORDS}, {paths.CLEAN_REMOVED}")
     return "\n".join(lines)

@@ -19,7 +19,7 @@ import orjson
 from tqdm import tqdm
 
 from flywheel import paths
-from flywheel.config import Params, SourceParams
+from flywheel.config import IngestParams, Params, SourceParams
 from flywheel.data.formats import RawRow, detect_format, read_rows
 from flywheel.data.records import PREFERENCE_SCHEMA, RECORD_SCHEMA, Rejected, map_item
 from flywheel.errors import FlywheelError
@@ -50,6 +50,9 @@ def _metadata(path: str, row: RawRow, fields: dict) -> str:
     return orjson.dumps(metadata, default=str).decode("utf-8")
 
 
+FIELDS_SAMPLED = 1_000  # items whose field names are collected per source, for the error message
+
+
 class _SourceCounts:
     def __init__(self) -> None:
         self.files = 0
@@ -57,6 +60,15 @@ class _SourceCounts:
         self.records = 0
         self.preferences = 0
         self.reasons: Counter[str] = Counter()
+        self.first_detail: dict[str, str] = {}  # reason -> "file:line: detail" of its first item
+        self.fields_seen: Counter[str] = Counter()  # field names of the first FIELDS_SAMPLED items
+
+    def note_fields(self, value: object) -> None:
+        if isinstance(value, dict) and self.read <= FIELDS_SAMPLED:
+            self.fields_seen.update(str(key) for key in value)
+
+    def quarantined_share(self) -> float:
+        return sum(self.reasons.values()) / self.read if self.read else 0.0
 
     def as_dict(self) -> dict:
         return {
@@ -65,8 +77,46 @@ class _SourceCounts:
             "records": self.records,
             "preferences": self.preferences,
             "quarantined": sum(self.reasons.values()),
+            "quarantined_share": round(self.quarantined_share(), 4),
             "quarantine_reasons": dict(sorted(self.reasons.items())),
         }
+
+
+def describe_quarantine(source: SourceParams, tally: _SourceCounts) -> str:
+    """What went wrong with a source, with what a user needs to fix its mapping."""
+    share = tally.quarantined_share()
+    top = ", ".join(
+        f"{reason} x{count:,} (first: {tally.first_detail[reason]})" for reason, count in tally.reasons.most_common(3)
+    )
+    mapping = ", ".join(f"{role}: {field}" for role, field in source.role_fields.items())
+    fields = sorted(tally.fields_seen) or ["(no object items)"]
+    return (
+        f"source {source.name!r} ({source.path}): {sum(tally.reasons.values()):,} of {tally.read:,} items "
+        f"({share:.0%}) quarantined: {top}; the mapping for kind {source.kind!r} is {{{mapping}}} and the "
+        f"items have fields {fields}"
+    )
+
+
+def check_quarantine_shares(
+    plan: list[tuple[SourceParams, list[Path]]], counts: dict[str, _SourceCounts], config: IngestParams
+) -> list[str]:
+    """Fail on a source that is (almost) all quarantine; return warnings for notable shares."""
+    failures, warnings = [], []
+    for source, _ in plan:
+        tally = counts[source.name]
+        share = tally.quarantined_share()
+        if share > config.max_quarantine_share:
+            failures.append(describe_quarantine(source, tally))
+        elif share > config.warn_quarantine_share:
+            warnings.append(describe_quarantine(source, tally))
+    if failures:
+        raise FlywheelError(
+            f"ingest: {len(failures)} source(s) quarantined more than ingest.max_quarantine_share "
+            f"({config.max_quarantine_share:.0%}) of their items; the previous outputs are left as they were. "
+            "Fix the source's `fields` (or `kind`/`format`) in params.yaml, or the data, or raise "
+            "max_quarantine_share:\n  " + "\n  ".join(failures)
+        )
+    return warnings
 
 
 def run(params: Params, root: Path = Path(".")) -> dict:
@@ -92,6 +142,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
                 ingested_at = datetime.fromtimestamp(int(path.stat().st_mtime), UTC)
                 for row in read_rows(path, detect_format(path, source.format)):
                     tally.read += 1
+                    tally.note_fields(row.value)
                     if tally.read % 1000 == 0:
                         progress.update(1000)
                     problem, detail = row.problem, row.detail
@@ -102,6 +153,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
                             problem, detail = rejected.reason, rejected.detail
                     if problem is not None:
                         tally.reasons[problem] += 1
+                        tally.first_detail.setdefault(problem, f"{relative}:{row.line}: {detail}")
                         snippet = row.snippet or json.dumps(row.value, ensure_ascii=False, default=str)[:300]
                         quarantine.write(
                             json.dumps(
@@ -133,8 +185,10 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         records.close()
         preferences.close()
         quarantine.close()
+        # Inside the atomic writes: a failed check leaves the previous outputs as they were.
+        warnings = check_quarantine_shares(plan, counts, config)
 
-    return summarize(counts)
+    return {**summarize(counts), "warnings": warnings}
 
 
 def summarize(counts: dict[str, _SourceCounts]) -> dict:
@@ -164,5 +218,6 @@ def report(metrics: dict) -> str:
     )
     for reason, count in metrics["quarantine_reasons"].items():
         lines.append(f"     quarantined {reason}: {count:,}")
+    lines += [f"  warning: {warning}" for warning in metrics.get("warnings", [])]
     lines.append(f"  wrote {', '.join(map(str, OUTPUTS))}")
     return "\n".join(lines)

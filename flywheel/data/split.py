@@ -1,36 +1,46 @@
 """split: deterministic train / eval / test split by id hash, with decontamination.
 
 Input:  data/interim/clean/records.parquet
+        data/eval/safety_probe.jsonl (evaluate.safety_probe) and the benchmark files named in
+        split.decontaminate.benchmarks: evaluation data that train must not overlap
 Output: data/processed/{train,eval,test}.parquet
-        data/processed/decontaminated.parquet  train records removed because they exactly or nearly
-                                               duplicate an eval/test record, with that record's id
+        data/processed/decontaminated.parquet  train records removed because they overlap an
+                                               evaluation item: the reason, the item, the n-gram
 A record's split depends only on its id and the salt, so adding data never moves old records
-between splits. Counts add up: in = train + eval + test + decontaminated.
+between splits. Counts add up: in = train + eval + test + decontaminated, and decontaminated is
+the sum of decontaminated_by_reason and of decontaminated_by_source.
+
+Two passes over the input, both streamed: the first writes eval and test and indexes them (with the
+probe and the benchmarks), the second checks each train record against that index.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 
-from flywheel import paths, text
+from flywheel import paths
 from flywheel.config import Params, SplitParams
-from flywheel.data import minhash
+from flywheel.data import decontaminate, formats
+from flywheel.data.decontaminate import Index, Item
 from flywheel.data.records import RECORD_SCHEMA
-from flywheel.io import ParquetChunkWriter, atomic_path, read_records
+from flywheel.errors import FlywheelError
+from flywheel.io import ParquetChunkWriter, atomic_path, read_batches
 
 SPLITS = tuple(paths.SPLITS)
 DECONTAMINATED_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
         ("reason", pa.string()),
-        ("matches", pa.string()),
-        ("similarity", pa.float64()),
+        ("source", pa.string()),  # eval | test | safety_probe | a benchmark's name
+        ("matches", pa.string()),  # that item: a record id, or file:line
+        ("ngram", pa.string()),  # a shared n-gram (normalised), or the whole matching text
+        ("overlap", pa.int64()),  # distinct n-grams shared with the item
+        ("similarity", pa.float64()),  # share of the item's n-grams in the train record
         ("prompt", pa.string()),
         ("response", pa.string()),
     ]
@@ -49,40 +59,70 @@ def assign(record_id: str, config: SplitParams) -> str:
     return SPLITS[-1]
 
 
-def contaminated(records: list[dict], splits: list[str], params: Params) -> dict[int, tuple[str, str, float]]:
-    """train position -> (reason, id of the eval/test record it duplicates, similarity)."""
-    config = params.split
-    held_out = [i for i, name in enumerate(splits) if name != "train"]
-    found: dict[int, tuple[str, str, float]] = {}
-    if config.decontaminate_exact:
-        # The same prompt in train and in eval/test leaks the answer, whatever the response says.
-        held_out_keys = {text.prompt_key(records[i]): records[i]["id"] for i in held_out}
-        for i, name in enumerate(splits):
-            match = held_out_keys.get(text.prompt_key(records[i])) if name == "train" else None
-            if match is not None:
-                found[i] = ("exact_contamination", match, 1.0)
-    if config.decontaminate_near and held_out:
-        settings = dataclasses.replace(
-            minhash.settings_from(params.clean.dedup.minhash), threshold=config.decontamination_threshold
+def load_safety_probe(params: Params, root: Path) -> list[tuple[Item, str]]:
+    """(item, prompt) per probe line. The probe belongs to evaluate; split reads the same file."""
+    path = root / params.evaluate.safety_probe
+    if not path.is_file():
+        raise FlywheelError(
+            f"safety probe {path} not found (evaluate.safety_probe); set it, or remove safety_probe "
+            "from split.decontaminate.against"
         )
-        signatures = minhash.MinHasher(settings).signatures(map(minhash.dedup_text, records))
-        pairs, similarity = minhash.near_duplicate_pairs(signatures, settings)
-        for (a, b), value in zip(pairs.tolist(), similarity.tolist()):
-            for train, other in ((a, b), (b, a)):
-                if splits[train] == "train" and splits[other] != "train" and train not in found:
-                    found[train] = ("near_contamination", records[other]["id"], value)
-    return found
+    probe = []
+    for row in formats.read_rows(path, "jsonl"):
+        prompt = row.value.get("prompt") if row.problem is None and isinstance(row.value, dict) else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise FlywheelError(f'{path}:{row.line}: expected {{"prompt": "...", ...}} ({row.problem or row.snippet})')
+        probe.append((Item("safety_probe", f"{params.evaluate.safety_probe}:{row.line}"), prompt))
+    return probe
+
+
+def index_extra_items(index: Index, params: Params, root: Path) -> dict[str, int]:
+    """Add the safety probe and the benchmarks to the index; benchmark rows without text, by name."""
+    config = params.split.decontaminate
+    if "safety_probe" in config.against:
+        for item, prompt in load_safety_probe(params, root):
+            index.add(item, [prompt], [" ".join(decontaminate.words(prompt))])
+    without_text = {}
+    for benchmark in config.benchmarks:
+        rows = empty = 0
+        for item, texts in decontaminate.benchmark_rows(benchmark, root):
+            rows += 1
+            empty += not texts
+            index.add(item, texts, [" ".join(decontaminate.words(t)) for t in texts])
+        if empty == rows:
+            raise FlywheelError(
+                f"split.decontaminate.benchmarks[{benchmark.name}]: none of {rows} rows has a text in "
+                f"fields {benchmark.fields}; name the fields the file holds"
+            )
+        without_text[benchmark.name] = empty
+    return without_text
+
+
+def record_texts(record: dict, config: SplitParams) -> list[str | None]:
+    return [record[name] for name in config.decontaminate.fields]
+
+
+def decontaminated_row(record: dict, match: decontaminate.Match) -> dict:
+    return {
+        "id": record["id"],
+        "reason": match.reason,
+        "source": match.item.source,
+        "matches": match.item.ref,
+        "ngram": match.ngram,
+        "overlap": match.overlap,
+        "similarity": match.coverage,
+        "prompt": record["prompt"],
+        "response": record["response"],
+    }
 
 
 def run(params: Params, root: Path = Path(".")) -> dict:
-    # Decontamination compares every train record with every held-out one, so the split holds
-    # the cleaned records in memory (text only; signatures are computed in batches).
-    records = read_records(paths.CLEAN_RECORDS.require(root))
-    splits = [assign(record["id"], params.split) for record in records]
-    removed = contaminated(records, splits, params)
-
-    counts = Counter()
-    reasons = Counter()
+    config = params.split
+    checks = config.decontaminate
+    enabled = checks.exact or checks.ngram
+    source = paths.CLEAN_RECORDS.require(root)
+    index = Index(checks)
+    counts, reasons, sources = Counter(), Counter(), Counter()
     with contextlib.ExitStack() as stack:
         writers = {
             name: ParquetChunkWriter(stack.enter_context(atomic_path(root / path)), RECORD_SCHEMA)
@@ -91,33 +131,61 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         dropped = ParquetChunkWriter(
             stack.enter_context(atomic_path(root / paths.DECONTAMINATED)), DECONTAMINATED_SCHEMA
         )
-        for position, (record, name) in enumerate(zip(records, splits)):
-            if position in removed:
-                reason, match, similarity = removed[position]
-                dropped.add(
-                    {
-                        "id": record["id"],
-                        "reason": reason,
-                        "matches": match,
-                        "similarity": similarity,
-                        "prompt": record["prompt"],
-                        "response": record["response"],
-                    }
-                )
-                reasons[reason] += 1
-            else:
+        # Pass 1: eval and test are written and indexed; train waits until the index is complete.
+        for batch in read_batches(source):
+            for record in batch:
+                name = assign(record["id"], config)
+                if name == "train":
+                    continue
                 writers[name].add(record)
                 counts[name] += 1
+                if enabled and name in checks.against:
+                    exact = [decontaminate.record_exact_text(record)]
+                    index.add(Item(name, record["id"]), record_texts(record, config), exact)
+        without_text = index_extra_items(index, params, root) if enabled else {}
+        # Pass 2: train records, each checked against the index.
+        for batch in read_batches(source):
+            for record in batch:
+                if assign(record["id"], config) != "train":
+                    continue
+                match = None
+                if len(index):
+                    exact = decontaminate.record_exact_text(record)
+                    match = index.match(record_texts(record, config), exact)
+                if match is None:
+                    writers["train"].add(record)
+                    counts["train"] += 1
+                else:
+                    dropped.add(decontaminated_row(record, match))
+                    reasons[match.reason] += 1
+                    sources[match.item.source] += 1
         for writer in (*writers.values(), dropped):
             writer.close()
 
-    return {
-        "in": len(records),
+    removed = sum(reasons.values())
+    metrics = {
+        "in": sum(counts.values()) + removed,
         **{name: counts[name] for name in SPLITS},
-        "decontaminated": sum(reasons.values()),
+        "decontaminated": removed,
         "decontaminated_by_reason": dict(sorted(reasons.items())),
-        "fractions": dict(params.split.fractions),
+        "decontaminated_by_source": dict(sorted(sources.items())),
+        "decontamination": {
+            "n": checks.n,
+            "min_ngrams": checks.min_ngrams,
+            "items": dict(sorted(Counter(item.source for item in index.items).items())),
+            "ngrams_indexed": index.ngrams,
+            "benchmark_rows_without_text": without_text,
+        },
+        "fractions": dict(config.fractions),
+        "warnings": [],
     }
+    assigned_train = counts["train"] + removed
+    if assigned_train and removed / assigned_train > checks.warn_share:
+        metrics["warnings"].append(
+            f"{removed:,} of {assigned_train:,} train records ({removed / assigned_train:.1%}) removed as "
+            f"contaminated, above split.decontaminate.warn_share {checks.warn_share}: see {paths.DECONTAMINATED}"
+        )
+    return metrics
 
 
 def report(metrics: dict) -> str:
@@ -127,5 +195,7 @@ def report(metrics: dict) -> str:
         "contaminated"
     ]
     lines += [f"  {reason}: {count:,}" for reason, count in metrics["decontaminated_by_reason"].items()]
+    lines += [f"  against {source}: {count:,}" for source, count in metrics["decontaminated_by_source"].items()]
+    lines += [f"  warning: {warning}" for warning in metrics["warnings"]]
     lines.append(f"  wrote {', '.join(map(str, paths.SPLITS.values()))}, {paths.DECONTAMINATED}")
     return "\n".join(lines)
