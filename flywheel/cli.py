@@ -322,6 +322,42 @@ def make_sample_command(args: argparse.Namespace) -> None:
     print(sample.write_sample())
 
 
+def _judge_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--input", required=True, help='JSON lines of {"answer", "reference"?, "context"?, "question"?, "label"?}'
+    )
+    parser.add_argument("--output", default=None, help="JSON lines, one per input row (default: <input>.judged.jsonl)")
+    parser.add_argument("--nli-model", default=None, help="a CrossEncoder (NLI) dir (default: hallucination.nli_model)")
+    parser.add_argument("--threshold", type=float, default=None, help="default: evaluate.hallucination.threshold")
+
+
+@command(
+    "judge",
+    "tool",
+    "score answers' support by their reference/context (the hallucination detector) on your own JSONL",
+    _judge_arguments,
+)
+def judge_command(args: argparse.Namespace) -> int:
+    from flywheel.evaluation import hallucination, judge
+
+    if args.threshold is not None and not 0 < args.threshold <= 1:
+        raise FlywheelError(f"--threshold must be in (0, 1], got {args.threshold}")
+    if not Path(args.input).is_file():
+        raise FlywheelError(f"--input {args.input} does not exist; give a JSON-lines file of answers")
+    config = _load_params(args).evaluate.hallucination
+    config = config.model_copy(
+        update={"nli_model": args.nli_model or config.nli_model, "threshold": args.threshold or config.threshold}
+    )
+    source = Path(args.input)
+    output = Path(args.output) if args.output else source.with_name(f"{source.stem}.judged.jsonl")
+    cross_encoder = hallucination.load_cross_encoder(config.nli_model)  # a missing dir fails first
+    summary = judge.judge_file(
+        source, output, hallucination.load_embedder(config.embedding_model), config, cross_encoder
+    )
+    print(judge.report(summary))
+    return 1 if summary["judged"] + summary["not_judged"] == 0 else 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Release: what happens to a registered version after the pipeline
 

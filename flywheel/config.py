@@ -322,6 +322,9 @@ class TrainerParams(_Section):
     gradient_accumulation_steps: Steps = 1
     gradient_checkpointing: bool = Field(default=False, description="recompute activations: less memory, more time")
     max_length: int = Field(default=256, ge=16, description="tokens per row")
+    length_warning_share: float = Field(
+        default=0.05, ge=0, le=1, description="warn when more than this share of a split is truncated or dropped"
+    )
     seed: int = 0
     logging_steps: Steps = 10
     precision: Precision = "auto"
@@ -335,6 +338,9 @@ class TrainingParams(TrainerParams):
     warmup_ratio: WarmupRatio = 0.03
     batch_size: int = Field(default=1, ge=1, description="rows per device step (packed rows when packing)")
     max_length: int = Field(default=256, ge=16, description="tokens per row; with packing, per packed row")
+    length_policy: Literal["truncate_right", "truncate_left", "drop", "fail"] = Field(
+        default="drop", description="an example over max_length: cut its end or start, leave it out, or stop"
+    )
     packing: bool = True
     save_steps: int = Field(default=500, ge=1, description="checkpoint every N optimizer steps")
     logging_steps: Steps = 50
@@ -367,13 +373,23 @@ class FinetuneParams(_Section):
     distributed: DistributedParams = Field(default_factory=DistributedParams)
 
 
+# Answer scorers (flywheel/scoring.py); `auto` chooses one per source from its references.
+ScorerName = Literal["auto", "exact_match", "final_answer", "token_f1", "rouge_l"]
+TaskScorer = Literal["exact_match", "final_answer", "token_f1", "rouge_l"]
+# A token count, or "auto": derived from the lengths of the reference answers.
+MaxNewTokens = Annotated[int, Field(ge=1)] | Literal["auto"]
+
+
 class OnPolicyParams(_Section):
-    """Pairs from the SFT model's own samples, judged against train references."""
+    """Pairs from the SFT model's own samples, judged against train references by the task
+    scorers of evaluate.scoring (the same "correct" as the evaluation's)."""
 
     prompts: int = Field(default=300, ge=0, description="train prompts to sample; 0 turns this off")
     samples: int = Field(default=4, ge=2, description="answers sampled per prompt")
     temperature: float = Field(default=1.0, gt=0)
-    max_new_tokens: int = Field(default=32, ge=1)
+    max_new_tokens: MaxNewTokens = Field(
+        default="auto", description="'auto': from the references' lengths (evaluate.scoring.length)"
+    )
     seed: int = 0
 
 
@@ -398,8 +414,34 @@ class AlignTrainingParams(TrainerParams):
     """Training knobs of the reward model and the policy (TrainerParams' defaults)."""
 
 
+class RewardTrainingParams(AlignTrainingParams):
+    length_policy: Literal["truncate_left", "drop", "fail"] = Field(
+        default="truncate_left",
+        description="a pair over max_length: cut the conversation's start (answers' ends stay), leave it out, or stop",
+    )
+
+
+class DpoTrainingParams(AlignTrainingParams):
+    min_prompt_length: int = Field(
+        default=128, ge=1, description="truncate: a prompt is cut from its start as far as needed, never below this"
+    )
+    length_policy: Literal["truncate", "drop", "fail"] = Field(
+        default="truncate",
+        description="a pair over max_length: cut the prompt's start, then the completions' ends; leave it out; or stop",
+    )
+
+    @model_validator(mode="after")
+    def _room_for_completions(self) -> DpoTrainingParams:
+        if self.min_prompt_length >= self.max_length:
+            raise ValueError(
+                f"min_prompt_length {self.min_prompt_length} leaves no room for completions in max_length "
+                f"{self.max_length}; make it smaller than max_length"
+            )
+        return self
+
+
 class RewardModelParams(_Section):
-    training: AlignTrainingParams = Field(default_factory=AlignTrainingParams)
+    training: RewardTrainingParams = Field(default_factory=RewardTrainingParams)
     center_rewards_coefficient: float | None = Field(
         default=0.01, ge=0, description="keeps rewards centred on zero (Eisenstein et al.)"
     )
@@ -426,7 +468,7 @@ class DpoParams(_Section):
     loss_weights: list[float] | None = Field(default=None, description="one per loss type; default all 1")
     label_smoothing: float = Field(default=0.0, ge=0, lt=0.5, description="robust DPO: share of flipped labels")
     reference_model: str = Field(default="sft", description="'sft' (the model being aligned) or a model dir")
-    training: AlignTrainingParams = Field(default_factory=AlignTrainingParams)
+    training: DpoTrainingParams = Field(default_factory=DpoTrainingParams)
 
     @model_validator(mode="after")
     def _one_weight_per_loss(self) -> DpoParams:
@@ -469,6 +511,7 @@ class RlhfParams(_Section):
 
 # The metrics the promotion gate may check, and which way is better.
 GATED_METRICS: dict[str, Literal["higher", "lower"]] = {
+    "task_score": "higher",
     "exact_match": "higher",
     "token_f1": "higher",
     "rouge_l": "higher",
@@ -486,6 +529,28 @@ GATED_METRICS: dict[str, Literal["higher", "lower"]] = {
 }
 
 
+class GenerationLengthParams(_Section):
+    """max_new_tokens: auto = the percentile of the references' token lengths + margin, capped."""
+
+    percentile: float = Field(default=95, gt=0, le=100, description="of reference lengths, in tokens")
+    margin: int = Field(default=16, ge=0, description="tokens added: the end token, some rewording")
+    cap: int = Field(default=512, ge=1, description="never more than this many new tokens")
+
+
+class ScoringParams(_Section):
+    """How an answer is judged against its reference, per source (evaluate and on-policy pairs)."""
+
+    scorer: ScorerName = Field(default="auto", description="for every source not in by_source")
+    by_source: dict[str, ScorerName] = Field(default_factory=dict, description="source name -> scorer")
+    short_answer_words: int = Field(
+        default=10, ge=1, description="auto: references up to this many words (p90) are judged by exact match"
+    )
+    pass_score: float = Field(
+        default=0.5, gt=0, le=1, description="token_f1 / rouge_l at or above this: a correct answer"
+    )
+    length: GenerationLengthParams = Field(default_factory=GenerationLengthParams)
+
+
 class HallucinationParams(_Section):
     embedding_model: str = Field(
         default="all-MiniLM-L6-v2", description="bundled all-MiniLM-L6-v2, or a sentence-transformers dir"
@@ -496,6 +561,11 @@ class HallucinationParams(_Section):
     threshold: float = Field(default=0.8, gt=0, le=1, description="support below this: a hallucination")
     labelled_examples: int = Field(default=400, ge=0, description="size of the detector's validation set")
     seed: int = 0
+    nli_model: str | None = Field(
+        default=None,
+        description="a sentence-transformers CrossEncoder (NLI) directory: its entailment probability "
+        "replaces the embedding similarity in support; empty: the embedding model alone",
+    )
 
 
 class ConsistencyParams(_Section):
@@ -512,6 +582,17 @@ class GateParams(_Section):
     max_regression: dict[str, float] = Field(
         default_factory=dict, description="how much worse than production a metric may be"
     )
+    max_regression_vs_sft: dict[str, float] = Field(
+        default_factory=dict, description="how much worse than its own SFT model the candidate may be"
+    )
+    # Each source's task_score is judged by its own scorer, so its floor depends on the scorer
+    # (an exact-match accuracy and a ROUGE-L are on different scales); a source may have its own.
+    task_minimum: dict[TaskScorer, Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=dict, description="scorer -> floor of each source's task_score judged by it"
+    )
+    source_minimum: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=dict, description="source -> floor of its task_score (overrides task_minimum)"
+    )
 
     @model_validator(mode="after")
     def _known_metrics(self) -> GateParams:
@@ -519,6 +600,7 @@ class GateParams(_Section):
             "minimum": ("higher", self.minimum),
             "maximum": ("lower", self.maximum),
             "max_regression": (None, self.max_regression),
+            "max_regression_vs_sft": (None, self.max_regression_vs_sft),
         }
         for rule, (direction, limits) in rules.items():
             for metric in limits:
@@ -537,7 +619,10 @@ class EvaluateParams(_Section):
         default="models/production", description="the deployed model; absent before the first deploy"
     )
     test_examples: int = Field(default=1000, ge=1, description="test records scored, at most")
-    max_new_tokens: int = Field(default=32, ge=1)
+    max_new_tokens: MaxNewTokens = Field(
+        default="auto", description="'auto': from the test references' lengths (scoring.length)"
+    )
+    scoring: ScoringParams = Field(default_factory=ScoringParams)
     latency_examples: int = Field(default=32, ge=1, description="prompts timed one request at a time")
     safety_probe: str = Field(
         default="data/eval/safety_probe.jsonl", description="prompts that must be refused or answered"

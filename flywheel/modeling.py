@@ -200,6 +200,9 @@ def sample(
 
 
 def exact_match(predictions: list[str], references: list[str]) -> float:
+    """The share of answers equal to their reference, whole string (outer spaces aside): a quick
+    probe for short answers only, never met by a long worked solution. Judging a task's answers
+    is flywheel.scoring's job (final answer, token F1, ROUGE-L, and `auto` to choose)."""
     if not references:
         return 0.0
     return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(references)

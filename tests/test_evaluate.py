@@ -63,12 +63,86 @@ def test_a_regression_against_production_beyond_the_allowance_fails():
     assert checks["hallucination_rate"]["passed"]  # 0.01 worse: within the allowance
 
 
+def test_a_candidate_worse_than_its_own_sft_model_is_rejected_with_a_named_reason():
+    # DPO on real data made every task metric worse than the SFT model it started from.
+    gate = GateParams(max_regression_vs_sft={"task_score": 0.03, "token_f1": 0.03, "hallucination_rate": 0.03})
+    sft = {"task_score": 0.40, "token_f1": 0.62, "hallucination_rate": 0.10}
+    candidate = {"task_score": 0.31, "token_f1": 0.60, "hallucination_rate": 0.25}
+    checks = {c["metric"]: c for c in evaluate.judge(candidate, None, gate, sft=sft)}
+    assert {c["rule"] for c in checks.values()} == {"max_regression_vs_sft"}
+    assert checks["task_score"]["reason"] == (
+        "task_score is 0.310 against its SFT model's 0.400: worse by 0.090, more than the 0.03 allowed "
+        "(max_regression_vs_sft)"
+    )
+    assert checks["token_f1"]["passed"]  # 0.02 worse: within the allowance
+    assert not checks["hallucination_rate"]["passed"]  # lower is better: 0.15 more is worse
+    same = evaluate.judge(sft, None, gate, sft=sft)  # the SFT model itself passes
+    assert len(same) == 3 and all(c["passed"] for c in same)
+
+
+def test_task_floors_depend_on_each_sources_scorer_and_a_source_may_set_its_own():
+    gate = GateParams(task_minimum={"exact_match": 0.5, "final_answer": 0.5}, source_minimum={"gsm8k": 0.2})
+    candidate = {"task_score_by_source": {"notes": 0.45, "gsm8k": 0.25, "hh": 0.10}}
+    scorers = {"notes": "exact_match", "gsm8k": "final_answer", "hh": "rouge_l"}
+    checks = evaluate.judge(candidate, None, gate, scorers=scorers)
+    assert [(c["source"], c["limit"], c["passed"]) for c in checks] == [("notes", 0.5, False), ("gsm8k", 0.2, True)]
+    assert checks[0]["reason"] == "task_score of notes (exact_match) is 0.450, below the minimum 0.5"
+    # No rouge_l floor: free text is judged against the SFT model and production only.
+    missing = evaluate.judge(candidate, None, GateParams(source_minimum={"gsm8k_typo": 0.2}), scorers=scorers)
+    assert [c["passed"] for c in missing] == [False] and "no test answers from this source" in missing[0]["reason"]
+
+
+class WordTokenizer:
+    """A stand-in for a Hugging Face tokenizer: one token per word."""
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [text.split() for text in texts]}
+
+
+def test_answers_may_be_as_long_as_the_references_need(capsys):
+    long_answer = " ".join(["step"] * 98) + " #### 18"  # 100 tokens
+    records = [{"source": "gsm8k", "response": long_answer}] * 10 + [{"source": "notes", "response": "Alice Martin"}]
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    task = evaluate.task_for(records, WordTokenizer(), parse_params(data).evaluate)
+    assert {s: c.scorer for s, c in task.scorers.items()} == {"gsm8k": "final_answer", "notes": "exact_match"}
+    assert task.max_new_tokens == 100 + 16 and task.generation["references_fitting"] == 11
+    assert "warning" not in capsys.readouterr().out
+
+    data["evaluate"]["max_new_tokens"] = 32
+    fixed = evaluate.task_for(records, WordTokenizer(), parse_params(data).evaluate)
+    assert fixed.max_new_tokens == 32 and fixed.generation["references_fitting"] == 1
+    assert "max_new_tokens 32 fits 1 of 11 test references" in capsys.readouterr().out
+
+
+def test_task_scores_are_reported_per_source_and_overall():
+    records = [
+        {"source": "gsm8k", "response": "3 + 4 = 7\n#### 7"},
+        {"source": "gsm8k", "response": "2 * 9 = 18\n#### 18"},
+        {"source": "notes", "response": "Alice Martin"},
+    ]
+    task = evaluate.Task(
+        {"gsm8k": scoring_choice("final_answer"), "notes": scoring_choice("exact_match")}, {"max_new_tokens": 8}, 0.5
+    )
+    metrics, scores = evaluate.task_scores(["The answer is 7.", "#### 81", "alice martin"], records, task)
+    assert scores == [1.0, 0.0, 1.0]
+    assert metrics == {"task_score": pytest.approx(2 / 3), "task_score_by_source": {"gsm8k": 0.5, "notes": 1.0}}
+
+
+def scoring_choice(scorer):
+    from flywheel.scoring import Choice
+
+    return Choice(scorer, "test")
+
+
 @pytest.mark.parametrize(
     "gate, message",
     [
         ({"minimum": {"hallucination_rate": 0.1}}, "put it under gate.maximum"),
         ({"maximum": {"exact_match": 0.9}}, "put it under gate.minimum"),
         ({"max_regression": {"exact_matchh": 0.1}}, "unknown metric 'exact_matchh'"),
+        ({"max_regression_vs_sft": {"task_scor": 0.1}}, "unknown metric 'task_scor'"),
+        ({"task_minimum": {"auto": 0.5}}, "task_minimum"),
+        ({"source_minimum": {"gsm8k": 1.5}}, "source_minimum"),
     ],
 )
 def test_gate_params_are_checked(gate, message):
@@ -171,9 +245,9 @@ def _outputs(root):
 @pytest.fixture(scope="module")
 def passing_run(trained_sft, tmp_path_factory):
     # The SFT model complies with harmful requests (the sample teaches refusing only through
-    # preference data); its safety floor is lowered here so that it passes as a first model.
+    # preference data); its refusal floor is lowered here so that it passes as a first model.
     root = _project(
-        trained_sft, tmp_path_factory.mktemp("pass"), candidate="sft", gate_minimum={"safety_pass_rate": 0.0}
+        trained_sft, tmp_path_factory.mktemp("pass"), candidate="sft", gate_minimum={"safety_pass_rate_refuse": 0.0}
     )
     result = run([str(BIN / "flywheel"), "evaluate"], root)
     return root, result
@@ -191,10 +265,17 @@ def test_a_fine_tuned_first_model_passes_on_absolute_thresholds(passing_run):
     metrics, gate = _outputs(root)
     assert gate["passed"] and gate["decision"] == "staging" and gate["reasons"] == []
     assert "no production model yet" in gate["judged_against"]
-    assert {c["rule"] for c in gate["checks"]} == {"minimum", "maximum"}
+    assert {c["rule"] for c in gate["checks"]} == {"minimum", "maximum", "max_regression_vs_sft"}
     assert set(metrics["models"]) == {"candidate", "sft"}
     candidate = metrics["models"]["candidate"]
     assert candidate["exact_match"] >= 0.8 and candidate["token_f1"] >= 0.85
+    # The sample's short answers are judged by exact match, each source apart, and fit the budget.
+    scorers = {source: chosen["scorer"] for source, chosen in metrics["scoring"].items()}
+    assert scorers["translations"] == scorers["notes"] == "exact_match", metrics["scoring"]
+    assert set(candidate["task_score_by_source"]) == set(scorers) and candidate["task_score"] >= 0.8
+    assert {c["source"] for c in gate["checks"] if c.get("source")} == {s for s, n in scorers.items() if n != "rouge_l"}
+    generation = metrics["generation"]
+    assert generation["references_fitting"] >= 0.95 * generation["references"], generation
     assert candidate["hallucination_rate"] <= 0.1
     assert 1.0 <= candidate["perplexity"] < 3.0
     assert candidate["tokens_per_second"] > 0 and candidate["latency_p95_ms"] >= candidate["latency_p50_ms"]
@@ -211,8 +292,14 @@ def test_an_untrained_candidate_is_rejected_with_readable_reasons(degraded_run):
     assert "production model" in gate["judged_against"]
     assert set(metrics["models"]) == {"candidate", "sft", "production"}
     failed = {(c["metric"], c["rule"]) for c in gate["checks"] if not c["passed"]}
-    assert {("exact_match", "minimum"), ("exact_match", "max_regression"), ("hallucination_rate", "maximum")} <= failed
-    assert any(reason.startswith("exact_match is 0.000, below the minimum") for reason in gate["reasons"])
+    assert {
+        ("task_score", "minimum"),
+        ("task_score", "max_regression"),
+        ("task_score", "max_regression_vs_sft"),
+        ("hallucination_rate", "maximum"),
+    } <= failed
+    assert any(r.startswith("task_score of translations (exact_match) is 0.000, below") for r in gate["reasons"])
+    assert any("against its SFT model's" in r for r in gate["reasons"])
     assert metrics["models"]["candidate"]["hallucination_rate"] > 0.5
     assert metrics["models"]["candidate"]["perplexity"] > 10 * metrics["models"]["production"]["perplexity"]
     assert "gate: REJECTED" in result.stdout and "below the minimum" in result.stdout
@@ -222,7 +309,12 @@ def test_the_report_shows_the_comparison_and_the_decision(degraded_run):
     page = (degraded_run[0] / "reports/evaluate/index.html").read_text()
     assert "REJECTED" in page and "candidate − production" in page
     assert page.count("data:image/png;base64,") == 3  # metrics, ROC curve, support histogram
-    for text in ("Safety probe", "Example answers", "exact_match is 0.000, below the minimum"):
+    for text in (
+        "Safety probe",
+        "Example answers",
+        "Task score by source",
+        "(exact_match) is 0.000, below the minimum",
+    ):
         assert text in page
 
 
@@ -288,7 +380,7 @@ def test_the_registry_stages_passing_versions_and_never_promotes_rejected_ones(p
     assert refused.returncode == 2 and "was rejected by the promotion gate" in refused.stderr
     run([flywheel, "models", "assign", "v0.0.1", "prod"], repo)
     table = run([flywheel, "models"], repo).stdout
-    assert "v0.0.1" in table and "prod" in table and "rejected: exact_match is 0.000" in table
+    assert "v0.0.1" in table and "prod" in table and "rejected: task_score of translations (exact_match)" in table
 
 
 def test_the_registry_needs_a_git_repository(tmp_path):

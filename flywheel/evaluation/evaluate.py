@@ -15,11 +15,16 @@ Output: metrics/evaluate.json         every metric for candidate, SFT and produc
         metrics/gate.json             the promotion decision and its reasons
         reports/evaluate/index.html   the comparison as a page with plots
 
-Per model: perplexity of the test references; exact match, token F1 and ROUGE-L of greedy answers
-against them; refusal and empty-answer rates; latency and tokens/s of single requests; the
+Per model: perplexity of the test references; the task score of greedy answers, each judged by
+its source's scorer (flywheel/scoring.py: exact match for short answers, the final number of a
+worked solution, ROUGE-L or token F1 for free text; `auto` chooses from the references and the
+metrics say which and why), per source and overall, with exact match, token F1 and ROUGE-L for
+every answer; refusal and empty-answer rates; latency and tokens/s of single requests; the
 hallucination rate by reference (flywheel/evaluation/hallucination.py) and by self-consistency; and the
-safety probe's pass rate. The gate (evaluate.gate) checks absolute floors and ceilings, and how
-much worse than production the candidate may be. `flywheel models register` then records the
+safety probe's pass rate. Answers may be as long as the references need (max_new_tokens: auto, from
+their token lengths; how many references fit is reported). The gate (evaluate.gate) checks
+absolute floors and ceilings (task floors by scorer or by source), and how much worse than its own
+SFT model and than production the candidate may be. `flywheel models register` then records the
 decision in the model registry (flywheel/release/registry.py).
 """
 
@@ -33,12 +38,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flywheel import modeling, paths, text
+from flywheel import scoring as task_scoring
 from flywheel.config import GATED_METRICS, EvaluateParams, GateParams, Params
 from flywheel.errors import FlywheelError
 from flywheel.evaluation import hallucination, scoring
 from flywheel.io import read_batches, read_records, write_json
 
 SAFETY_EXPECTATIONS = ("refuse", "answer")
+# Below this share of test references fitting in max_new_tokens, answers are cut short: warn.
+MIN_REFERENCES_FITTING = 0.9
 
 
 @dataclass
@@ -117,6 +125,69 @@ def load_test(root: Path, config: EvaluateParams) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
+# How answers are judged and how long they may be
+
+
+@dataclass
+class Task:
+    """How the test answers are judged: a scorer per source, and the answer length allowed."""
+
+    scorers: dict[str, task_scoring.Choice]
+    generation: dict
+    pass_score: float
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.generation["max_new_tokens"]
+
+    def scorer_of(self, record: dict) -> str:
+        return self.scorers[source_of(record)].scorer
+
+
+def source_of(record: dict) -> str:
+    return record.get("source") or "unknown"
+
+
+def task_for(records: list[dict], tokenizer, config: EvaluateParams) -> Task:
+    """Scorers per source (auto or from params) and max_new_tokens (auto: from the references'
+    token lengths under the candidate's tokenizer), with warnings where they look wrong."""
+    chosen = config.scoring
+    scorers = task_scoring.scorers_by_source(records, chosen.scorer, chosen.by_source, chosen.short_answer_words)
+    for source in sorted(set(chosen.by_source) - set(scorers)):
+        print(f"evaluate: warning: scoring.by_source names {source!r}, which has no test records", flush=True)
+    lengths = task_scoring.token_lengths(tokenizer, [r["response"] for r in records])
+    length = chosen.length
+    generation = task_scoring.generation_budget(lengths, length.percentile, length.margin, length.cap)
+    if config.max_new_tokens != "auto":
+        generation = {
+            **generation,
+            "max_new_tokens": config.max_new_tokens,
+            "rule": "set in params (evaluate.max_new_tokens)",
+            "references_fitting": sum(n < config.max_new_tokens for n in lengths),
+        }
+    if lengths and generation["references_fitting"] < MIN_REFERENCES_FITTING * len(lengths):
+        print(
+            f"evaluate: warning: max_new_tokens {generation['max_new_tokens']} fits "
+            f"{generation['references_fitting']} of {len(lengths)} test references (p95 "
+            f"{generation['reference_tokens_p95']:.0f} tokens): answers are cut short; "
+            "set evaluate.max_new_tokens: auto or raise scoring.length.cap",
+            flush=True,
+        )
+    return Task(scorers, generation, chosen.pass_score)
+
+
+def task_scores(answers: list[str], records: list[dict], task: Task) -> tuple[dict, list[float]]:
+    """The task score overall and per source (each answer judged by its source's scorer), and
+    each answer's score."""
+    scores = [task_scoring.score(task.scorer_of(r), a, r["response"]) for a, r in zip(answers, records)]
+    by_source = {
+        source: task_scoring.mean(s for s, r in zip(scores, records) if source_of(r) == source)
+        for source in task.scorers
+    }
+    return {"task_score": task_scoring.mean(scores), "task_score_by_source": by_source}, scores
+
+
+# ---------------------------------------------------------------------------------------------
 # Measuring one model
 
 
@@ -126,11 +197,11 @@ def perplexity(subject: Subject, conversations: list[list[dict]], references: li
     return math.exp(-total / tokens)
 
 
-def latency(subject: Subject, conversations: list[list[dict]], config: EvaluateParams) -> dict:
+def latency(subject: Subject, conversations: list[list[dict]], config: EvaluateParams, max_new_tokens: int) -> dict:
     """Single requests, one after another, as a served model answers them (after one warm-up)."""
-    modeling.timed_answer(subject.model, subject.tokenizer, conversations[0], max_new_tokens=config.max_new_tokens)
+    modeling.timed_answer(subject.model, subject.tokenizer, conversations[0], max_new_tokens=max_new_tokens)
     timings = [
-        modeling.timed_answer(subject.model, subject.tokenizer, conversation, max_new_tokens=config.max_new_tokens)
+        modeling.timed_answer(subject.model, subject.tokenizer, conversation, max_new_tokens=max_new_tokens)
         for conversation in conversations[: config.latency_examples]
     ]
     seconds = [s for _, _, s in timings]
@@ -146,13 +217,14 @@ def consistency(
     subject: Subject,
     conversations: list[list[dict]],
     answers: list[str],
-    records: list[dict],
+    correct: list[bool],
     embedder,
     config: EvaluateParams,
+    max_new_tokens: int,
 ) -> tuple[dict, list[float]]:
     """SelfCheckGPT-style rate on the first `consistency.prompts` prompts (their references
-    unused), and how well disagreement predicts a wrong answer there (AUROC against token F1 to
-    the reference below 0.5), as a check that the method works on this model."""
+    unused), and how well disagreement predicts a wrong answer there (AUROC against the task
+    scorer's verdict), as a check that the method works on this model."""
     checked = config.consistency
     count = min(checked.prompts, len(conversations))
     if count == 0:
@@ -163,11 +235,11 @@ def consistency(
         conversations[:count],
         samples=checked.samples,
         temperature=checked.temperature,
-        max_new_tokens=config.max_new_tokens,
+        max_new_tokens=max_new_tokens,
         seed=checked.seed,
     )
     scores = hallucination.disagreement(answers[:count], samples, embedder)
-    wrong = [scoring.token_f1(a, r["response"]) < 0.5 for a, r in zip(answers, records[:count])]
+    wrong = [not right for right in correct[:count]]
     auroc = None
     if 0 < sum(wrong) < count:
         from sklearn.metrics import roc_auc_score
@@ -179,14 +251,14 @@ def consistency(
     }, scores
 
 
-def safety(subject: Subject, probe: list[dict], config: EvaluateParams) -> tuple[dict, list[dict]]:
+def safety(subject: Subject, probe: list[dict], max_new_tokens: int) -> tuple[dict, list[dict]]:
     """The share of probes handled as expected, overall and for harmful (refuse) and benign
     (answer) prompts apart: refusing everything passes the first kind and fails the second."""
     answers = modeling.generate(
         subject.model,
         subject.tokenizer,
         [[{"role": "user", "content": item["prompt"]}] for item in probe],
-        max_new_tokens=config.max_new_tokens,
+        max_new_tokens=max_new_tokens,
     )
     results = []
     for item, answer in zip(probe, answers):
@@ -200,21 +272,27 @@ def safety(subject: Subject, probe: list[dict], config: EvaluateParams) -> tuple
 
 
 def measure(
-    subject: Subject, records: list[dict], probe: list[dict], embedder, config: EvaluateParams
+    subject: Subject, records: list[dict], probe: list[dict], embedder, config: EvaluateParams, task: Task
 ) -> tuple[dict, dict]:
     """(metrics, per-answer details for the report) of one model."""
     conversations = [modeling.record_messages(r, with_response=False) for r in records]
     references = [r["response"] for r in records]
+    budget = task.max_new_tokens
     started = time.perf_counter()
-    answers = modeling.generate(subject.model, subject.tokenizer, conversations, max_new_tokens=config.max_new_tokens)
+    answers = modeling.generate(subject.model, subject.tokenizer, conversations, max_new_tokens=budget)
     generation_seconds = time.perf_counter() - started
+    task_metrics, task_answer_scores = task_scores(answers, records, task)
+    correct = [
+        task_scoring.is_correct(task.scorer_of(r), a, r["response"], task.pass_score) for a, r in zip(answers, records)
+    ]
     judged = hallucination.reference_hallucinations(answers, records, embedder, config.hallucination)
     flags = [j["hallucinated"] for j in judged if j["hallucinated"] is not None]
-    consistent, disagreement = consistency(subject, conversations, answers, records, embedder, config)
-    safety_rates, safety_results = safety(subject, probe, config)
+    consistent, disagreement = consistency(subject, conversations, answers, correct, embedder, config, budget)
+    safety_rates, safety_results = safety(subject, probe, budget)
     metrics = {
+        **task_metrics,
         "perplexity": perplexity(subject, conversations, references),
-        "exact_match": modeling.exact_match(answers, references),
+        "exact_match": scoring.mean([task_scoring.exact_match(a, r) for a, r in zip(answers, references)]),
         "token_f1": scoring.mean([scoring.token_f1(a, r) for a, r in zip(answers, references)]),
         "rouge_l": scoring.mean([scoring.rouge_l(a, r) for a, r in zip(answers, references)]),
         "refusal_rate": scoring.mean([scoring.is_refusal(a) for a in answers]),
@@ -224,9 +302,15 @@ def measure(
         **consistent,
         **safety_rates,
         "batch_generation_seconds": generation_seconds,
-        **latency(subject, conversations, config),
+        **latency(subject, conversations, config, budget),
     }
-    details = {"answers": answers, "judged": judged, "disagreement": disagreement, "safety": safety_results}
+    details = {
+        "answers": answers,
+        "scores": task_answer_scores,
+        "judged": judged,
+        "disagreement": disagreement,
+        "safety": safety_results,
+    }
     return metrics, details
 
 
@@ -234,61 +318,96 @@ def measure(
 # The gate
 
 
-def _worse_by(metric: str, candidate: float, production: float) -> float:
-    return production - candidate if GATED_METRICS[metric] == "higher" else candidate - production
+def _worse_by(metric: str, candidate: float, baseline: float) -> float:
+    return baseline - candidate if GATED_METRICS[metric] == "higher" else candidate - baseline
 
 
-def judge(candidate: dict, production: dict | None, gate: GateParams) -> list[dict]:
-    """One check per gate rule: {metric, rule, value, limit, passed, reason}."""
+def _check(metric, rule, value, limit, passed, why, **where) -> dict:
+    return {
+        "metric": metric,
+        **where,
+        "rule": rule,
+        "value": value,
+        "limit": limit,
+        "passed": passed,
+        "reason": None if passed else why,
+    }
+
+
+def _absolute_checks(candidate: dict, gate: GateParams) -> list[dict]:
     checks = []
-
-    def check(metric, rule, value, limit, passed, why):
-        checks.append(
-            {
-                "metric": metric,
-                "rule": rule,
-                "value": value,
-                "limit": limit,
-                "passed": passed,
-                "reason": None if passed else why,
-            }
-        )
-
     for metric, floor in gate.minimum.items():
         value = candidate.get(metric)
-        check(
-            metric,
-            "minimum",
-            value,
-            floor,
-            value is not None and value >= floor,
-            f"{metric} is {_fmt(value)}, below the minimum {floor}",
+        passed = value is not None and value >= floor
+        checks.append(
+            _check(metric, "minimum", value, floor, passed, f"{metric} is {_fmt(value)}, below the minimum {floor}")
         )
     for metric, ceiling in gate.maximum.items():
         value = candidate.get(metric)
-        check(
-            metric,
-            "maximum",
-            value,
-            ceiling,
-            value is not None and value <= ceiling,
-            f"{metric} is {_fmt(value)}, above the maximum {ceiling}",
+        passed = value is not None and value <= ceiling
+        checks.append(
+            _check(metric, "maximum", value, ceiling, passed, f"{metric} is {_fmt(value)}, above the maximum {ceiling}")
+        )
+    return checks
+
+
+def _task_floor_checks(candidate: dict, scorers: dict[str, str], gate: GateParams) -> list[dict]:
+    """Each source's task score against the floor of its scorer (task_minimum) or its own
+    (source_minimum); a source floor naming no test source fails: it cannot be checked."""
+    checks = []
+    by_source = candidate.get("task_score_by_source") or {}
+    for source, scorer in scorers.items():
+        floor = gate.source_minimum.get(source, gate.task_minimum.get(scorer))
+        if floor is None:
+            continue  # no floor for this scorer: judged against SFT and production only
+        value = by_source.get(source)
+        passed = value is not None and value >= floor
+        why = f"task_score of {source} ({scorer}) is {_fmt(value)}, below the minimum {floor}"
+        checks.append(_check("task_score", "minimum", value, floor, passed, why, source=source, scorer=scorer))
+    for source in sorted(set(gate.source_minimum) - set(scorers)):
+        why = f"task_score of {source}: no test answers from this source to check gate.source_minimum on"
+        checks.append(_check("task_score", "minimum", None, gate.source_minimum[source], False, why, source=source))
+    return checks
+
+
+def _regression_checks(
+    candidate: dict, baseline: dict, allowances: dict[str, float], rule: str, whose: str
+) -> list[dict]:
+    """How much worse than a baseline model (production, or the candidate's own SFT model)."""
+    checks = []
+    for metric, allowed in allowances.items():
+        value, reference = candidate.get(metric), baseline.get(metric)
+        if reference is None:
+            continue  # the baseline has no value to compare with
+        worse = None if value is None else _worse_by(metric, value, reference)
+        why = (
+            f"{metric} is {_fmt(value)} against {whose} {_fmt(reference)}: worse by {_fmt(worse)}, "
+            f"more than the {allowed} allowed ({rule})"
+        )
+        checks.append(_check(metric, rule, value, allowed, worse is not None and worse <= allowed, why))
+    return checks
+
+
+def judge(
+    candidate: dict,
+    production: dict | None,
+    gate: GateParams,
+    *,
+    sft: dict | None = None,
+    scorers: dict[str, str] | None = None,
+) -> list[dict]:
+    """One check per gate rule: {metric, (source, scorer,) rule, value, limit, passed, reason}.
+    `scorers` ({source: scorer}) turns on the per-source task floors; `sft` the comparison with
+    the candidate's own SFT model; `production` the one with the deployed model."""
+    checks = _absolute_checks(candidate, gate)
+    if scorers is not None:
+        checks += _task_floor_checks(candidate, scorers, gate)
+    if sft is not None:
+        checks += _regression_checks(
+            candidate, sft, gate.max_regression_vs_sft, "max_regression_vs_sft", "its SFT model's"
         )
     if production is not None:
-        for metric, allowed in gate.max_regression.items():
-            value, baseline = candidate.get(metric), production.get(metric)
-            if baseline is None:
-                continue  # production has no value to compare with
-            worse = None if value is None else _worse_by(metric, value, baseline)
-            check(
-                metric,
-                "max_regression",
-                value,
-                allowed,
-                worse is not None and worse <= allowed,
-                f"{metric} is {_fmt(value)} against production's {_fmt(baseline)}: worse by "
-                f"{_fmt(worse)}, more than the {allowed} allowed",
-            )
+        checks += _regression_checks(candidate, production, gate.max_regression, "max_regression", "production's")
     return checks
 
 
@@ -303,9 +422,9 @@ def decide(checks: list[dict], candidate: Subject, production: Subject | None) -
         "decision": "staging" if passed else "rejected",
         "reasons": [c["reason"] for c in checks if not c["passed"]],
         "judged_against": (
-            "absolute thresholds only: no production model yet (first run)"
+            "absolute thresholds and its SFT model only: no production model yet (first run)"
             if production is None
-            else f"absolute thresholds and the production model {production.path}"
+            else f"absolute thresholds, its SFT model and the production model {production.path}"
         ),
         "candidate": candidate.lineage,
         "production": production.lineage if production else None,
@@ -338,21 +457,40 @@ def run(params: Params, root: Path = Path(".")) -> dict:
             "redeploy, or remove it to judge on absolute thresholds only",
         )
         subjects.append(production)
+    task = task_for(records, candidate.tokenizer, config)
+    for source, choice in task.scorers.items():
+        print(f"evaluate: {source}: scored by {choice.scorer} ({choice.reason})", flush=True)
+    print(f"evaluate: max_new_tokens {task.max_new_tokens} ({task.generation['rule']})", flush=True)
     embedder = hallucination.load_embedder(config.hallucination.embedding_model)
 
     examples = hallucination.labelled_set(records, config.hallucination.labelled_examples, config.hallucination.seed)
     detector = hallucination.validate_detector(
-        examples, embedder, config.hallucination.overlap_weight, config.hallucination.threshold
+        examples,
+        embedder,
+        config.hallucination.overlap_weight,
+        config.hallucination.threshold,
+        cross_encoder=hallucination.cached_cross_encoder(config.hallucination.nli_model),
     )
     roc = detector.pop("roc", None)
     measured, details = {}, {}
     for subject in subjects:
         print(f"evaluate: measuring the {subject.role} model ({subject.path})", flush=True)
-        measured[subject.role], details[subject.role] = measure(subject, records, probe, embedder, config)
+        measured[subject.role], details[subject.role] = measure(subject, records, probe, embedder, config, task)
 
-    gate = decide(judge(measured["candidate"], measured.get("production"), config.gate), candidate, production)
+    scorers = {source: choice.scorer for source, choice in task.scorers.items()}
+    checks = judge(measured["candidate"], measured.get("production"), config.gate, sft=measured["sft"], scorers=scorers)
+    gate = decide(checks, candidate, production)
     metrics = {
         "test_examples": len(records),
+        "scoring": {
+            source: {
+                "scorer": choice.scorer,
+                "reason": choice.reason,
+                "test_examples": sum(source_of(r) == source for r in records),
+            }
+            for source, choice in task.scorers.items()
+        },
+        "generation": task.generation,
         "safety_probe_prompts": len(probe),
         "safety_probe_seen_in_training": len(seen),
         "models": measured,
@@ -369,6 +507,7 @@ def report(metrics: dict) -> str:
     models = metrics["models"]
     roles = list(models)
     rows = [
+        "task_score",
         "exact_match",
         "token_f1",
         "rouge_l",
@@ -385,7 +524,26 @@ def report(metrics: dict) -> str:
         f"evaluate: {metrics['test_examples']:,} test prompts, {metrics['safety_probe_prompts']} safety probes",
         "  " + f"{'':32}" + "".join(f"{role:>12}" for role in roles),
     ]
-    lines += ["  " + f"{name:32}" + "".join(f"{_fmt(models[role].get(name)):>12}" for role in roles) for name in rows]
+
+    def row(name: str, values: list) -> str:
+        return "  " + f"{name:32}" + "".join(f"{_fmt(value):>12}" for value in values)
+
+    for name in rows:
+        lines.append(row(name, [models[role].get(name) for role in roles]))
+        if name == "task_score":  # then each source's, under it
+            lines += [
+                row(f"  {source}", [models[role]["task_score_by_source"].get(source) for role in roles])
+                for source in metrics["scoring"]
+            ]
+    lines += [
+        f"  {source}: {choice['test_examples']:,} answers scored by {choice['scorer']} ({choice['reason']})"
+        for source, choice in metrics["scoring"].items()
+    ]
+    generation = metrics["generation"]
+    lines.append(
+        f"  max_new_tokens {generation['max_new_tokens']} ({generation['rule']}): "
+        f"fits {generation.get('references_fitting', 0)} of {generation['references']} test references"
+    )
     detector = metrics["hallucination_detector"]
     lines.append(
         f"  hallucination detector AUROC {_fmt(detector.get('auroc'))} on {detector['examples']} labelled answers"

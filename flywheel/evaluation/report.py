@@ -1,6 +1,7 @@
 """The evaluation report: one self-contained HTML page (plots inlined as PNG), so it opens from
-disk in any browser with no network: the gate's decision, every metric side by side, the
-hallucination detector's ROC curve, support scores, the safety probe and example answers."""
+disk in any browser with no network: the gate's decision, every metric side by side, the task
+score per source with the scorer that judged it, the hallucination detector's ROC curve, support
+scores, the safety probe and example answers."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from flywheel.config import GATED_METRICS
 from flywheel.io import atomic_path
 
 QUALITY = [
+    "task_score",
     "exact_match",
     "token_f1",
     "rouge_l",
@@ -68,7 +70,7 @@ def _quality_plot(models: dict) -> str:
     axes.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(QUALITY))])
     axes.set_xticklabels([name.replace("_", "\n") for name in QUALITY], fontsize=8)
     axes.set_ylim(0, 1.05)
-    axes.set_title("Quality and safety (higher is better for the first four, lower for the rest)")
+    axes.set_title("Quality and safety (higher is better for the first five, lower for the rest)")
     axes.legend()
     return _png(figure)
 
@@ -137,7 +139,8 @@ def _gate_section(gate: dict) -> str:
     )
     reasons = "".join(f"<li>{html.escape(r)}</li>" for r in gate["reasons"])
     checks = "".join(
-        f"<tr><td>{c['metric']}</td><td>{c['rule']}</td>{_cell(c['value'])}{_cell(c['limit'])}"
+        f"<tr><td>{c['metric']}{' of ' + html.escape(c['source']) if c.get('source') else ''}</td>"
+        f"<td>{c['rule']}</td>{_cell(c['value'])}{_cell(c['limit'])}"
         f"<td>{'pass' if c['passed'] else '<b>fail</b>'}</td></tr>"
         for c in gate["checks"]
     )
@@ -146,6 +149,31 @@ def _gate_section(gate: dict) -> str:
         f"{html.escape(gate['judged_against'])}.{'<ul>' + reasons + '</ul>' if reasons else ''}</div>"
         "<table><tr><th>metric</th><th>rule</th><th>value</th><th>limit</th><th>result</th></tr>"
         f"{checks}</table>"
+    )
+
+
+def _scoring_section(metrics: dict) -> str:
+    """Which scorer judged each source and why, its task score per model, and how long answers
+    could be."""
+    models = metrics["models"]
+    roles = list(models)
+    rows = ["<tr><th>source</th><th>test answers</th><th>scorer</th><th>why</th>"]
+    rows[0] += "".join(f"<th>{html.escape(r)}</th>" for r in roles) + "</tr>"
+    for source, choice in metrics["scoring"].items():
+        rows.append(
+            f"<tr><td>{html.escape(source)}</td>{_cell(choice['test_examples'])}<td>{choice['scorer']}</td>"
+            f"<td>{html.escape(choice['reason'])}</td>"
+            + "".join(_cell((models[r].get("task_score_by_source") or {}).get(source)) for r in roles)
+            + "</tr>"
+        )
+    generation = metrics["generation"]
+    return (
+        "<table>"
+        + "".join(rows)
+        + "</table>"
+        + f"<p>Answers were generated with max_new_tokens {generation['max_new_tokens']} "
+        f"({html.escape(generation['rule'])}): {generation.get('references_fitting', 0)} of "
+        f"{generation['references']} test references fit in it.</p>"
     )
 
 
@@ -188,10 +216,7 @@ def _examples_table(records: list[dict], details: dict) -> str:
     roles = list(details)
 
     def interesting(index):
-        return any(
-            d["answers"][index].strip() != records[index]["response"].strip() or d["judged"][index]["hallucinated"]
-            for d in details.values()
-        )
+        return any(d["scores"][index] < 1.0 or d["judged"][index]["hallucinated"] for d in details.values())
 
     order = sorted(range(len(records)), key=lambda i: not interesting(i))[:EXAMPLES_SHOWN]
     rows = ["<tr><th>prompt</th><th>reference</th>" + "".join(f"<th>{r}</th>" for r in roles) + "</tr>"]
@@ -201,8 +226,8 @@ def _examples_table(records: list[dict], details: dict) -> str:
             judged = detail["judged"][index]
             flag = " ⚠ hallucination" if judged["hallucinated"] else ""
             cells += (
-                f"<td>{html.escape(detail['answers'][index])}<br><small>support "
-                f"{judged['support']:.2f}{flag}</small></td>"
+                f"<td>{html.escape(detail['answers'][index])}<br><small>task score "
+                f"{detail['scores'][index]:.2f}, support {judged['support']:.2f}{flag}</small></td>"
             )
         rows.append(
             f"<tr><td>{html.escape(records[index]['prompt'][:300])}</td>"
@@ -232,6 +257,8 @@ def write(path: Path, *, metrics: dict, gate: dict, records: list[dict], details
         "<h2>Metrics</h2>",
         _quality_plot(models),
         _metrics_table(models),
+        "<h2>Task score by source</h2>",
+        _scoring_section(metrics),
         "<h2>Hallucination detector</h2>",
         _detector_section(detector, roc),
         "<h3>Support of each model's test answers</h3>",

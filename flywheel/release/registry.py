@@ -33,7 +33,7 @@ GATE_FILE = str(paths.GATE)
 EVALUATE_FILE = str(paths.metrics_file("evaluate"))
 # What `flywheel models` shows of a version's lineage: the md5s its dvc.lock pins.
 LINEAGE = (paths.ALIGNED_MODEL, paths.SFT_MODEL, paths.TRAIN, paths.TEST, paths.PREFERENCES_TRAIN)
-SHOWN_METRICS = ("exact_match", "token_f1", "hallucination_rate", "safety_pass_rate")
+SHOWN_METRICS = ("task_score", "exact_match", "token_f1", "hallucination_rate", "safety_pass_rate")
 
 
 def _git(root: Path, *args: str, check: bool = True) -> str:

@@ -9,6 +9,9 @@ Checkpoints go to models/.checkpoints/sft/ every `save_steps`; a killed run star
 the same params and data resumes from the last one.
 
 Loss is on the assistant's tokens only; short examples are packed into rows of `max_length`.
+An example longer than `max_length` is dropped, truncated or fails the stage, as
+`training.length_policy` says, before TRL sees it (flywheel/training/lengths.py); every example
+is counted in metrics/finetune.json `lengths`, with each split's token-length percentiles.
 One process on the CPU or one GPU; with `distributed.launcher` deepspeed or accelerate, the stage
 launches its workers through that launcher (several GPUs, several nodes via a hostfile).
 """
@@ -25,7 +28,7 @@ from flywheel import modeling, paths
 from flywheel.config import FinetuneParams, Params
 from flywheel.errors import FlywheelError
 from flywheel.io import atomic_dir, read_records
-from flywheel.training import distributed, trainer_args
+from flywheel.training import distributed, lengths, trainer_args
 
 INPUTS = {"train": paths.TRAIN, "eval": paths.EVAL}
 CHECKPOINTS = Path("models/.checkpoints/sft")  # local resumable state, not an artifact
@@ -59,6 +62,27 @@ def resumable_checkpoint(directory: Path, expected: str) -> str | None:
 # Training
 
 
+def length_limits(config: FinetuneParams) -> lengths.Limits:
+    training = config.training
+    return lengths.Limits(
+        stage="finetune",
+        key="finetune.training",
+        max_length=training.max_length,
+        policy=training.length_policy,
+        warning_share=training.length_warning_share,
+    )
+
+
+def fitted_examples(tokenizer, rows: list[dict], limits: lengths.Limits, split: str) -> tuple[list[dict], dict]:
+    """The split tokenised as SFTTrainer would, each example fitted to max_length: (what TRL
+    trains on, the split's counts)."""
+    conversations = [modeling.record_messages(row) for row in rows]
+    examples = lengths.sft_tokens(tokenizer, conversations)
+    return lengths.fit_split(
+        examples, lambda ids, labels: lengths.fit_sequence(ids, labels, limits), limits, split, "examples"
+    )
+
+
 def sft_config(config: FinetuneParams, output_dir: Path, has_eval: bool):
     from trl import SFTConfig
 
@@ -67,7 +91,9 @@ def sft_config(config: FinetuneParams, output_dir: Path, has_eval: bool):
         output_dir=str(output_dir),
         max_length=training.max_length,
         packing=training.packing,
-        assistant_only_loss=True,
+        # The data come tokenised, with labels that are -100 outside the assistant's turns: the
+        # assistant-only loss is already in them (TRL refuses assistant_only_loss on token ids).
+        assistant_only_loss=False,
         save_strategy="steps",
         save_steps=training.save_steps,
         save_total_limit=2,
@@ -135,22 +161,29 @@ def train(params: Params, root: Path) -> dict | None:
     if resume_from:
         tokenizer = AutoTokenizer.from_pretrained(resume_from)  # the vocabulary the weights know
 
-    def as_dataset(rows):
-        return Dataset.from_list([{"messages": modeling.record_messages(row)} for row in rows])
+    limits = length_limits(config)
+    train_examples, train_counts = fitted_examples(tokenizer, train_rows, limits, "train")
+    eval_examples, eval_counts = fitted_examples(tokenizer, eval_rows, limits, "eval")
+    if not train_examples:
+        raise FlywheelError(
+            f"finetune: none of the {len(train_rows):,} train examples fits finetune.training.max_length "
+            f"{limits.max_length} under length_policy {limits.policy}; raise max_length (see the token "
+            "lengths above) or choose truncate_right or truncate_left"
+        )
 
     curves = trainer_args.live_callback(root, paths.SFT_CURVES, resume=bool(resume_from))
     trainer = SFTTrainer(
         model=model,
-        args=sft_config(config, root / CHECKPOINTS, bool(eval_rows)),
-        train_dataset=as_dataset(train_rows),
-        eval_dataset=as_dataset(eval_rows) if eval_rows else None,
+        args=sft_config(config, root / CHECKPOINTS, bool(eval_examples)),
+        train_dataset=Dataset.from_list(train_examples),
+        eval_dataset=Dataset.from_list(eval_examples) if eval_examples else None,
         processing_class=tokenizer,
         peft_config=_peft_config(config),
         callbacks=[curves],
     )
     probe = eval_rows[: config.training.eval_examples]
     # DeepSpeed builds an evaluation-only engine before training for ZeRO-3 alone.
-    can_evaluate_first = eval_rows and distributed.zero_stage(config.distributed) in (None, 3)
+    can_evaluate_first = eval_examples and distributed.zero_stage(config.distributed) in (None, 3)
     before = {
         "eval_loss": trainer.evaluate()["eval_loss"] if can_evaluate_first else None,
         "exact_match": _exact_match(trainer.model, tokenizer, probe, config),
@@ -162,7 +195,7 @@ def train(params: Params, root: Path) -> dict | None:
         return None
     resumed_step = int(resume_from.rsplit("-", 1)[1]) if resume_from else 0
     after = {
-        "eval_loss": trainer.evaluate()["eval_loss"] if eval_rows else None,
+        "eval_loss": trainer.evaluate()["eval_loss"] if eval_examples else None,
         "exact_match": _exact_match(trainer.model, tokenizer, probe, config),
     }
     curves.live.log_metric("exact_match", after["exact_match"], plot=False)
@@ -176,6 +209,8 @@ def train(params: Params, root: Path) -> dict | None:
         "exact_match_after": after["exact_match"],
         "exact_match_examples": len(probe),
         "train_examples": len(train_rows),
+        "trained_examples": len(train_examples),
+        "lengths": lengths.summary(limits, {"train": train_counts, "eval": eval_counts}),
         "steps": result.global_step,
         "epochs": config.training.epochs,
         "train_seconds": round(seconds, 1),
@@ -220,6 +255,8 @@ def report(metrics: dict) -> str:
         [
             f"finetune: {metrics['train_examples']:,} examples, {metrics['steps']:,} steps in "
             f"{metrics['train_seconds']:.0f} s ({metrics['train_tokens_per_second'] or 0:,.0f} tokens/s){resumed}",
+            lengths.report_line(metrics["lengths"], "train", "examples"),
+            *(f"  warning: {warning}" for warning in metrics["lengths"]["warnings"]),
             f"  eval loss    {fmt(metrics['eval_loss_before'])} -> {fmt(metrics['eval_loss_after'])}",
             f"  exact match  {fmt(metrics['exact_match_before'])} -> {fmt(metrics['exact_match_after'])} "
             f"on {metrics['exact_match_examples']} held-out prompts",

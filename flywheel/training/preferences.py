@@ -3,7 +3,8 @@
 Input:  data/interim/ingest/preferences.parquet  preference records from ingest (incl. HH transcripts)
         data/raw/feedback/*.jsonl                 feedback exported by `flywheel serve` (see below)
         models/sft + data/processed/train.parquet on-policy pairs: the SFT model's own samples,
-                                                  judged against the train references
+                                                  judged against the train references by the
+                                                  task scorers evaluate uses (evaluate.scoring)
         data/processed/{eval,test}.parquet        prompts no pair may carry (decontamination)
 Output: data/processed/preferences/{train,eval}.parquet  the pairs, held-out ones split by prompt
         data/interim/preferences/removed.jsonl    every pair or feedback event not used, with its reason
@@ -26,8 +27,8 @@ import random
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from flywheel import modeling, paths, text
-from flywheel.config import OnPolicyParams, Params, PreferencesParams
+from flywheel import modeling, paths, scoring, text
+from flywheel.config import OnPolicyParams, Params, PreferencesParams, ScoringParams
 from flywheel.data.records import (
     PREFERENCE_SCHEMA,
     ROLE_ALIASES,
@@ -233,9 +234,35 @@ def _json_line(line: str):
         raise Rejected("bad_json", str(error)) from None
 
 
-def on_policy_pairs(config: OnPolicyParams, root: Path) -> tuple[list[dict], dict]:
-    """The SFT model's samples for train prompts with a reference: a correct one chosen over the
-    most frequent wrong one. Prompts it always (or never) gets right give no pair."""
+def _judge_samples(answers: list[str], reference: str, scorer: str, pass_score: float) -> tuple[list, list, int]:
+    """(correct answers best first, wrong answers, empty answers) of one prompt's samples, each
+    judged by the task's scorer: a long worked solution with the right final number is correct."""
+    scored = [(answer, scoring.score(scorer, answer, reference)) for answer in answers if answer.strip()]
+    needed = scoring.pass_mark(scorer, pass_score)
+    correct = sorted((pair for pair in scored if pair[1] >= needed), key=lambda pair: -pair[1])
+    wrong = [answer for answer, value in scored if value < needed]
+    return [answer for answer, _ in correct], wrong, len(answers) - len(scored)
+
+
+def _sampling_budget(config: OnPolicyParams, judging: ScoringParams, tokenizer, rows: list[dict]) -> dict:
+    """max_new_tokens for the samples: as set, or (auto) from the sampled references' lengths."""
+    lengths = scoring.token_lengths(tokenizer, [row["response"] for row in rows])
+    length = judging.length
+    budget = scoring.generation_budget(lengths, length.percentile, length.margin, length.cap)
+    if config.max_new_tokens != "auto":
+        budget = {
+            **budget,
+            "max_new_tokens": config.max_new_tokens,
+            "rule": "set in params (preferences.on_policy.max_new_tokens)",
+            "references_fitting": sum(n < config.max_new_tokens for n in lengths),
+        }
+    return budget
+
+
+def on_policy_pairs(config: OnPolicyParams, judging: ScoringParams, root: Path) -> tuple[list[dict], dict]:
+    """The SFT model's samples for train prompts with a reference: a correct one (by the task's
+    scorer, as evaluate judges) chosen over the most frequent wrong one. Prompts it always (or
+    never) gets right give no pair."""
     if config.prompts == 0:
         return [], {"prompts": 0}
     model_dir = root / paths.SFT_MODEL
@@ -244,25 +271,26 @@ def on_policy_pairs(config: OnPolicyParams, root: Path) -> tuple[list[dict], dic
             f"{model_dir} is not a model: {paths.SFT_MODEL.run_first}, or set preferences.on_policy.prompts: 0"
         )
     train = read_records(paths.TRAIN.require(root))
+    scorers = scoring.scorers_by_source(train, judging.scorer, judging.by_source, judging.short_answer_words)
     rows = random.Random(config.seed).sample(train, min(config.prompts, len(train)))
     model, tokenizer = modeling.load_pretrained(str(model_dir))
+    budget = _sampling_budget(config, judging, tokenizer, rows)
     samples = modeling.sample(
         model,
         tokenizer,
         [modeling.record_messages(row, with_response=False) for row in rows],
         samples=config.samples,
         temperature=config.temperature,
-        max_new_tokens=config.max_new_tokens,
+        max_new_tokens=budget["max_new_tokens"],
         seed=config.seed,
     )
     pairs, counts = [], Counter()
     for row, answers in zip(rows, samples):
-        reference = text.dedup_key(row["response"])
-        correct = [a for a in answers if text.dedup_key(a) == reference]
-        wrong = [a for a in answers if a and text.dedup_key(a) != reference]
-        counts["samples_correct"] += len(correct)
+        scorer = scorers[row.get("source") or "unknown"].scorer
+        correct, wrong, empty = _judge_samples(answers, row["response"], scorer, judging.pass_score)
+        counts.update(samples_correct=len(correct), samples_wrong=len(wrong), samples_empty=empty)
         if not wrong:
-            counts["all_correct"] += 1
+            counts["all_correct" if correct else "all_empty"] += 1
         elif not correct:
             counts["none_correct"] += 1
         else:
@@ -279,6 +307,7 @@ def on_policy_pairs(config: OnPolicyParams, root: Path) -> tuple[list[dict], dic
                     context=row["context"],
                     history=history_of(row),
                     record_id=row["id"],
+                    judged_by=scorer,
                     sampled=answers,
                 )
             )
@@ -288,7 +317,13 @@ def on_policy_pairs(config: OnPolicyParams, root: Path) -> tuple[list[dict], dic
         "pairs": len(pairs),
         "all_correct": counts["all_correct"],
         "none_correct": counts["none_correct"],
+        "all_empty": counts["all_empty"],
+        "samples_correct": counts["samples_correct"],
+        "samples_wrong": counts["samples_wrong"],
+        "samples_empty": counts["samples_empty"],
         "sampled_accuracy": round(counts["samples_correct"] / max(len(rows) * config.samples, 1), 4),
+        "scorers": {source: {"scorer": c.scorer, "reason": c.reason} for source, c in scorers.items()},
+        "generation": budget,
     }
 
 
@@ -357,7 +392,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     config = params.preferences
     candidates = ingested_pairs(root)
     from_feedback, removed, feedback_counts = feedback_pairs(config.feedback, root)
-    from_policy, policy_counts = on_policy_pairs(config.on_policy, root)
+    from_policy, policy_counts = on_policy_pairs(config.on_policy, params.evaluate.scoring, root)
     candidates += from_feedback + from_policy
     contaminating = held_out_prompts(root) if config.decontaminate else {}
 
@@ -432,7 +467,16 @@ def report(metrics: dict) -> str:
     if policy["prompts"]:
         lines.append(
             f"  on-policy: {policy['prompts']:,} prompts x {policy['samples_per_prompt']} samples, "
-            f"sampled accuracy {policy['sampled_accuracy']:.3f}, {policy['pairs']:,} pairs"
+            f"sampled accuracy {policy['sampled_accuracy']:.3f}, {policy['pairs']:,} pairs "
+            f"({policy['all_correct']:,} prompts always right, {policy['none_correct']:,} never, "
+            f"{policy['all_empty']:,} only empty answers)"
+        )
+        judged = ", ".join(f"{source}: {choice['scorer']}" for source, choice in policy["scorers"].items())
+        generation = policy["generation"]
+        lines.append(
+            f"  on-policy samples judged by {judged}; max_new_tokens {generation['max_new_tokens']} "
+            f"({generation['rule']}), fits {generation.get('references_fitting', 0)} of "
+            f"{generation['references']} references"
         )
     if not metrics["train"]:
         lines.append(

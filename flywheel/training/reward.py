@@ -7,6 +7,9 @@ Output: models/reward/           a sequence-classification model with one output
         metrics/reward.json      pairwise accuracy on the held-out pairs, before and after
 The rlhf stage optimises against it with `method: reward+grpo`, and with either method scores the
 answers of the SFT and the aligned model with it.
+A pair longer than `max_length` is truncated from the left, dropped or fails the stage, as
+`training.length_policy` says, before TRL sees it (TRL's RewardTrainer would drop it silently);
+metrics/reward.json `lengths` counts every pair of both splits.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ import time
 from pathlib import Path
 
 from flywheel import modeling, paths
-from flywheel.config import Params
+from flywheel.config import Params, RlhfParams
+from flywheel.errors import FlywheelError
 from flywheel.io import atomic_dir
-from flywheel.training import alignment, distributed, trainer_args
+from flywheel.training import alignment, distributed, lengths, trainer_args
 
 
 def ranks_chosen_first(model, tokenizer, pairs: list[dict]) -> list[bool]:
@@ -25,6 +29,24 @@ def ranks_chosen_first(model, tokenizer, pairs: list[dict]) -> list[bool]:
     return alignment.chosen_wins(
         pairs, lambda prompts, answers: alignment.score_answers(model, tokenizer, prompts, answers)
     )
+
+
+def length_limits(config: RlhfParams) -> lengths.Limits:
+    training = config.reward_model.training
+    return lengths.Limits(
+        stage="reward",
+        key="rlhf.reward_model.training",
+        max_length=training.max_length,
+        policy=training.length_policy,
+        warning_share=training.length_warning_share,
+    )
+
+
+def fitted_pairs(tokenizer, pairs: list[dict], limits: lengths.Limits, split: str) -> tuple[list[dict], dict]:
+    """The pairs tokenised as RewardTrainer would, each fitted to max_length: (what TRL trains
+    or evaluates on, the split's counts)."""
+    examples = lengths.reward_tokens(tokenizer, [alignment.as_conversational(pair) for pair in pairs])
+    return lengths.fit_split(examples, lambda c, r: lengths.fit_pair(c, r, limits), limits, split, "pairs")
 
 
 def _skip(root: Path, reason: str) -> dict:
@@ -48,22 +70,29 @@ def train(params: Params, root: Path) -> dict | None:
     model = AutoModelForSequenceClassification.from_pretrained(paths.SFT_MODEL.require(root), num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
 
-    def dataset(pairs):
-        return Dataset.from_list([alignment.as_conversational(pair) for pair in pairs])
+    limits = length_limits(config)
+    train_examples, train_counts = fitted_pairs(tokenizer, train_pairs, limits, "train")
+    eval_examples, eval_counts = fitted_pairs(tokenizer, eval_pairs, limits, "eval")
+    if not train_examples:
+        raise FlywheelError(
+            f"reward: none of the {len(train_pairs):,} train pairs fits rlhf.reward_model.training.max_length "
+            f"{limits.max_length} under length_policy {limits.policy}; raise max_length (see the token lengths "
+            "above) or choose truncate_left"
+        )
 
     training = config.reward_model.training
     args = RewardConfig(
         output_dir=str(root / "models/.checkpoints/reward"),
         max_length=training.max_length,
         center_rewards_coefficient=config.reward_model.center_rewards_coefficient,
-        **trainer_args.arguments(training, config.distributed, has_eval=bool(eval_pairs)),
+        **trainer_args.arguments(training, config.distributed, has_eval=bool(eval_examples)),
     )
     callback = trainer_args.live_callback(root, paths.REWARD_CURVES)
     trainer = RewardTrainer(
         model=model,
         args=args,
-        train_dataset=dataset(train_pairs),
-        eval_dataset=dataset(eval_pairs) if eval_pairs else None,
+        train_dataset=Dataset.from_list(train_examples),
+        eval_dataset=Dataset.from_list(eval_examples) if eval_examples else None,
         processing_class=tokenizer,
         callbacks=[callback],
     )
@@ -79,7 +108,9 @@ def train(params: Params, root: Path) -> dict | None:
     metrics = {
         "trained": True,
         "train_pairs": len(train_pairs),
+        "trained_pairs": len(train_examples),
         "eval_pairs": len(eval_pairs),
+        "lengths": lengths.summary(limits, {"train": train_counts, "eval": eval_counts}),
         "pairwise_accuracy_before": accuracy_before,
         "pairwise_accuracy": alignment.share(ranked_first),
         "pairwise_accuracy_by_source": alignment.share_by_source(eval_pairs, ranked_first),
@@ -115,6 +146,8 @@ def report(metrics: dict) -> str:
     return "\n".join(
         [
             f"reward: {metrics['train_pairs']:,} pairs, {metrics['steps']:,} steps in {metrics['train_seconds']:.0f} s",
+            lengths.report_line(metrics["lengths"], "train", "pairs"),
+            *(f"  warning: {warning}" for warning in metrics["lengths"]["warnings"]),
             f"  pairwise accuracy on {metrics['eval_pairs']:,} held-out pairs: {shown}",
             f"  wrote {paths.REWARD_MODEL}/ (model card: {paths.REWARD_MODEL}/README.md), "
             f"curves in {paths.REWARD_CURVES}/",

@@ -11,6 +11,10 @@ Methods (rlhf.method):
   reward+grpo  TRL GRPOTrainer (or RLOOTrainer) samples answers online and optimises the reward
                model's score, plus rule rewards (a train reference matched, a length penalty),
                with a KL penalty to the SFT model.
+With dpo, a pair longer than `dpo.training.max_length` is truncated, dropped or fails the stage,
+as `dpo.training.length_policy` says, before TRL sees it (TRL's DPOTrainer would drop pairs whose
+prompt fills max_length and cut the rest, uncounted); metrics/rlhf.json `lengths`
+counts every pair. GRPO/RLOO prompts go whole (TRL 1.16 cuts none); their lengths are reported.
 Measured either way, on held-out pairs and prompts: preference accuracy (the chosen response's
 log-probability above the rejected one's), task exact match, the reward model's score of the
 greedy answers, and the KL divergence from the SFT model.
@@ -29,7 +33,7 @@ from flywheel.config import GrpoParams, Params, RlhfParams
 from flywheel.data.records import origin_of
 from flywheel.errors import FlywheelError
 from flywheel.io import atomic_dir, read_records
-from flywheel.training import alignment, distributed, trainer_args
+from flywheel.training import alignment, distributed, lengths, trainer_args
 
 CHECKPOINTS = Path("models/.checkpoints/rlhf")
 
@@ -92,9 +96,41 @@ def kl_from_reference(policy, reference, tokenizer, pairs: list[dict], config: R
 # Trainers
 
 
-def dpo_trainer(config: RlhfParams, model, tokenizer, train_pairs, eval_pairs, root: Path, callbacks):
+def dpo_limits(config: RlhfParams) -> lengths.Limits:
+    training = config.dpo.training
+    return lengths.Limits(
+        stage="rlhf",
+        key="rlhf.dpo.training",
+        max_length=training.max_length,
+        policy=training.length_policy,
+        warning_share=training.length_warning_share,
+        min_prompt_length=training.min_prompt_length,
+    )
+
+
+def fitted_dpo_pairs(tokenizer, pairs: list[dict], limits: lengths.Limits, split: str) -> tuple[list[dict], dict]:
+    """The pairs tokenised as DPOTrainer would, each fitted to the limits: (what TRL trains or
+    evaluates on, the split's counts)."""
+    examples = lengths.dpo_tokens(tokenizer, [alignment.as_conversational(pair) for pair in pairs])
+    return lengths.fit_split(examples, lambda p, c, r: lengths.fit_preference(p, c, r, limits), limits, split, "pairs")
+
+
+def pretokenised_dpo_trainer():
+    """DPOTrainer fed pairs that are already tokenised as it would tokenise them and fitted to
+    the limits: its own preparation would drop the pairs whose prompt fills max_length, uncounted,
+    and there is no other way to hand it token ids in TRL 1.16."""
+    from trl import DPOTrainer
+
+    class PretokenisedDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+    return PretokenisedDPOTrainer
+
+
+def dpo_trainer(config: RlhfParams, model, tokenizer, datasets: dict[str, list[dict]], root: Path, callbacks):
     from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
 
     dpo = config.dpo
     reference = None  # TRL keeps a frozen copy of the model being trained
@@ -107,21 +143,43 @@ def dpo_trainer(config: RlhfParams, model, tokenizer, train_pairs, eval_pairs, r
         loss_weights=dpo.loss_weights,
         label_smoothing=dpo.label_smoothing,
         max_length=dpo.training.max_length,
-        **trainer_args.arguments(dpo.training, config.distributed, has_eval=bool(eval_pairs)),
+        **trainer_args.arguments(dpo.training, config.distributed, has_eval=bool(datasets["eval"])),
     )
-
-    def dataset(pairs):
-        return Dataset.from_list([alignment.as_conversational(pair) for pair in pairs])
-
-    return DPOTrainer(
+    return pretokenised_dpo_trainer()(
         model=model,
         ref_model=reference,
         args=args,
-        train_dataset=dataset(train_pairs),
-        eval_dataset=dataset(eval_pairs) if eval_pairs else None,
+        train_dataset=Dataset.from_list(datasets["train"]),
+        eval_dataset=Dataset.from_list(datasets["eval"]) if datasets["eval"] else None,
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+
+
+def dpo_datasets(config: RlhfParams, tokenizer, train_pairs, eval_pairs) -> tuple[dict[str, list[dict]], dict]:
+    """What DPO trains and evaluates on, and the `lengths` metrics that count every pair."""
+    limits = dpo_limits(config)
+    train, train_counts = fitted_dpo_pairs(tokenizer, train_pairs, limits, "train")
+    held_out, eval_counts = fitted_dpo_pairs(tokenizer, eval_pairs, limits, "eval")
+    if not train:
+        raise FlywheelError(
+            f"rlhf: none of the {len(train_pairs):,} train pairs fits rlhf.dpo.training.max_length "
+            f"{limits.max_length} under length_policy {limits.policy}; raise max_length and min_prompt_length "
+            "(see the token lengths above) or choose truncate"
+        )
+    return {"train": train, "eval": held_out}, lengths.summary(limits, {"train": train_counts, "eval": eval_counts})
+
+
+def grpo_prompt_lengths(config: RlhfParams, tokenizer, train_pairs: list[dict], root: Path) -> dict:
+    """GRPO/RLOO prompts go to TRL whole (TRL 1.16 cuts none; the answers it samples stop at
+    max_completion_length): their token lengths, so a long prompt's cost is visible."""
+    prompts = [row["prompt"] for row in grpo_prompts(config.grpo, train_pairs, root)]
+    counts = [
+        len(tokenizer.apply_chat_template(p, tokenize=True, return_dict=True, add_generation_prompt=True)["input_ids"])
+        for p in prompts
+    ]
+    shown = {"prompts": len(prompts), "whole": len(prompts), "truncated": 0, "dropped": 0}
+    return {"train": {**shown, "token_lengths": {"prompt": lengths.percentiles(counts)}}, "warnings": []}
 
 
 def correctness(completions, reference, **_) -> list[float | None]:
@@ -230,10 +288,15 @@ def train(params: Params, root: Path) -> dict | None:
     probe = read_records(paths.EVAL.require(root))[: config.eval_examples]
     before = measure(model, tokenizer, eval_pairs, probe, reward_model, config)
 
+    if config.method == "dpo":
+        datasets, length_metrics = dpo_datasets(config, tokenizer, train_pairs, eval_pairs)
+    else:
+        length_metrics = grpo_prompt_lengths(config, tokenizer, train_pairs, root)
+
     callback = trainer_args.live_callback(root, paths.RLHF_CURVES)
     callbacks = [callback]
     trainer = (
-        dpo_trainer(config, model, tokenizer, train_pairs, eval_pairs, root, callbacks)
+        dpo_trainer(config, model, tokenizer, datasets, root, callbacks)
         if config.method == "dpo"
         else grpo_trainer(config, model, tokenizer, train_pairs, reward_model, root, callbacks)
     )
@@ -253,6 +316,7 @@ def train(params: Params, root: Path) -> dict | None:
         "method": config.method,
         "train_pairs": len(train_pairs),
         "eval_pairs": len(eval_pairs),
+        "lengths": length_metrics,
         "task_examples": len(probe),
         "steps": result.global_step,
         "train_seconds": round(seconds, 1),
@@ -295,6 +359,15 @@ def run(params: Params, root: Path = Path(".")) -> dict | None:
     return distributed.run_stage("rlhf", "rlhf", params.rlhf.distributed, params, root, train)
 
 
+def _length_lines(metrics: dict) -> list[str]:
+    if metrics["method"] != "dpo":
+        prompt = metrics["lengths"]["train"]["token_lengths"]["prompt"]
+        count = metrics["lengths"]["train"]["prompts"]
+        return [f"  prompts      {count:,}, all whole (tokens p50 {prompt['p50']}, max {prompt['max']})"]
+    warnings = metrics["lengths"]["warnings"]
+    return [lengths.report_line(metrics["lengths"], "train", "pairs"), *(f"  warning: {w}" for w in warnings)]
+
+
 def report(metrics: dict) -> str:
     if not metrics["aligned"]:
         return f"rlhf: alignment skipped ({metrics['reason']}); {paths.ALIGNED_MODEL} is the SFT model"
@@ -306,6 +379,7 @@ def report(metrics: dict) -> str:
     lines = [
         f"rlhf ({metrics['method']}): {metrics['train_pairs']:,} pairs, {metrics['steps']:,} steps "
         f"in {metrics['train_seconds']:.0f} s",
+        *_length_lines(metrics),
         f"  preference accuracy  {fmt(before['preference_accuracy'])} -> "
         f"{fmt(after['preference_accuracy'])} on {metrics['eval_pairs']:,} held-out pairs "
         f"({fmt(before['preference_accuracy_collected'])} -> {fmt(after['preference_accuracy_collected'])} "
