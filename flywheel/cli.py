@@ -146,10 +146,26 @@ def _json_object(text: str | None, option: str) -> dict:
     return value
 
 
+def _profile(path: str) -> dict:
+    """A params profile: a YAML mapping of dotted keys to values (e.g. params.real-data.yaml)."""
+    import yaml
+
+    try:
+        profile = yaml.safe_load(Path(path).read_text())
+    except OSError as error:
+        raise FlywheelError(f"--from {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise FlywheelError(f"--from {path} is not valid YAML: {error}") from None
+    if not isinstance(profile, dict) or not all(isinstance(key, str) for key in profile):
+        raise FlywheelError(f"--from {path} must be a mapping of dotted keys to values")
+    return profile
+
+
 def _parse_overrides(args: argparse.Namespace) -> dict:
     import yaml
 
-    overrides = _json_object(args.overrides_json, "--json")
+    overrides = _profile(args.profile) if args.profile else {}
+    overrides.update(_json_object(args.overrides_json, "--json"))
     for assignment in args.assignments:
         key, sep, value = assignment.partition("=")
         if not sep or not key:
@@ -172,6 +188,13 @@ def _params_arguments(parser: argparse.ArgumentParser) -> None:
         dest="overrides_json",
         default="{}",
         help="a JSON object of dotted keys to values, e.g. '{\"ingest.chunk_size\": 5000}'",
+    )
+    apply.add_argument(
+        "--from",
+        dest="profile",
+        default=None,
+        metavar="FILE",
+        help="a profile: a YAML mapping of dotted keys to values, applied first (e.g. params.real-data.yaml)",
     )
     apply.add_argument(
         "assignments", nargs="*", metavar="KEY=VALUE", help="dotted key = YAML value, e.g. ingest.chunk_size=5000"
