@@ -865,6 +865,7 @@ def apply_overrides(path: str | Path, overrides: dict[str, Any]) -> dict[str, tu
 
     yaml_rt = YAML()
     yaml_rt.indent(mapping=2, sequence=4, offset=2)  # the layout params.yaml is written in
+    yaml_rt.width = 4096  # keep each flow mapping ({epochs: 3, ...}) on the lines it was written on
     yaml_rt.representer.add_representer(  # write null as `null`, not as an empty value
         type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null")
     )
