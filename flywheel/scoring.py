@@ -240,3 +240,13 @@ def generation_budget(lengths: list[int], q: float, margin: int, cap: int) -> di
         "reference_tokens_max": max(lengths),
         "references_fitting": sum(length < budget for length in lengths),
     }
+
+
+def budget_or_setting(lengths: list[int], length, setting: int | str, key: str) -> dict:
+    """generation_budget under `length` (percentile, margin, cap), unless the param `key` sets
+    max_new_tokens to a number, which then wins; either way, how many references fit."""
+    budget = generation_budget(lengths, length.percentile, length.margin, length.cap)
+    if setting == "auto":
+        return budget
+    fitting = sum(n < setting for n in lengths)
+    return {**budget, "max_new_tokens": setting, "rule": f"set in params ({key})", "references_fitting": fitting}

@@ -125,6 +125,19 @@ def test_the_generation_budget_fits_the_references_and_is_capped():
     assert "cap 50" in capped["rule"]
 
 
+def test_a_max_new_tokens_set_in_params_wins_and_says_how_many_references_fit():
+    from flywheel.config import ScoringParams
+
+    lengths = list(range(1, 101))
+    length = ScoringParams().length
+    assert scoring.budget_or_setting(lengths, length, "auto", "evaluate.max_new_tokens") == scoring.generation_budget(
+        lengths, length.percentile, length.margin, length.cap
+    )
+    fixed = scoring.budget_or_setting(lengths, length, 32, "evaluate.max_new_tokens")
+    assert fixed["max_new_tokens"] == 32 and fixed["references_fitting"] == 31
+    assert fixed["rule"] == "set in params (evaluate.max_new_tokens)"
+
+
 def test_on_policy_judging_accepts_a_long_correct_worked_solution():
     right = "Janet has 16 eggs. She uses 3 + 4 = 7, so 16 - 7 = 9 are left. 9 * 2 = 18.\n#### 18"
     wrong = "Janet has 16 eggs and sells 16 * 2 = 32 dollars of them.\n#### 32"

@@ -156,15 +156,9 @@ def task_for(records: list[dict], tokenizer, config: EvaluateParams) -> Task:
     for source in sorted(set(chosen.by_source) - set(scorers)):
         print(f"evaluate: warning: scoring.by_source names {source!r}, which has no test records", flush=True)
     lengths = task_scoring.token_lengths(tokenizer, [r["response"] for r in records])
-    length = chosen.length
-    generation = task_scoring.generation_budget(lengths, length.percentile, length.margin, length.cap)
-    if config.max_new_tokens != "auto":
-        generation = {
-            **generation,
-            "max_new_tokens": config.max_new_tokens,
-            "rule": "set in params (evaluate.max_new_tokens)",
-            "references_fitting": sum(n < config.max_new_tokens for n in lengths),
-        }
+    generation = task_scoring.budget_or_setting(
+        lengths, chosen.length, config.max_new_tokens, "evaluate.max_new_tokens"
+    )
     if lengths and generation["references_fitting"] < MIN_REFERENCES_FITTING * len(lengths):
         print(
             f"evaluate: warning: max_new_tokens {generation['max_new_tokens']} fits "

@@ -247,16 +247,9 @@ def _judge_samples(answers: list[str], reference: str, scorer: str, pass_score: 
 def _sampling_budget(config: OnPolicyParams, judging: ScoringParams, tokenizer, rows: list[dict]) -> dict:
     """max_new_tokens for the samples: as set, or (auto) from the sampled references' lengths."""
     lengths = scoring.token_lengths(tokenizer, [row["response"] for row in rows])
-    length = judging.length
-    budget = scoring.generation_budget(lengths, length.percentile, length.margin, length.cap)
-    if config.max_new_tokens != "auto":
-        budget = {
-            **budget,
-            "max_new_tokens": config.max_new_tokens,
-            "rule": "set in params (preferences.on_policy.max_new_tokens)",
-            "references_fitting": sum(n < config.max_new_tokens for n in lengths),
-        }
-    return budget
+    return scoring.budget_or_setting(
+        lengths, judging.length, config.max_new_tokens, "preferences.on_policy.max_new_tokens"
+    )
 
 
 def on_policy_pairs(config: OnPolicyParams, judging: ScoringParams, root: Path) -> tuple[list[dict], dict]:
