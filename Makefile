@@ -40,7 +40,14 @@ demo: install
 	@echo
 	@echo "Registering the evaluated run (a git commit of dvc.lock, params, metrics and report, then a GTO tag):"
 	flywheel models register --commit
-	flywheel deploy --target local
+	@# A rejected candidate is registered (as rejected) but never deployed: say so, and why.
+	@if python -c 'import json, sys; sys.exit(not json.load(open("metrics/gate.json"))["passed"])'; then \
+		flywheel deploy --target local; \
+	else \
+		echo "The promotion gate rejected this candidate, so nothing is deployed. Its reasons:"; \
+		python -c 'import json; [print("  -", r) for r in json.load(open("metrics/gate.json"))["reasons"]]'; \
+		echo "Details: reports/evaluate/index.html. \`flywheel deploy\` deploys a version the gate passed."; \
+	fi
 
 test: install $(if $(filter 1,$(DOCKER_TESTS)),docker-base)
 	$(if $(filter 1,$(DOCKER_TESTS)),DOCKER_HOST="$$($(ENGINE) host)") HF_HUB_OFFLINE=1 \

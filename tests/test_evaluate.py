@@ -80,13 +80,21 @@ def test_a_candidate_worse_than_its_own_sft_model_is_rejected_with_a_named_reaso
     assert len(same) == 3 and all(c["passed"] for c in same)
 
 
-def test_task_floors_depend_on_each_sources_scorer_and_a_source_may_set_its_own():
+def test_task_floors_hold_per_scorer_and_a_source_may_set_its_own():
     gate = GateParams(task_minimum={"exact_match": 0.5, "final_answer": 0.5}, source_minimum={"gsm8k": 0.2})
-    candidate = {"task_score_by_source": {"notes": 0.45, "gsm8k": 0.25, "hh": 0.10}}
+    candidate = {
+        "task_score_by_scorer": {"exact_match": 0.45, "final_answer": 0.25, "rouge_l": 0.10},
+        "task_score_by_source": {"notes": 0.45, "gsm8k": 0.25, "hh": 0.10},
+    }
     scorers = {"notes": "exact_match", "gsm8k": "final_answer", "hh": "rouge_l"}
     checks = evaluate.judge(candidate, None, gate, scorers=scorers)
-    assert [(c["source"], c["limit"], c["passed"]) for c in checks] == [("notes", 0.5, False), ("gsm8k", 0.2, True)]
-    assert checks[0]["reason"] == "task_score of notes (exact_match) is 0.450, below the minimum 0.5"
+    found = [(c.get("scorer"), c.get("source"), c["limit"], c["passed"]) for c in checks]
+    assert found == [
+        ("exact_match", None, 0.5, False),
+        ("final_answer", None, 0.5, False),
+        ("final_answer", "gsm8k", 0.2, True),
+    ]
+    assert checks[0]["reason"] == "task_score of the answers judged by exact_match is 0.450, below the minimum 0.5"
     # No rouge_l floor: free text is judged against the SFT model and production only.
     missing = evaluate.judge(candidate, None, GateParams(source_minimum={"gsm8k_typo": 0.2}), scorers=scorers)
     assert [c["passed"] for c in missing] == [False] and "no test answers from this source" in missing[0]["reason"]
@@ -125,7 +133,11 @@ def test_task_scores_are_reported_per_source_and_overall():
     )
     metrics, scores = evaluate.task_scores(["The answer is 7.", "#### 81", "alice martin"], records, task)
     assert scores == [1.0, 0.0, 1.0]
-    assert metrics == {"task_score": pytest.approx(2 / 3), "task_score_by_source": {"gsm8k": 0.5, "notes": 1.0}}
+    assert metrics == {
+        "task_score": pytest.approx(2 / 3),
+        "task_score_by_source": {"gsm8k": 0.5, "notes": 1.0},
+        "task_score_by_scorer": {"exact_match": 1.0, "final_answer": 0.5},
+    }
 
 
 def scoring_choice(scorer):
@@ -245,9 +257,9 @@ def _outputs(root):
 @pytest.fixture(scope="module")
 def passing_run(trained_sft, tmp_path_factory):
     # The SFT model complies with harmful requests (the sample teaches refusing only through
-    # preference data); its refusal floor is lowered here so that it passes as a first model.
+    # preference data); its safety floor is lowered here so that it passes as a first model.
     root = _project(
-        trained_sft, tmp_path_factory.mktemp("pass"), candidate="sft", gate_minimum={"safety_pass_rate_refuse": 0.0}
+        trained_sft, tmp_path_factory.mktemp("pass"), candidate="sft", gate_minimum={"safety_pass_rate": 0.0}
     )
     result = run([str(BIN / "flywheel"), "evaluate"], root)
     return root, result
@@ -273,7 +285,7 @@ def test_a_fine_tuned_first_model_passes_on_absolute_thresholds(passing_run):
     scorers = {source: chosen["scorer"] for source, chosen in metrics["scoring"].items()}
     assert scorers["translations"] == scorers["notes"] == "exact_match", metrics["scoring"]
     assert set(candidate["task_score_by_source"]) == set(scorers) and candidate["task_score"] >= 0.8
-    assert {c["source"] for c in gate["checks"] if c.get("source")} == {s for s, n in scorers.items() if n != "rouge_l"}
+    assert {c["scorer"] for c in gate["checks"] if c.get("scorer")} == set(scorers.values()) - {"rouge_l"}
     generation = metrics["generation"]
     assert generation["references_fitting"] >= 0.95 * generation["references"], generation
     assert candidate["hallucination_rate"] <= 0.1
@@ -298,7 +310,7 @@ def test_an_untrained_candidate_is_rejected_with_readable_reasons(degraded_run):
         ("task_score", "max_regression_vs_sft"),
         ("hallucination_rate", "maximum"),
     } <= failed
-    assert any(r.startswith("task_score of translations (exact_match) is 0.000, below") for r in gate["reasons"])
+    assert any(r.startswith("task_score of the answers judged by exact_match is 0.000, below") for r in gate["reasons"])
     assert any("against its SFT model's" in r for r in gate["reasons"])
     assert metrics["models"]["candidate"]["hallucination_rate"] > 0.5
     assert metrics["models"]["candidate"]["perplexity"] > 10 * metrics["models"]["production"]["perplexity"]
@@ -380,7 +392,9 @@ def test_the_registry_stages_passing_versions_and_never_promotes_rejected_ones(p
     assert refused.returncode == 2 and "was rejected by the promotion gate" in refused.stderr
     run([flywheel, "models", "assign", "v0.0.1", "prod"], repo)
     table = run([flywheel, "models"], repo).stdout
-    assert "v0.0.1" in table and "prod" in table and "rejected: task_score of translations (exact_match)" in table
+    assert (
+        "v0.0.1" in table and "prod" in table and "rejected: task_score of the answers judged by exact_match" in table
+    )
 
 
 def test_the_registry_needs_a_git_repository(tmp_path):
