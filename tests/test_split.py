@@ -184,6 +184,9 @@ def test_a_probe_prompt_copied_into_train_is_removed(tmp_path):
     }
     assert metrics["decontaminated_by_source"] == {"safety_probe": 2}
     assert metrics["warnings"] and "warn_share" in metrics["warnings"][0]  # 2 of 3 train records removed
+    # ... and per source, which names a task that lost its training data however small the total.
+    assert metrics["decontaminated_by_record_source"] == {"test": {"removed": 2, "of": 3}}
+    assert metrics["warnings"][1].startswith("source test: 2 of its 3 train records (67%) removed")
 
     params = params_with(params.split.salt, against=["eval", "test"])
     metrics, _, dropped = run_split(tmp_path / "no_probe", [contained, exact, other], params, probe=None)

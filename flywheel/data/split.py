@@ -123,6 +123,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     source = paths.CLEAN_RECORDS.require(root)
     index = Index(checks)
     counts, reasons, sources = Counter(), Counter(), Counter()
+    train_sources, removed_sources = Counter(), Counter()  # train records per record source
     with contextlib.ExitStack() as stack:
         writers = {
             name: ParquetChunkWriter(stack.enter_context(atomic_path(root / path)), RECORD_SCHEMA)
@@ -152,6 +153,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
                 if len(index):
                     exact = decontaminate.record_exact_text(record)
                     match = index.match(record_texts(record, config), exact)
+                train_sources[record["source"]] += 1
                 if match is None:
                     writers["train"].add(record)
                     counts["train"] += 1
@@ -159,6 +161,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
                     dropped.add(decontaminated_row(record, match))
                     reasons[match.reason] += 1
                     sources[match.item.source] += 1
+                    removed_sources[record["source"]] += 1
         for writer in (*writers.values(), dropped):
             writer.close()
 
@@ -169,6 +172,10 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         "decontaminated": removed,
         "decontaminated_by_reason": dict(sorted(reasons.items())),
         "decontaminated_by_source": dict(sorted(sources.items())),
+        # Whose train records went: a task can lose all of its training data while the total stays small.
+        "decontaminated_by_record_source": {
+            name: {"removed": removed_sources[name], "of": train_sources[name]} for name in sorted(removed_sources)
+        },
         "decontamination": {
             "n": checks.n,
             "min_ngrams": checks.min_ngrams,
@@ -185,6 +192,14 @@ def run(params: Params, root: Path = Path(".")) -> dict:
             f"{removed:,} of {assigned_train:,} train records ({removed / assigned_train:.1%}) removed as "
             f"contaminated, above split.decontaminate.warn_share {checks.warn_share}: see {paths.DECONTAMINATED}"
         )
+    for name, lost in sorted(removed_sources.items()):
+        share = lost / train_sources[name]
+        if share > checks.warn_share:
+            metrics["warnings"].append(
+                f"source {name}: {lost:,} of its {train_sources[name]:,} train records ({share:.0%}) "
+                f"removed as contaminated, above split.decontaminate.warn_share {checks.warn_share}: its held-out "
+                "records share long passages with its training ones (templated data?)"
+            )
     return metrics
 
 
