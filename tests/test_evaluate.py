@@ -219,7 +219,6 @@ def _project(trained_sft, tmp_path, *, candidate: str, production: str | None = 
     untrained one, and optionally a production model."""
     root = tmp_path / "project"
     shutil.copytree(trained_sft, root)
-    shutil.copytree(REPO / "data/eval", root / "data/eval")
     sft = root / "models/sft"
     if candidate == "sft":
         shutil.copytree(sft, root / "models/aligned")
