@@ -324,7 +324,7 @@ def test_the_report_shows_the_comparison_and_the_decision(degraded_run):
         "Safety probe",
         "Example answers",
         "Task score by source",
-        "(exact_match) is 0.000, below the minimum",
+        "judged by exact_match is 0.000, below the minimum",
     ):
         assert text in page
 
