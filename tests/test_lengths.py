@@ -173,6 +173,32 @@ def test_a_split_adds_up_warns_above_its_share_and_fails_when_told(capsys):
         lengths.fit_split(examples, lambda i, lab: lengths.fit_sequence(i, lab, strict), strict, "train", "x")
 
 
+def test_a_train_split_with_nothing_left_to_train_on_stops_the_stage():
+    too_long = [(list(range(n)), list(range(n))) for n in (12, 30)]
+    dropping = limits("drop")
+    fit = lambda i, lab: lengths.fit_sequence(i, lab, dropping)  # noqa: E731
+    with pytest.raises(
+        FlywheelError, match=r"none of the 2 train x fits stage.training.max_length 10 under length_policy drop"
+    ):
+        lengths.fit_split(too_long, fit, dropping, "train", "x")
+    kept, counts = lengths.fit_split(too_long, fit, dropping, "eval", "x")  # no held-out data: evaluation is skipped
+    assert kept == [] and counts["dropped"] == 2
+    dpo = limits("drop", min_prompt_length=4)
+    with pytest.raises(FlywheelError, match="raise max_length or lower min_prompt_length"):
+        lengths.fit_split(
+            [([1] * 12, [2], [3])], lambda p, c, r: lengths.fit_preference(p, c, r, dpo), dpo, "train", "x"
+        )
+
+
+def test_limits_read_a_trainers_params():
+    from flywheel.config import DpoTrainingParams, TrainingParams
+
+    sft = lengths.Limits.of("finetune", "finetune.training", TrainingParams(max_length=64, length_policy="fail"))
+    assert (sft.max_length, sft.policy, sft.min_prompt_length) == (64, "fail", None)
+    dpo = lengths.Limits.of("rlhf", "rlhf.dpo.training", DpoTrainingParams(max_length=256, min_prompt_length=100))
+    assert (dpo.policy, dpo.warning_share, dpo.min_prompt_length) == ("truncate", 0.05, 100)
+
+
 # ---------------------------------------------------------------------------------------------
 # TRL trains on exactly what was counted
 

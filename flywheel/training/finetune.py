@@ -63,14 +63,7 @@ def resumable_checkpoint(directory: Path, expected: str) -> str | None:
 
 
 def length_limits(config: FinetuneParams) -> lengths.Limits:
-    training = config.training
-    return lengths.Limits(
-        stage="finetune",
-        key="finetune.training",
-        max_length=training.max_length,
-        policy=training.length_policy,
-        warning_share=training.length_warning_share,
-    )
+    return lengths.Limits.of("finetune", "finetune.training", config.training)
 
 
 def fitted_examples(tokenizer, rows: list[dict], limits: lengths.Limits, split: str) -> tuple[list[dict], dict]:
@@ -164,12 +157,6 @@ def train(params: Params, root: Path) -> dict | None:
     limits = length_limits(config)
     train_examples, train_counts = fitted_examples(tokenizer, train_rows, limits, "train")
     eval_examples, eval_counts = fitted_examples(tokenizer, eval_rows, limits, "eval")
-    if not train_examples:
-        raise FlywheelError(
-            f"finetune: none of the {len(train_rows):,} train examples fits finetune.training.max_length "
-            f"{limits.max_length} under length_policy {limits.policy}; raise max_length (see the token "
-            "lengths above) or choose truncate_right or truncate_left"
-        )
 
     curves = trainer_args.live_callback(root, paths.SFT_CURVES, resume=bool(resume_from))
     trainer = SFTTrainer(

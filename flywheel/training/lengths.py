@@ -63,6 +63,19 @@ class Limits:
     min_prompt_length: int | None = None
     warnings: list[str] = field(default_factory=list)
 
+    @classmethod
+    def of(cls, stage: str, key: str, training) -> Limits:
+        """From a trainer's params at `key` (max_length, length_policy, length_warning_share and,
+        for DPO, min_prompt_length)."""
+        return cls(
+            stage=stage,
+            key=key,
+            max_length=training.max_length,
+            policy=training.length_policy,
+            warning_share=training.length_warning_share,
+            min_prompt_length=getattr(training, "min_prompt_length", None),
+        )
+
     @property
     def side(self) -> str | None:
         """Where truncation cuts, as the metrics say it."""
@@ -172,7 +185,19 @@ def fit_split(examples: Iterable, fit: Callable[..., Fitted], limits: Limits, sp
     if counts["over_limit_share"] > limits.warning_share:
         limits.warnings.append(_warning(counts, limits, split, noun))
         print(f"{limits.stage}: warning: {limits.warnings[-1]}", flush=True)
-    return [item.sequences for item in fitted if item.sequences is not None], counts
+    kept = [item.sequences for item in fitted if item.sequences is not None]
+    if split == "train" and fitted and not kept:
+        raise FlywheelError(_nothing_fits_message(len(fitted), limits, noun))
+    return kept, counts
+
+
+def _nothing_fits_message(total: int, limits: Limits, noun: str) -> str:
+    room = "raise max_length" if limits.min_prompt_length is None else "raise max_length or lower min_prompt_length"
+    return (
+        f"{limits.stage}: none of the {total:,} train {noun} fits {limits.key}.max_length {limits.max_length} "
+        f"under length_policy {limits.policy}; {room} (see the token lengths above), or choose a "
+        "length_policy that truncates"
+    )
 
 
 def summary(limits: Limits, splits: dict[str, dict]) -> dict:

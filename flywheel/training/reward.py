@@ -19,7 +19,6 @@ from pathlib import Path
 
 from flywheel import modeling, paths
 from flywheel.config import Params, RlhfParams
-from flywheel.errors import FlywheelError
 from flywheel.io import atomic_dir
 from flywheel.training import alignment, distributed, lengths, trainer_args
 
@@ -32,14 +31,7 @@ def ranks_chosen_first(model, tokenizer, pairs: list[dict]) -> list[bool]:
 
 
 def length_limits(config: RlhfParams) -> lengths.Limits:
-    training = config.reward_model.training
-    return lengths.Limits(
-        stage="reward",
-        key="rlhf.reward_model.training",
-        max_length=training.max_length,
-        policy=training.length_policy,
-        warning_share=training.length_warning_share,
-    )
+    return lengths.Limits.of("reward", "rlhf.reward_model.training", config.reward_model.training)
 
 
 def fitted_pairs(tokenizer, pairs: list[dict], limits: lengths.Limits, split: str) -> tuple[list[dict], dict]:
@@ -73,12 +65,6 @@ def train(params: Params, root: Path) -> dict | None:
     limits = length_limits(config)
     train_examples, train_counts = fitted_pairs(tokenizer, train_pairs, limits, "train")
     eval_examples, eval_counts = fitted_pairs(tokenizer, eval_pairs, limits, "eval")
-    if not train_examples:
-        raise FlywheelError(
-            f"reward: none of the {len(train_pairs):,} train pairs fits rlhf.reward_model.training.max_length "
-            f"{limits.max_length} under length_policy {limits.policy}; raise max_length (see the token lengths "
-            "above) or choose truncate_left"
-        )
 
     training = config.reward_model.training
     args = RewardConfig(

@@ -97,15 +97,7 @@ def kl_from_reference(policy, reference, tokenizer, pairs: list[dict], config: R
 
 
 def dpo_limits(config: RlhfParams) -> lengths.Limits:
-    training = config.dpo.training
-    return lengths.Limits(
-        stage="rlhf",
-        key="rlhf.dpo.training",
-        max_length=training.max_length,
-        policy=training.length_policy,
-        warning_share=training.length_warning_share,
-        min_prompt_length=training.min_prompt_length,
-    )
+    return lengths.Limits.of("rlhf", "rlhf.dpo.training", config.dpo.training)
 
 
 def fitted_dpo_pairs(tokenizer, pairs: list[dict], limits: lengths.Limits, split: str) -> tuple[list[dict], dict]:
@@ -161,12 +153,6 @@ def dpo_datasets(config: RlhfParams, tokenizer, train_pairs, eval_pairs) -> tupl
     limits = dpo_limits(config)
     train, train_counts = fitted_dpo_pairs(tokenizer, train_pairs, limits, "train")
     held_out, eval_counts = fitted_dpo_pairs(tokenizer, eval_pairs, limits, "eval")
-    if not train:
-        raise FlywheelError(
-            f"rlhf: none of the {len(train_pairs):,} train pairs fits rlhf.dpo.training.max_length "
-            f"{limits.max_length} under length_policy {limits.policy}; raise max_length and min_prompt_length "
-            "(see the token lengths above) or choose truncate"
-        )
     return {"train": train, "eval": held_out}, lengths.summary(limits, {"train": train_counts, "eval": eval_counts})
 
 
