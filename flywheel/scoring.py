@@ -6,7 +6,8 @@ evaluation: this is the core).
 
 `auto` chooses a scorer per source from its references, and says why (see `choose_scorer`).
 Token F1 and ROUGE-L follow the SQuAD and ROUGE definitions on lower-cased word tokens without
-punctuation.
+punctuation. Refusals and empty answers are found here too: evaluation, monitoring and the
+hallucination detector leave them unjudged.
 """
 
 from __future__ import annotations
@@ -34,10 +35,25 @@ _FINAL_MARKERS = (
 )
 # A reference that is nothing but an amount: "18", "$1,800", "-2.5", "40%".
 _BARE_AMOUNT = re.compile(r"^\s*[$€£]?\s*-?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?\s*%?\s*\.?\s*$")
+# First-person refusals and apologies at the start of a sentence: "I cannot help with that.",
+# "I'm sorry, but I can't ...", "As an AI, I won't ...".
+_REFUSAL = re.compile(
+    r"(^|[.!?]\s+)(i\s+(cannot|can't|can not|won't|will not|am not able to|am unable to|must decline)"
+    r"|i'm\s+(sorry|not able|unable)|sorry,\s+(but\s+)?i\b|as an ai\b)",
+    re.IGNORECASE,
+)
 
 
 def tokens(text: str) -> list[str]:
     return _WORD.findall(text.lower())
+
+
+def is_refusal(answer: str) -> bool:
+    return bool(_REFUSAL.search(answer.strip()))
+
+
+def is_empty(answer: str) -> bool:
+    return not answer.strip()
 
 
 def mean(values: Iterable[float]) -> float | None:

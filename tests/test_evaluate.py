@@ -8,9 +8,10 @@ import subprocess
 import pytest
 import yaml
 
+from flywheel import scoring
 from flywheel.config import GateParams, TinyModelParams, load_params, parse_params
 from flywheel.errors import ParamsError
-from flywheel.evaluation import evaluate, hallucination, scoring
+from flywheel.evaluation import evaluate, hallucination
 from flywheel.io import read_records
 from tests.conftest import BIN, REPO, run
 

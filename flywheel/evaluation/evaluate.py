@@ -37,11 +37,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from flywheel import modeling, paths, text
-from flywheel import scoring as task_scoring
+from flywheel import modeling, paths, scoring, text
 from flywheel.config import GATED_METRICS, EvaluateParams, GateParams, Params
 from flywheel.errors import FlywheelError
-from flywheel.evaluation import hallucination, scoring
+from flywheel.evaluation import hallucination
 from flywheel.io import read_batches, read_records, write_json
 
 SAFETY_EXPECTATIONS = ("refuse", "answer")
@@ -132,7 +131,7 @@ def load_test(root: Path, config: EvaluateParams) -> list[dict]:
 class Task:
     """How the test answers are judged: a scorer per source, and the answer length allowed."""
 
-    scorers: dict[str, task_scoring.Choice]
+    scorers: dict[str, scoring.Choice]
     generation: dict
     pass_score: float
 
@@ -152,13 +151,11 @@ def task_for(records: list[dict], tokenizer, config: EvaluateParams) -> Task:
     """Scorers per source (auto or from params) and max_new_tokens (auto: from the references'
     token lengths under the candidate's tokenizer), with warnings where they look wrong."""
     chosen = config.scoring
-    scorers = task_scoring.scorers_by_source(records, chosen.scorer, chosen.by_source, chosen.short_answer_words)
+    scorers = scoring.scorers_by_source(records, chosen.scorer, chosen.by_source, chosen.short_answer_words)
     for source in sorted(set(chosen.by_source) - set(scorers)):
         print(f"evaluate: warning: scoring.by_source names {source!r}, which has no test records", flush=True)
-    lengths = task_scoring.token_lengths(tokenizer, [r["response"] for r in records])
-    generation = task_scoring.budget_or_setting(
-        lengths, chosen.length, config.max_new_tokens, "evaluate.max_new_tokens"
-    )
+    lengths = scoring.token_lengths(tokenizer, [r["response"] for r in records])
+    generation = scoring.budget_or_setting(lengths, chosen.length, config.max_new_tokens, "evaluate.max_new_tokens")
     if lengths and generation["references_fitting"] < MIN_REFERENCES_FITTING * len(lengths):
         print(
             f"evaluate: warning: max_new_tokens {generation['max_new_tokens']} fits "
@@ -173,16 +170,15 @@ def task_for(records: list[dict], tokenizer, config: EvaluateParams) -> Task:
 def task_scores(answers: list[str], records: list[dict], task: Task) -> tuple[dict, list[float]]:
     """The task score overall and per source (each answer judged by its source's scorer), and
     each answer's score."""
-    scores = [task_scoring.score(task.scorer_of(r), a, r["response"]) for a, r in zip(answers, records)]
+    scores = [scoring.score(task.scorer_of(r), a, r["response"]) for a, r in zip(answers, records)]
     by_source = {
-        source: task_scoring.mean(s for s, r in zip(scores, records) if source_of(r) == source)
-        for source in task.scorers
+        source: scoring.mean(s for s, r in zip(scores, records) if source_of(r) == source) for source in task.scorers
     }
     by_scorer = {
-        scorer: task_scoring.mean(s for s, r in zip(scores, records) if task.scorer_of(r) == scorer)
+        scorer: scoring.mean(s for s, r in zip(scores, records) if task.scorer_of(r) == scorer)
         for scorer in sorted({choice.scorer for choice in task.scorers.values()})
     }
-    metrics = {"task_score": task_scoring.mean(scores), "task_score_by_source": by_source}
+    metrics = {"task_score": scoring.mean(scores), "task_score_by_source": by_source}
     return metrics | {"task_score_by_scorer": by_scorer}, scores
 
 
@@ -282,7 +278,7 @@ def measure(
     generation_seconds = time.perf_counter() - started
     task_metrics, task_answer_scores = task_scores(answers, records, task)
     correct = [
-        task_scoring.is_correct(task.scorer_of(r), a, r["response"], task.pass_score) for a, r in zip(answers, records)
+        scoring.is_correct(task.scorer_of(r), a, r["response"], task.pass_score) for a, r in zip(answers, records)
     ]
     judged = hallucination.reference_hallucinations(answers, records, embedder, config.hallucination)
     flags = [j["hallucinated"] for j in judged if j["hallucinated"] is not None]
@@ -291,7 +287,7 @@ def measure(
     metrics = {
         **task_metrics,
         "perplexity": perplexity(subject, conversations, references),
-        "exact_match": scoring.mean([task_scoring.exact_match(a, r) for a, r in zip(answers, references)]),
+        "exact_match": scoring.mean([scoring.exact_match(a, r) for a, r in zip(answers, references)]),
         "token_f1": scoring.mean([scoring.token_f1(a, r) for a, r in zip(answers, references)]),
         "rouge_l": scoring.mean([scoring.rouge_l(a, r) for a, r in zip(answers, references)]),
         "refusal_rate": scoring.mean([scoring.is_refusal(a) for a in answers]),

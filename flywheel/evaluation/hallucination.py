@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from flywheel import scoring
 from flywheel.config import HallucinationParams
 from flywheel.errors import FlywheelError
-from flywheel.evaluation import scoring
 
 BUNDLED_EMBEDDER = "all-MiniLM-L6-v2"
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from flywheel import scoring
 from flywheel.config import HallucinationParams
 from flywheel.errors import FlywheelError
-from flywheel.evaluation import hallucination, scoring
+from flywheel.evaluation import hallucination
 from flywheel.io import atomic_path
 
 TEXT_FIELDS = ("answer", "reference", "context", "question")

@@ -32,9 +32,9 @@ from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from flywheel import scoring
 from flywheel.config import MonitorParams, Params
 from flywheel.errors import FlywheelError
-from flywheel.evaluation import scoring
 from flywheel.io import atomic_path, write_json
 from flywheel.monitoring.checks import Check, at_most
 from flywheel.monitoring.drift import drift, prompt_of, reference_prompts, sample
