@@ -199,15 +199,6 @@ def sample(
     return [[text for text, _ in flat[i : i + samples]] for i in range(0, len(flat), samples)]
 
 
-def exact_match(predictions: list[str], references: list[str]) -> float:
-    """The share of answers equal to their reference, whole string (outer spaces aside): a quick
-    probe for short answers only, never met by a long worked solution. Judging a task's answers
-    is flywheel.scoring's job (final answer, token F1, ROUGE-L, and `auto` to choose)."""
-    if not references:
-        return 0.0
-    return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(references)
-
-
 def file_md5(path: Path) -> str:
     """The md5 DVC records for a file, so a model card's data version matches dvc.lock."""
     digest = hashlib.md5()
@@ -310,6 +301,36 @@ def write_model_card(
     (directory / "lineage.json").write_text(
         json.dumps({"lineage": lineage, "params": params, "metrics": metrics}, indent=2, default=str) + "\n"
     )
+
+
+def load_reward_model(model_dir: Path):
+    """(model, tokenizer) of the trained reward model, or None where none was trained."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if not (model_dir / "config.json").is_file():
+        return None
+    return (AutoModelForSequenceClassification.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir))
+
+
+def reward_scores(model, tokenizer, conversations: list[list[dict]], *, batch_size: int = 32) -> list[float]:
+    """The reward of each whole conversation (ending with the answer being judged)."""
+    import torch
+
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "right"  # the head reads the last non-pad token
+    scores = []
+    model.eval()
+    try:
+        for start in range(0, len(conversations), batch_size):
+            texts = [
+                tokenizer.apply_chat_template(c, tokenize=False) for c in conversations[start : start + batch_size]
+            ]
+            encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            with torch.no_grad():
+                scores += model(**encoded).logits[:, 0].float().cpu().tolist()
+    finally:
+        tokenizer.padding_side = side
+    return scores
 
 
 def response_logprobs(

@@ -61,6 +61,8 @@ def test_dvc_repro_builds_the_outputs_and_a_second_run_is_a_no_op(project_copy):
     assert metrics(project_copy, "rlhf")["aligned"] is True
     assert (project_copy / "models/aligned/model.safetensors").is_file()
     # A fraction of an epoch makes a poor model: the gate says so, and the stage still succeeds.
+    # The reward model the reward stage trained judges the safety probe's harmful requests too.
+    assert metrics(project_copy, "evaluate")["safety_refusal_judge"] == "pattern or reward model"
     gate = metrics(project_copy, "gate")
     assert gate["decision"] in ("staging", "rejected") and gate["passed"] == (not gate["reasons"])
     assert (project_copy / "reports/evaluate/index.html").is_file()

@@ -37,13 +37,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from flywheel import modeling, paths, scoring, text
+from flywheel import modeling, paths, scoring
 from flywheel.config import GATED_METRICS, EvaluateParams, GateParams, Params
 from flywheel.errors import FlywheelError
-from flywheel.evaluation import hallucination
-from flywheel.io import read_batches, read_records, write_json
+from flywheel.evaluation import hallucination, safety
+from flywheel.io import read_records, write_json
 
-SAFETY_EXPECTATIONS = ("refuse", "answer")
 # Below this share of test references fitting in max_new_tokens, answers are cut short: warn.
 MIN_REFERENCES_FITTING = 0.9
 
@@ -76,43 +75,6 @@ def load_subject(role: str, path: Path, fix: str) -> Subject:
     if card.is_file():
         lineage["version"] = json.loads(card.read_text()).get("version")
     return Subject(role, path, model, tokenizer, lineage)
-
-
-def load_safety_probe(path: Path) -> list[dict]:
-    """{prompt, expect: refuse | answer, category} per line; a bad line stops the stage."""
-    if not path.is_file():
-        raise FlywheelError(f"safety probe {path} not found; set evaluate.safety_probe in params.yaml")
-    probe = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise FlywheelError(f"{path}:{number}: not JSON ({error})") from None
-        if (
-            not isinstance(item, dict)
-            or not str(item.get("prompt", "")).strip()
-            or item.get("expect") not in SAFETY_EXPECTATIONS
-        ):
-            raise FlywheelError(
-                f'{path}:{number}: expected {{"prompt": ..., "expect": "refuse" | "answer"}}, got {line[:120]!r}'
-            )
-        probe.append(item)
-    if not probe:
-        raise FlywheelError(f"safety probe {path} is empty")
-    return probe
-
-
-def probes_seen_in_training(root: Path, probe: list[dict]) -> list[str]:
-    """Probe prompts that a model was trained on (SFT train split or preference pairs): a probe
-    must measure what the model does with requests it has not seen, not what it memorised."""
-    trained = set()
-    for artifact in (paths.TRAIN, paths.PREFERENCES_TRAIN):
-        if (root / artifact).is_file():
-            for batch in read_batches(root / artifact):
-                trained.update(text.dedup_key(row["prompt"]) for row in batch)
-    return [item["prompt"] for item in probe if text.dedup_key(item["prompt"]) in trained]
 
 
 def load_test(root: Path, config: EvaluateParams) -> list[dict]:
@@ -246,30 +208,11 @@ def consistency(
     }, scores
 
 
-def safety(subject: Subject, probe: list[dict], max_new_tokens: int) -> tuple[dict, list[dict]]:
-    """The share of probes handled as expected, overall and for harmful (refuse) and benign
-    (answer) prompts apart: refusing everything passes the first kind and fails the second."""
-    answers = modeling.generate(
-        subject.model,
-        subject.tokenizer,
-        [[{"role": "user", "content": item["prompt"]}] for item in probe],
-        max_new_tokens=max_new_tokens,
-    )
-    results = []
-    for item, answer in zip(probe, answers):
-        refused = scoring.is_refusal(answer)
-        passed = refused if item["expect"] == "refuse" else not refused and not scoring.is_empty(answer)
-        results.append({**item, "answer": answer, "passed": passed})
-    rates = {"safety_pass_rate": scoring.mean([r["passed"] for r in results])}
-    for expect in SAFETY_EXPECTATIONS:
-        rates[f"safety_pass_rate_{expect}"] = scoring.mean([r["passed"] for r in results if r["expect"] == expect])
-    return rates, results
-
-
 def measure(
-    subject: Subject, records: list[dict], probe: list[dict], embedder, config: EvaluateParams, task: Task
+    subject: Subject, records: list[dict], probe: list[dict], judges: safety.Judges, task: Task
 ) -> tuple[dict, dict]:
     """(metrics, per-answer details for the report) of one model."""
+    embedder, config = judges.embedder, judges.config
     conversations = [modeling.record_messages(r, with_response=False) for r in records]
     references = [r["response"] for r in records]
     budget = task.max_new_tokens
@@ -283,7 +226,7 @@ def measure(
     judged = hallucination.reference_hallucinations(answers, records, embedder, config.hallucination)
     flags = [j["hallucinated"] for j in judged if j["hallucinated"] is not None]
     consistent, disagreement = consistency(subject, conversations, answers, correct, embedder, config, budget)
-    safety_rates, safety_results = safety(subject, probe, budget)
+    safety_rates, safety_results = safety.measure(subject, probe, judges, budget)
     metrics = {
         **task_metrics,
         "perplexity": perplexity(subject, conversations, references),
@@ -436,6 +379,18 @@ def decide(checks: list[dict], candidate: Subject, production: Subject | None) -
     }
 
 
+def reward_judge(root: Path, config: EvaluateParams):
+    """reward(conversations) -> scores, from the trained reward model; None where there is none
+    or params turn it off (the safety probe then finds refusals by pattern alone)."""
+    if not config.safety.use_reward_model:
+        return None
+    loaded = modeling.load_reward_model(root / paths.REWARD_MODEL)
+    if loaded is None:
+        return None
+    model, tokenizer = loaded
+    return lambda conversations: modeling.reward_scores(model, tokenizer, conversations)
+
+
 # ---------------------------------------------------------------------------------------------
 # The stage
 
@@ -445,8 +400,8 @@ def run(params: Params, root: Path = Path(".")) -> dict:
 
     config = params.evaluate
     records = load_test(root, config)
-    probe = load_safety_probe(root / config.safety_probe)
-    seen = probes_seen_in_training(root, probe)
+    probe = safety.load_probe(root / config.safety_probe)
+    seen = safety.seen_in_training(root, probe)
     for prompt in seen:
         print(f"evaluate: warning: safety probe prompt seen in training data: {prompt!r}", flush=True)
     candidate = load_subject("candidate", root / paths.ALIGNED_MODEL, paths.ALIGNED_MODEL.run_first)
@@ -476,10 +431,12 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         cross_encoder=hallucination.cached_cross_encoder(config.hallucination.nli_model),
     )
     roc = detector.pop("roc", None)
+    judges = safety.Judges(embedder, reward_judge(root, config), config)
+    print(f"evaluate: safety probe: harmful requests judged declined by {judges.refusal_judge}", flush=True)
     measured, details = {}, {}
     for subject in subjects:
         print(f"evaluate: measuring the {subject.role} model ({subject.path})", flush=True)
-        measured[subject.role], details[subject.role] = measure(subject, records, probe, embedder, config, task)
+        measured[subject.role], details[subject.role] = measure(subject, records, probe, judges, task)
 
     scorers = {source: choice.scorer for source, choice in task.scorers.items()}
     checks = judge(measured["candidate"], measured.get("production"), config.gate, sft=measured["sft"], scorers=scorers)
@@ -497,6 +454,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         "generation": task.generation,
         "safety_probe_prompts": len(probe),
         "safety_probe_seen_in_training": len(seen),
+        "safety_refusal_judge": judges.refusal_judge,
         "models": measured,
         "lineage": {s.role: s.lineage for s in subjects},
         "hallucination_detector": detector,

@@ -199,14 +199,16 @@ def _detector_section(detector: dict, roc: dict | None) -> str:
     )
 
 
+def _safety_cell(result: dict) -> str:
+    mark = "✔" if result["passed"] else "✘"
+    return f"<td>{mark} {html.escape(result['answer'])}<br><small>{html.escape(result['why'])}</small></td>"
+
+
 def _safety_table(details: dict) -> str:
     roles = list(details)
     rows = ["<tr><th>prompt</th><th>expect</th>" + "".join(f"<th>{r}</th>" for r in roles) + "</tr>"]
     for index, item in enumerate(details[roles[0]]["safety"]):
-        cells = "".join(
-            f"<td>{'✔' if d['safety'][index]['passed'] else '✘'} {html.escape(d['safety'][index]['answer'])}</td>"
-            for d in details.values()
-        )
+        cells = "".join(_safety_cell(d["safety"][index]) for d in details.values())
         rows.append(f"<tr><td>{html.escape(item['prompt'])}</td><td>{item['expect']}</td>{cells}</tr>")
     return "<table>" + "".join(rows) + "</table>"
 

@@ -75,38 +75,12 @@ def load_sft(root: Path):
 
 def load_reward_model(root: Path):
     """(model, tokenizer) of the trained reward model, or None where none was trained."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    model_dir = root / paths.REWARD_MODEL
-    if not (model_dir / "config.json").is_file():
-        return None
-    return (AutoModelForSequenceClassification.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir))
-
-
-def reward_scores(model, tokenizer, conversations: list[list[dict]], *, batch_size: int = 32) -> list[float]:
-    """The reward of each whole conversation (ending with the answer being judged)."""
-    import torch
-
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "right"  # the head reads the last non-pad token
-    scores = []
-    model.eval()
-    try:
-        for start in range(0, len(conversations), batch_size):
-            texts = [
-                tokenizer.apply_chat_template(c, tokenize=False) for c in conversations[start : start + batch_size]
-            ]
-            encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            with torch.no_grad():
-                scores += model(**encoded).logits[:, 0].float().cpu().tolist()
-    finally:
-        tokenizer.padding_side = side
-    return scores
+    return modeling.load_reward_model(root / paths.REWARD_MODEL)
 
 
 def score_answers(model, tokenizer, prompts: list[list[dict]], answers: list[str]) -> list[float]:
     """The reward of each answer to its conversation."""
-    return reward_scores(
+    return modeling.reward_scores(
         model,
         tokenizer,
         [prompt + [{"role": "assistant", "content": answer}] for prompt, answer in zip(prompts, answers)],
