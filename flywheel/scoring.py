@@ -229,6 +229,22 @@ def scorers_by_source(
     return choices
 
 
+def scorers_for(records: list[dict], judging) -> dict[str, str]:
+    """{source: scorer} for the records, as the evaluate.scoring params (`judging`) choose."""
+    choices = scorers_by_source(records, judging.scorer, judging.by_source, judging.short_answer_words)
+    return {source: choice.scorer for source, choice in choices.items()}
+
+
+def task_score(answers: list[str], records: list[dict], judging) -> float | None:
+    """A training stage's held-out probe, judged as evaluate judges: the mean score of the answers,
+    each by its source's scorer (judging: the evaluate.scoring params)."""
+    scorers = scorers_for(records, judging)
+    return mean(
+        score(scorers[record.get("source") or "unknown"], answer, record["response"])
+        for answer, record in zip(answers, records)
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # How long an answer may be
 

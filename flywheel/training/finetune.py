@@ -24,7 +24,7 @@ import shutil
 import time
 from pathlib import Path
 
-from flywheel import modeling, paths
+from flywheel import modeling, paths, scoring
 from flywheel.config import FinetuneParams, Params
 from flywheel.errors import FlywheelError
 from flywheel.io import atomic_dir, read_records
@@ -108,10 +108,11 @@ def _peft_config(config: FinetuneParams):
     )
 
 
-def _exact_match(model, tokenizer, rows: list[dict], config: FinetuneParams) -> float:
+def _task_score(model, tokenizer, rows: list[dict], params: Params) -> float | None:
+    """The held-out probe's answers judged by each source's task scorer, as evaluate judges."""
     conversations = [modeling.record_messages(row, with_response=False) for row in rows]
-    answers = modeling.generate(model, tokenizer, conversations, max_new_tokens=config.training.max_new_tokens)
-    return modeling.exact_match(answers, [row["response"] for row in rows])
+    answers = modeling.generate(model, tokenizer, conversations, max_new_tokens=params.finetune.training.max_new_tokens)
+    return scoring.task_score(answers, rows, params.evaluate.scoring)
 
 
 def _save(trainer, tokenizer, config: FinetuneParams, target: Path) -> None:
@@ -173,7 +174,7 @@ def train(params: Params, root: Path) -> dict | None:
     can_evaluate_first = eval_examples and distributed.zero_stage(config.distributed) in (None, 3)
     before = {
         "eval_loss": trainer.evaluate()["eval_loss"] if can_evaluate_first else None,
-        "exact_match": _exact_match(trainer.model, tokenizer, probe, config),
+        "task_score": _task_score(trainer.model, tokenizer, probe, params),
     }
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -183,18 +184,19 @@ def train(params: Params, root: Path) -> dict | None:
     resumed_step = int(resume_from.rsplit("-", 1)[1]) if resume_from else 0
     after = {
         "eval_loss": trainer.evaluate()["eval_loss"] if eval_examples else None,
-        "exact_match": _exact_match(trainer.model, tokenizer, probe, config),
+        "task_score": _task_score(trainer.model, tokenizer, probe, params),
     }
-    curves.live.log_metric("exact_match", after["exact_match"], plot=False)
+    curves.live.log_metric("task_score", after["task_score"], plot=False)
     curves.live.end()
 
     _save(trainer, tokenizer, config, root / paths.SFT_MODEL)
     metrics = {
         "eval_loss_before": before["eval_loss"],
         "eval_loss_after": after["eval_loss"],
-        "exact_match_before": before["exact_match"],
-        "exact_match_after": after["exact_match"],
-        "exact_match_examples": len(probe),
+        "task_score_before": before["task_score"],
+        "task_score_after": after["task_score"],
+        "task_examples": len(probe),
+        "task_scorers": scoring.scorers_for(probe, params.evaluate.scoring),
         "train_examples": len(train_rows),
         "trained_examples": len(train_examples),
         "lengths": lengths.summary(limits, {"train": train_counts, "eval": eval_counts}),
@@ -233,6 +235,10 @@ def run(params: Params, root: Path = Path(".")) -> dict | None:
     return distributed.run_stage("finetune", "finetune", params.finetune.distributed, params, root, train)
 
 
+def _scorers(by_source: dict[str, str]) -> str:
+    return ", ".join(f"{source}: {scorer}" for source, scorer in by_source.items())
+
+
 def report(metrics: dict) -> str:
     def fmt(value):
         return "n/a" if value is None else f"{value:.3f}"
@@ -245,8 +251,8 @@ def report(metrics: dict) -> str:
             lengths.report_line(metrics["lengths"], "train", "examples"),
             *(f"  warning: {warning}" for warning in metrics["lengths"]["warnings"]),
             f"  eval loss    {fmt(metrics['eval_loss_before'])} -> {fmt(metrics['eval_loss_after'])}",
-            f"  exact match  {fmt(metrics['exact_match_before'])} -> {fmt(metrics['exact_match_after'])} "
-            f"on {metrics['exact_match_examples']} held-out prompts",
+            f"  task score   {fmt(metrics['task_score_before'])} -> {fmt(metrics['task_score_after'])} "
+            f"on {metrics['task_examples']} held-out prompts ({_scorers(metrics['task_scorers'])})",
             f"  wrote {paths.SFT_MODEL}/ (model card: {paths.SFT_MODEL}/README.md), curves in {paths.SFT_CURVES}/",
         ]
     )

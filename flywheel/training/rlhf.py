@@ -28,7 +28,7 @@ import shutil
 import time
 from pathlib import Path
 
-from flywheel import modeling, paths, text
+from flywheel import modeling, paths, scoring, text
 from flywheel.config import GrpoParams, Params, RlhfParams
 from flywheel.data.records import origin_of
 from flywheel.errors import FlywheelError
@@ -49,10 +49,12 @@ def prefers_chosen(model, tokenizer, pairs: list[dict]) -> list[bool]:
     )
 
 
-def measure(model, tokenizer, pairs: list[dict], probe: list[dict], reward_model, config: RlhfParams) -> dict:
+def measure(model, tokenizer, pairs: list[dict], probe: list[dict], reward_model, params: Params) -> dict:
     """What metrics/rlhf.json compares between the SFT and the aligned model. Preference accuracy
     is also given on the collected pairs alone (ingest and feedback: people's preferences), without
-    the on-policy pairs, whose chosen answers are the SFT model's own likeliest ones."""
+    the on-policy pairs, whose chosen answers are the SFT model's own likeliest ones. The task
+    probe's answers are judged by each source's scorer, as evaluate judges them."""
+    config = params.rlhf
     task_answers = modeling.generate(
         model,
         tokenizer,
@@ -65,7 +67,7 @@ def measure(model, tokenizer, pairs: list[dict], probe: list[dict], reward_model
         "preference_accuracy": alignment.share(preferred),
         "preference_accuracy_collected": alignment.share(collected),
         "preference_accuracy_by_source": alignment.share_by_source(pairs, preferred),
-        "exact_match": modeling.exact_match(task_answers, [r["response"] for r in probe]),
+        "task_score": scoring.task_score(task_answers, probe, params.evaluate.scoring),
     }
     if reward_model is not None and pairs:
         prompts = [alignment.prompt_messages(pair) for pair in pairs]
@@ -272,7 +274,7 @@ def train(params: Params, root: Path) -> dict | None:
         )
     model, tokenizer = alignment.load_sft(root)
     probe = read_records(paths.EVAL.require(root))[: config.eval_examples]
-    before = measure(model, tokenizer, eval_pairs, probe, reward_model, config)
+    before = measure(model, tokenizer, eval_pairs, probe, reward_model, params)
 
     if config.method == "dpo":
         datasets, length_metrics = dpo_datasets(config, tokenizer, train_pairs, eval_pairs)
@@ -292,7 +294,7 @@ def train(params: Params, root: Path) -> dict | None:
     if not trainer.is_world_process_zero():
         return None
     aligned = trainer.model
-    after = measure(aligned, tokenizer, eval_pairs, probe, reward_model, config)
+    after = measure(aligned, tokenizer, eval_pairs, probe, reward_model, params)
     reference, _ = alignment.load_sft(root)
     kl = kl_from_reference(aligned, reference, tokenizer, eval_pairs, config)
     callback.live.end()
@@ -304,6 +306,7 @@ def train(params: Params, root: Path) -> dict | None:
         "eval_pairs": len(eval_pairs),
         "lengths": length_metrics,
         "task_examples": len(probe),
+        "task_scorers": scoring.scorers_for(probe, params.evaluate.scoring),
         "steps": result.global_step,
         "train_seconds": round(seconds, 1),
         "kl_from_sft": kl,
@@ -370,7 +373,7 @@ def report(metrics: dict) -> str:
         f"{fmt(after['preference_accuracy'])} on {metrics['eval_pairs']:,} held-out pairs "
         f"({fmt(before['preference_accuracy_collected'])} -> {fmt(after['preference_accuracy_collected'])} "
         "on those collected from people, without on-policy pairs)",
-        f"  task exact match     {fmt(before['exact_match'])} -> {fmt(after['exact_match'])} "
+        f"  task score           {fmt(before['task_score'])} -> {fmt(after['task_score'])} "
         f"on {metrics['task_examples']:,} held-out prompts",
     ]
     if "reward_of_answers" in after:
