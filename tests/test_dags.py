@@ -161,7 +161,7 @@ def test_a_stage_added_to_dvc_yaml_appears_in_the_dag_with_dvcs_edges(project_co
         "preferences": ["finetune", "ingest", "split"],
         "reward": ["finetune", "preferences"],
         "rlhf": ["finetune", "preferences", "reward", "split"],
-        "evaluate": ["finetune", "preferences", "rlhf", "split"],
+        "evaluate": ["finetune", "preferences", "reward", "rlhf", "split"],
         # the stages nothing depends on end the run
         "save_run": ["distill", "evaluate", "report"],
         "gate": ["save_run"],
