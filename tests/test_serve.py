@@ -16,7 +16,7 @@ from tests.conftest import BIN, REPO, free_port, postgres_database, run, subproc
 
 openai = pytest.importorskip("openai")
 
-KEY, OTHER_KEY = "test-key-1", "test-key-2"
+KEY, OTHER_KEY, THIRD_KEY = "test-key-1", "test-key-2", "test-key-3"  # each its own rate limit
 
 
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -44,7 +44,7 @@ def server(request, trained_sft, tmp_path_factory):
         process = subprocess.Popen(
             [str(BIN / "flywheel"), "serve", "--port", str(port), "--model", str(trained_sft / "models/sft")],
             cwd=root,
-            env=subprocess_env(FLYWHEEL_API_KEYS=f"{KEY},{OTHER_KEY}", FLYWHEEL_REQUEST_LOG_URL=log_url),
+            env=subprocess_env(FLYWHEEL_API_KEYS=f"{KEY},{OTHER_KEY},{THIRD_KEY}", FLYWHEEL_REQUEST_LOG_URL=log_url),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -151,6 +151,40 @@ def test_bad_requests_get_clear_json_errors(server, body, headers, status, messa
     assert message in response.json()["error"]["message"]
 
 
+def test_a_request_the_model_cannot_take_fails_alone_and_never_with_a_5xx(server):
+    base, _, _ = server
+    headers = {"Authorization": f"Bearer {THIRD_KEY}", "Content-Type": "application/json"}
+    chat, text = f"{base}/v1/chat/completions", f"{base}/v1/completions"
+    innocent = json.dumps({"messages": [{"role": "user", "content": "Translate to French: red cat"}], "max_tokens": 8})
+    # Valid JSON, but no tokenizer takes a lone surrogate: it used to fail every request batched with it.
+    surrogate = '{"messages": [{"role": "user", "content": "x\\ud800y"}], "max_tokens": 8}'
+    with ThreadPoolExecutor(13) as pool:
+        bad = pool.submit(httpx.post, chat, content=surrogate, headers=headers)
+        good = [pool.submit(httpx.post, chat, content=innocent, headers=headers) for _ in range(12)]
+        responses = [bad.result(), *(g.result() for g in good)]
+    assert responses[0].status_code == 400, responses[0].text
+    assert "lone surrogate" in responses[0].json()["error"]["message"]
+    assert [r.status_code for r in responses[1:]] == [200] * 12
+    assert {r.json()["choices"][0]["message"]["content"] for r in responses[1:]} == {"rouge chat"}
+
+    def post(url, body):
+        return httpx.post(url, content=json.dumps(body), headers=headers)
+
+    empty = post(text, {"prompt": "", "max_tokens": 4})
+    assert empty.status_code == 400 and "prompt" in empty.json()["error"]["message"]
+    red_cat = [{"role": "user", "content": "Translate to French: red cat"}]
+    tiny = post(chat, {"messages": red_cat, "temperature": 1e-300})
+    assert tiny.status_code == 200 and tiny.json()["choices"][0]["message"]["content"] == "rouge chat"
+    # 700 empty messages pass max_prompt_chars (2,000) but not the model's 512 positions.
+    many = post(chat, {"messages": [{"role": "user", "content": ""}] * 700, "max_tokens": 4})
+    assert many.status_code == 400 and "the model's context of 512 tokens" in many.json()["error"]["message"]
+    # Without a key nothing is read; a body larger than any valid request is not parsed.
+    unkeyed = httpx.post(chat, content=b"[" * 1_000_000, headers={"Content-Type": "application/json"})
+    assert unkeyed.status_code == 401 and "API key" in unkeyed.json()["error"]["message"]
+    oversized = httpx.post(chat, content=b"{" + b" " * 200_000 + b"}", headers=headers)
+    assert oversized.status_code == 413 and "76,000 bytes" in oversized.json()["error"]["message"]
+
+
 def test_a_key_over_its_rate_limit_gets_429_and_other_keys_do_not(server):
     base, _, _ = server
     limited = "Bearer " + OTHER_KEY
@@ -180,6 +214,15 @@ def test_feedback_and_sigterm_leave_every_answered_request_in_the_log(server, tm
         json={"request_id": "chatcmpl-nope", "rating": "up"},
     )
     assert unknown.status_code == 404
+    # Feedback is redacted and logged like a prompt, and held to the same size limit ("a." * 100_000
+    # held the whole server 19 s): over the body limit it is not even read.
+    for size, status, message in ((20_000, 400, "at most 2,000"), (100_000, 413, "request body")):
+        huge = httpx.post(
+            f"{base}/v1/feedback",
+            headers={"Authorization": f"Bearer {KEY}"},
+            json={"request_id": answered[0].id, "preferred_response": "a." * size},
+        )
+        assert huge.status_code == status and message in huge.json()["error"]["message"]
 
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=60)

@@ -31,6 +31,8 @@ from flywheel.serving.auth import KEYS_FILE_VARIABLE, KEYS_VARIABLE, load_api_ke
 from flywheel.serving.engine import Engine
 from flywheel.serving.schemas import ApiError
 
+DRAIN_SECONDS = 20
+
 
 def create_app(config: ServeParams, model_dir: Path, request_log, api_keys: list[str]) -> FastAPI:
     from prometheus_client import CollectorRegistry
@@ -59,6 +61,7 @@ def create_app(config: ServeParams, model_dir: Path, request_log, api_keys: list
     app.state.server = server
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
+    app.middleware("http")(guard_with(server))
     app.middleware("http")(observe_with(server.registry))
     app.include_router(routes.router)
     return app
@@ -78,6 +81,25 @@ async def invalid_request(request: Request, error: RequestValidationError) -> JS
     first = error.errors()[0]
     where = ".".join(str(part) for part in first["loc"] if part != "body")
     return error_response(400, f"{where}: {first['msg']}" if where else first["msg"], "invalid_request_error")
+
+
+def guard_with(server: routes.Server):
+    """HTTP middleware run before a body is read: a request without a valid key, or with a body
+    larger than any valid request, is refused without parsing it (33 MB of JSON without a key
+    used to be parsed and validated first)."""
+    body_limit = 6 * server.config.max_prompt_chars + 64_000  # a JSON escape (\\u00e9): 6 bytes a character
+    too_large = f"the request body is over this server's limit of {body_limit:,} bytes"
+
+    async def guard(request: Request, call_next):
+        if request.url.path.startswith("/v1/"):
+            if server.api_keys and routes.matching_key(server, request) is None:
+                return error_response(401, routes.MISSING_KEY, "authentication_error")
+            declared = request.headers.get("content-length", "0")
+            if not declared.isdigit() or int(declared) > body_limit:
+                return error_response(413, too_large, "invalid_request_error")
+        return await call_next(request)
+
+    return guard
 
 
 def observe_with(registry):
@@ -124,5 +146,16 @@ def serve(config: ServeParams, *, host: str | None = None, port: int | None = No
         f"flywheel serve: http://{host}:{port}/v1 (model {model_dir}, request log {request_log._safe_url()})",
         flush=True,
     )
-    uvicorn.run(app, host=host, port=port, log_level="warning")  # SIGTERM: graceful, see lifespan
+    # SIGTERM: graceful (see lifespan), but bounded: open streams get DRAIN_SECONDS to finish,
+    # inside Kubernetes' default 30 s grace plus the request log's flush.
+    # X-Forwarded-For is not trusted (uvicorn trusts it from 127.0.0.1, where the router and any
+    # local client connect from): a client could name itself anew each request and never be limited.
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        timeout_graceful_shutdown=DRAIN_SECONDS,
+        proxy_headers=False,
+    )
     return 0

@@ -15,6 +15,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+# Below this temperature sampling decodes greedily, its limit as the temperature goes to 0: the
+# sampler divides the logits by the temperature, and 1e-300 turns them into inf and nan.
+MIN_TEMPERATURE = 1e-2
+
 
 @dataclass
 class Job:
@@ -26,7 +30,7 @@ class Job:
 
     @property
     def decoding(self) -> tuple:
-        return ("greedy",) if self.temperature == 0 else ("sample", self.temperature, self.top_p)
+        return ("greedy",) if self.temperature < MIN_TEMPERATURE else ("sample", self.temperature, self.top_p)
 
 
 @dataclass
@@ -41,7 +45,7 @@ def _options(job: Job, tokenizer) -> dict:
     """model.generate's decoding arguments for a job."""
     sampling = {"do_sample": True, "temperature": job.temperature, "top_p": job.top_p, "top_k": 0}
     return {
-        **(sampling if job.temperature > 0 else {"do_sample": False}),
+        **(sampling if job.temperature >= MIN_TEMPERATURE else {"do_sample": False}),
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
@@ -76,21 +80,60 @@ def generate_batch(model, tokenizer, jobs: list[Job]) -> list[Answer]:
     return answers
 
 
-def stream_generate(model, tokenizer, job: Job):
-    """The answer's text piece by piece as the model generates it (one request, not batched:
-    a streamed answer should not wait for a batch to finish)."""
-    import torch
-    from transformers import TextIteratorStreamer
+# A stream whose generation stalls this long (no new text) ends with an error.
+STREAM_STALL_S = 60
 
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
-    encoded = tokenizer(job.prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
 
-    def run():
-        with torch.no_grad():
-            model.generate(**encoded, max_new_tokens=job.max_tokens, streamer=streamer, **_options(job, tokenizer))
+class Stream:
+    """One streamed answer: its text pieces as the model generates them (one request, not batched:
+    a streamed answer should not wait for a batch to finish). Generation runs on its own thread;
+    if it fails, the pieces end and `error` says why (instead of the reader waiting for text that
+    never comes), and `cancel()` stops it when the client has gone. `on_end` runs when the
+    generation thread is done, however it ended."""
 
-    threading.Thread(target=run, name="stream", daemon=True).start()
-    return iter(streamer)
+    def __init__(self, model, tokenizer, job: Job, on_end=lambda: None):
+        from transformers import TextIteratorStreamer
+
+        self.error: Exception | None = None
+        self._cancelled = threading.Event()
+        self._streamer = TextIteratorStreamer(
+            tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=STREAM_STALL_S
+        )
+        encoded = tokenizer(job.prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+        arguments = {"max_new_tokens": job.max_tokens, **_options(job, tokenizer)}
+        threading.Thread(
+            target=self._generate, args=(model, encoded, arguments, on_end), name="stream", daemon=True
+        ).start()
+
+    def _generate(self, model, encoded, arguments: dict, on_end) -> None:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        cancelled = self._cancelled
+
+        class UntilCancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool)
+
+        try:
+            with torch.no_grad():
+                model.generate(
+                    **encoded,
+                    streamer=self._streamer,
+                    stopping_criteria=StoppingCriteriaList([UntilCancelled()]),
+                    **arguments,
+                )
+        except Exception as error:  # the reader ends the stream with an error event
+            self.error = error
+            self._streamer.end()
+        finally:
+            on_end()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def __iter__(self):
+        return iter(self._streamer)
 
 
 class Batcher:
@@ -132,17 +175,26 @@ class Batcher:
             (batch if job.decoding == first.decoding else self._held).append(job)
         return batch
 
+    def _run(self, batch: list[Job]) -> Exception | None:
+        """Generate a batch and hand each job its answer; the error, if generation failed."""
+        started = time.perf_counter()
+        try:
+            answers = self._generate(batch)
+        except Exception as error:
+            return error
+        self._on_batch(len(batch), sum(a.completion_tokens for a in answers), time.perf_counter() - started)
+        for job, answer in zip(batch, answers):
+            job.future.set_result(answer)
+        return None
+
     def _loop(self) -> None:
         while (batch := self._next_batch()) is not None:
-            started = time.perf_counter()
-            try:
-                answers = self._generate(batch)
-            except Exception as error:  # the server turns it into a 500 for these requests only
-                for job in batch:
-                    job.future.set_exception(error)
+            if self._run(batch) is None:
                 continue
-            self._on_batch(len(batch), sum(a.completion_tokens for a in answers), time.perf_counter() - started)
-            for job, answer in zip(batch, answers):
-                job.future.set_result(answer)
+            # One request can fail a whole batch; each is tried alone so that only it fails (the
+            # server answers it with a 500, the others with their answers).
+            for job in batch:
+                if (error := self._run([job])) is not None:
+                    job.future.set_exception(error)
         for job in self._held:
             job.future.set_exception(RuntimeError("the server is shutting down"))

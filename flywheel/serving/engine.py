@@ -45,5 +45,13 @@ class Engine:
             on_batch=record,
         )
 
+    @property
+    def context_tokens(self) -> int:
+        """How many tokens the model attends to: prompt and answer together."""
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or 2**31)
+
+    def prompt_tokens(self, prompt: str) -> int:
+        return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
     def chat_prompt(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

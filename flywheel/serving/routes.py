@@ -10,6 +10,8 @@ import asyncio
 import functools
 import hmac
 import json
+import queue
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from flywheel.config import ServeParams
 from flywheel.serving.auth import CANARY_HEADER, CANARY_PREFIX, RateLimiter, key_name
-from flywheel.serving.batching import Job, stream_generate
+from flywheel.serving.batching import STREAM_STALL_S, Job, Stream
 from flywheel.serving.engine import Engine
 from flywheel.serving.schemas import ApiError, ChatRequest, CompletionRequest, FeedbackRequest, GenerationRequest
 
@@ -28,6 +30,7 @@ COMPLETIONS = "/v1/completions"
 ENDPOINTS = frozenset({CHAT, COMPLETIONS, "/v1/models", "/v1/feedback", "/healthz", "/readyz", "/metrics"})
 
 router = APIRouter()
+MISSING_KEY = "missing or invalid API key (Authorization: Bearer <key>)"
 
 
 @dataclass
@@ -39,11 +42,13 @@ class Server:
     api_keys: list[str]
     registry: object  # prometheus_client's CollectorRegistry
     limiter: RateLimiter = field(init=False)
+    streams: threading.BoundedSemaphore = field(init=False)  # a slot per stream being generated
     engine: Engine | None = None
     load_error: str | None = None
 
     def __post_init__(self) -> None:
         self.limiter = RateLimiter(self.config.rate_limit_per_minute)
+        self.streams = threading.BoundedSemaphore(self.config.max_streams)
 
     def ready_engine(self) -> Engine:
         if self.engine is None:
@@ -59,16 +64,22 @@ def server_of(request: Request) -> Server:
 # Checks every generation request passes
 
 
+def matching_key(server: Server, request: Request) -> str | None:
+    """The configured key the request carries (compared in constant time), or None."""
+    header = request.headers.get("authorization", "")
+    given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+    matched = [key for key in server.api_keys if hmac.compare_digest(given.encode(), key.encode())]
+    return matched[0] if matched else None
+
+
 def authorise(request: Request) -> str:
     """The client's name (a key's hash prefix, or its address when the API is open)."""
     server = server_of(request)
     if server.api_keys:
-        header = request.headers.get("authorization", "")
-        given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
-        matched = [key for key in server.api_keys if hmac.compare_digest(given.encode(), key.encode())]
-        if not matched:
-            raise ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)", "authentication_error")
-        client = key_name(matched[0])
+        key = matching_key(server, request)
+        if key is None:
+            raise ApiError(401, MISSING_KEY, "authentication_error")
+        client = key_name(key)
     else:
         client = request.client.host if request.client else "unknown"
     if not server.limiter.allow(client):
@@ -99,7 +110,22 @@ def prepare(server: Server, endpoint: str, messages: list[dict], prompt: str, bo
         temperature=body.temperature,
         top_p=body.top_p,
     )
+    check_prompt_tokens(engine, job)
     return engine, job
+
+
+def check_prompt_tokens(engine: Engine, job: Job) -> None:
+    """Refuse, alone, a prompt the model cannot take: no tokens to continue from, or more than
+    fit its context with the answer (many short messages pass max_prompt_chars)."""
+    tokens = engine.prompt_tokens(job.prompt)
+    if tokens == 0:
+        raise ApiError(400, "the prompt has no tokens to continue from")
+    if tokens + job.max_tokens > engine.context_tokens:
+        raise ApiError(
+            400,
+            f"the prompt is {tokens:,} tokens; with max_tokens {job.max_tokens} that is more than "
+            f"the model's context of {engine.context_tokens:,} tokens",
+        )
 
 
 def new_id(endpoint: str) -> str:
@@ -162,8 +188,15 @@ def stream(
     """Server-sent events: a chunk per piece of text as it is generated, a last chunk with the
     finish reason, then [DONE]. The whole answer is logged when the stream ends."""
     engine, job = prepare(server, endpoint, messages, prompt, body)
+    if not server.streams.acquire(blocking=False):
+        raise ApiError(
+            429,
+            f"this server generates at most {server.config.max_streams} streams at once; retry shortly",
+            "rate_limit_error",
+        )
     request_id, started = new_id(endpoint), time.perf_counter()
-    pieces = stream_generate(engine.model, engine.tokenizer, job)
+    generation = Stream(engine.model, engine.tokenizer, job, on_end=server.streams.release)
+    pieces = iter(generation)
 
     @functools.cache
     def count_tokens(text: str) -> int:
@@ -171,27 +204,38 @@ def stream(
         return len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     async def events():
-        text = ""
+        text, error = "", None
         try:
             while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
                 piece = piece if text else piece.lstrip()  # the answer starts after a space
                 if piece:
                     text += piece
                     yield f"data: {json.dumps(chunk(request_id, engine, piece, None))}\n\n"
-            finish = "length" if count_tokens(text) >= job.max_tokens else "stop"
-            yield f"data: {json.dumps(chunk(request_id, engine, '', finish))}\n\n"
+            error = generation.error
+        except queue.Empty:
+            error = TimeoutError(f"no text for {STREAM_STALL_S} s")
+        try:
+            if error is not None:
+                print(f"flywheel serve: stream {request_id} failed: {error!r}", flush=True)
+                failure = {"message": "generation failed; see the server log", "type": "server_error", "code": 500}
+                yield f"data: {json.dumps({'error': failure})}\n\n"
+            else:
+                finish = "length" if count_tokens(text) >= job.max_tokens else "stop"
+                yield f"data: {json.dumps(chunk(request_id, engine, '', finish))}\n\n"
             yield "data: [DONE]\n\n"
-        finally:  # also when the client goes away mid-stream: what was sent is logged
+        finally:  # also when the client goes away mid-stream: generation stops, what was sent is logged
+            generation.cancel()
             server.request_log.log_request(
                 endpoint=endpoint,
                 messages=messages,
                 response=text.strip(),
-                status=200,
+                status=200 if error is None else 500,
                 model_version=engine.version,
                 latency_ms=1000 * (time.perf_counter() - started),
                 completion_tokens=count_tokens(text),
                 api_key=client if server.api_keys else None,
                 request_id=request_id,
+                error=None if error is None else repr(error),
             )
 
     return StreamingResponse(events(), media_type="text/event-stream")
@@ -268,6 +312,10 @@ async def feedback(body: FeedbackRequest, request: Request):
     from flywheel.serving.request_log import FeedbackError
 
     authorise(request)
+    limit = server_of(request).config.max_prompt_chars  # the same limit as a prompt: it is redacted and logged
+    for name in ("preferred_response", "alternative"):
+        if (size := len(getattr(body, name) or "")) > limit:
+            raise ApiError(400, f"{name} is {size:,} characters; this server takes at most {limit:,}")
     fields = body.model_dump(exclude={"request_id"})
     try:
         feedback_id = await asyncio.to_thread(server_of(request).request_log.log_feedback, body.request_id, **fields)

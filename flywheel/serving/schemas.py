@@ -3,9 +3,24 @@ and ignored, as OpenAI's server does), the feedback request, and the error every
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+def _unicode_text(text: str) -> str:
+    """JSON may carry what no tokenizer (or database) takes: a lone surrogate such as \\ud800.
+    Such a request is refused alone, before it can fail the batch it would join."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"is not valid Unicode text: a lone surrogate (\\u{ord(text[error.start]):04x}) at character {error.start}"
+        ) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode_text)]
 
 
 class GenerationRequest(BaseModel):
@@ -24,7 +39,7 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class ChatRequest(GenerationRequest):
@@ -32,16 +47,16 @@ class ChatRequest(GenerationRequest):
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: str
+    prompt: Annotated[str, Field(min_length=1), AfterValidator(_unicode_text)]  # a token to continue from
 
 
 class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    request_id: str
+    request_id: Annotated[Text, Field(max_length=100)]
     rating: Literal["up", "down"] | None = None
-    preferred_response: str | None = None
-    alternative: str | None = None
+    preferred_response: Text | None = None
+    alternative: Text | None = None
     preferred: Literal["response", "alternative"] | None = None
 
 
