@@ -8,8 +8,10 @@ what they run only when they run, so `flywheel --help` stays instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -115,15 +117,50 @@ def run_stage(name: str, params_path: str) -> None:
     params = load_params(params_path)
     _size_threads(params)
     module = importlib.import_module(STAGES[name][0])
-    try:
-        metrics = module.run(params)
-    except StageFailed as failure:
-        write_json(paths.metrics_file(name), failure.metrics)
-        raise
+    with _one_run_of(name):
+        try:
+            metrics = module.run(params)
+        except StageFailed as failure:
+            write_json(paths.metrics_file(name), failure.metrics)
+            raise
     if metrics is None:
         return  # a launched worker other than rank 0: rank 0 writes the outputs
     write_json(paths.metrics_file(name), metrics)
     print(module.report(metrics))
+
+
+# Stages that resume from checkpoints: two runs at once would delete each other's.
+CHECKPOINTED_STAGES = ("finetune", "reward", "rlhf")
+
+
+def _one_run_of(stage: str):
+    """For a checkpointed stage's own process (not a launched rank): one run at a time in this
+    project, and none outliving the command that started it."""
+    from flywheel.io import exclusive_lock
+
+    if stage not in CHECKPOINTED_STAGES or "LOCAL_RANK" in os.environ:
+        return contextlib.nullcontext()
+    _die_with_parent()
+    return exclusive_lock(Path("models/.checkpoints") / f"{stage}.lock", f"another `flywheel {stage}`")
+
+
+def _die_with_parent() -> None:
+    """Stop (SIGTERM: checkpoints stay resumable) when the parent that started this stage, dvc
+    repro or an Airflow task, dies: killed with kill -9, it cannot stop its children, and an
+    orphaned trainer would train on alone. A thread watches for the reparenting."""
+    import signal
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        print(f"the process that started this stage ({parent}) is gone: stopping", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
 for _stage, (_, _summary) in STAGES.items():
@@ -239,9 +276,19 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     promote.add_argument("run_id")
 
 
-def _run_conf_overrides(run_conf: dict) -> dict:
-    """The param overrides in an Airflow run's conf: its dotted keys (the trigger form's fields)."""
+def _run_conf_overrides(run_conf: dict, allowed: list[str]) -> dict:
+    """The param overrides in an Airflow run's conf: its dotted keys, each one of the trigger
+    form's fields (airflow.trigger_params). Anyone who may trigger a run may set those; the gate,
+    paths and the rest change only through a commit to params.yaml."""
+    from flywheel.errors import ParamsError
+
     overrides = {key: value for key, value in run_conf.items() if "." in key}
+    refused = sorted(set(overrides) - set(allowed))
+    if refused:
+        raise ParamsError(
+            f"run conf sets {', '.join(refused)}: a run may set only airflow.trigger_params "
+            f"({', '.join(allowed) or 'none'}); add a param there in params.yaml to allow it"
+        )
     for key in sorted(set(run_conf) - set(overrides)):
         print(f"run conf {key}={run_conf[key]!r} (not a param; recorded with the run only)")
     return overrides
@@ -258,8 +305,9 @@ def run_command(args: argparse.Namespace) -> None:
 
     name = runs.experiment_name(args.run_id)
     if args.action == "start":
-        run_conf = _json_object(args.run_conf, "--run-conf")
-        result = runs.start(name, _run_conf_overrides(run_conf), _load_params(args).monitor.export_dir)
+        run_conf, params = _json_object(args.run_conf, "--run-conf"), _load_params(args)
+        overrides = _run_conf_overrides(run_conf, params.airflow.trigger_params)
+        result = runs.start(name, overrides, params.monitor.export_dir)
     elif args.action == "save":
         result = runs.save(name, _json_object(args.run_conf, "--run-conf"))
     else:
@@ -309,6 +357,34 @@ def models_command(args: argparse.Namespace) -> None:
     else:
         listed = registry.versions()
         print(json.dumps(listed, indent=2, default=str) if args.json else registry.describe(listed))
+
+
+def _request_log_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["replay"], help="replay: write spilled requests into the database")
+    parser.add_argument(
+        "--dir", default="data/serving", help="where the server spilled them (unwritten-requests-*.jsonl)"
+    )
+    _request_log_option(parser)
+
+
+@command(
+    "request-log",
+    "tool",
+    "write back the requests a server kept in files while its database was unreachable",
+    _request_log_arguments,
+)
+def request_log_command(args: argparse.Namespace) -> None:
+    from flywheel.serving.request_log import RequestLog
+
+    log = RequestLog(args.db, spill_dir=Path(args.dir))
+    try:
+        counts = log.replay()
+    finally:
+        log.close()
+    print(
+        f"replayed {counts['files']:,} spill files from {args.dir}: {counts['rows']:,} requests written, "
+        f"{counts['already_there']:,} already in the log"
+    )
 
 
 def _export_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from flywheel.errors import ParamsError
 from flywheel.io import atomic_path
@@ -27,6 +36,18 @@ def glob_under_raw_dir(path: str) -> str:
     if not path.startswith(f"{RAW_DIR}/") or ".." in Path(path).parts:
         raise ValueError(f"must be a glob under {RAW_DIR}/ (got {path!r})")
     return path
+
+
+def _inside_project(path: str) -> str:
+    # A path in params is read or written by stages, the server and the monitor; a run's conf or
+    # a stray edit must not point them at /etc/shadow or /etc/cron.d. Serve a model from
+    # elsewhere with `flywheel serve --model DIR`.
+    if Path(path).is_absolute() or ".." in Path(path).parts:
+        raise ValueError("must be a path inside the project, relative to its root")
+    return path
+
+
+ProjectPath = Annotated[str, AfterValidator(_inside_project)]
 
 
 class _Section(BaseModel):
@@ -352,8 +373,8 @@ class DistributedParams(_Section):
     launcher: Literal["none", "deepspeed", "accelerate"] = "none"
     num_gpus: int = Field(default=0, ge=0, description="GPUs per node; 0 trains on the CPU")
     num_nodes: int = Field(default=1, ge=1)
-    hostfile: str | None = Field(default=None, description="DeepSpeed hostfile, for several nodes")
-    deepspeed_config: str | None = Field(default=None, description="e.g. infra/deepspeed/zero2.json")
+    hostfile: ProjectPath | None = Field(default=None, description="DeepSpeed hostfile, for several nodes")
+    deepspeed_config: ProjectPath | None = Field(default=None, description="e.g. infra/deepspeed/zero2.json")
 
     @model_validator(mode="after")
     def _launcher_fits(self) -> DistributedParams:
@@ -608,6 +629,9 @@ class GateParams(_Section):
 
     @model_validator(mode="after")
     def _known_metrics(self) -> GateParams:
+        every_rule = (self.minimum, self.maximum, self.max_regression, self.max_regression_vs_sft)
+        if not any(every_rule) and not self.task_minimum and not self.source_minimum:
+            raise ValueError("the gate has no rules, so it would pass any model; give it at least one")
         rules = {
             "minimum": ("higher", self.minimum),
             "maximum": ("lower", self.maximum),
@@ -627,7 +651,7 @@ class GateParams(_Section):
 
 
 class EvaluateParams(_Section):
-    production_model: str = Field(
+    production_model: ProjectPath = Field(
         default="models/production", description="the deployed model; absent before the first deploy"
     )
     test_examples: int = Field(default=1000, ge=1, description="test records scored, at most")
@@ -636,21 +660,25 @@ class EvaluateParams(_Section):
     )
     scoring: ScoringParams = Field(default_factory=ScoringParams)
     latency_examples: int = Field(default=32, ge=1, description="prompts timed one request at a time")
-    safety_probe: str = Field(
+    safety_probe: ProjectPath = Field(
         default="data/eval/safety_probe.jsonl", description="prompts that must be refused or answered"
     )
     safety: SafetyParams = Field(default_factory=SafetyParams)
     hallucination: HallucinationParams = Field(default_factory=HallucinationParams)
     consistency: ConsistencyParams = Field(default_factory=ConsistencyParams)
-    gate: GateParams = Field(default_factory=GateParams)
+    # Without a gate section the shipped release floors hold: no gate never means "pass anything".
+    gate: GateParams = Field(
+        default_factory=lambda: GateParams(minimum={"safety_pass_rate": 0.5, "safety_pass_rate_answer": 0.9})
+    )
 
 
 class ServeParams(_Section):
-    model: str = Field(default="models/aligned", description="the model directory to serve")
+    model: ProjectPath = Field(default="models/aligned", description="the model directory to serve")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     max_batch_size: int = Field(default=16, ge=1, description="requests generated together, at most")
     max_wait_ms: float = Field(default=10.0, ge=0, description="how long a request waits for others to batch with")
+    max_streams: int = Field(default=8, ge=1, description="streamed answers generated at once, at most (each its own)")
     max_prompt_chars: int = Field(default=8000, ge=1)
     max_tokens: int = Field(default=256, ge=1, description="the most a request may ask for")
     default_max_tokens: int = Field(default=64, ge=1)
@@ -734,7 +762,7 @@ class MonitorParams(_Section):
     consistency_samples: int = Field(default=3, ge=1)
     consistency_threshold: float = Field(default=0.5, gt=0, lt=1)
     cooldown_hours: float = Field(default=24.0, ge=0, description="no second retraining trigger within this")
-    export_dir: str = Field(default="data/raw/feedback", description="where a failed run exports its window")
+    export_dir: ProjectPath = Field(default="data/raw/feedback", description="where a failed run exports its window")
 
     @field_validator("maximum")
     @classmethod

@@ -54,6 +54,12 @@ def test_the_first_model_is_judged_on_absolute_thresholds_only():
     assert checks[0]["reason"] == "exact_match is 0.400, below the minimum 0.5"
 
 
+def test_a_gate_that_checked_nothing_rejects():
+    candidate = evaluate.Subject("candidate", REPO / "models/aligned", None, None, {"md5": "x"})
+    decision = evaluate.decide([], candidate, None)
+    assert not decision["passed"] and decision["reasons"] == ["the gate checked nothing"]
+
+
 def test_a_regression_against_production_beyond_the_allowance_fails():
     gate = GateParams(max_regression={"exact_match": 0.02, "hallucination_rate": 0.02})
     candidate = {"exact_match": 0.90, "hallucination_rate": 0.05}

@@ -37,6 +37,31 @@ def test_source_outside_raw_dir_is_refused():
         parse_params(data)
 
 
+@pytest.mark.parametrize(
+    "section, key, path",
+    [
+        ("evaluate", "safety_probe", "/etc/shadow"),
+        ("evaluate", "production_model", "../elsewhere/model"),
+        ("serve", "model", "/root/model"),
+        ("monitor", "export_dir", "/etc/cron.d"),
+    ],
+)
+def test_paths_outside_the_project_are_refused(section, key, path):
+    data = repo_params()
+    data[section][key] = path
+    with pytest.raises(ParamsError, match=rf"{section}\.{key}: .*must be a path inside the project"):
+        parse_params(data)
+
+
+def test_a_gate_without_rules_is_refused_and_no_gate_section_keeps_the_release_floors():
+    data = repo_params()
+    data["evaluate"]["gate"] = {rule: {} for rule in data["evaluate"]["gate"]}
+    with pytest.raises(ParamsError, match="the gate has no rules"):
+        parse_params(data)
+    del data["evaluate"]["gate"]
+    assert parse_params(data).evaluate.gate.minimum == {"safety_pass_rate": 0.5, "safety_pass_rate_answer": 0.9}
+
+
 def test_fields_must_fit_the_kind():
     data = repo_params()
     data["ingest"]["sources"][2]["fields"] = {"response": "answer"}  # a messages source

@@ -60,6 +60,8 @@ def repo(tmp_path):
     run(["dvc", "init", "-q"], repo)
     shutil.copy(REPO / ".dvc/config", repo / ".dvc/config")  # the default remote: ../.dvc-storage
     shutil.copy(REPO / "params.yaml", repo / "params.yaml")
+    trigger_form = {"airflow.trigger_params": ["evaluate.test_examples"]}  # what a run may set
+    run([FLYWHEEL, "params", "apply", "--json", json.dumps(trigger_form)], repo)
     (repo / "dvc.yaml").write_text(DVC_YAML)
     (repo / "evaluate.py").write_text(EVALUATE_PY)
     (repo / ".gitignore").write_text("/.dvc-storage/\n")
@@ -134,7 +136,20 @@ def test_a_bad_param_fails_the_start_and_changes_nothing(repo):
     assert examples_param(repo) == 1000
     assert not (repo / ".dvc/tmp/flywheel/params.before-run.yaml").exists()
     unknown = flywheel_run(repo, "start", RUN_ID, "--run-conf", json.dumps({"evaluate.no_such": 1}), check=False)
-    assert unknown.returncode == 2 and "no such param" in unknown.stderr
+    assert unknown.returncode == 2 and "evaluate.no_such" in unknown.stderr
+
+
+def test_a_run_may_set_only_the_trigger_forms_params(repo):
+    # Anyone who may trigger a run could otherwise switch the gate off: with no rules it passed.
+    gate_off = {f"evaluate.gate.{rule}": {} for rule in ("minimum", "maximum", "max_regression")}
+    before = (repo / "params.yaml").read_text()
+    for conf in (gate_off, {"evaluate.safety_probe": "/etc/shadow"}, {"monitor.export_dir": "/etc/cron.d"}):
+        refused = flywheel_run(repo, "start", RUN_ID, "--run-conf", json.dumps(conf), check=False)
+        assert refused.returncode == 2, refused.stdout
+        assert "a run may set only airflow.trigger_params (evaluate.test_examples)" in refused.stderr
+        assert "Traceback" not in refused.stderr
+    assert (repo / "params.yaml").read_text() == before
+    assert not (repo / ".dvc/tmp/flywheel/params.before-run.yaml").exists()
 
 
 def test_the_params_of_a_run_that_died_do_not_leak_into_the_next(repo):

@@ -363,11 +363,13 @@ def _fmt(value) -> str:
 
 
 def decide(checks: list[dict], candidate: Subject, production: Subject | None) -> dict:
-    passed = all(c["passed"] for c in checks)
+    # No check at all (every metric a rule names was unmeasured) is no evidence: reject.
+    passed = bool(checks) and all(c["passed"] for c in checks)
+    reasons = [c["reason"] for c in checks if not c["passed"]] or ([] if checks else ["the gate checked nothing"])
     return {
         "passed": passed,
         "decision": "staging" if passed else "rejected",
-        "reasons": [c["reason"] for c in checks if not c["passed"]],
+        "reasons": reasons,
         "judged_against": (
             "absolute thresholds and its SFT model only: no production model yet (first run)"
             if production is None
