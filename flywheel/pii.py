@@ -27,9 +27,14 @@ PLACEHOLDERS = {
 }
 PLACEHOLDER_PATTERN = re.compile(r"\[(?:SECRET|EMAIL|IBAN|CARD_NUMBER|IP_ADDRESS|PHONE)\]")
 
+# Every pattern below is bounded per starting position (no unbounded run before a required
+# character), so redaction takes linear time on any text: serving redacts what clients send.
+# A PEM private key is found by pairing BEGIN and END lines (_redact_private_keys), not by a
+# lazy `.*?`, which scans to the end of the text from every BEGIN line without an END.
+_PEM_BEGIN = re.compile(r"-----BEGIN [A-Z ]{0,40}PRIVATE KEY-----")
+_PEM_END = re.compile(r"-----END [A-Z ]{0,40}PRIVATE KEY-----")
 _SECRETS = re.compile(
-    r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----"
-    r"|\bAKIA[0-9A-Z]{16}\b"  # AWS access key id
+    r"\bAKIA[0-9A-Z]{16}\b"  # AWS access key id
     r"|\bgh[pousr]_[A-Za-z0-9]{36,}\b"  # GitHub tokens
     r"|\bgithub_pat_[A-Za-z0-9_]{40,}\b"
     r"|\bsk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}"  # OpenAI / Anthropic style keys
@@ -39,12 +44,10 @@ _SECRETS = re.compile(
     # key = value assignments: the name stays (group `keep`), the value goes
     r"|(?P<keep>(?i:\b(?:api[_-]?key|secret|token|passw(?:or)?d|access[_-]?key)\b\s*[:=]\s*))"
     r"['\"]?[A-Za-z0-9_\-/+=.]{8,}['\"]?",
-    re.DOTALL,
 )
-_EMAIL = re.compile(
-    r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,}\b"
-)
+# RFC 5321's limits: a local part of at most 64 characters, labels of at most 63, 127 labels.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_EMAIL = re.compile(rf"\b[A-Za-z0-9._%+-]{{1,64}}@{_LABEL}(?:\.{_LABEL}){{0,126}}\.[A-Za-z]{{2,63}}\b")
 _IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b")
 _CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
 _IPV4 = re.compile(
@@ -141,9 +144,24 @@ _DETECTORS: list[tuple[str, re.Pattern, Callable[[re.Match], bool] | None]] = [
 ]
 
 
+def _redact_private_keys(text: str) -> tuple[str, int]:
+    """PEM private key blocks, each from a BEGIN line to the first END line after it."""
+    pieces, count, position = [], 0, 0
+    while (begin := _PEM_BEGIN.search(text, position)) is not None:
+        end = _PEM_END.search(text, begin.end())
+        if end is None:  # no END after this BEGIN, so none after any later one either
+            break
+        pieces += [text[position : begin.start()], PLACEHOLDERS["secret"]]
+        count, position = count + 1, end.end()
+    return "".join(pieces) + text[position:], count
+
+
 def redact(text: str) -> tuple[str, Counter]:
     """Return the text with PII replaced by typed placeholders, and the count per type."""
     counts: Counter[str] = Counter()
+    text, private_keys = _redact_private_keys(text)
+    if private_keys:
+        counts["secret"] = private_keys
     for kind, pattern, is_valid in _DETECTORS:
 
         def replace(match: re.Match, kind=kind, is_valid=is_valid) -> str:

@@ -1,5 +1,7 @@
 """Table-driven: every positive must be redacted as its type (recall), every negative must
-survive untouched (precision)."""
+survive untouched (precision); redaction stays linear-time on adversarial text."""
+
+import time
 
 import pytest
 
@@ -101,3 +103,31 @@ def test_secret_assignment_keeps_the_name():
 
 def test_luhn():
     assert luhn_valid("4539148803436467") and not luhn_valid("4539148803436468")
+
+
+ADVERSARIAL = {
+    "e-mail local part without an @": lambda n: "a." * n,
+    "digit runs with dashes": lambda n: "1-" * n,
+    "dotted digits": lambda n: "1." * n,
+    "private key BEGIN lines without an END": lambda n: "-----BEGIN RSA PRIVATE KEY-----" * (n // 16),
+    "a long domain": lambda n: "x@" + "a-" * n,
+}
+
+
+def _seconds(text: str) -> float:
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        redact(text)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+@pytest.mark.parametrize("kind", ADVERSARIAL)
+def test_redaction_time_grows_linearly_on_adversarial_text(kind):
+    # Serving redacts what clients send: "a." * 100_000 in one feedback request used to hold the
+    # server 19 s (quadratic backtracking). Four times the text may take four times as long, not 16.
+    make = ADVERSARIAL[kind]
+    small, large = _seconds(make(10_000)), _seconds(make(40_000))
+    assert large < 8 * small + 0.01, f"{kind}: {small * 1000:.1f} ms -> {large * 1000:.1f} ms for 4x the text"
+    assert large < 1.0
