@@ -6,8 +6,15 @@ postgresql+psycopg://postgres@127.0.0.1:5432/flywheel.
 Messages and responses are PII-redacted before they are stored (the clean stage's redaction), so
 the log never holds what training data may not. Requests are written by one background thread
 from a queue, so logging never blocks generation; `close()` (the server calls it on SIGTERM)
-drains the queue first. A write that keeps failing is retried, and what is still unwritten when
-the log closes goes to a JSON-lines file beside it with the error: nothing is dropped silently.
+drains the queue first.
+
+When the database fails, a write is retried; once it has failed for `spill_after_seconds`, each
+batch goes to a JSON-lines file in `spill_dir` with the error instead (and so does everything
+still unwritten when the log closes), so a crash during an outage loses only what arrived since
+the last batch. Tables are re-created when a write fails (the database may come back empty), and
+spilled rows are written back when it is reachable again: by the server itself, or by
+`flywheel request-log replay`. Statement and lock timeouts keep a hung database from holding a
+write, or a SIGTERM drain, for long. Nothing is dropped silently.
 
 `export_feedback` writes feedback joined with its request in the format the preferences stage
 reads from data/raw/feedback/*.jsonl: messages + response + rating | preferred_response |
@@ -49,6 +56,11 @@ from flywheel.io import atomic_path
 
 URL_VARIABLE = "FLYWHEEL_REQUEST_LOG_URL"
 DEFAULT_URL = "sqlite:///data/serving/requests.sqlite"
+DEFAULT_SPILL_DIR = Path("data/serving")
+SPILL_FILES = "unwritten-requests-*.jsonl"
+# Seconds a database may take to connect, run a statement or wait for a lock before the write
+# counts as failed (PostgreSQL; SQLite waits this long for a lock).
+TIMEOUT_SECONDS = 5
 RATINGS = ("up", "down")
 PREFERRED = ("response", "alternative")
 
@@ -94,6 +106,24 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _create_engine(url: str):
+    if url.startswith("postgresql"):
+        milliseconds = TIMEOUT_SECONDS * 1000
+        options = f"-c statement_timeout={milliseconds} -c lock_timeout={milliseconds}"
+        connect_args = {"connect_timeout": TIMEOUT_SECONDS, "options": options}
+    elif url.startswith("sqlite"):
+        connect_args = {"timeout": TIMEOUT_SECONDS}
+    else:
+        connect_args = {}
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+
+
+def _spilled_row(line: dict) -> dict:
+    row = {key: value for key, value in line.items() if key != "unwritten_because"}
+    row["created_at"] = datetime.fromisoformat(row["created_at"])
+    return row
+
+
 class FeedbackError(ValueError):
     """Feedback the log cannot take: unknown request, or no rating / rewrite / choice."""
 
@@ -104,15 +134,16 @@ class RequestLog:
         url: str | None = None,
         *,
         retry_seconds: float = 0.5,
+        spill_after_seconds: float = 1.0,
         batch_size: int = 256,
-        spill_dir: Path = Path("data/serving"),
+        spill_dir: Path = DEFAULT_SPILL_DIR,
     ):
         self.url = database_url(url)
         self.spill_dir = spill_dir
         if self.url.startswith("sqlite:///"):
             Path(self.url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._engine = create_engine(self.url, pool_pre_ping=True)
+            self._engine = _create_engine(self.url)
             metadata.create_all(self._engine)
         except (SQLAlchemyError, ImportError) as error:
             raise FlywheelError(
@@ -121,10 +152,17 @@ class RequestLog:
             ) from None
         self._queue: queue.Queue = queue.Queue()
         self._retry_seconds = retry_seconds
+        self._spill_after = spill_after_seconds
         self._batch_size = batch_size
         self._closing = threading.Event()
+        self._failing_since: float | None = None  # when the current outage began
+        self._last_attempt = 0.0
+        self._last_error: Exception | None = None
+        self._spilled: list[Path] = []  # this log's spill files not yet written back
         self.written = 0
         self.failed_writes = 0
+        self.spilled_rows = 0
+        self.replayed_rows = 0
         self._writer = threading.Thread(target=self._write_loop, name="request-log", daemon=True)
         self._writer.start()
 
@@ -195,19 +233,43 @@ class RequestLog:
                 marker.set()
 
     def _write(self, rows: list[dict]) -> None:
-        """Insert a batch; retry while the log is open; spill to a file if it closes failing."""
+        """Insert a batch; while the database fails, retry, and once it has failed longer than
+        spill_after_seconds (or the log is closing), spill the batch to a file instead."""
         while True:
-            try:
-                with self._engine.begin() as connection:
-                    connection.execute(insert(requests_table), rows)
-                self.written += len(rows)
+            if self._in_long_outage() and time.monotonic() - self._last_attempt < self._retry_seconds:
+                self._spill(rows, self._last_error)  # tried moments ago: do not wait on it again
                 return
-            except SQLAlchemyError as error:
-                self.failed_writes += 1
-                if self._closing.is_set():
-                    self._spill(rows, error)
-                    return
-                time.sleep(self._retry_seconds)
+            first_failure = self._failing_since is None
+            error = self._try_insert(rows)
+            if error is not None and first_failure:
+                error = self._try_insert(rows)  # at once, with the tables re-created
+            if error is None:
+                return
+            if self._closing.is_set() or self._in_long_outage():
+                self._spill(rows, error)
+                return
+            time.sleep(self._retry_seconds)
+
+    def _in_long_outage(self) -> bool:
+        return self._failing_since is not None and time.monotonic() - self._failing_since >= self._spill_after
+
+    def _try_insert(self, rows: list[dict]) -> SQLAlchemyError | None:
+        self._last_attempt = time.monotonic()
+        try:
+            with self._engine.begin() as connection:
+                if self._failing_since is not None:  # the database may have come back empty
+                    metadata.create_all(connection)
+                connection.execute(insert(requests_table), rows)
+        except SQLAlchemyError as error:
+            self.failed_writes += 1
+            self._failing_since = self._failing_since or time.monotonic()
+            self._last_error = error
+            return error
+        self.written += len(rows)
+        if self._failing_since is not None:
+            self._failing_since = None
+            self._replay_own_spills()
+        return None
 
     def _spill(self, rows: list[dict], error: Exception) -> None:
         target = self.spill_dir / f"unwritten-requests-{time.time_ns()}.jsonl"
@@ -215,10 +277,44 @@ class RequestLog:
             with open(tmp, "w") as handle:
                 for row in rows:
                     handle.write(json.dumps({**row, "unwritten_because": str(error)}, default=str) + "\n")
+        self._spilled.append(target)
+        self.spilled_rows += len(rows)
         print(
             f"request log: {len(rows)} requests could not be written to {self._safe_url()} ({error}); kept in {target}",
             flush=True,
         )
+
+    def _replay_own_spills(self) -> None:
+        """The database is back: write back what this log spilled during the outage."""
+        try:
+            counts = self.replay(self._spilled)
+        except (SQLAlchemyError, OSError, ValueError) as error:  # kept for `flywheel request-log replay`
+            print(f"request log: spilled requests stay in {self.spill_dir} ({error})", flush=True)
+            return
+        self._spilled = []
+        if counts["rows"]:
+            print(f"request log: the database is back; wrote {counts['rows']} spilled requests", flush=True)
+
+    def replay(self, files: list[Path] | None = None) -> dict:
+        """Write spilled requests into the database (by default every spill file in spill_dir),
+        skipping those already there; each file is removed once its rows are in.
+        Returns {files, rows (written), already_there}."""
+        counts = {"files": 0, "rows": 0, "already_there": 0}
+        for path in sorted(self.spill_dir.glob(SPILL_FILES)) if files is None else files:
+            rows = [_spilled_row(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+            with self._engine.begin() as connection:
+                metadata.create_all(connection)
+                ids = requests_table.c.id.in_([row["id"] for row in rows])
+                present = set(connection.execute(select(requests_table.c.id).where(ids)).scalars())
+                missing = [row for row in rows if row["id"] not in present]
+                if missing:
+                    connection.execute(insert(requests_table), missing)
+            path.unlink()
+            counts["files"] += 1
+            counts["rows"] += len(missing)
+            counts["already_there"] += len(present)
+        self.replayed_rows += counts["rows"]
+        return counts
 
     def flush(self, timeout: float = 60.0) -> bool:
         """Wait until every request logged so far is written (or spilled); False on timeout."""
