@@ -6,6 +6,7 @@ on a real Docker engine, and Kubernetes manifests rendered."""
 import json
 import os
 import shutil
+import subprocess
 import threading
 import time
 
@@ -250,3 +251,33 @@ def test_the_image_is_built_hermetically_runs_as_non_root_and_answers(release_re
     with pytest.raises(docker.errors.NotFound):
         engine.containers.get(state["backend"]["ref"])
     engine.images.remove(record["tag"])
+
+
+def test_pids_that_now_belong_to_other_processes_are_never_signalled(tmp_path):
+    # After a reboot or pid reuse, deployment.json names processes deploy never started.
+    import psutil
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    strangers = [subprocess.Popen(["sleep", "120"]) for _ in range(2)]
+    try:
+        router, backend = (process.pid for process in strangers)
+        state = {
+            "version": "v0.0.9",
+            "target": "local",
+            "url": f"http://127.0.0.1:{free_port()}",
+            "router_pid": router,
+            "router_started": psutil.Process(router).create_time() - 3600,  # the router deploy started, an hour earlier
+            "model_dir": "models/releases/v0.0.9",
+            "registered": True,
+            "backend": {"kind": "process", "port": free_port(), "ref": str(backend), "log": "x.log"},
+        }
+        (tmp_path / "data/serving").mkdir(parents=True)
+        (tmp_path / "data/serving/deployment.json").write_text(json.dumps(state))
+        status = json.loads(run([FLYWHEEL, "status", "--json"], tmp_path, check=False).stdout)
+        assert status["router_alive"] is False and status["backend_alive"] is False
+        assert "stopped v0.0.9" in run([FLYWHEEL, "undeploy"], tmp_path).stdout
+        assert [process.poll() for process in strangers] == [None, None]  # both still running
+    finally:
+        for process in strangers:
+            process.kill()
+            process.wait()

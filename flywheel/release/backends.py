@@ -39,28 +39,41 @@ class Release:
 # Processes
 
 
-def alive(pid: int | None) -> bool:
-    if not pid:
+def started_at(pid: int | None) -> float | None:
+    """When the process with this pid started (seconds since the epoch), or None if there is
+    none. With the pid it names one process: one that later gets the same pid (after a reboot,
+    or pid reuse) started at another time."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time() if pid else None
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return None
+
+
+def alive(pid: int | None, started: float | None) -> bool:
+    """Whether the process deploy started, `pid` started at `started`, still runs. A pid now
+    held by another process is not alive; neither is one recorded without its start time
+    (nothing proves it is still the process deploy started)."""
+    if not pid or started is None:
         return False
     try:
         if os.waitpid(pid, os.WNOHANG)[0]:
             return False  # our child, exited (and now reaped, not left a zombie)
     except ChildProcessError:
         pass  # started by an earlier deploy command: not ours to reap
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
+    now = started_at(pid)
+    return now is not None and abs(now - started) < 0.01
 
 
-def stop_process(pid: int | None) -> None:
-    """SIGTERM (the server drains and flushes its request log), SIGKILL after the grace period."""
-    if not alive(pid):
+def stop_process(pid: int | None, started: float | None) -> None:
+    """SIGTERM (the server drains and flushes its request log), SIGKILL after the grace period;
+    only ever to the process deploy started, never to one that reused its pid."""
+    if not alive(pid, started):
         return
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_GRACE_S
-    while alive(pid):
+    while alive(pid, started):
         if time.monotonic() > deadline:
             os.kill(pid, signal.SIGKILL)
             return
@@ -77,8 +90,8 @@ def flywheel_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "flywheel", *args]
 
 
-def spawn(command: list[str], log: Path) -> int:
-    """A process that outlives this command (its own session), output to `log`."""
+def spawn(command: list[str], log: Path) -> tuple[int, float]:
+    """A process that outlives this command (its own session), output to `log`: (pid, start time)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         process = subprocess.Popen(
@@ -89,7 +102,7 @@ def spawn(command: list[str], log: Path) -> int:
             start_new_session=True,
             env={**os.environ, "HF_HUB_OFFLINE": "1"},
         )
-    return process.pid
+    return process.pid, started_at(process.pid)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,10 +115,11 @@ class Backend:
     port: int
     ref: str  # pid or container id
     log: str
+    started: float | None = None  # a process's start time: with the pid, its identity
 
     def alive(self) -> bool:
         if self.kind == "process":
-            return alive(int(self.ref))
+            return alive(int(self.ref), self.started)
         from docker.errors import NotFound
 
         try:
@@ -116,7 +130,7 @@ class Backend:
 
     def stop(self) -> None:
         if self.kind == "process":
-            stop_process(int(self.ref))
+            stop_process(int(self.ref), self.started)
             return
         from docker.errors import NotFound
 
@@ -143,7 +157,7 @@ class Backend:
 def start_process(release: Release, params: Params) -> Backend:
     port = free_port()
     log = LOG_DIR / f"{release.version}-{port}.log"
-    pid = spawn(
+    pid, started = spawn(
         flywheel_command(
             "--params",
             str(source_file(params)),
@@ -157,7 +171,7 @@ def start_process(release: Release, params: Params) -> Backend:
         ),
         log,
     )
-    return Backend("process", port, str(pid), str(log))
+    return Backend("process", port, str(pid), str(log), started)
 
 
 def start_container(release: Release, params: Params) -> Backend:

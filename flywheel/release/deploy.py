@@ -119,6 +119,22 @@ def smoke_test(backend: Backend, release: Release, prompt: str) -> str:
         raise RolloutFailed(f"smoke query answer is not a chat completion: {json.dumps(body)[:300]}") from None
 
 
+def verify_endpoint(url: str, release: Release, timeout_s: float = 10.0) -> None:
+    """The stable endpoint itself answers with the new version: a deploy reports success only
+    for what a client can reach."""
+    deadline, seen = time.monotonic() + timeout_s, "no answer"
+    while time.monotonic() < deadline:
+        try:
+            status, body = _http(f"{url}/readyz", timeout=2)
+            seen = f"{status} {body.get('status')} (version {body.get('version')})"
+            if status == 200 and body.get("version") == release.version:
+                return
+        except (OSError, json.JSONDecodeError) as error:
+            seen = str(error)
+        time.sleep(0.2)
+    raise RolloutFailed(f"the endpoint {url} does not serve {release.version}: {seen}")
+
+
 # ---------------------------------------------------------------------------------------------
 # The stable endpoint and the switch
 
@@ -127,26 +143,32 @@ def load_state() -> dict | None:
     return json.loads(STATE_FILE.read_text()) if STATE_FILE.is_file() else None
 
 
-def ensure_router(config: DeployParams, state: dict | None) -> int:
-    """The router's pid: the running one, else a new one listening on deploy.host:deploy.port."""
-    if state and alive(state.get("router_pid")):
+def _router_of(state: dict | None) -> tuple[int | None, float | None]:
+    """(pid, start time) of the router a deployment state names."""
+    return (state.get("router_pid"), state.get("router_started")) if state else (None, None)
+
+
+def ensure_router(config: DeployParams, state: dict | None) -> tuple[int, float]:
+    """The router's (pid, start time): the running one, else a new one listening on
+    deploy.host:deploy.port. A recorded pid now held by another process is not the router."""
+    if alive(*_router_of(state)):
         if state.get("url") == _url(config):
-            return state["router_pid"]
-        stop_process(state["router_pid"])  # deploy.host/port changed: move the endpoint
+            return _router_of(state)
+        stop_process(*_router_of(state))  # deploy.host/port changed: move the endpoint
     if listening(config.host, config.port):
         raise FlywheelError(
             f"{config.host}:{config.port} is taken by another program; stop it or set deploy.port in params.yaml"
         )
     log = LOG_DIR / "router.log"
-    pid = spawn(
+    router = spawn(
         flywheel_command("router", "--host", config.host, "--port", str(config.port), "--route", str(ROUTE_FILE)), log
     )
     deadline = time.monotonic() + 15
     while not listening(config.host, config.port):
-        if not alive(pid) or time.monotonic() > deadline:
+        if not alive(*router) or time.monotonic() > deadline:
             raise FlywheelError(f"the router did not start on {config.host}:{config.port}:\n{tail(log)}")
         time.sleep(0.1)
-    return pid
+    return router
 
 
 def switch_route(backend: Backend) -> None:
@@ -176,7 +198,7 @@ def _backend_of(state: dict | None) -> Backend | None:
 def rollout(release: Release, params: Params, target: str) -> dict:
     config = params.deploy
     previous = load_state()
-    router_pid = ensure_router(config, previous)
+    router_pid, router_started = ensure_router(config, previous)
     candidate = (start_container if target == "docker" else start_process)(release, params)
     try:
         wait_ready(candidate, config.health_timeout_s)
@@ -192,11 +214,20 @@ def rollout(release: Release, params: Params, target: str) -> dict:
             raise RolloutFailed(f"rollout of {release.version} stopped: {failure}\n{kept}") from None
         raise
     switch_route(candidate)
+    old = _backend_of(previous)
+    try:
+        verify_endpoint(_url(config), release)
+    except RolloutFailed as failure:
+        if old:
+            switch_route(old)
+        candidate.stop()
+        raise RolloutFailed(f"rollout of {release.version} stopped: {failure}") from None
     state = {
         "version": release.version,
         "target": target,
         "url": _url(config),
         "router_pid": router_pid,
+        "router_started": router_started,
         "model_dir": str(release.model_dir),
         "registered": release.registered,
         "backend": candidate.__dict__,
@@ -205,7 +236,6 @@ def rollout(release: Release, params: Params, target: str) -> dict:
         "smoke_answer": answer,
     }
     write_json(STATE_FILE, state)  # recorded as soon as it serves, so nothing is left untracked
-    old = _backend_of(previous)
     if old and old.ref != candidate.ref:
         # Connections the router handed to the old version just before the switch may not have
         # sent their request yet; give them a moment before it stops accepting.
@@ -256,7 +286,7 @@ def status() -> dict:
         **state,
         "health": health,
         "serving_version": serving,
-        "router_alive": alive(state.get("router_pid")),
+        "router_alive": alive(*_router_of(state)),
         "backend_alive": Backend(**state["backend"]).alive(),
     }
 
@@ -270,7 +300,7 @@ def undeploy() -> dict:
             kubernetes.delete(Path(state["manifests"]))
     else:
         Backend(**state["backend"]).stop()
-        stop_process(state.get("router_pid"))
+        stop_process(*_router_of(state))
         ROUTE_FILE.unlink(missing_ok=True)
         if PRODUCTION_LINK.is_symlink():
             PRODUCTION_LINK.unlink()  # nothing serves: evaluate has no production model to compare
