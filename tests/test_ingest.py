@@ -269,6 +269,37 @@ def test_missing_source_is_a_clear_error(tmp_path):
         ingest.run(make_params(QA), root=tmp_path)
 
 
+def test_a_symlink_out_of_the_raw_dir_is_refused(tmp_path):
+    secret = tmp_path / "outside" / "environ"
+    write(tmp_path, "outside/environ", "TOKEN=s3cr3t-value\n")
+    (tmp_path / "data/raw").mkdir(parents=True)
+    (tmp_path / "data/raw/qa.jsonl").symlink_to(secret)
+    with pytest.raises(FlywheelError, match=r"data/raw/qa.jsonl resolves to .*outside data/raw/"):
+        ingest.run(make_params(QA), root=tmp_path)
+    assert not (tmp_path / paths.QUARANTINE).exists()
+
+
+def test_quarantined_snippets_are_redacted(tmp_path):
+    good = [{"q": "2+2?", "a": "4"}, {"q": "3+3?", "a": "6"}]
+    write(tmp_path, "data/raw/qa.jsonl", jsonl(*good, "mail jane.roe@example.org, api_key=abcd1234efgh5678 {"))
+    ingest.run(make_params(QA), root=tmp_path)
+    [quarantined] = outputs(tmp_path)[2]
+    assert "jane.roe" not in quarantined["snippet"] and "abcd1234efgh5678" not in quarantined["snippet"]
+    assert "[EMAIL]" in quarantined["snippet"] and "[SECRET]" in quarantined["snippet"]
+
+
+def test_json_nested_too_deep_is_quarantined_not_a_traceback(tmp_path):
+    good = [{"q": "2+2?", "a": "4"}, {"q": "3+3?", "a": "6"}]
+    write(tmp_path, "data/raw/qa.json", json.dumps(good)[:-1] + ", " + "[" * 100_000 + "]" * 100_000 + "]")
+    write(tmp_path, "data/raw/deep.json", '{"q": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    metrics = ingest.run(make_params({**QA, "path": "data/raw/qa.json"}), root=tmp_path)
+    assert metrics["records"] == 2 and metrics["quarantine_reasons"] == {"malformed_json": 1}
+    assert "nested deeper" in outputs(tmp_path)[2][0]["detail"]
+    deep = {**QA, "name": "deep", "path": "data/raw/deep.json"}
+    with pytest.raises(FlywheelError, match="nested deeper"):  # all of it quarantined: the source stops
+        ingest.run(make_params(deep), root=tmp_path)
+
+
 def test_unknown_extension_asks_for_format(tmp_path):
     write(tmp_path, "data/raw/qa.txt", "hello\n")
     with pytest.raises(FlywheelError, match="set `format`"):

@@ -112,6 +112,9 @@ def _read_jsonl(stream: BinaryIO) -> Iterator[RawRow]:
         yield RawRow(line_no, value)
 
 
+TOO_DEEP = "nested deeper than the JSON parser allows"
+
+
 class _TextBuffer:
     """A sliding window over a decoded text stream, for incremental JSON decoding."""
 
@@ -131,6 +134,15 @@ class _TextBuffer:
         self.pos = 0
         self.eof = not chunk
         return bool(chunk)
+
+    def read_rest(self) -> str:
+        """Everything not yet consumed, to the end of the file (read once, joined once: growing
+        one string chunk by chunk copies it again for every chunk)."""
+        pieces = [self.buffer[self.pos :]]
+        while chunk := self._text.read(JSON_ARRAY_READ_CHARS):
+            pieces.append(chunk)
+        self.eof = True
+        return "".join(pieces)
 
     def skip_space(self) -> str:
         """Skip white space; return the next character ('' at end of file)."""
@@ -157,13 +169,14 @@ def _read_json_array(stream: BinaryIO) -> Iterator[RawRow]:
     first = text.skip_space()
     if first != "[":
         # A single object is a one-record file; anything else is not a dataset.
-        rest = text.buffer[text.pos :]
-        while text.more():
-            rest = text.buffer
+        rest = text.read_rest()
         try:
             value = json.loads(rest)
         except json.JSONDecodeError as error:
             yield RawRow(1, problem="malformed_json", detail=error.msg, snippet=_snippet(rest))
+            return
+        except RecursionError:
+            yield RawRow(1, problem="malformed_json", detail=TOO_DEEP, snippet=_snippet(rest))
             return
         yield (
             RawRow(1, value)
@@ -194,6 +207,9 @@ def _read_json_array(stream: BinaryIO) -> Iterator[RawRow]:
             try:
                 value, end = decoder.raw_decode(text.buffer, text.pos)
                 break
+            except RecursionError:
+                yield _unreadable_tail(text, TOO_DEEP)
+                return
             except json.JSONDecodeError as error:
                 too_big = len(text.buffer) - text.pos > JSON_ARRAY_MAX_ELEMENT_CHARS
                 if too_big or not text.more():

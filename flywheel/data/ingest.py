@@ -18,8 +18,8 @@ from pathlib import Path
 import orjson
 from tqdm import tqdm
 
-from flywheel import paths
-from flywheel.config import IngestParams, Params, SourceParams
+from flywheel import paths, pii
+from flywheel.config import RAW_DIR, IngestParams, Params, SourceParams
 from flywheel.data.formats import RawRow, detect_format, read_rows
 from flywheel.data.records import PREFERENCE_SCHEMA, RECORD_SCHEMA, Rejected, map_item
 from flywheel.errors import FlywheelError
@@ -28,10 +28,23 @@ from flywheel.io import ParquetChunkWriter, atomic_path
 OUTPUTS = (paths.INGESTED_RECORDS, paths.INGESTED_PREFERENCES, paths.QUARANTINE)
 
 
+def _require_inside_raw_dir(path: Path, root: Path, source: str) -> None:
+    # A symlink under data/raw could point at /etc/passwd or /proc/self/environ: its lines would
+    # land in the quarantine, a DVC output that runs push.
+    raw_dir = (root / RAW_DIR).resolve()
+    if not path.resolve().is_relative_to(raw_dir):
+        raise FlywheelError(
+            f"ingest source {source!r}: {path.relative_to(root)} resolves to {path.resolve()}, outside "
+            f"{RAW_DIR}/; copy the data into {RAW_DIR}/ instead of linking to it"
+        )
+
+
 def resolve_sources(sources: list[SourceParams], root: Path) -> list[tuple[SourceParams, list[Path]]]:
     resolved = []
     for source in sources:
         files = sorted(path for path in root.glob(source.path) if path.is_file())
+        for path in files:
+            _require_inside_raw_dir(path, root, source.name)
         if not files:
             raise FlywheelError(
                 f"ingest source {source.name!r}: no files match {source.path!r} under {root.resolve()}; "
@@ -155,6 +168,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
                         tally.reasons[problem] += 1
                         tally.first_detail.setdefault(problem, f"{relative}:{row.line}: {detail}")
                         snippet = row.snippet or json.dumps(row.value, ensure_ascii=False, default=str)[:300]
+                        snippet = pii.redact(snippet)[0]  # the quarantine is pushed with the run
                         quarantine.write(
                             json.dumps(
                                 {
