@@ -122,3 +122,29 @@ def read_batches(path: str | os.PathLike, batch_size: int = 10_000) -> Iterator[
 def read_records(path: str | os.PathLike) -> list[dict]:
     """Every row of a Parquet file, as dicts (for the splits and pairs a stage holds in memory)."""
     return [row for batch in read_batches(path) for row in batch]
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, holder: str) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if missing) while the block runs, or fail at
+    once if another process holds it. The kernel releases it when the holder dies, however it
+    dies, so a killed run never leaves a stale lock."""
+    import fcntl
+
+    from flywheel.errors import FlywheelError
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise FlywheelError(
+                f"{holder} is already running here ({handle.read().strip() or 'pid unknown'}; lock {path}): "
+                "wait for it to finish, or stop it first"
+            ) from None
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        yield
