@@ -206,15 +206,15 @@ def stream(
     async def events():
         text, error = "", None
         try:
-            while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
-                piece = piece if text else piece.lstrip()  # the answer starts after a space
-                if piece:
-                    text += piece
-                    yield f"data: {json.dumps(chunk(request_id, engine, piece, None))}\n\n"
-            error = generation.error
-        except queue.Empty:
-            error = TimeoutError(f"no text for {STREAM_STALL_S} s")
-        try:
+            try:
+                while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
+                    piece = piece if text else piece.lstrip()  # the answer starts after a space
+                    if piece:
+                        text += piece
+                        yield f"data: {json.dumps(chunk(request_id, engine, piece, None))}\n\n"
+                error = generation.error
+            except queue.Empty:
+                error = TimeoutError(f"no text for {STREAM_STALL_S} s")
             if error is not None:
                 print(f"flywheel serve: stream {request_id} failed: {error!r}", flush=True)
                 failure = {"message": "generation failed; see the server log", "type": "server_error", "code": 500}
