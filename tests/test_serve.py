@@ -183,6 +183,10 @@ def test_a_request_the_model_cannot_take_fails_alone_and_never_with_a_5xx(server
     assert unkeyed.status_code == 401 and "API key" in unkeyed.json()["error"]["message"]
     oversized = httpx.post(chat, content=b"{" + b" " * 200_000 + b"}", headers=headers)
     assert oversized.status_code == 413 and "76,000 bytes" in oversized.json()["error"]["message"]
+    # Unknown paths and methods answer in OpenAI's error shape too, not FastAPI's {"detail": ...}.
+    for method, url, status in (("GET", f"{base}/v1/nope", 404), ("GET", chat, 405)):
+        answer = httpx.request(method, url, headers=headers)
+        assert answer.status_code == status and answer.json()["error"]["code"] == status, answer.text
 
 
 def test_a_key_over_its_rate_limit_gets_429_and_other_keys_do_not(server):

@@ -23,6 +23,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flywheel import modeling
 from flywheel.config import ServeParams
@@ -61,6 +62,7 @@ def create_app(config: ServeParams, model_dir: Path, request_log, api_keys: list
     app.state.server = server
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(StarletteHTTPException, http_error)
     app.middleware("http")(guard_with(server))
     app.middleware("http")(observe_with(server.registry))
     app.include_router(routes.router)
@@ -75,6 +77,12 @@ def error_response(status: int, message: str, kind: str) -> JSONResponse:
 
 async def api_error(request: Request, error: ApiError) -> JSONResponse:
     return error_response(error.status, error.message, error.kind)
+
+
+async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    """404, 405 and the like in OpenAI's error shape, not FastAPI's {"detail": ...}."""
+    kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+    return error_response(error.status_code, f"{request.method} {request.url.path}: {error.detail}", kind)
 
 
 async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:

@@ -152,6 +152,7 @@ async def complete(
     try:
         answer = await asyncio.wrap_future(engine.batcher.submit(job))
     except Exception as error:
+        print(f"flywheel serve: generation failed ({endpoint}): {error!r}", flush=True)  # what the 500 points to
         server.request_log.log_request(
             endpoint=logged_endpoint,
             messages=messages,
