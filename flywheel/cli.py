@@ -505,7 +505,7 @@ def deploy_command(args: argparse.Namespace) -> None:
 @command(
     "status",
     "release",
-    "what is deployed: version, target, URL, health",
+    "what is deployed: version, target, URL, health (exit 0 serving, 3 deployed but down, 1 nothing)",
     lambda parser: parser.add_argument("--json", action="store_true"),
 )
 def status_command(args: argparse.Namespace) -> int:
@@ -513,7 +513,9 @@ def status_command(args: argparse.Namespace) -> int:
 
     state = deploy.status()
     print(json.dumps(state, indent=2) if args.json else deploy.describe_status(state))
-    return 0 if state["deployed"] else 1
+    if not state["deployed"]:
+        return 1
+    return 0 if deploy.serving(state) else 3  # deployed, but not answering: a probe must see it
 
 
 @command("undeploy", "release", "stop the deployed version and its endpoint")

@@ -268,6 +268,7 @@ def test_pids_that_now_belong_to_other_processes_are_never_signalled(tmp_path):
             "router_pid": router,
             "router_started": psutil.Process(router).create_time() - 3600,  # the router deploy started, an hour earlier
             "model_dir": "models/releases/v0.0.9",
+            "deployed_at": "2026-11-29T08:00:00+00:00",
             "registered": True,
             "backend": {"kind": "process", "port": free_port(), "ref": str(backend), "log": "x.log"},
         }
@@ -275,6 +276,9 @@ def test_pids_that_now_belong_to_other_processes_are_never_signalled(tmp_path):
         (tmp_path / "data/serving/deployment.json").write_text(json.dumps(state))
         status = json.loads(run([FLYWHEEL, "status", "--json"], tmp_path, check=False).stdout)
         assert status["router_alive"] is False and status["backend_alive"] is False
+        # Deployed but not serving: said so, and a non-zero exit a probe can act on (it used to exit 0).
+        described = run([FLYWHEEL, "status"], tmp_path, check=False)
+        assert described.returncode == 3 and "backend:  NOT RUNNING" in described.stdout
         assert "stopped v0.0.9" in run([FLYWHEEL, "undeploy"], tmp_path).stdout
         assert [process.poll() for process in strangers] == [None, None]  # both still running
     finally:

@@ -308,6 +308,18 @@ def undeploy() -> dict:
     return {"stopped": state["version"], "target": state["target"]}
 
 
+def _running(alive: bool) -> str:
+    return "running" if alive else "NOT RUNNING (redeploy: flywheel deploy)"
+
+
+def serving(state: dict) -> bool:
+    """Whether a deployment answers: ready, with its router and backend processes alive (a
+    Kubernetes deployment is the cluster's to watch)."""
+    if state["target"] == "kubernetes":
+        return True
+    return state["health"] == "ready" and state["router_alive"] and state["backend_alive"]
+
+
 def describe_status(state: dict) -> str:
     if not state["deployed"]:
         return "nothing is deployed (flywheel deploy)"
@@ -320,6 +332,8 @@ def describe_status(state: dict) -> str:
             f"url:      {state['url']}/v1",
             f"health:   {state['health']}"
             + (f" (serving {state['serving_version']})" if state["serving_version"] else ""),
+            f"router:   {_running(state['router_alive'])} (pid {state['router_pid']})",
+            f"backend:  {_running(state['backend_alive'])} ({state['backend']['kind']} {state['backend']['ref']})",
             f"since:    {state['deployed_at']}",
             f"model:    {state['model_dir']}",
         ]
