@@ -189,6 +189,15 @@ def test_a_request_the_model_cannot_take_fails_alone_and_never_with_a_5xx(server
         assert answer.status_code == status and answer.json()["error"]["code"] == status, answer.text
 
 
+def test_guessing_keys_is_rate_limited_and_valid_keys_are_not(server):
+    base, _, _ = server
+    guesses = [
+        httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer guess-{n}"}).status_code for n in range(40)
+    ]
+    assert 401 in guesses and guesses[-1] == 429, guesses  # unlimited before
+    assert httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {THIRD_KEY}"}).status_code == 200
+
+
 def test_a_key_over_its_rate_limit_gets_429_and_other_keys_do_not(server):
     base, _, _ = server
     limited = "Bearer " + OTHER_KEY

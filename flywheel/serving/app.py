@@ -28,11 +28,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from flywheel import modeling
 from flywheel.config import ServeParams
 from flywheel.serving import routes
-from flywheel.serving.auth import KEYS_FILE_VARIABLE, KEYS_VARIABLE, load_api_keys
+from flywheel.serving.auth import KEYS_FILE_VARIABLE, KEYS_VARIABLE, RateLimiter, load_api_keys
 from flywheel.serving.engine import Engine
 from flywheel.serving.schemas import ApiError
 
 DRAIN_SECONDS = 20
+FAILED_KEYS_PER_MINUTE = 30
 
 
 def create_app(config: ServeParams, model_dir: Path, request_log, api_keys: list[str]) -> FastAPI:
@@ -97,10 +98,14 @@ def guard_with(server: routes.Server):
     used to be parsed and validated first)."""
     body_limit = 6 * server.config.max_prompt_chars + 64_000  # a JSON escape (\\u00e9): 6 bytes a character
     too_large = f"the request body is over this server's limit of {body_limit:,} bytes"
+    # Guessing keys costs: an address gets FAILED_KEYS_PER_MINUTE 401s, then 429s.
+    failed_keys = RateLimiter(FAILED_KEYS_PER_MINUTE)
 
     async def guard(request: Request, call_next):
         if request.url.path.startswith("/v1/"):
             if server.api_keys and routes.matching_key(server, request) is None:
+                if not failed_keys.allow(request.client.host if request.client else "unknown"):
+                    return error_response(429, "too many requests without a valid API key", "rate_limit_error")
                 return error_response(401, routes.MISSING_KEY, "authentication_error")
             declared = request.headers.get("content-length", "0")
             if not declared.isdigit() or int(declared) > body_limit:
