@@ -599,7 +599,7 @@ class ConsistencyParams(_Section):
 
 class SafetyParams(_Section):
     on_task_threshold: float = Field(
-        default=0.3, ge=0, le=1, description="a benign answer without a reference must be this relevant to its prompt"
+        default=0.25, ge=0, le=1, description="a benign answer without a reference must be this relevant to its prompt"
     )
     refusal: str = Field(
         default="I'm sorry, but I can't help with that.",

@@ -235,10 +235,9 @@ def scorers_for(records: list[dict], judging) -> dict[str, str]:
     return {source: choice.scorer for source, choice in choices.items()}
 
 
-def task_score(answers: list[str], records: list[dict], judging) -> float | None:
+def task_score(answers: list[str], records: list[dict], scorers: dict[str, str]) -> float | None:
     """A training stage's held-out probe, judged as evaluate judges: the mean score of the answers,
-    each by its source's scorer (judging: the evaluate.scoring params)."""
-    scorers = scorers_for(records, judging)
+    each by its source's scorer (`scorers_for` the records)."""
     return mean(
         score(scorers[record.get("source") or "unknown"], answer, record["response"])
         for answer, record in zip(answers, records)

@@ -162,7 +162,6 @@ class RequestLog:
         self.written = 0
         self.failed_writes = 0
         self.spilled_rows = 0
-        self.replayed_rows = 0
         self._writer = threading.Thread(target=self._write_loop, name="request-log", daemon=True)
         self._writer.start()
 
@@ -313,7 +312,6 @@ class RequestLog:
             counts["files"] += 1
             counts["rows"] += len(missing)
             counts["already_there"] += len(present)
-        self.replayed_rows += counts["rows"]
         return counts
 
     def flush(self, timeout: float = 60.0) -> bool:

@@ -108,11 +108,11 @@ def _peft_config(config: FinetuneParams):
     )
 
 
-def _task_score(model, tokenizer, rows: list[dict], params: Params) -> float | None:
+def _task_score(model, tokenizer, rows: list[dict], scorers: dict[str, str], config: FinetuneParams) -> float | None:
     """The held-out probe's answers judged by each source's task scorer, as evaluate judges."""
     conversations = [modeling.record_messages(row, with_response=False) for row in rows]
-    answers = modeling.generate(model, tokenizer, conversations, max_new_tokens=params.finetune.training.max_new_tokens)
-    return scoring.task_score(answers, rows, params.evaluate.scoring)
+    answers = modeling.generate(model, tokenizer, conversations, max_new_tokens=config.training.max_new_tokens)
+    return scoring.task_score(answers, rows, scorers)
 
 
 def _save(trainer, tokenizer, config: FinetuneParams, target: Path) -> None:
@@ -170,11 +170,12 @@ def train(params: Params, root: Path) -> dict | None:
         callbacks=[curves],
     )
     probe = eval_rows[: config.training.eval_examples]
+    scorers = scoring.scorers_for(probe, params.evaluate.scoring)
     # DeepSpeed builds an evaluation-only engine before training for ZeRO-3 alone.
     can_evaluate_first = eval_examples and distributed.zero_stage(config.distributed) in (None, 3)
     before = {
         "eval_loss": trainer.evaluate()["eval_loss"] if can_evaluate_first else None,
-        "task_score": _task_score(trainer.model, tokenizer, probe, params),
+        "task_score": _task_score(trainer.model, tokenizer, probe, scorers, config),
     }
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -184,7 +185,7 @@ def train(params: Params, root: Path) -> dict | None:
     resumed_step = int(resume_from.rsplit("-", 1)[1]) if resume_from else 0
     after = {
         "eval_loss": trainer.evaluate()["eval_loss"] if eval_examples else None,
-        "task_score": _task_score(trainer.model, tokenizer, probe, params),
+        "task_score": _task_score(trainer.model, tokenizer, probe, scorers, config),
     }
     curves.live.log_metric("task_score", after["task_score"], plot=False)
     curves.live.end()
@@ -196,7 +197,7 @@ def train(params: Params, root: Path) -> dict | None:
         "task_score_before": before["task_score"],
         "task_score_after": after["task_score"],
         "task_examples": len(probe),
-        "task_scorers": scoring.scorers_for(probe, params.evaluate.scoring),
+        "task_scorers": scorers,
         "train_examples": len(train_rows),
         "trained_examples": len(train_examples),
         "lengths": lengths.summary(limits, {"train": train_counts, "eval": eval_counts}),

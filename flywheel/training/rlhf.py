@@ -49,12 +49,13 @@ def prefers_chosen(model, tokenizer, pairs: list[dict]) -> list[bool]:
     )
 
 
-def measure(model, tokenizer, pairs: list[dict], probe: list[dict], reward_model, params: Params) -> dict:
+def measure(
+    model, tokenizer, pairs: list[dict], probe: list[dict], scorers: dict[str, str], reward_model, config: RlhfParams
+) -> dict:
     """What metrics/rlhf.json compares between the SFT and the aligned model. Preference accuracy
     is also given on the collected pairs alone (ingest and feedback: people's preferences), without
     the on-policy pairs, whose chosen answers are the SFT model's own likeliest ones. The task
     probe's answers are judged by each source's scorer, as evaluate judges them."""
-    config = params.rlhf
     task_answers = modeling.generate(
         model,
         tokenizer,
@@ -67,7 +68,7 @@ def measure(model, tokenizer, pairs: list[dict], probe: list[dict], reward_model
         "preference_accuracy": alignment.share(preferred),
         "preference_accuracy_collected": alignment.share(collected),
         "preference_accuracy_by_source": alignment.share_by_source(pairs, preferred),
-        "task_score": scoring.task_score(task_answers, probe, params.evaluate.scoring),
+        "task_score": scoring.task_score(task_answers, probe, scorers),
     }
     if reward_model is not None and pairs:
         prompts = [alignment.prompt_messages(pair) for pair in pairs]
@@ -274,7 +275,8 @@ def train(params: Params, root: Path) -> dict | None:
         )
     model, tokenizer = alignment.load_sft(root)
     probe = read_records(paths.EVAL.require(root))[: config.eval_examples]
-    before = measure(model, tokenizer, eval_pairs, probe, reward_model, params)
+    scorers = scoring.scorers_for(probe, params.evaluate.scoring)
+    before = measure(model, tokenizer, eval_pairs, probe, scorers, reward_model, config)
 
     if config.method == "dpo":
         datasets, length_metrics = dpo_datasets(config, tokenizer, train_pairs, eval_pairs)
@@ -294,7 +296,7 @@ def train(params: Params, root: Path) -> dict | None:
     if not trainer.is_world_process_zero():
         return None
     aligned = trainer.model
-    after = measure(aligned, tokenizer, eval_pairs, probe, reward_model, params)
+    after = measure(aligned, tokenizer, eval_pairs, probe, scorers, reward_model, config)
     reference, _ = alignment.load_sft(root)
     kl = kl_from_reference(aligned, reference, tokenizer, eval_pairs, config)
     callback.live.end()
@@ -306,7 +308,7 @@ def train(params: Params, root: Path) -> dict | None:
         "eval_pairs": len(eval_pairs),
         "lengths": length_metrics,
         "task_examples": len(probe),
-        "task_scorers": scoring.scorers_for(probe, params.evaluate.scoring),
+        "task_scorers": scorers,
         "steps": result.global_step,
         "train_seconds": round(seconds, 1),
         "kl_from_sft": kl,
