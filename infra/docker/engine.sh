@@ -91,11 +91,27 @@ apt_mirror() {
         END { if (!found) flush() }' | head -n1 | grep .
 }
 
+# The same from apt's own resolved view ("500 URI suite/main arch Packages" then "release
+# ...,o=Debian,..."), which also covers source formats the parsers above do not read. A host on
+# another Debian release still names a Debian archive, and Debian's archives carry every supported
+# suite: its main archive is the fallback.
+apt_policy_mirror() {
+    command -v apt-cache >/dev/null || return 1
+    apt-cache policy 2>/dev/null | awk -v suite="$SUITE" '
+        $1 ~ /^-?[0-9]+$/ && NF >= 3 { uri = $2; split($3, dist, "/"); next }
+        /^ *release / && /o=Debian,/ && dist[2] == "main" {
+            if (dist[1] == suite) { exact = uri; exit }
+            if (fallback == "" && dist[1] !~ /-(security|updates|backports)$/) fallback = uri
+        }
+        END { if (exact != "") print exact; else if (fallback != "") print fallback }' | grep .
+}
+
 mirror() {
     if [[ -n "${DEBIAN_MIRROR:-}" ]]; then echo "$DEBIAN_MIRROR"; return; fi
-    apt_mirror || {
+    apt_mirror || apt_policy_mirror || {
         echo "engine.sh: no Debian $SUITE archive in this machine's apt sources; set DEBIAN_MIRROR" \
-             "to a Debian mirror URL" >&2
+             "to a Debian mirror URL. What apt knows:" >&2
+        apt-cache policy 2>&1 | grep -E '^ *-?[0-9]+ ' | head -n 10 >&2 || true
         return 1
     }
 }
