@@ -11,7 +11,8 @@
 #                     python3 and venv) with debootstrap and `docker import`, unless it exists.
 #                     For machines that cannot pull python:3.11-slim from a registry. The
 #                     Debian mirror is DEBIAN_MIRROR if set, else the one this machine's apt is
-#                     configured with (so a local mirror or proxy is used as apt uses it).
+#                     configured with (so a local mirror or proxy is used as apt uses it), else
+#                     debootstrap's own default, with a warning.
 #   engine.sh mirror  print that mirror
 #   engine.sh stop    stop the private dockerd
 set -euo pipefail
@@ -109,10 +110,9 @@ apt_policy_mirror() {
 mirror() {
     if [[ -n "${DEBIAN_MIRROR:-}" ]]; then echo "$DEBIAN_MIRROR"; return; fi
     apt_mirror || apt_policy_mirror || {
-        echo "engine.sh: no Debian $SUITE archive in this machine's apt sources; set DEBIAN_MIRROR" \
-             "to a Debian mirror URL. What apt knows:" >&2
+        echo "engine.sh: no Debian archive in this machine's apt sources (set DEBIAN_MIRROR to" \
+             "choose one); debootstrap uses its own default. What apt knows:" >&2
         apt-cache policy 2>&1 | grep -E '^ *-?[0-9]+ ' | head -n 10 >&2 || true
-        return 1
     }
 }
 
@@ -124,7 +124,7 @@ base() {
     fi
     command -v debootstrap >/dev/null || { echo "engine.sh: installing debootstrap"; install_packages debootstrap; }
     local source
-    source="$(mirror)" || exit 1
+    source="$(mirror)"
     # apt's proxy, where apt has one and the environment does not.
     if [[ -z "${http_proxy:-}" ]] && command -v apt-config >/dev/null; then
         local proxy=""
@@ -133,8 +133,9 @@ base() {
     fi
     rootfs="$(mktemp -d "$STATE/rootfs.XXXXXX")"
     trap 'rm -rf "$rootfs"' EXIT
-    echo "engine.sh: debootstrap $SUITE (minbase + python3) from $source"
-    debootstrap --variant=minbase --include=python3,python3-venv "$SUITE" "$rootfs" "$source" \
+    echo "engine.sh: debootstrap $SUITE (minbase + python3) from ${source:-debootstrap's default mirror}"
+    # An empty mirror argument is left out: debootstrap then takes its own.
+    debootstrap --variant=minbase --include=python3,python3-venv "$SUITE" "$rootfs" ${source:+"$source"} \
         >"$STATE/debootstrap.log" 2>&1 \
         || { tail -n 20 "$STATE/debootstrap.log" >&2; exit 1; }
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
