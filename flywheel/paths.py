@@ -69,6 +69,9 @@ TEST = Artifact(Path("data/processed/test.parquet"), "split")
 SPLITS = {"train": TRAIN, "eval": EVAL, "test": TEST}
 DECONTAMINATED = Artifact(Path("data/processed/decontaminated.parquet"), "split")
 
+# base
+BASE_MODEL = Artifact(Path("models/base"), "base", marker="source.json")
+
 # finetune
 SFT_MODEL = Artifact(Path("models/sft"), "finetune", marker="config.json")
 SFT_CURVES = Artifact(Path("dvclive/finetune"), "finetune")

@@ -27,7 +27,7 @@ DAG_TEST_SCRIPT = textwrap.dedent("""
 """)
 
 
-STAGES = ("ingest", "clean", "validate", "split", "finetune", "preferences", "reward", "rlhf", "evaluate")
+STAGES = ("ingest", "clean", "validate", "split", "base", "finetune", "preferences", "reward", "rlhf", "evaluate")
 
 
 def metrics(project, stage: str) -> dict:

@@ -2,6 +2,8 @@
 
 Input:  models/aligned/               the candidate
         models/sft/                   the supervised model it was aligned from (for comparison)
+        models/base/                  a pretrained base model, where one was imported (not tiny):
+                                      measured too, so the report shows what fine-tuning added
         evaluate.production_model     the deployed model (written by the deploy stage); absent
                                       before the first deploy, when the candidate is judged on
                                       the absolute thresholds alone
@@ -418,6 +420,8 @@ def run(params: Params, root: Path = Path(".")) -> dict:
             "redeploy, or remove it to judge on absolute thresholds only",
         )
         subjects.append(production)
+    if (root / paths.BASE_MODEL / "config.json").is_file():  # a pretrained base: what fine-tuning added
+        subjects.append(load_subject("base", root / paths.BASE_MODEL, paths.BASE_MODEL.run_first))
     task = task_for(records, candidate.tokenizer, config)
     for source, choice in task.scorers.items():
         print(f"evaluate: {source}: scored by {choice.scorer} ({choice.reason})", flush=True)

@@ -35,7 +35,7 @@ ROWS = QUALITY + [
     "hallucination_judged",
     "consistency_auroc_vs_wrong_answers",
 ]
-COLOURS = {"candidate": "#2b6cb0", "sft": "#a0aec0", "production": "#dd6b20"}
+COLOURS = {"candidate": "#2b6cb0", "sft": "#a0aec0", "production": "#dd6b20", "base": "#718096"}
 EXAMPLES_SHOWN = 40
 
 STYLE = """

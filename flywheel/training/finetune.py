@@ -119,7 +119,10 @@ def _save(trainer, tokenizer, config: FinetuneParams, target: Path) -> None:
     """Write the final model beside `target`, then swap it in: never a half-written model."""
     with atomic_dir(target) as staging:
         if config.method == "lora" and config.lora.merge:
-            # plain weights: serving needs no PEFT
+            # The adapter itself is kept (adapter/, loadable on models/base as it is), and the
+            # weights with it folded in are the model: serving and the next stages need no PEFT.
+            trainer.save_model(str(staging / "adapter"))
+            tokenizer.save_pretrained(staging / "adapter")
             trainer.model.merge_and_unload().save_pretrained(staging)
         else:
             trainer.save_model(str(staging))  # gathers ZeRO-3 shards; a LoRA adapter when unmerged
@@ -151,7 +154,8 @@ def train(params: Params, root: Path) -> dict | None:
         )
     resume_from = resumable_checkpoint(root / CHECKPOINTS, fingerprint(config, root))
     texts = (turn["content"] for row in train_rows for turn in modeling.record_messages(row))
-    model, tokenizer = modeling.load_base(config, texts)
+    imported = paths.BASE_MODEL.require(root) if config.base_model != "tiny" else None
+    model, tokenizer = modeling.load_base(config, texts, imported)
     if resume_from:
         tokenizer = AutoTokenizer.from_pretrained(resume_from)  # the vocabulary the weights know
 
