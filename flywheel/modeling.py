@@ -129,19 +129,42 @@ def with_generation_markers(tokenizer) -> bool:
     return same
 
 
+def is_adapter(directory: Path) -> bool:
+    return (directory / "adapter_config.json").is_file() and not (directory / "config.json").is_file()
+
+
+def _load_adapter(directory: Path):
+    """A PEFT adapter on the base model it names (finetune writes the path relative to the
+    adapter's own directory, so the project can move)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    named = json.loads((directory / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = directory / named if not Path(named).is_absolute() else Path(named)
+    if not (base / "config.json").is_file():
+        raise FlywheelError(f"{directory}: the adapter's base model {base} is not there; run the base stage")
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), directory)
+
+
 def load_pretrained(name_or_path: str):
-    """(model, tokenizer) from a local directory or, unless HF_HUB_OFFLINE, a hub id."""
+    """(model, tokenizer) from a local directory (a model, or a LoRA adapter with the base model
+    it names) or, unless HF_HUB_OFFLINE, a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
-    if looks_local and not (Path(name_or_path).expanduser() / "config.json").is_file():
+    local = Path(name_or_path).expanduser()
+    looks_local = name_or_path.startswith((".", "/", "~")) or local.exists()
+    if looks_local and not ((local / "config.json").is_file() or is_adapter(local)):
         raise FlywheelError(
             f"base model {name_or_path!r}: no such model directory (expected a "
             "config.json there); set finetune.base_model in params.yaml"
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path)
+        model = (
+            _load_adapter(local)
+            if looks_local and is_adapter(local)
+            else AutoModelForCausalLM.from_pretrained(name_or_path)
+        )
     except (OSError, ValueError) as error:
         raise FlywheelError(f"base model {name_or_path!r} could not be loaded: {error}") from None
     if not tokenizer.chat_template:
@@ -264,8 +287,9 @@ def file_md5(path: Path) -> str:
 
 
 def require_model(model_dir: Path) -> None:
-    """A model directory that can be loaded and served (a config.json there), or a clear error."""
-    if not (model_dir / "config.json").is_file():
+    """A model directory that can be loaded and served (a config.json there, or a LoRA adapter's
+    adapter_config.json), or a clear error."""
+    if not ((model_dir / "config.json").is_file() or is_adapter(model_dir)):
         raise FlywheelError(
             f"{model_dir} is not a model (no config.json there); set serve.model in "
             "params.yaml or run the pipeline first (dvc repro)"

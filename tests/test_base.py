@@ -72,7 +72,7 @@ def test_the_bundled_gguf_becomes_a_versioned_checkpoint_that_knows_paris(smollm
 
 
 @pytest.mark.slow
-def test_lora_sft_on_it_saves_the_adapter_and_the_merged_model(smollm2, sample_splits, tmp_path):
+def test_lora_sft_on_it_learns_the_task_and_saves_the_adapter_and_the_merged_model(smollm2, sample_splits, tmp_path):
     root = project_with(
         tmp_path,
         sample_splits,
@@ -80,12 +80,12 @@ def test_lora_sft_on_it_saves_the_adapter_and_the_merged_model(smollm2, sample_s
             "base_model": "smollm2",
             "method": "lora",
             "lora.target_modules": PROJECTIONS,
-            "training.epochs": 0.01,
+            "training.epochs": 0.1,  # 91 packed rows: a tenth of params.smollm2.yaml's training
             "training.learning_rate": 0.001,
             "training.precision": "bf16",
-            "training.eval_examples": 4,
-            "training.max_new_tokens": 8,
-            "training.logging_steps": 1,
+            "training.eval_examples": 20,
+            "training.max_new_tokens": 16,
+            "training.logging_steps": 10,
         },
     )
     write_records(root / paths.EVAL, read_records(root / paths.EVAL)[:32])  # a short eval loss
@@ -93,8 +93,10 @@ def test_lora_sft_on_it_saves_the_adapter_and_the_merged_model(smollm2, sample_s
     run([str(BIN / "flywheel"), "finetune"], root)
 
     metrics = json.loads((root / "metrics/finetune.json").read_text())
-    assert metrics["method"] == "lora" and metrics["steps"] >= 5
-    assert metrics["eval_loss_after"] < metrics["eval_loss_before"], metrics
+    assert metrics["method"] == "lora" and metrics["steps"] >= 90
+    # SmolLM2 answers the sample's prompts at length: no exact match before, most after.
+    assert metrics["task_score_before"] <= 0.1 and metrics["task_score_after"] >= 0.5, metrics
+    assert metrics["eval_loss_after"] < metrics["eval_loss_before"] / 2, metrics
     sft = root / paths.SFT_MODEL
     adapter = json.loads((sft / "adapter/adapter_config.json").read_text())
     assert set(adapter["target_modules"]) == set(PROJECTIONS)

@@ -158,9 +158,8 @@ def load_gguf(path: Path):
 
 
 def load_named(name: str, kind: str):
-    """(model, tokenizer) from a model directory or a hub id, with a clear error for each way it fails."""
-    if kind == "directory" and not (Path(name).expanduser() / "config.json").is_file():
-        raise FlywheelError(f"finetune.base_model {name!r}: no such model directory (no config.json there)")
+    """(model, tokenizer) from a model directory or a hub id, with a clear error for each way it
+    fails (modeling.load_pretrained names a directory without a model)."""
     if kind == "hub" and os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         raise FlywheelError(
             f"finetune.base_model {name!r} is a hub id and the hub is offline (HF_HUB_OFFLINE): download "
@@ -182,11 +181,11 @@ def _card_licence(directory: Path) -> str | None:
     import yaml
 
     card = directory / "README.md"
-    if not card.is_file() or not card.read_text(errors="replace").startswith("---"):
+    text = card.read_text(errors="replace") if card.is_file() else ""
+    if not text.startswith("---"):
         return None
-    front = card.read_text(errors="replace").split("---", 2)[1]
     try:
-        return (yaml.safe_load(front) or {}).get("license")
+        return (yaml.safe_load(text.split("---", 2)[1]) or {}).get("license")
     except yaml.YAMLError:
         return None
 

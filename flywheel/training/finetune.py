@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -115,17 +116,30 @@ def _task_score(model, tokenizer, rows: list[dict], scorers: dict[str, str], con
     return scoring.task_score(answers, rows, scorers)
 
 
-def _save(trainer, tokenizer, config: FinetuneParams, target: Path) -> None:
-    """Write the final model beside `target`, then swap it in: never a half-written model."""
+def _point_at_base(adapter: Path, final: Path, base: Path) -> None:
+    """The adapter names the base model relative to where it will live (PEFT records the path the
+    base was loaded from, which holds only in the directory the stage ran in)."""
+    config_file = adapter / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = os.path.relpath(base, final)
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _save(trainer, tokenizer, config: FinetuneParams, root: Path) -> None:
+    """Write the final model beside models/sft, then swap it in: never a half-written model."""
+    target = root / paths.SFT_MODEL
     with atomic_dir(target) as staging:
         if config.method == "lora" and config.lora.merge:
             # The adapter itself is kept (adapter/, loadable on models/base as it is), and the
             # weights with it folded in are the model: serving and the next stages need no PEFT.
             trainer.save_model(str(staging / "adapter"))
             tokenizer.save_pretrained(staging / "adapter")
+            _point_at_base(staging / "adapter", target / "adapter", root / paths.BASE_MODEL)
             trainer.model.merge_and_unload().save_pretrained(staging)
         else:
             trainer.save_model(str(staging))  # gathers ZeRO-3 shards; a LoRA adapter when unmerged
+            if config.method == "lora":
+                _point_at_base(staging, target, root / paths.BASE_MODEL)
         tokenizer.save_pretrained(staging)
 
 
@@ -194,7 +208,7 @@ def train(params: Params, root: Path) -> dict | None:
     curves.live.log_metric("task_score", after["task_score"], plot=False)
     curves.live.end()
 
-    _save(trainer, tokenizer, config, root / paths.SFT_MODEL)
+    _save(trainer, tokenizer, config, root)
     metrics = {
         "eval_loss_before": before["eval_loss"],
         "eval_loss_after": after["eval_loss"],
