@@ -28,10 +28,17 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def sample_conversations(count: int) -> list[list[dict]]:
-    rows = [json.loads(line) for line in (ROOT / "data/raw/sample/translations.jsonl").open()][:count]
-    return [
-        [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"]}] for row in rows
-    ]
+    conversations = []
+    # The sample keeps a few broken lines on purpose (ingest quarantines them): skipped here.
+    for line in (ROOT / "data/raw/sample/translations.jsonl").open(errors="replace"):
+        try:
+            row = json.loads(line)
+            pair = [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"]}]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if all(isinstance(turn["content"], str) and turn["content"] for turn in pair):
+            conversations.append(pair)
+    return conversations[:count]
 
 
 def packed_rows(tokenizer, conversations, width: int) -> list[tuple[list[int], list[int]]]:

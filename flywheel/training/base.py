@@ -166,7 +166,7 @@ def load_named(name: str, kind: str):
             f"it where a hub is reachable (hf download {name} --local-dir DIR) and set finetune.base_model to DIR"
         )
     try:
-        return modeling.load_pretrained(str(Path(name).expanduser()) if kind == "directory" else name)
+        return modeling.load_pretrained(str(Path(name).expanduser().resolve()) if kind == "directory" else name)
     except FlywheelError as error:
         if kind == "hub" and ("connect" in str(error).lower() or "resolve" in str(error).lower()):
             raise FlywheelError(
