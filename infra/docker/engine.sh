@@ -131,9 +131,10 @@ base() {
         eval "$(apt-config shell proxy Acquire::http::Proxy)"
         [[ -n "$proxy" ]] && export http_proxy="$proxy"
     fi
+    mkdir -p "$STATE"  # start made it, unless an engine was already running
     rootfs="$(mktemp -d "$STATE/rootfs.XXXXXX")"
     trap 'rm -rf "$rootfs"' EXIT
-    echo "engine.sh: debootstrap $SUITE (minbase + python3) from ${source:-debootstrap's default mirror}"
+    echo "engine.sh: debootstrap $SUITE (minbase + python3) from ${source:-the default mirror of debootstrap}"
     # An empty mirror argument is left out: debootstrap then takes its own.
     debootstrap --variant=minbase --include=python3,python3-venv "$SUITE" "$rootfs" ${source:+"$source"} \
         >"$STATE/debootstrap.log" 2>&1 \
