@@ -244,7 +244,7 @@ def _params_arguments(parser: argparse.ArgumentParser) -> None:
 
 @command("params", "tool", "show the typed params, or apply dotted overrides to params.yaml", _params_arguments)
 def params_command(args: argparse.Namespace) -> None:
-    from flywheel.config import apply_overrides
+    from flywheel.params_file import apply_overrides
 
     if args.action == "apply":
         changes = apply_overrides(args.params, _parse_overrides(args))

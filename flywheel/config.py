@@ -6,10 +6,10 @@ key or the file; nothing downstream ever sees an unchecked value.
 
 from __future__ import annotations
 
-import io
+import difflib
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -24,7 +24,6 @@ from pydantic import (
 )
 
 from flywheel.errors import ParamsError
-from flywheel.io import atomic_path
 
 PARAMS_FILE = "params.yaml"
 RAW_DIR = "data/raw"
@@ -837,11 +836,60 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
         message = item["msg"]
         if item["type"] == "extra_forbidden":
-            message = "unknown key (check the spelling; see params.yaml for the known keys)"
-        elif "input" in item and item["type"] not in ("missing",):
+            known = _known_keys_beside(item["loc"])
+            close = difflib.get_close_matches(str(item["loc"][-1]), known, n=1, cutoff=0.75)
+            hint = f"did you mean {close[0]!r}?" if close else "check the spelling; see params.yaml for the known keys"
+            message = f"unknown key ({hint})"
+        elif item["type"] in _BOUND_ERRORS:
+            message = f"{message}{_allowed_range(item['loc'])} (got {item['input']!r})"
+        elif "input" in item and item["type"] != "missing" and "(got " not in message:
             message = f"{message} (got {item['input']!r})"
         lines.append(f"  {key}: {message}")
     return "\n".join(lines)
+
+
+_BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The params model that holds the last key of loc (list indexes and dict keys skipped)."""
+    model: type[BaseModel] | None = Params
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if model else None
+        model = _model_in(field.annotation) if field else None
+        if model is None:
+            return None
+    return model
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model an annotation holds: X, list[X], X | None, Annotated[X, ...]."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((model for arg in get_args(annotation) if (model := _model_in(arg))), None)
+
+
+def _known_keys_beside(loc: tuple) -> list[str]:
+    model = _model_at(loc)
+    if model is None:
+        return []
+    return [field.alias or name for name, field in model.model_fields.items()]
+
+
+def _allowed_range(loc: tuple) -> str:
+    """' (allowed: 0 < x <= 1)' from the field's bounds, or '' where it has one bound only."""
+    model = _model_at(loc)
+    field = model.model_fields.get(str(loc[-1])) if model else None
+    bounds = {}
+    for constraint in field.metadata if field else []:
+        for name in ("gt", "ge", "lt", "le"):
+            if getattr(constraint, name, None) is not None:
+                bounds[name] = getattr(constraint, name)
+    low = f"{bounds['gt']} < " if "gt" in bounds else f"{bounds['ge']} <= " if "ge" in bounds else ""
+    high = f" < {bounds['lt']}" if "lt" in bounds else f" <= {bounds['le']}" if "le" in bounds else ""
+    return f" (allowed: {low}x{high})" if low and high else ""
 
 
 def parse_params(data: Any, source: str = PARAMS_FILE) -> Params:
@@ -882,46 +930,3 @@ def get_dotted(data: dict, key: str) -> Any:
             raise KeyError(key)
         node = node[part]
     return node
-
-
-def apply_overrides(path: str | Path, overrides: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Set dotted params in params.yaml, keeping its comments, as `dvc exp run -S` would.
-
-    The result is validated against the typed params before anything is written; returns
-    {key: (old, new)} for the values that changed. Unchanged values leave the file untouched, so
-    DVC sees no params change.
-    """
-    from ruamel.yaml import YAML  # dvc's own YAML library; round-trips comments
-
-    path = Path(path)
-    current = read_params_data(path)
-    changes: dict[str, tuple[Any, Any]] = {}
-    for key, value in overrides.items():
-        try:
-            old = get_dotted(current, key)
-        except KeyError:
-            raise ParamsError(f"{path}: cannot set {key!r}: no such param") from None
-        if old != value:
-            changes[key] = (old, value)
-    if not changes:
-        return changes
-
-    yaml_rt = YAML()
-    yaml_rt.indent(mapping=2, sequence=4, offset=2)  # the layout params.yaml is written in
-    yaml_rt.width = 4096  # keep each flow mapping ({epochs: 3, ...}) on the lines it was written on
-    yaml_rt.representer.add_representer(  # write null as `null`, not as an empty value
-        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null")
-    )
-    document = yaml_rt.load(path.read_text())
-    for key, (_, value) in changes.items():
-        *parents, leaf = key.split(".")
-        node = document
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    buffer = io.StringIO()
-    yaml_rt.dump(document, buffer)
-    parse_params(yaml.safe_load(buffer.getvalue()), source=f"{path} with {sorted(changes)} set")
-    with atomic_path(path) as tmp:
-        tmp.write_text(buffer.getvalue())
-    return changes

@@ -1,8 +1,9 @@
 import pytest
 import yaml
 
-from flywheel.config import apply_overrides, load_params, parse_params
+from flywheel.config import load_params, parse_params
 from flywheel.errors import ParamsError
+from flywheel.params_file import apply_overrides
 from tests.conftest import BIN, REPO, run
 
 
@@ -92,6 +93,41 @@ def test_apply_overrides_keeps_comments_and_validates(tmp_path):
     with pytest.raises(ParamsError, match="ingest.chunk_size"):
         apply_overrides(path, {"ingest.chunk_size": -1})
     assert load_params(path).ingest.chunk_size == 500  # a refused value writes nothing
+
+
+def test_apply_overrides_changes_only_the_bytes_of_the_values_it_sets(tmp_path):
+    path = tmp_path / "params.yaml"
+    original = (REPO / "params.yaml").read_text()
+    path.write_text(original)
+    overrides = {
+        "finetune.training.learning_rate": 0.00005,  # a block value
+        "rlhf.dpo.training.epochs": 1.5,  # inside a flow mapping {epochs: 3, ...}
+        "finetune.lora.target_modules": ["q_proj", "v_proj"],  # a flow sequence
+        "evaluate.production_model": "models/prod: v1",  # a string YAML must quote
+        "finetune.method": "lora",
+    }
+    apply_overrides(path, overrides)
+    edited = path.read_text()
+    params = load_params(path)
+    assert params.finetune.training.learning_rate == 0.00005 and params.rlhf.dpo.training.epochs == 1.5
+    assert params.finetune.lora.target_modules == ["q_proj", "v_proj"]
+    assert params.evaluate.production_model == "models/prod: v1" and params.finetune.method == "lora"
+    changed = [(a, b) for a, b in zip(original.splitlines(), edited.splitlines()) if a != b]
+    assert len(original.splitlines()) == len(edited.splitlines()) and len(changed) == len(overrides)
+    for before, after in changed:  # each changed line keeps its indentation and its comment
+        assert before[: len(before) - len(before.lstrip())] == after[: len(after) - len(after.lstrip())]
+        assert before.partition(" # ")[2] == after.partition(" # ")[2]
+
+
+def test_a_near_miss_key_gets_a_suggestion(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text())
+    with pytest.raises(ParamsError, match=r"no such param \(did you mean 'finetune.training.learning_rate'\?\)"):
+        apply_overrides(path, {"finetune.training.learnig_rate": 0.1})
+    data = repo_params()
+    data["ingest"]["chunk_sise"] = 10
+    with pytest.raises(ParamsError, match=r"ingest\.chunk_sise: unknown key \(did you mean 'chunk_size'\?\)"):
+        parse_params(data)
 
 
 def test_cli_reports_bad_params_without_traceback(tmp_path):

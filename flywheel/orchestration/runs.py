@@ -27,9 +27,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from flywheel.config import apply_overrides
 from flywheel.errors import FlywheelError, ParamsError
 from flywheel.io import atomic_path
+from flywheel.params_file import apply_overrides
 
 PARAMS = Path("params.yaml")
 PARAMS_BEFORE_RUN = Path(".dvc/tmp/flywheel/params.before-run.yaml")

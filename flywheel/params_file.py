@@ -1,0 +1,109 @@
+"""Set dotted params in params.yaml by rewriting only the bytes of the values that change.
+
+A YAML round trip (ruamel, or dvc's `exp run -S`) re-wraps lines, changes quotes and drops
+trailing spaces elsewhere in the file, so every experiment commit carried noise. Here the file is
+composed once to find where each value's text starts and ends, those spans are replaced with the
+new values written as YAML flow text, and the result is read back: every other param must be
+unchanged and the whole must pass the typed params before anything is written.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flywheel.config import get_dotted, parse_params, read_params_data
+from flywheel.errors import ParamsError
+from flywheel.io import atomic_path
+
+
+def apply_overrides(path: str | Path, overrides: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Set dotted params in params.yaml; returns {key: (old, new)} for the values that changed.
+
+    Unchanged values leave the file untouched, so DVC sees no params change.
+    """
+    path = Path(path)
+    current = read_params_data(path)
+    changes = _changes(path, current, overrides)
+    if not changes:
+        return changes
+    text = path.read_text()
+    edited = _replace_values(text, {key: new for key, (_, new) in changes.items()})
+    _check_only_these_changed(path, current, edited, changes)
+    with atomic_path(path) as tmp:
+        tmp.write_text(edited)
+    return changes
+
+
+def _changes(path: Path, current: dict, overrides: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    changes = {}
+    for key, value in overrides.items():
+        try:
+            old = get_dotted(current, key)
+        except KeyError:
+            raise ParamsError(f"{path}: cannot set {key!r}: no such param{did_you_mean(key, current)}") from None
+        if old != value:
+            changes[key] = (old, value)
+    return changes
+
+
+def did_you_mean(key: str, data: dict) -> str:
+    """' (did you mean X?)' for the closest dotted key of data, or ''."""
+    close = difflib.get_close_matches(key, list(_dotted_keys(data)), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _dotted_keys(data: dict, prefix: str = ""):
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        yield key
+        if isinstance(value, dict):
+            yield from _dotted_keys(value, f"{key}.")
+
+
+def _replace_values(text: str, values: dict[str, Any]) -> str:
+    """Replace each dotted key's value text with the new value, from the end of the file back so
+    the earlier spans keep their offsets."""
+    spans = sorted(((*_value_span(text, key), value) for key, value in values.items()), reverse=True)
+    for start, end, value in spans:
+        old = text[start:end]
+        kept_tail = old[len(old.rstrip()) :]  # a block value's span ends with the line break after it
+        new = _flow_yaml(value)
+        if start > 0 and text[start - 1] == ":":  # an empty value: `key:` needs a space before the new one
+            new = " " + new
+        text = text[:start] + new + kept_tail + text[end:]
+    return text
+
+
+def _value_span(text: str, key: str) -> tuple[int, int]:
+    node = yaml.compose(text)
+    for part in key.split("."):
+        node = next(value for name, value in node.value if name.value == part)
+    return node.start_mark.index, node.end_mark.index
+
+
+def _flow_yaml(value: Any) -> str:
+    """One value as YAML on one line: 500, 5.0e-05, 'a: b', [q_proj, v_proj], {r: 8}, null."""
+    dumped = yaml.safe_dump(value, default_flow_style=True, width=float("inf"), allow_unicode=True)
+    return dumped.removesuffix("\n").removesuffix("\n...").strip()
+
+
+def _check_only_these_changed(path: Path, current: dict, edited: str, changes: dict) -> None:
+    try:
+        result = yaml.safe_load(edited)
+    except yaml.YAMLError as error:  # a value's text that YAML reads differently in its place
+        raise ParamsError(f"{path}: setting {sorted(changes)} would not leave valid YAML: {error}") from None
+    expected = copy.deepcopy(current)
+    for key, (_, new) in changes.items():
+        *parents, leaf = key.split(".")
+        node = expected
+        for part in parents:
+            node = node[part]
+        node[leaf] = new
+    if result != expected:
+        raise ParamsError(f"{path}: setting {sorted(changes)} in place changed other params; set them by hand")
+    parse_params(result, source=f"{path} with {sorted(changes)} set")
