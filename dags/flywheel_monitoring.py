@@ -50,7 +50,7 @@ with DAG(
     tags=["flywheel", "monitoring"],
     doc_md=__doc__,
 ) as dag:
-    monitor = FlywheelCommand(task_id="monitor", command=flywheel("monitor"), project=PROJECT)
+    monitor = FlywheelCommand(task_id="monitor", command=flywheel("monitor", "--retrain"), project=PROJECT)
     needs_retraining = ShortCircuitOperator(
         task_id="needs_retraining", python_callable=retraining_asked, op_args=[str(PROJECT)]
     )

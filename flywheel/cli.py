@@ -530,11 +530,21 @@ def undeploy_command(args: argparse.Namespace) -> None:
     print(f"stopped {stopped['stopped']} ({stopped['target']})" if stopped["stopped"] else "nothing is deployed")
 
 
+def _monitor_arguments(parser: argparse.ArgumentParser) -> None:
+    _request_log_option(parser)
+    parser.add_argument(
+        "--retrain",
+        action="store_true",
+        help="when a check fails, export the window to monitor.export_dir and ask for retraining "
+        "(starts the cooldown); the flywheel_monitoring DAG runs it so and starts the training run",
+    )
+
+
 @command(
     "monitor",
     "release",
-    "judge the deployed model's recent traffic (drift, quality, operations); ask for retraining",
-    _request_log_option,
+    "judge the deployed model's recent traffic (drift, quality, operations); with --retrain, ask for retraining",
+    _monitor_arguments,
 )
 def monitor_command(args: argparse.Namespace) -> None:
     params = _load_params(args)
@@ -547,7 +557,7 @@ def monitor_command(args: argparse.Namespace) -> None:
 
     request_log = RequestLog(args.db)
     try:
-        result = monitor.run(params, request_log=request_log)
+        result = monitor.run(params, request_log=request_log, may_retrain=args.retrain)
     finally:
         request_log.close()
     write_json(paths.metrics_file("monitor"), result)

@@ -712,7 +712,7 @@ class DeployParams(_Section):
     host: str = Field(default="127.0.0.1", description="where the stable endpoint listens")
     port: int = Field(default=8000, ge=1, le=65535, description="the stable endpoint's port")
     health_timeout_s: float = Field(default=180.0, gt=0, description="how long a new version may take to get ready")
-    smoke_prompt: str = "What is the capital of France?"
+    smoke_prompt: str = "Translate to French: red cat"
     kubernetes: KubernetesParams = Field(default_factory=KubernetesParams)
 
 

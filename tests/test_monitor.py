@@ -72,8 +72,8 @@ def project(sample_splits, tmp_path):
     return root, f"sqlite:///{root / 'requests.sqlite'}"
 
 
-def monitor(root, url) -> dict:
-    run([FLYWHEEL, "monitor", "--db", url], root)
+def monitor(root, url, *flags) -> dict:
+    run([FLYWHEEL, "monitor", "--db", url, *flags], root)
     return json.loads((root / "metrics/monitor.json").read_text())
 
 
@@ -99,7 +99,11 @@ def test_traffic_like_the_training_data_passes_and_asks_for_nothing(project):
 def test_drifted_traffic_fails_exports_the_window_and_asks_for_retraining_once(project):
     root, url = project
     log_traffic(url, off_topic_prompts(200), ["Restart it."] * 200, downs=30)
-    result = monitor(root, url)
+    by_hand = monitor(root, url)  # judges only: no export, no cooldown, and it says so
+    assert by_hand["verdict"] == "failed" and not by_hand["retrain"]["triggered"]
+    assert "only judges" in by_hand["retrain"]["reason"]
+    assert not (root / "data/raw/feedback").exists() and not (root / "data/monitoring/last_retrain.json").exists()
+    result = monitor(root, url, "--retrain")  # as the DAG runs it
     assert result["verdict"] == "failed"
     found = checks(result)
     assert not found["input_drift"]["passed"] and "3 of 3" in found["input_drift"]["detail"]
@@ -123,10 +127,10 @@ def test_drifted_traffic_fails_exports_the_window_and_asks_for_retraining_once(p
     assert retrain["feedback"].startswith("data/raw/feedback/monitor-")  # what the preferences stage reads
     assert (root / "data/monitoring/workspace").is_dir()
 
-    again = monitor(root, url)
+    again = monitor(root, url, "--retrain")
     assert again["verdict"] == "failed" and not again["retrain"]["triggered"]
     assert "cooldown" in again["retrain"]["reason"]
-    assert len(evidently_ui_snapshots(root / "data/monitoring/workspace")) == 2
+    assert len(evidently_ui_snapshots(root / "data/monitoring/workspace")) == 3
 
 
 def evidently_ui_snapshots(workspace) -> list[dict]:

@@ -78,7 +78,34 @@ def test_the_openai_client_gets_chat_and_text_completions_with_the_model_version
         model="sft", prompt="<|user|> French for: big dog<|end|><|assistant|>", max_tokens=1
     )
     assert text.choices[0].finish_reason == "length" and text.usage.completion_tokens == 1
-    assert [m.id for m in client.models.list()] == ["sft"]
+    assert [m.id for m in client.models.list()] == ["sft", chat.system_fingerprint]  # its name, its version
+    by_version = client.chat.completions.create(model=chat.system_fingerprint, messages=[RED_CAT])
+    assert by_version.choices[0].message.content == "rouge chat"
+
+
+RED_CAT = {"role": "user", "content": "Translate to French: red cat"}
+
+
+def test_openai_clients_are_told_what_this_server_does_not_do(server):
+    base, _, _ = server
+    client = _client(base)
+    with pytest.raises(openai.NotFoundError) as unknown:  # "gpt-4" used to get this model's answer
+        client.chat.completions.create(model="gpt-4", messages=[RED_CAT])
+    assert unknown.value.code == "model_not_found" and "'sft'" in unknown.value.message
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    for asked in ({"tools": [tool]}, {"response_format": {"type": "json_object"}}, {"stop": ["\n"]}):
+        with pytest.raises(openai.BadRequestError) as refused:  # ignored before: plain text came back
+            client.chat.completions.create(model="sft", messages=[RED_CAT], **asked)
+        assert refused.value.code == "unsupported_parameter" and refused.value.param == next(iter(asked))
+    plain = client.chat.completions.create(model="sft", messages=[RED_CAT], response_format={"type": "text"})
+    assert plain.choices[0].message.content == "rouge chat"  # what asks for nothing is accepted
+    chunks = list(
+        client.chat.completions.create(
+            model="sft", messages=[RED_CAT], stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 2
+    assert chunks[-1].usage.total_tokens == chunks[-1].usage.prompt_tokens + chunks[-1].usage.completion_tokens
 
 
 def test_streamed_answers_arrive_as_server_sent_events_and_match_the_whole_answer(server):
@@ -184,9 +211,12 @@ def test_a_request_the_model_cannot_take_fails_alone_and_never_with_a_5xx(server
     oversized = httpx.post(chat, content=b"{" + b" " * 200_000 + b"}", headers=headers)
     assert oversized.status_code == 413 and "76,000 bytes" in oversized.json()["error"]["message"]
     # Unknown paths and methods answer in OpenAI's error shape too, not FastAPI's {"detail": ...}.
-    for method, url, status in (("GET", f"{base}/v1/nope", 404), ("GET", chat, 405)):
+    for method, url, status, code in (
+        ("GET", f"{base}/v1/nope", 404, "unknown_url"),
+        ("GET", chat, 405, "method_not_allowed"),
+    ):
         answer = httpx.request(method, url, headers=headers)
-        assert answer.status_code == status and answer.json()["error"]["code"] == status, answer.text
+        assert answer.status_code == status and answer.json()["error"]["code"] == code, answer.text
 
 
 def test_guessing_keys_is_rate_limited_and_valid_keys_are_not(server):

@@ -18,10 +18,13 @@ prompts gets "insufficient data", not a verdict. A window larger than `max_reque
 uniformly (seeded) for the drift tests, whose power only grows with the sample: the run stays well
 under a minute for 100,000 logged requests.
 
-When a check fails, and no retraining was asked for within `cooldown_hours`, the window's traffic
-and feedback (already PII-redacted in the log) are exported to `export_dir` (data/raw/feedback/,
-which the pipeline's DVC stages read) and the run asks for retraining: `retrain` in its result,
-which the DAG turns into a triggered flywheel_training run.
+When a check fails in a run that may retrain (`flywheel monitor --retrain`, as the
+flywheel_monitoring DAG runs it), and no retraining was asked for within `cooldown_hours`, the
+window's traffic and feedback (already PII-redacted in the log) are exported to `export_dir`
+(data/raw/feedback/, which the pipeline's DVC stages read) and the run asks for retraining:
+`retrain` in its result, which the DAG turns into a triggered flywheel_training run. A run by hand
+only judges: it used to export, say "asked for" and start the cooldown, so nothing retrained,
+not even the DAG's next run.
 """
 
 from __future__ import annotations
@@ -234,7 +237,7 @@ def add_to_workspace(snapshot) -> None:
     workspace.add_run(project.id, snapshot)
 
 
-def run(params: Params, now: datetime | None = None, request_log=None) -> dict:
+def run(params: Params, now: datetime | None = None, request_log=None, may_retrain: bool = False) -> dict:
     from flywheel.evaluation.hallucination import load_embedder
     from flywheel.serving.request_log import RequestLog
 
@@ -280,7 +283,13 @@ def run(params: Params, now: datetime | None = None, request_log=None) -> dict:
             report=str(report),
             sampled_prompts=len(current),
         )
-        if failed:
+        if failed and not may_retrain:
+            result["retrain"] = {
+                "triggered": False,
+                "reason": f"monitoring failed: {', '.join(failed)}; a run without --retrain only judges "
+                "(the flywheel_monitoring DAG retrains; the cooldown is left alone)",
+            }
+        elif failed:
             result["retrain"] = ask_for_retraining(failed, report, requests, request_log, now, config)
         return result
     finally:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import time
 import urllib.error
 import urllib.request
@@ -233,6 +234,7 @@ def rollout(release: Release, params: Params, target: str) -> dict:
         "backend": candidate.__dict__,
         "deployed_at": datetime.now(UTC).isoformat(),
         "previous_version": previous["version"] if previous else None,
+        "smoke_prompt": config.smoke_prompt,
         "smoke_answer": answer,
     }
     write_json(STATE_FILE, state)  # recorded as soon as it serves, so nothing is left untracked
@@ -350,17 +352,18 @@ def report(state: dict) -> str:
             )
         return f"{state['version']} rolled out on Kubernetes ({state['manifests']}); registry: prod"
     registry_note = "registry: prod" if state["registered"] else "not a registered version: registry unchanged"
+    prompt = state.get("smoke_prompt", "Hello")  # a prompt the model was seen to answer
+    body = json.dumps({"model": state["version"], "messages": [{"role": "user", "content": prompt}]})
     return "\n".join(
         [
             f"deployed {state['version']} ({state['target']}) at {state['url']} "
             f"(replaced {state['previous_version'] or 'nothing'}); {registry_note}",
             f"smoke answer: {state['smoke_answer']!r}",
             "query it:",
-            f"  curl {state['url']}/v1/chat/completions -H 'content-type: application/json' "
-            f'-d \'{{"model": "{state["version"]}", "messages": [{{"role": "user", "content": "Hello"}}]}}\'',
+            f"  curl {state['url']}/v1/chat/completions -H 'content-type: application/json' -d {shlex.quote(body)}",
             f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{state['url']}/v1', api_key='unused'); "
             f"print(c.chat.completions.create(model='{state['version']}', messages=[{{'role': 'user', "
-            f"'content': 'Hello'}}]).choices[0].message.content)\"",
+            f"'content': {prompt!r}}}]).choices[0].message.content)\"",
             "status: flywheel status; stop: flywheel undeploy",
         ]
     )

@@ -70,26 +70,26 @@ def create_app(config: ServeParams, model_dir: Path, request_log, api_keys: list
     return app
 
 
-def error_response(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"message": message, "type": kind, "param": None, "code": status}}, status_code=status
-    )
+def error_response(status: int, message: str, kind: str, **fields) -> JSONResponse:
+    return JSONResponse(ApiError(status, message, kind, **fields).body(), status_code=status)
 
 
 async def api_error(request: Request, error: ApiError) -> JSONResponse:
-    return error_response(error.status, error.message, error.kind)
+    return JSONResponse(error.body(), status_code=error.status)
 
 
 async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
     """404, 405 and the like in OpenAI's error shape, not FastAPI's {"detail": ...}."""
-    kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
-    return error_response(error.status_code, f"{request.method} {request.url.path}: {error.detail}", kind)
+    code = {404: "unknown_url", 405: "method_not_allowed"}.get(error.status_code)
+    message = f"{request.method} {request.url.path}: {error.detail}"
+    return error_response(error.status_code, message, "invalid_request_error", code=code)
 
 
 async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
     first = error.errors()[0]
     where = ".".join(str(part) for part in first["loc"] if part != "body")
-    return error_response(400, f"{where}: {first['msg']}" if where else first["msg"], "invalid_request_error")
+    message = f"{where}: {first['msg']}" if where else first["msg"]
+    return error_response(400, message, "invalid_request_error", param=where or None)
 
 
 def guard_with(server: routes.Server):
@@ -105,8 +105,10 @@ def guard_with(server: routes.Server):
         if request.url.path.startswith("/v1/"):
             if server.api_keys and routes.matching_key(server, request) is None:
                 if not failed_keys.allow(request.client.host if request.client else "unknown"):
-                    return error_response(429, "too many requests without a valid API key", "rate_limit_error")
-                return error_response(401, routes.MISSING_KEY, "authentication_error")
+                    return error_response(
+                        429, "too many requests without a valid API key", "rate_limit_error", code="rate_limit_exceeded"
+                    )
+                return error_response(401, routes.MISSING_KEY, "authentication_error", code="invalid_api_key")
             declared = request.headers.get("content-length", "0")
             if not declared.isdigit() or int(declared) > body_limit:
                 return error_response(413, too_large, "invalid_request_error")

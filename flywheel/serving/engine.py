@@ -46,6 +46,11 @@ class Engine:
         )
 
     @property
+    def ids(self) -> list[str]:
+        """The names a request may give in `model`: the directory's name and the version."""
+        return [self.name] if self.version == self.name else [self.name, self.version]
+
+    @property
     def context_tokens(self) -> int:
         """How many tokens the model attends to: prompt and answer together."""
         return int(getattr(self.model.config, "max_position_embeddings", 0) or 2**31)

@@ -78,13 +78,16 @@ def authorise(request: Request) -> str:
     if server.api_keys:
         key = matching_key(server, request)
         if key is None:
-            raise ApiError(401, MISSING_KEY, "authentication_error")
+            raise ApiError(401, MISSING_KEY, "authentication_error", code="invalid_api_key")
         client = key_name(key)
     else:
         client = request.client.host if request.client else "unknown"
     if not server.limiter.allow(client):
         raise ApiError(
-            429, f"rate limit of {server.config.rate_limit_per_minute} requests per minute exceeded", "rate_limit_error"
+            429,
+            f"rate limit of {server.config.rate_limit_per_minute} requests per minute exceeded",
+            "rate_limit_error",
+            code="rate_limit_exceeded",
         )
     return client
 
@@ -99,11 +102,16 @@ def budget(body: GenerationRequest, config: ServeParams) -> int:
 def prepare(server: Server, endpoint: str, messages: list[dict], prompt: str, body: GenerationRequest):
     """(the engine, the job) for a request, after its limits are checked."""
     config = server.config
+    if (field_name := body.unsupported()) is not None:
+        raise ApiError(
+            400, f"{field_name} is not supported by this server", code="unsupported_parameter", param=field_name
+        )
     if len(prompt) > config.max_prompt_chars:
         raise ApiError(
             400, f"the prompt is {len(prompt):,} characters; this server takes at most {config.max_prompt_chars:,}"
         )
     engine = server.ready_engine()
+    check_model(engine, body.model)
     job = Job(
         prompt=engine.chat_prompt(messages) if endpoint == CHAT else prompt,
         max_tokens=budget(body, config),
@@ -112,6 +120,18 @@ def prepare(server: Server, endpoint: str, messages: list[dict], prompt: str, bo
     )
     check_prompt_tokens(engine, job)
     return engine, job
+
+
+def check_model(engine: Engine, name: str | None) -> None:
+    """A request names one of the served model's ids (its name or its version), as /v1/models
+    lists them: any name used to be answered, so a client asking for "gpt-4" got this model."""
+    if name is not None and name not in engine.ids:
+        raise ApiError(
+            404,
+            f"The model {name!r} does not exist; this server serves {' or '.join(map(repr, engine.ids))}",
+            code="model_not_found",
+            param="model",
+        )
 
 
 def check_prompt_tokens(engine: Engine, job: Job) -> None:
@@ -175,12 +195,15 @@ async def complete(
         api_key=logged_key,
         request_id=new_id(endpoint),
     )
-    usage = {
-        "prompt_tokens": answer.prompt_tokens,
-        "completion_tokens": answer.completion_tokens,
-        "total_tokens": answer.prompt_tokens + answer.completion_tokens,
+    return request_id, answer, token_usage(answer.prompt_tokens, answer.completion_tokens), engine
+
+
+def token_usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
     }
-    return request_id, answer, usage, engine
 
 
 def stream(
@@ -194,6 +217,7 @@ def stream(
             429,
             f"this server generates at most {server.config.max_streams} streams at once; retry shortly",
             "rate_limit_error",
+            code="rate_limit_exceeded",
         )
     request_id, started = new_id(endpoint), time.perf_counter()
     generation = Stream(engine.model, engine.tokenizer, job, on_end=server.streams.release)
@@ -218,11 +242,15 @@ def stream(
                 error = TimeoutError(f"no text for {STREAM_STALL_S} s")
             if error is not None:
                 print(f"flywheel serve: stream {request_id} failed: {error!r}", flush=True)
-                failure = {"message": "generation failed; see the server log", "type": "server_error", "code": 500}
-                yield f"data: {json.dumps({'error': failure})}\n\n"
+                failure = ApiError(500, "generation failed; see the server log", "server_error")
+                yield f"data: {json.dumps(failure.body())}\n\n"
             else:
                 finish = "length" if count_tokens(text) >= job.max_tokens else "stop"
                 yield f"data: {json.dumps(chunk(request_id, engine, '', finish))}\n\n"
+                if body.include_usage:  # OpenAI's last chunk: no choices, the whole answer's usage
+                    last = chunk(request_id, engine, "", None) | {"choices": []}
+                    last["usage"] = token_usage(engine.prompt_tokens(job.prompt), count_tokens(text))
+                    yield f"data: {json.dumps(last)}\n\n"
             yield "data: [DONE]\n\n"
         finally:  # also when the client goes away mid-stream: generation stops, what was sent is logged
             generation.cancel()
@@ -303,7 +331,8 @@ async def models(request: Request):
     return {
         "object": "list",
         "data": [
-            {"id": engine.name, "object": "model", "created": 0, "owned_by": "flywheel", "version": engine.version}
+            {"id": model_id, "object": "model", "created": 0, "owned_by": "flywheel", "version": engine.version}
+            for model_id in engine.ids
         ],
     }
 

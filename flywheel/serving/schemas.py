@@ -1,5 +1,10 @@
-"""What the API takes and how it refuses: OpenAI's request shapes (unknown fields are accepted
-and ignored, as OpenAI's server does), the feedback request, and the error every refusal is."""
+"""What the API takes and how it refuses: OpenAI's request shapes, the feedback request, and the
+error every refusal is.
+
+Fields OpenAI defines that this server cannot honour (tools, JSON mode, stop sequences, logprobs,
+penalties) are refused with a 400 naming the field when they ask for something: ignoring them
+answered a tool call or a JSON request with plain text. Other unknown fields are ignored, as
+OpenAI's server does."""
 
 from __future__ import annotations
 
@@ -23,6 +28,12 @@ def _unicode_text(text: str) -> str:
 Text = Annotated[str, AfterValidator(_unicode_text)]
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
 class GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -33,6 +44,40 @@ class GenerationRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0, le=1)
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
+    stream_options: StreamOptions | None = None
+    # Asked for, these change what an answer is; at their defaults they ask for nothing.
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
+    response_format: dict | None = None
+    stop: str | list | None = None
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+    def unsupported(self) -> str | None:
+        """The first field that asks for what this server cannot do, or None."""
+        asked = {
+            "tools": bool(self.tools),
+            "tool_choice": self.tool_choice not in (None, "none", "auto"),
+            "functions": bool(self.functions),
+            "function_call": self.function_call not in (None, "none", "auto"),
+            "response_format": (self.response_format or {"type": "text"}).get("type") != "text",
+            "stop": bool(self.stop),
+            "logprobs": bool(self.logprobs),
+            "top_logprobs": bool(self.top_logprobs),
+            "logit_bias": bool(self.logit_bias),
+            "presence_penalty": bool(self.presence_penalty),
+            "frequency_penalty": bool(self.frequency_penalty),
+        }
+        return next((name for name, is_asked in asked.items() if is_asked), None)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
 class Message(BaseModel):
@@ -61,8 +106,20 @@ class FeedbackRequest(BaseModel):
 
 
 class ApiError(Exception):
-    """A refused request: its HTTP status and OpenAI-style error type."""
+    """A refused request: its HTTP status, OpenAI's error type and, where OpenAI has one, its
+    error code ("model_not_found") and the request field it is about."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        *,
+        code: str | None = None,
+        param: str | None = None,
+    ):
         super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
+        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
