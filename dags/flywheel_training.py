@@ -21,9 +21,10 @@ workspace, one DVC lock. Transient failures are retried with backoff; Flywheel's
 failures (exit 2: bad params, bad data, failed validation) fail at once; every final failure
 calls flywheel.orchestration.airflow_tasks.alert.
 
-Cheap to parse: besides Airflow it imports PyYAML, flywheel.config (pydantic) and
-flywheel.orchestration's dvc_graph and airflow_tasks (standard library only); no stage code,
-torch, pyarrow or pandas.
+Cheap to parse: besides Airflow it imports PyYAML, flywheel.config (pydantic), flywheel.params_file
+and flywheel.orchestration's dvc_graph, airflow_tasks and runs (standard library only); no stage
+code, torch, pyarrow or pandas. It is built from params.yaml as it is between runs (a run applies
+its form values to params.yaml until it ends): a run does not change the DAG's version.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.providers.standard.operators.python import BranchPythonOperator
 from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param
 
-from flywheel.config import get_dotted
+from flywheel.config import get_dotted, param_schema
 from flywheel.orchestration.airflow_tasks import (
     FlywheelCommand,
     alert,
@@ -46,24 +47,32 @@ from flywheel.orchestration.airflow_tasks import (
     stage_command,
 )
 from flywheel.orchestration.dvc_graph import load_stages, upstream_of
+from flywheel.orchestration.runs import params_outside_runs
+from flywheel.params_file import comment_of
 
 PROJECT = project_dir(__file__)
 JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
 RUN_CONF = "{{ (dag_run.conf or {}) | tojson }}"
 
 
-def trigger_form(params_yaml: dict) -> dict[str, Param]:
-    """One form field per param listed in airflow.trigger_params, defaulting to params.yaml."""
+def trigger_form(params_text: str, params_yaml: dict) -> dict[str, Param]:
+    """One form field per param listed in airflow.trigger_params: params.yaml's value as the
+    default, the typed params' allowed values and bounds, params.yaml's comment as the help."""
     form = {}
     for key in (params_yaml.get("airflow") or {}).get("trigger_params") or []:
         value = get_dotted(params_yaml, key)
-        json_type = JSON_TYPES.get(type(value), "string")
+        schema = param_schema(key)
+        if "type" not in schema:  # a union (X | None): the value's own type
+            json_type = JSON_TYPES.get(type(value), "string")
+            schema["type"] = [json_type, "null"] if value is None else json_type
+        schema.pop("anyOf", None)
+        said = comment_of(params_text, key)
         form[key] = Param(
             value,
-            type=[json_type, "null"] if value is None else json_type,
             title=key,
-            description=f"params.yaml {key} for this run only",
+            description=f"{said[0].upper()}{said[1:]}. For this run only." if said else "For this run only.",
             section=key.split(".")[0],
+            **schema,
         )
     return form
 
@@ -76,7 +85,8 @@ def schedule(cron: str | None):
     return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC"), assets=[feedback])
 
 
-params_yaml = yaml.safe_load((PROJECT / "params.yaml").read_text()) or {}
+params_text = params_outside_runs(PROJECT).read_text()  # not a running run's values: one DAG version
+params_yaml = yaml.safe_load(params_text) or {}
 settings = params_yaml.get("airflow") or {}
 stages = load_stages(PROJECT / "dvc.yaml")
 upstream = upstream_of(stages)
@@ -95,7 +105,7 @@ with DAG(
     max_active_runs=1,
     # One workspace: DVC holds a repository lock while a stage runs, so stages go one at a time.
     max_active_tasks=1,
-    params=trigger_form(params_yaml),
+    params=trigger_form(params_text, params_yaml),
     default_args={
         "retries": settings.get("retries", 2),
         "retry_delay": timedelta(seconds=settings.get("retry_delay_s", 60)),

@@ -892,6 +892,28 @@ def _allowed_range(loc: tuple) -> str:
     return f" (allowed: {low}x{high})" if low and high else ""
 
 
+_FORM_KEYWORDS = ("type", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "anyOf")
+
+
+def param_schema(key: str) -> dict:
+    """The JSON schema of one dotted param (its type, allowed values and bounds), for a form."""
+    schema = Params.model_json_schema()
+    node = schema
+    for part in key.split("."):
+        node = _resolve(node, schema["$defs"]).get("properties", {}).get(part)
+        if node is None:
+            raise KeyError(key)
+    return {name: value for name, value in _resolve(node, schema["$defs"]).items() if name in _FORM_KEYWORDS}
+
+
+def _resolve(node: dict, defs: dict) -> dict:
+    """A $ref's definition; of `X | None`, X's (a section that may be left out)."""
+    if "$ref" in node:
+        return defs[node["$ref"].rsplit("/", 1)[-1]]
+    refs = [option for option in node.get("anyOf", []) if "$ref" in option]
+    return defs[refs[0]["$ref"].rsplit("/", 1)[-1]] if len(refs) == 1 else node
+
+
 def parse_params(data: Any, source: str = PARAMS_FILE) -> Params:
     if not isinstance(data, dict):
         raise ParamsError(f"{source}: expected a mapping of sections at the top level")

@@ -80,10 +80,38 @@ def _replace_values(text: str, values: dict[str, Any]) -> str:
 
 
 def _value_span(text: str, key: str) -> tuple[int, int]:
-    node = yaml.compose(text)
-    for part in key.split("."):
-        node = next(value for name, value in node.value if name.value == part)
+    _, node = _key_and_value(text, key)
     return node.start_mark.index, node.end_mark.index
+
+
+def _key_and_value(text: str, key: str) -> tuple[yaml.Node, yaml.Node]:
+    name, node = None, yaml.compose(text)
+    for part in key.split("."):
+        name, node = next((name, value) for name, value in node.value if name.value == part)
+    return name, node
+
+
+def comment_of(text: str, key: str) -> str:
+    """What params.yaml says of a key: the comment after its value with the comment lines aligned
+    under it, else the comment lines right above it; '' when it says nothing."""
+    lines = text.splitlines()
+    name, value = _key_and_value(text, key)
+    line = lines[name.start_mark.line]
+    after = value.end_mark.column if value.end_mark.line == name.start_mark.line else len(line)
+    column = line.find("#", after)
+    if column >= 0:
+        said = [line[column:]]
+        for below in lines[name.start_mark.line + 1 :]:
+            if below.find("#") != column or below[:column].strip():
+                break
+            said.append(below[column:])
+    else:
+        said = []
+        for above in reversed(lines[: name.start_mark.line]):
+            if not above.lstrip().startswith("#"):
+                break
+            said.insert(0, above.strip())
+    return " ".join(part.lstrip("#").strip() for part in said).strip()
 
 
 def _flow_yaml(value: Any) -> str:

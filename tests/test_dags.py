@@ -24,6 +24,8 @@ HEAVY_MODULES = (
 DAGBAG_SCRIPT = textwrap.dedent("""
     import json, sys
     from airflow.dag_processing.dagbag import DagBag
+    from airflow.models.serialized_dag import SerializedDagModel
+    from airflow.serialization.serialized_objects import LazyDeserializedDAG
     bag = DagBag(dag_folder=sys.argv[1])
     dag = bag.dags.get("flywheel_training")
     print(json.dumps({
@@ -36,6 +38,9 @@ DAGBAG_SCRIPT = textwrap.dedent("""
         "pools": {t.task_id: t.pool for t in dag.tasks} if dag else {},
         "retries": {t.task_id: t.retries for t in dag.tasks} if dag else {},
         "schedule": repr(dag.timetable) if dag else None,
+        "form": {key: dag.params.get_param(key).schema for key in dag.params} if dag else {},
+        "descriptions": {key: dag.params.get_param(key).description for key in dag.params} if dag else {},
+        "version_hash": SerializedDagModel.hash(LazyDeserializedDAG.from_dag(dag).data) if dag else None,
     }))
 """)
 
@@ -66,6 +71,13 @@ def test_dags_folder_loads_without_import_errors(tmp_path):
         "finetune.training.learning_rate": 0.001,
         "finetune.method": "full",
     }
+    # The form offers what the typed params allow, with params.yaml's comments as the help.
+    assert bag["form"]["finetune.method"]["enum"] == ["full", "lora"]
+    assert bag["form"]["ingest.chunk_size"]["minimum"] == 1
+    assert bag["form"]["clean.dedup.minhash.threshold"]["maximum"] == 1
+    chunk_size_help = "Records per Parquet row group; bounds memory. For this run only."
+    assert bag["descriptions"]["ingest.chunk_size"] == chunk_size_help
+    assert all(len(text) > len("For this run only.") for text in bag["descriptions"].values())
     # One workspace, one DVC lock: runs never overlap, stages go one at a time.
     assert bag["max_active_tasks"] == 1 and bag["max_active_runs"] == 1
     assert {task for task, pool in bag["pools"].items() if pool == "flywheel_gpu"} == {
@@ -85,6 +97,15 @@ def test_a_cron_in_params_schedules_training_besides_new_feedback(project_copy, 
     bag = load_dagbag(project_copy / "dags", tmp_path)
     assert bag["errors"] == {}
     assert "0 3 * * *" in bag["schedule"] and "flywheel_feedback" in bag["schedule"]
+
+
+def test_a_run_in_progress_changes_neither_the_dag_version_nor_the_forms_defaults(project_copy, tmp_path):
+    before = load_dagbag(project_copy / "dags", tmp_path)
+    # What `flywheel run start` does with the form's values: params.yaml changed for the run.
+    run(["flywheel", "run", "start", "manual__1", "--run-conf", '{"finetune.method": "lora"}'], project_copy)
+    assert "method: lora" in (project_copy / "params.yaml").read_text()
+    during = load_dagbag(project_copy / "dags", tmp_path)
+    assert during["version_hash"] == before["version_hash"] and during["params"]["finetune.method"] == "full"
 
 
 def test_a_gpu_stage_dvc_does_not_have_is_an_import_error(project_copy, tmp_path):

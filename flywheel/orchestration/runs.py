@@ -63,6 +63,13 @@ def _untracked(paths: tuple[str, ...]) -> list[str]:
     return [path for path in listed.split("\0") if path]
 
 
+def params_outside_runs(project: Path) -> Path:
+    """params.yaml as it is between runs: during a run, the copy kept from before it. The DAG is
+    built from this, so a run's own values do not make a new DAG version or the form's defaults."""
+    before_run = project / PARAMS_BEFORE_RUN
+    return before_run if before_run.is_file() else project / PARAMS
+
+
 def restore_params() -> bool:
     """Put params.yaml back as it was before the current (or a dead) run; True if there was one."""
     if not PARAMS_BEFORE_RUN.is_file():
