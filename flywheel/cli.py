@@ -595,6 +595,9 @@ def serve_command(args: argparse.Namespace) -> int:
 def _airflow_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument(
+        "--host", default="127.0.0.1", help="the address the UI listens on (0.0.0.0: every network; log in first)"
+    )
+    parser.add_argument(
         "--setup-only",
         action="store_true",
         help="migrate the metadata database (the one AIRFLOW_HOME or "
@@ -615,7 +618,7 @@ def airflow_command(args: argparse.Namespace) -> int:
     if args.setup_only:
         airflow_local.setup(config)
         return 0
-    return airflow_local.standalone(config, port=args.port)
+    return airflow_local.standalone(config, port=args.port, host=args.host)
 
 
 def _router_arguments(parser: argparse.ArgumentParser) -> None:

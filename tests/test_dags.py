@@ -190,3 +190,10 @@ def test_a_stage_added_to_dvc_yaml_appears_in_the_dag_with_dvcs_edges(project_co
         "promote": ["gate"],
         "not_promoted": ["gate"],
     }
+
+
+def test_the_local_airflow_listens_on_loopback_unless_told_otherwise(tmp_path):
+    from flywheel.orchestration.airflow_local import local_environment
+
+    assert local_environment(tmp_path, 8080)["AIRFLOW__API__HOST"] == "127.0.0.1"  # Airflow's own: 0.0.0.0
+    assert local_environment(tmp_path, 8080, host="0.0.0.0")["AIRFLOW__API__HOST"] == "0.0.0.0"

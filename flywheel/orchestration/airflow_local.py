@@ -22,7 +22,7 @@ from flywheel.errors import FlywheelError
 ADMIN_USER = "admin"
 
 
-def local_environment(project: Path, port: int) -> dict[str, str]:
+def local_environment(project: Path, port: int, host: str = "127.0.0.1") -> dict[str, str]:
     home = project / ".airflow"
     return {
         **os.environ,
@@ -32,8 +32,10 @@ def local_environment(project: Path, port: int) -> dict[str, str]:
         # Locally, a DAG you can see is a DAG you mean to run: trigger it without unpausing first.
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin",
+        # Airflow's api-server listens on 0.0.0.0 by default: every network this machine is on.
+        "AIRFLOW__API__HOST": host,
         "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__API__BASE_URL": f"http://localhost:{port}",
+        "AIRFLOW__API__BASE_URL": f"http://{'localhost' if host in ('127.0.0.1', 'localhost') else host}:{port}",
         # Pick up edits to dags/ and dvc.yaml quickly while developing.
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
     }
@@ -81,17 +83,17 @@ def setup(config: AirflowParams, env: dict[str, str] | None = None) -> None:
     print(f"Airflow metadata database migrated; pool {config.gpu_pool!r} has {config.gpu_pool_slots} slot(s)")
 
 
-def standalone(config: AirflowParams, port: int = 8080, project: Path | None = None) -> int:
+def standalone(config: AirflowParams, port: int = 8080, project: Path | None = None, host: str = "127.0.0.1") -> int:
     project = (project or Path.cwd()).resolve()
     if not (project / "dvc.yaml").is_file() or not (project / "dags").is_dir():
         raise FlywheelError(
             f"{project} is not a Flywheel checkout (no dvc.yaml or dags/); run `make airflow` from the project root"
         )
-    env = local_environment(project, port)
+    env = local_environment(project, port, host)
     password = admin_password(Path(env["AIRFLOW_HOME"]))
     print("Setting up the metadata database (the first time takes about a minute)...", flush=True)
     setup(config, env)
-    print(f"Airflow UI: http://localhost:{port}   login: {ADMIN_USER} / {password}")
+    print(f"Airflow UI: {env['AIRFLOW__API__BASE_URL']}   login: {ADMIN_USER} / {password}")
     print(f"AIRFLOW_HOME={env['AIRFLOW_HOME']}  DAGs from {env['AIRFLOW__CORE__DAGS_FOLDER']}")
     print("Starting `airflow standalone` (Ctrl-C stops it)...", flush=True)
     try:
