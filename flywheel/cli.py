@@ -54,6 +54,10 @@ STAGES: dict[str, tuple[str, str]] = {
         "flywheel.evaluation.evaluate",
         "candidate vs SFT vs production: quality, hallucination, safety, latency; the gate",
     ),
+    "summary": (
+        "flywheel.evaluation.summary",
+        "the numbers runs are compared by, in metrics/summary.json (the DVC metric)",
+    ),
 }
 
 # The groups of `flywheel --help`, in order.

@@ -22,7 +22,19 @@ from tests.test_monitor import log_traffic
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
-STAGES = ("ingest", "clean", "validate", "split", "base", "finetune", "preferences", "reward", "rlhf", "evaluate")
+STAGES = (
+    "ingest",
+    "clean",
+    "validate",
+    "split",
+    "base",
+    "finetune",
+    "preferences",
+    "reward",
+    "rlhf",
+    "evaluate",
+    "summary",
+)
 CHANGED = {"evaluate.test_examples": 50}  # the form field the test changes (1000 in params.yaml)
 
 

@@ -62,7 +62,7 @@ def test_dags_folder_loads_without_import_errors(tmp_path):
     assert bag["upstream"]["ingest"] == ["start_run"]
     assert bag["upstream"]["split"] == ["clean", "validate"]
     # After the last stage: the run is saved as an experiment, then the gate decides.
-    assert bag["upstream"]["save_run"] == ["evaluate"] and bag["upstream"]["gate"] == ["save_run"]
+    assert bag["upstream"]["save_run"] == ["summary"] and bag["upstream"]["gate"] == ["save_run"]
     assert bag["upstream"]["promote"] == bag["upstream"]["not_promoted"] == ["gate"]
     assert bag["params"] == {
         "ingest.chunk_size": 10000,

@@ -27,7 +27,19 @@ DAG_TEST_SCRIPT = textwrap.dedent("""
 """)
 
 
-STAGES = ("ingest", "clean", "validate", "split", "base", "finetune", "preferences", "reward", "rlhf", "evaluate")
+STAGES = (
+    "ingest",
+    "clean",
+    "validate",
+    "split",
+    "base",
+    "finetune",
+    "preferences",
+    "reward",
+    "rlhf",
+    "evaluate",
+    "summary",
+)
 
 
 def metrics(project, stage: str) -> dict:
