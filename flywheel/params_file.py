@@ -40,13 +40,17 @@ def apply_overrides(path: str | Path, overrides: dict[str, Any]) -> dict[str, tu
 
 
 def _changes(path: Path, current: dict, overrides: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (old, new)} of the values that change. A mapping set over a section with the
+    same keys is set key by key, so the section keeps its layout and comments."""
     changes = {}
     for key, value in overrides.items():
         try:
             old = get_dotted(current, key)
         except KeyError:
             raise ParamsError(f"{path}: cannot set {key!r}: no such param{did_you_mean(key, current)}") from None
-        if old != value:
+        if isinstance(old, dict) and isinstance(value, dict) and value and set(value) <= set(old):
+            changes.update(_changes(path, current, {f"{key}.{name}": item for name, item in value.items()}))
+        elif old != value:
             changes[key] = (old, value)
     return changes
 
@@ -75,7 +79,11 @@ def _replace_values(text: str, values: dict[str, Any]) -> str:
         new = _flow_yaml(value)
         if start > 0 and text[start - 1] == ":":  # an empty value: `key:` needs a space before the new one
             new = " " + new
-        text = text[:start] + new + kept_tail + text[end:]
+        rest = text[end:]
+        if not kept_tail and (gap := len(rest) - len(rest.lstrip(" "))) and rest[gap:].startswith("#"):
+            # The comment after the value stays in its column where the new value leaves room.
+            rest = " " * max(1 if gap == 1 else 2, gap - (len(new) - len(old))) + rest[gap:]
+        text = text[:start] + new + kept_tail + rest
     return text
 
 
@@ -116,7 +124,7 @@ def comment_of(text: str, key: str) -> str:
 
 def _flow_yaml(value: Any) -> str:
     """One value as YAML on one line: 500, 5.0e-05, 'a: b', [q_proj, v_proj], {r: 8}, null."""
-    dumped = yaml.safe_dump(value, default_flow_style=True, width=float("inf"), allow_unicode=True)
+    dumped = yaml.safe_dump(value, default_flow_style=True, width=float("inf"), allow_unicode=True, sort_keys=False)
     return dumped.removesuffix("\n").removesuffix("\n...").strip()
 
 

@@ -5,6 +5,7 @@ chat template. The error cases need no model."""
 import json
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -179,6 +180,17 @@ def test_a_base_model_that_cannot_be_had_is_one_clear_error(tmp_path, monkeypatc
     with pytest.raises(FlywheelError, match=message):
         base.run(params_with(**{"finetune.base_model": base_model}), tmp_path)
     assert not (tmp_path / paths.BASE_MODEL).exists()
+
+
+def test_a_hub_id_with_the_hub_out_of_reach_fails_at_once(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    started = time.monotonic()
+    with pytest.raises(FlywheelError, match=r"the hub cannot be reached .*hf download"):
+        base.run(params_with(**{"finetune.base_model": "HuggingFaceTB/SmolLM2-135M-Instruct"}), tmp_path)
+    assert time.monotonic() - started < 10  # the download's own retries took 1 min 38 s
 
 
 def _gguf(path, architecture: str, tensor):

@@ -138,3 +138,17 @@ def test_cli_reports_bad_params_without_traceback(tmp_path):
     assert "ingest.colour: unknown key" in result.stderr
     assert "ingest.sources" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("profile", sorted(path.name for path in REPO.glob("params.*.yaml")))
+def test_every_shipped_profile_applies_and_validates(tmp_path, profile):
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text())
+    overrides = yaml.safe_load((REPO / profile).read_text())
+    assert set(apply_overrides(path, overrides)) <= set(overrides)
+    applied = yaml.safe_load(path.read_text())
+    for key, value in overrides.items():
+        node = applied
+        for part in key.split("."):
+            node = node[part]
+        assert node == value, key

@@ -165,6 +165,11 @@ def load_named(name: str, kind: str):
             f"finetune.base_model {name!r} is a hub id and the hub is offline (HF_HUB_OFFLINE): download "
             f"it where a hub is reachable (hf download {name} --local-dir DIR) and set finetune.base_model to DIR"
         )
+    if kind == "hub" and (unreachable := hub_unreachable()):
+        raise FlywheelError(
+            f"finetune.base_model {name!r} is a hub id and the hub cannot be reached ({unreachable}): download "
+            f"it where a hub is reachable (hf download {name} --local-dir DIR) and set finetune.base_model to DIR"
+        )
     try:
         return modeling.load_pretrained(str(Path(name).expanduser().resolve()) if kind == "directory" else name)
     except FlywheelError as error:
@@ -174,6 +179,24 @@ def load_named(name: str, kind: str):
                 "can be and set finetune.base_model to its directory"
             ) from None
         raise
+
+
+def hub_unreachable(timeout_s: float = 5.0) -> str | None:
+    """Why the hub (huggingface_hub's endpoint: HF_ENDPOINT, else its default) cannot be reached,
+    or None. Asked once, quickly: the download itself retried for over a minute and a half
+    before saying that it was offline."""
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return None  # it answered
+    except (OSError, ValueError) as error:  # URLError, a timeout, a refused connection, a bad URL
+        return f"{constants.ENDPOINT}: {getattr(error, 'reason', error)}"
+    return None
 
 
 def _card_licence(directory: Path) -> str | None:

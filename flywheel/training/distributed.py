@@ -27,7 +27,8 @@ def check_hardware(distributed: DistributedParams, section: str) -> None:
     if distributed.num_gpus > available:
         raise FlywheelError(
             f"params ask for {distributed.num_gpus} GPU(s) per node but this machine has "
-            f"{available}; set {section}.distributed.num_gpus: 0 to train on the CPU"
+            f"{available}; set {section}.distributed.num_gpus to at most {available} "
+            "(0 with launcher none trains on the CPU, or on the one GPU torch sees)"
         )
     if distributed.deepspeed_config and not Path(distributed.deepspeed_config).is_file():
         raise FlywheelError(f"DeepSpeed config {distributed.deepspeed_config!r} not found (see infra/deepspeed/)")
