@@ -197,3 +197,28 @@ def test_the_local_airflow_listens_on_loopback_unless_told_otherwise(tmp_path):
 
     assert local_environment(tmp_path, 8080)["AIRFLOW__API__HOST"] == "127.0.0.1"  # Airflow's own: 0.0.0.0
     assert local_environment(tmp_path, 8080, host="0.0.0.0")["AIRFLOW__API__HOST"] == "0.0.0.0"
+
+
+def test_task_logs_keep_a_progress_bar_now_and_then_and_drop_dvcs_git_hints():
+    import io
+
+    from flywheel.orchestration.airflow_tasks import log_lines
+
+    bar = b"".join(b"\r %3d%%|#| %d/100" % (step, step) for step in range(101))
+    output = (
+        b"Running stage 'finetune':\n> flywheel finetune\n"
+        + bar
+        + b"\nfinetune: eval loss 6.72 -> 0.68\n\nTo track the changes with git, run:\n\n\tgit add dvc.lock\n"
+        + b"\nTo enable auto staging, run:\n\tdvc config core.autostage true\nUpdating lock file 'dvc.lock'"
+    )
+    ticks = iter(range(0, 10_000, 5))  # each clock reading 5 s after the last
+
+    class Chunks(io.BytesIO):  # a pipe hands over what is there: here 7 bytes at a time
+        def read1(self, size=-1):
+            return super().read1(7)
+
+    lines = list(log_lines(Chunks(output), every_s=30, clock=lambda: next(ticks)))
+    assert lines[:2] == ["Running stage 'finetune':", "> flywheel finetune"]
+    progress = [line for line in lines if "%|" in line]
+    assert 2 <= len(progress) <= 20 and progress[-1].strip() == "100%|#| 100/100"  # not 101 lines; the end kept
+    assert lines[-2:] == ["finetune: eval loss 6.72 -> 0.68", "Updating lock file 'dvc.lock'"]

@@ -67,6 +67,36 @@ def stage_command(stage: str) -> list[str]:
     return [PYTHON, "-m", "dvc", "repro", "--single-item", stage]
 
 
+# What `dvc repro` prints for a person at a terminal; a run's save_run commits dvc.lock itself.
+DVC_GIT_HINTS = re.compile(
+    r"^(To track the changes with git, run:|\s*git add \S*dvc\.lock.*|To enable auto staging, run:"
+    r"|\s*dvc config core\.autostage true|\s*)$"
+)
+
+
+def log_lines(stream, every_s: float = 30.0, clock=None):
+    """The lines of a command's output worth a task log line each. A progress bar redraws itself
+    after carriage returns: its state is kept at most every `every_s` seconds and when it ends
+    (it made a log line per step); DVC's git hints and blank lines are dropped."""
+    import time
+
+    clock = clock or time.monotonic
+    last_progress, pending = clock(), b""
+    for chunk in iter(lambda: stream.read1(65536), b""):
+        pending += chunk
+        *complete, pending = re.split(rb"(\r\n|\r|\n)", pending)
+        for piece, separator in zip(complete[::2], complete[1::2]):
+            line = piece.decode("utf-8", "replace").rstrip()
+            if separator == b"\r":  # a redraw: shown now and then
+                if line and clock() - last_progress >= every_s:
+                    last_progress = clock()
+                    yield line
+            elif not DVC_GIT_HINTS.match(line):
+                yield line
+    if pending.strip():
+        yield pending.decode("utf-8", "replace").rstrip()
+
+
 def exit_status(returncode: int, output_tail: list[str]) -> int:
     """The command's own exit code; for `dvc repro`, the failed stage command's."""
     for line in reversed(output_tail):
@@ -103,15 +133,13 @@ class FlywheelCommand(BaseOperator):
             env={**os.environ, **task_env()},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            text=True,
             start_new_session=True,
         )
         running.parent.mkdir(parents=True, exist_ok=True)
         running.write_text(json.dumps({"pgid": self._process.pid, "command": self.command}))
         try:
             tail: collections.deque[str] = collections.deque(maxlen=30)
-            for line in self._process.stdout:
-                line = line.rstrip("\n")
+            for line in log_lines(self._process.stdout):
                 tail.append(line)
                 self.log.info("%s", line)
             returncode = self._process.wait()
