@@ -88,6 +88,9 @@ REWARD_CURVES = Artifact(Path("dvclive/reward"), "reward")
 
 # rlhf
 ALIGNED_MODEL = Artifact(Path("models/aligned"), "rlhf", marker="config.json")
+# Its name in the model registry (dvc.yaml's artifacts), which serving also answers to whatever
+# version is deployed, as OpenAI's "gpt-4o" names whichever snapshot is current.
+MODEL_NAME = "flywheel-model"
 RLHF_CURVES = Artifact(Path("dvclive/rlhf"), "rlhf")
 
 # evaluate

@@ -78,7 +78,8 @@ def test_the_openai_client_gets_chat_and_text_completions_with_the_model_version
         model="sft", prompt="<|user|> French for: big dog<|end|><|assistant|>", max_tokens=1
     )
     assert text.choices[0].finish_reason == "length" and text.usage.completion_tokens == 1
-    assert [m.id for m in client.models.list()] == ["sft", chat.system_fingerprint]  # its name, its version
+    listed = [m.id for m in client.models.list()]
+    assert listed == ["sft", chat.system_fingerprint, "flywheel-model"]  # its name, its version, the stable name
     by_version = client.chat.completions.create(model=chat.system_fingerprint, messages=[RED_CAT])
     assert by_version.choices[0].message.content == "rouge chat"
 

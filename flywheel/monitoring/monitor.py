@@ -35,7 +35,7 @@ from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from flywheel import scoring
+from flywheel import paths, scoring
 from flywheel.config import MonitorParams, Params
 from flywheel.errors import FlywheelError
 from flywheel.io import atomic_path, write_json
@@ -109,7 +109,7 @@ def _ask(url: str, messages: list[dict], temperature: float = 0.0) -> str:
         f"{url}/v1/chat/completions",
         headers=headers,
         timeout=120,
-        json={"model": "flywheel-model", "max_tokens": 64, "temperature": temperature, "messages": messages},
+        json={"model": paths.MODEL_NAME, "max_tokens": 64, "temperature": temperature, "messages": messages},
     )
     response.raise_for_status()
     return response.json()["choices"][0]["message"]["content"]

@@ -25,7 +25,7 @@ import yaml
 from flywheel import paths
 from flywheel.errors import FlywheelError
 
-ARTIFACT = "flywheel-model"
+ARTIFACT = paths.MODEL_NAME
 PROMOTED = "staging"
 PRODUCTION = "prod"
 REJECTED = "rejected"

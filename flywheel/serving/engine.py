@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flywheel import modeling
+from flywheel import modeling, paths
 from flywheel.config import ServeParams
 
 
@@ -47,8 +47,8 @@ class Engine:
 
     @property
     def ids(self) -> list[str]:
-        """The names a request may give in `model`: the directory's name and the version."""
-        return [self.name] if self.version == self.name else [self.name, self.version]
+        """The names a request may give in `model`: the directory's, the version, the stable name."""
+        return list(dict.fromkeys([self.name, self.version, paths.MODEL_NAME]))
 
     @property
     def context_tokens(self) -> int:
