@@ -130,11 +130,21 @@ def test_drifted_traffic_fails_exports_the_window_and_asks_for_retraining_once(p
     again = monitor(root, url, "--retrain")
     assert again["verdict"] == "failed" and not again["retrain"]["triggered"]
     assert "cooldown" in again["retrain"]["reason"]
-    assert len(evidently_ui_snapshots(root / "data/monitoring/workspace")) == 3
+    # Every check is in Evidently: a checks snapshot (its tests fail as the run did) and the drift
+    # detail per run, tagged; the dashboard has a panel per check.
+    snapshots, dashboard = evidently_ui(root / "data/monitoring/workspace")
+    assert len(snapshots) == 6
+    assert sorted(snapshot["name"] for snapshot in snapshots) == ["checks"] * 3 + ["drift"] * 3
+    assert all({"verdict:failed", "model:v0.0.1"} <= set(s["tags"]) for s in snapshots if s["name"] == "checks")
+    assert {"hallucination_rate", "negative_feedback_rate", "input_drift", "latency_p95_ms"} <= {
+        panel["title"] for panel in dashboard["panels"]
+    }
+    page = (root / again["report"]).read_text()
+    assert "negative_feedback_rate" in page and "latency_p95_ms" in page
 
 
-def evidently_ui_snapshots(workspace) -> list[dict]:
-    """What `make monitoring-ui` shows: the Evidently UI's runs of the flywheel project."""
+def evidently_ui(workspace) -> tuple[list[dict], dict]:
+    """What `make monitoring-ui` shows: the Evidently UI's runs of the flywheel project and its dashboard."""
     port = free_port()
     ui = subprocess.Popen(
         [str(BIN / "evidently"), "ui", "--workspace", str(workspace), "--port", str(port)],
@@ -145,7 +155,8 @@ def evidently_ui_snapshots(workspace) -> list[dict]:
     try:
         wait_until_ready(f"{base}/projects", ui, timeout=90)
         project = next(p for p in httpx.get(f"{base}/projects").json() if p["name"] == "flywheel")
-        return httpx.get(f"{base}/projects/{project['id']}/snapshots").json()
+        snapshots = httpx.get(f"{base}/projects/{project['id']}/snapshots").json()
+        return snapshots, httpx.get(f"{base}/v2/dashboards/{project['id']}").json()
     finally:
         ui.terminate()
         ui.wait()

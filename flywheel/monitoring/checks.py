@@ -14,6 +14,7 @@ class Check:
     threshold: float | None
     passed: bool | None  # None: not measured this run (e.g. no endpoint, no ratings)
     detail: str = ""
+    rule: str = "<="  # how the value passes its threshold: "<=", ">=" or "<" (the Evidently test's)
 
 
 def at_most(name: str, value: float | None, config: MonitorParams, detail: str = "") -> Check:

@@ -108,8 +108,8 @@ def chance_auc(n_reference: int, n_current: int, p_value: float) -> float:
     return 0.5 + norm.isf(p_value) * ((n1 + n2 + 1) / (12 * n1 * n2)) ** 0.5
 
 
-def drift(reference: list[str], current: list[str], embedder, config: MonitorParams):
-    """(checks, the Evidently snapshot) for the current prompts against the reference."""
+def drift(reference: list[str], current: list[str], embedder, config: MonitorParams, tags: list[str] = ()):
+    """(checks, the Evidently snapshot, tagged with `tags`) for the current prompts against the reference."""
     from evidently import Report
     from evidently.metrics import EmbeddingsDrift, ValueDrift
 
@@ -123,7 +123,12 @@ def drift(reference: list[str], current: list[str], embedder, config: MonitorPar
             *[ValueDrift(column=name, method="ks") for name in DESCRIPTORS],
         ]
     )
-    snapshot = report.run(_dataset(current, embedder.encode(current)), _dataset(reference, embedder.encode(reference)))
+    snapshot = report.run(
+        _dataset(current, embedder.encode(current)),
+        _dataset(reference, embedder.encode(reference)),
+        tags=list(tags),
+        name="drift",
+    )
     values = [float(metric["value"]) for metric in snapshot.dict()["metrics"]]
     text_auc, embedding_auc, p_values = values[0], values[1], dict(zip(DESCRIPTORS, values[2:]))
     # Drifted when any signal is significant at p_value / 3: by the union bound the verdict's
@@ -159,6 +164,7 @@ def drift(reference: list[str], current: list[str], embedder, config: MonitorPar
             descriptor_limit,
             not drifted_descriptors,
             "K-S p-values: " + ", ".join(f"{name} {p:.2g}" for name, p in p_values.items()),
+            rule=">=",
         ),
     ]
     drifted = [name for name, hit in signals.items() if hit]
@@ -169,6 +175,7 @@ def drift(reference: list[str], current: list[str], embedder, config: MonitorPar
             1.0,
             not drifted,
             f"{len(drifted)} of 3 signals drifted ({', '.join(drifted) or 'none'})",
+            rule="<",
         )
     )
     return checks, snapshot

@@ -47,7 +47,6 @@ REPORTS_DIR = Path("reports/monitoring")
 STATE_DIR = Path("data/monitoring")
 WORKSPACE_DIR = STATE_DIR / "workspace"
 LAST_RETRAIN = STATE_DIR / "last_retrain.json"
-WORKSPACE_PROJECT = "flywheel"
 INSUFFICIENT = "insufficient data"
 
 
@@ -228,15 +227,6 @@ def _slug(moment: datetime) -> str:
 # The run
 
 
-def add_to_workspace(snapshot) -> None:
-    from evidently.ui.workspace import Workspace
-
-    workspace = Workspace.create(str(WORKSPACE_DIR))
-    projects = [p for p in workspace.list_projects() if p.name == WORKSPACE_PROJECT]
-    project = projects[0] if projects else workspace.create_project(WORKSPACE_PROJECT)
-    workspace.add_run(project.id, snapshot)
-
-
 def run(params: Params, now: datetime | None = None, request_log=None, may_retrain: bool = False) -> dict:
     from flywheel.evaluation.hallucination import load_embedder
     from flywheel.serving.request_log import RequestLog
@@ -265,24 +255,17 @@ def run(params: Params, now: datetime | None = None, request_log=None, may_retra
                 f"a verdict needs {config.min_prompts} distinct prompts",
             }
         embedder = load_embedder(config.embedding_model)
-        drift_checks, snapshot = drift(reference_prompts(config), current, embedder, config)
+        versions = _model_tags(requests)
+        drift_checks, snapshot = drift(reference_prompts(config), current, embedder, config, versions)
         checks = (
             drift_checks
             + logged_quality(requests, feedback, config)
             + live_quality(endpoint_url(config), requests, embedder, params)
         )
-        report = REPORTS_DIR / f"{_slug(now)}.html"
-        REPORTS_DIR.mkdir(parents=True, exist_ok=True)
-        snapshot.save_html(str(report))
-        add_to_workspace(snapshot)
         failed = [check.name for check in checks if check.passed is False]
-        result.update(
-            verdict="failed" if failed else "passed",
-            checks=[asdict(c) for c in checks],
-            failed=failed,
-            report=str(report),
-            sampled_prompts=len(current),
-        )
+        verdict = "failed" if failed else "passed"
+        result.update(verdict=verdict, checks=[asdict(c) for c in checks], failed=failed, sampled_prompts=len(current))
+        result.update(save_reports(checks, snapshot, [f"verdict:{verdict}", *versions], result, now))
         if failed and not may_retrain:
             result["retrain"] = {
                 "triggered": False,
@@ -295,6 +278,26 @@ def run(params: Params, now: datetime | None = None, request_log=None, may_retra
     finally:
         if own_log:
             request_log.close()
+
+
+def _model_tags(requests: list[dict]) -> list[str]:
+    """The model versions that answered the window, as Evidently run tags."""
+    return [f"model:{v}" for v in sorted({str(row["model_version"]) for row in requests if row.get("model_version")})]
+
+
+def save_reports(checks: list[Check], drift_snapshot, tags: list[str], result: dict, now: datetime) -> dict:
+    """The run's two Evidently snapshots (every check with its test; the drift detail) as HTML
+    pages and as runs of the workspace's project, whose dashboard gets a panel per check."""
+    from flywheel.monitoring import dashboard
+
+    metadata = {"window_hours": str(result["window_hours"]), "requests": str(result["requests"])}
+    checks_snapshot = dashboard.checks_snapshot(checks, tags, metadata)
+    REPORTS_DIR.mkdir(parents=True, exist_ok=True)
+    report, drift_report = REPORTS_DIR / f"{_slug(now)}.html", REPORTS_DIR / f"{_slug(now)}-drift.html"
+    checks_snapshot.save_html(str(report))
+    drift_snapshot.save_html(str(drift_report))
+    dashboard.add_to_workspace(WORKSPACE_DIR, [checks_snapshot, drift_snapshot], checks)
+    return {"report": str(report), "drift_report": str(drift_report), "tags": tags}
 
 
 def ask_for_retraining(
@@ -330,7 +333,8 @@ def report(result: dict) -> str:
         value = "-" if check["value"] is None else f"{check['value']:.3f}"
         limit = "-" if check["threshold"] is None else f"{check['threshold']:g}"
         lines.append(f"  {mark} {check['name']:<32} {value:>9}  (threshold {limit})  {check['detail']}")
-    lines.append(f"  report: {result['report']} (all runs: make monitoring-ui)")
+    lines.append(f"  reports: {result['report']} (every check), {result['drift_report']} (input drift)")
+    lines.append(f"  tags: {', '.join(result['tags'])}; every run and a panel per check: make monitoring-ui")
     retrain = result.get("retrain")
     if retrain:
         lines.append(f"  retraining: {'asked for' if retrain['triggered'] else 'not asked for'}: {retrain['reason']}")
