@@ -184,8 +184,9 @@ def test_a_stage_added_to_dvc_yaml_appears_in_the_dag_with_dvcs_edges(project_co
         "reward": ["finetune", "preferences"],
         "rlhf": ["finetune", "preferences", "reward", "split"],
         "evaluate": ["base", "finetune", "preferences", "reward", "rlhf", "split"],
+        "summary": ["clean", "evaluate", "finetune", "ingest", "reward", "rlhf", "split"],
         # the stages nothing depends on end the run
-        "save_run": ["distill", "evaluate", "report"],
+        "save_run": ["distill", "report", "summary"],
         "gate": ["save_run"],
         "promote": ["gate"],
         "not_promoted": ["gate"],
