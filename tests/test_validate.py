@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -19,6 +20,23 @@ def test_clean_data_passes_and_writes_data_docs(tmp_path):
     assert metrics["expectations"] == len(metrics["results"]) == 11
     index = tmp_path / paths.VALIDATION_REPORT / "index.html"
     assert index.is_file() and "cleaned_records" in index.read_text()
+
+
+def test_data_docs_list_each_run_by_name_and_draw_offline(tmp_path, monkeypatch):
+    write_records(tmp_path / paths.CLEAN_RECORDS, good_records())
+    for name in ("manual__2026-12-01T10:00:00", "scheduled__2026-12-02T03:00:00"):
+        monkeypatch.setenv("FLYWHEEL_RUN_NAME", name)
+        validate.run(repo_params(), root=tmp_path)
+    docs = tmp_path / paths.VALIDATION_REPORT
+    index = (docs / "index.html").read_text()
+    assert "manual__2026-12-01T10:00:00" in index and "scheduled__2026-12-02T03:00:00" in index  # not __none__
+    assert len(list(docs.glob("validations/cleaned_records/*/*/*.html"))) == 2
+    for page in docs.rglob("*.html"):  # scripts, styles and images from the docs' own folder
+        text = page.read_text()
+        remote = re.findall(r'<(?:script|link|img)[^>]*(?:src|href)="(https?://[^"]+)"', text)
+        assert not remote, (page, remote)
+        for local in re.findall(r'(?:src|href)="(\.[^"#]+)"', text):
+            assert (page.parent / local).is_file(), (page, local)
 
 
 def test_corrupted_data_fails_naming_each_expectation_and_rows(tmp_path):

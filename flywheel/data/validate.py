@@ -1,15 +1,20 @@
 """validate: a Great Expectations suite, defined from params.yaml, run on the cleaned records.
 
 Input:  data/interim/clean/records.parquet
-Output: reports/validate/               Great Expectations Data Docs (open index.html)
+Output: reports/validate/               Great Expectations Data Docs (open index.html): this run
+                                        and the ones before it (the last RUNS_KEPT), each under
+                                        its run's name; they draw offline
         metrics/validate.json           each expectation's outcome, observed value and severity
 A failed critical expectation fails the stage, naming every failed expectation and a few
 offending rows; a failed warning is reported and the stage passes.
+
+A run is named by FLYWHEEL_RUN_NAME (an Airflow task sets it to the run id), else "local".
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,6 +25,33 @@ from flywheel.errors import StageFailed
 from flywheel.pii import find_pii
 
 PII_COLUMN = "pii_found"  # derived: the PII kinds the shared detector still finds in a row
+RUNS_KEPT = 20  # validation runs the Data Docs list; older ones are dropped
+RESULTS = ".results"  # inside the Data Docs: the earlier runs' validation results, for the next index
+VENDOR = Path("infra/data-docs/vendor")  # the pages' scripts, styles and fonts (its README: what and why)
+# Each CDN address GX's pages use -> its copy under VENDOR; GX's logo comes from its own static/.
+_TABLE = "https://unpkg.com/bootstrap-table@{version}/dist/extensions/filter-control/bootstrap-table-filter-control"
+_CDNJS = "https://cdnjs.cloudflare.com/ajax/libs"
+OFFLINE_COPIES = {
+    "https://code.jquery.com/jquery-3.7.1.min.js": "js/jquery.min.js",
+    f"{_CDNJS}/popper.js/1.12.9/umd/popper.min.js": "js/popper.min.js",
+    "https://stackpath.bootstrapcdn.com/bootstrap/4.3.1/js/bootstrap.min.js": "js/bootstrap.min.js",
+    "https://maxcdn.bootstrapcdn.com/bootstrap/4.3.1/css/bootstrap.min.css": "css/bootstrap.min.css",
+    "https://unpkg.com/bootstrap-table@1.19.1/dist/bootstrap-table.min.js": "js/bootstrap-table.min.js",
+    "https://unpkg.com/bootstrap-table@1.19.1/dist/bootstrap-table.min.css": "css/bootstrap-table.min.css",
+    _TABLE.format(version="1.19.1") + ".min.js": "js/bootstrap-table-filter-control.min.js",
+    _TABLE.format(version="1.19.0") + ".min.css": "css/bootstrap-table-filter-control.min.css",
+    _TABLE.format(version="1.19.0") + ".css": "css/bootstrap-table-filter-control.min.css",
+    f"{_CDNJS}/bootstrap-datepicker/1.9.0/js/bootstrap-datepicker.min.js": "js/bootstrap-datepicker.min.js",
+    f"{_CDNJS}/bootstrap-datepicker/1.9.0/css/bootstrap-datepicker.min.css": "css/bootstrap-datepicker.min.css",
+    "https://cdn.jsdelivr.net/npm/@forevolve/bootstrap-dark@1.1.0/dist/css/bootstrap-prefers-dark.css": (
+        "css/bootstrap-prefers-dark.min.css"
+    ),
+    f"{_CDNJS}/font-awesome/6.6.0/css/all.min.css": "css/all.min.css",
+    "https://cdn.jsdelivr.net/npm/vega@5": "js/vega.min.js",
+    "https://cdn.jsdelivr.net/npm/vega-lite@5": "js/vega-lite.min.js",
+    "https://cdn.jsdelivr.net/npm/vega-embed@6": "js/vega-embed.min.js",
+}
+REMOTE_LOGO = re.compile(r"https://great-expectations-web-assets\.s3[^\"']*/logo-long\.png[^\"']*")
 
 
 def build_suite(config: ValidateParams) -> list:
@@ -84,7 +116,7 @@ def _outcome(result, shown: int) -> dict:
     return outcome
 
 
-def _run_checkpoint(frame, config: ValidateParams, project: Path):
+def _run_checkpoint(frame, config: ValidateParams, project: Path, run_name: str):
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")  # no usage statistics leave the machine
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -114,10 +146,65 @@ def _run_checkpoint(frame, config: ValidateParams, project: Path):
             },
         )
     )
-    result = checkpoint.run(batch_parameters={"dataframe": frame})
+    from great_expectations.core.run_identifier import RunIdentifier
+
+    result = checkpoint.run(batch_parameters={"dataframe": frame}, run_id=RunIdentifier(run_name=run_name))
     (validation,) = result.run_results.values()
-    docs = project / "gx" / "uncommitted" / "data_docs" / "local_site"
-    return validation.results, docs
+    return validation.results
+
+
+# ---------------------------------------------------------------------------------------------
+# The Data Docs: every kept run, offline
+
+
+def _site(project: Path) -> Path:
+    return project / "gx" / "uncommitted" / "data_docs" / "local_site"
+
+
+def _store(project: Path) -> Path:
+    return project / "gx" / "uncommitted" / "validations"
+
+
+def _runs(validations: Path) -> list[Path]:
+    """<suite>/<run name>/<run time> folders, oldest first (run times are UTC stamps)."""
+    return sorted(validations.glob("*/*/*"), key=lambda run: run.name) if validations.is_dir() else []
+
+
+def _bring_back_earlier_runs(published: Path, project: Path) -> None:
+    """The last RUNS_KEPT - 1 runs' results and pages into a new GX project, so its index lists
+    them beside this run (GX keeps runs in its project, which lasts one stage run here)."""
+    for run in _runs(published / RESULTS)[-(RUNS_KEPT - 1) :]:
+        relative = run.relative_to(published / RESULTS)
+        shutil.copytree(run, _store(project) / relative)
+        if (page := published / "validations" / relative).is_dir():
+            shutil.copytree(page, _site(project) / "validations" / relative)
+
+
+def _keep_results(project: Path) -> None:
+    store = _store(project)
+    for run in _runs(store):
+        shutil.copytree(run, _site(project) / RESULTS / run.relative_to(store))
+
+
+def _make_offline(site: Path, vendor: Path) -> None:
+    """Point every page at the copies in static/vendor instead of CDNs (offline the index's table
+    of runs is never drawn and the pass/fail icons vanish)."""
+    shutil.copytree(vendor, site / "static" / "vendor", dirs_exist_ok=True)
+    for page in site.rglob("*.html"):
+        to_root = os.path.relpath(site, page.parent).replace(os.sep, "/")
+        text = page.read_text()
+        for address, copy in OFFLINE_COPIES.items():
+            text = text.replace(f'"{address}"', f'"{to_root}/static/vendor/{copy}"')
+        text = REMOTE_LOGO.sub(f"{to_root}/static/images/logo-long.png", text)
+        # GX's run pages climb one folder too few to static/ (the favicon); every page from its depth.
+        text = re.sub(r'((?:src|href)=")(?:\.\.?/)+static/', rf"\g<1>{to_root}/static/", text)
+        text = re.sub(r'\s(integrity|crossorigin)="[^"]*"', "", text)  # hashes of the CDN files' bytes
+        page.write_text(text)
+
+
+def _vendor(root: Path) -> Path:
+    """The project's copies; where root is not a checkout (a test's folder), this code's own."""
+    return root / VENDOR if (root / VENDOR).is_dir() else Path(__file__).resolve().parents[2] / VENDOR
 
 
 def _publish_docs(docs: Path, target: Path) -> None:
@@ -134,10 +221,15 @@ def run(params: Params, root: Path = Path(".")) -> dict:
 
     config = params.validate_
     frame = with_pii_column(pd.read_parquet(paths.CLEAN_RECORDS.require(root)), config.no_pii_in)
+    published = root / paths.VALIDATION_REPORT
     with tempfile.TemporaryDirectory() as project:
-        results, docs = _run_checkpoint(frame, config, Path(project))
+        project = Path(project)
+        _bring_back_earlier_runs(published, project)
+        results = _run_checkpoint(frame, config, project, os.environ.get("FLYWHEEL_RUN_NAME") or "local")
         outcomes = [_outcome(result, config.failed_rows_shown) for result in results]
-        _publish_docs(docs, root / paths.VALIDATION_REPORT)
+        _keep_results(project)
+        _make_offline(_site(project), _vendor(root))
+        _publish_docs(_site(project), published)
     return _verdict(outcomes, rows=len(frame))
 
 

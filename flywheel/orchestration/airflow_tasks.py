@@ -130,7 +130,7 @@ class FlywheelCommand(BaseOperator):
         self._process = subprocess.Popen(
             self.command,
             cwd=self.project,
-            env={**os.environ, **task_env()},
+            env={**os.environ, **task_env(), "FLYWHEEL_RUN_NAME": context["run_id"]},  # names reports by run
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
