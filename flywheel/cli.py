@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC
@@ -125,6 +126,7 @@ def run_stage(name: str, params_path: str) -> None:
     params = load_params(params_path)
     _size_threads(params)
     module = importlib.import_module(STAGES[name][0])
+    started = time.monotonic()
     with _one_run_of(name):
         try:
             metrics = module.run(params)
@@ -135,6 +137,7 @@ def run_stage(name: str, params_path: str) -> None:
         return  # a launched worker other than rank 0: rank 0 writes the outputs
     write_json(paths.metrics_file(name), metrics)
     print(module.report(metrics))
+    print(f"{name}: took {time.monotonic() - started:.0f} s")
 
 
 # Stages that resume from checkpoints: two runs at once would delete each other's.

@@ -201,6 +201,9 @@ def _decode_new(
     tokens generated) per answer."""
     import torch
 
+    from flywheel.progress import Progress
+
+    progress = Progress("generating answers to prompts", len(conversations))
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the right edge
     answers = []
@@ -220,6 +223,7 @@ def _decode_new(
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             counts = (new_tokens != tokenizer.pad_token_id).sum(dim=1).tolist()
             answers += [(text.strip(), count) for text, count in zip(texts, counts)]
+            progress.advance(len(prompts))
     finally:
         tokenizer.padding_side = side
     return answers
