@@ -123,9 +123,12 @@ def comment_of(text: str, key: str) -> str:
 
 
 def _flow_yaml(value: Any) -> str:
-    """One value as YAML on one line: 500, 5.0e-05, 'a: b', [q_proj, v_proj], {r: 8}, null."""
-    dumped = yaml.safe_dump(value, default_flow_style=True, width=float("inf"), allow_unicode=True, sort_keys=False)
-    return dumped.removesuffix("\n").removesuffix("\n...").strip()
+    """One value as YAML on one line, quoted as it must be inside a flow mapping ({a: 'x, y'}):
+    500, 5.0e-05, 'a: b', [q_proj, v_proj], {r: 8}, null."""
+    dumped = yaml.safe_dump(
+        [value], default_flow_style=True, width=float("inf"), allow_unicode=True, sort_keys=False
+    ).strip()
+    return dumped.removesuffix("...").strip()[1:-1]  # the one element of the flow sequence
 
 
 def _check_only_these_changed(path: Path, current: dict, edited: str, changes: dict) -> None:

@@ -104,6 +104,8 @@ def test_apply_overrides_changes_only_the_bytes_of_the_values_it_sets(tmp_path):
         "rlhf.dpo.training.epochs": 1.5,  # inside a flow mapping {epochs: 3, ...}
         "finetune.lora.target_modules": ["q_proj", "v_proj"],  # a flow sequence
         "evaluate.production_model": "models/prod: v1",  # a string YAML must quote
+        "rlhf.dpo.reference_model": "sft",  # unchanged: no line changes
+        "airflow.gpu_pool": "gpu, shared",  # a comma: quoted
         "finetune.method": "lora",
     }
     apply_overrides(path, overrides)
@@ -112,8 +114,9 @@ def test_apply_overrides_changes_only_the_bytes_of_the_values_it_sets(tmp_path):
     assert params.finetune.training.learning_rate == 0.00005 and params.rlhf.dpo.training.epochs == 1.5
     assert params.finetune.lora.target_modules == ["q_proj", "v_proj"]
     assert params.evaluate.production_model == "models/prod: v1" and params.finetune.method == "lora"
+    assert params.airflow.gpu_pool == "gpu, shared"
     changed = [(a, b) for a, b in zip(original.splitlines(), edited.splitlines()) if a != b]
-    assert len(original.splitlines()) == len(edited.splitlines()) and len(changed) == len(overrides)
+    assert len(original.splitlines()) == len(edited.splitlines()) and len(changed) == len(overrides) - 1
     for before, after in changed:  # each changed line keeps its indentation and its comment
         assert before[: len(before) - len(before.lstrip())] == after[: len(after) - len(after.lstrip())]
         assert before.partition(" # ")[2] == after.partition(" # ")[2]
