@@ -13,7 +13,8 @@
   gate          the evaluate stage's decision (metrics/gate.json): promote or not_promoted
   promote       `flywheel run promote`: the run's experiment commit becomes a registry version
                 in staging
-  not_promoted  the gate rejected the run: the run succeeds, the reasons are in gate.json
+  not_promoted  the gate rejected the run: the run succeeds, this task (red) logs the reasons and
+                the evaluation report's path
 
 Scheduled by airflow.schedule (cron, in params.yaml) and by the flywheel_feedback Asset that
 flywheel_monitoring publishes when it exports feedback for retraining. Runs never overlap: one
@@ -32,14 +33,14 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 import yaml
-from airflow.providers.standard.operators.empty import EmptyOperator
-from airflow.providers.standard.operators.python import BranchPythonOperator
+from airflow.providers.standard.operators.python import BranchPythonOperator, PythonOperator
 from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param
 
 from flywheel.config import get_dotted, param_schema
 from flywheel.orchestration.airflow_tasks import (
     FlywheelCommand,
     alert,
+    explain_rejection,
     feedback_asset,
     flywheel,
     gate_branch,
@@ -154,9 +155,14 @@ with DAG(
         command=flywheel("run", "promote", "{{ run_id }}"),
         doc_md="Register the run's experiment commit as a version in staging.",
     )
-    not_promoted = EmptyOperator(
-        task_id="not_promoted", doc_md="The gate rejected this run; its reasons are in metrics/gate.json."
+    not_promoted = PythonOperator(
+        task_id="not_promoted",
+        python_callable=explain_rejection,
+        op_args=[str(PROJECT)],
+        retries=0,
+        doc_md="The gate rejected this run: its log and XCom give the reasons and the evaluation report.",
     )
+    not_promoted.ui_color = "#f4cccc"  # red in the graph: the run succeeded, its model did not
 
     for name, parents in upstream.items():
         for parent in sorted(parents) or [None]:

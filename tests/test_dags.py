@@ -37,6 +37,7 @@ DAGBAG_SCRIPT = textwrap.dedent("""
         "max_active_runs": dag.max_active_runs if dag else None,
         "pools": {t.task_id: t.pool for t in dag.tasks} if dag else {},
         "retries": {t.task_id: t.retries for t in dag.tasks} if dag else {},
+        "colours": {t.task_id: t.ui_color for t in dag.tasks} if dag else {},
         "schedule": repr(dag.timetable) if dag else None,
         "form": {key: dag.params.get_param(key).schema for key in dag.params} if dag else {},
         "descriptions": {key: dag.params.get_param(key).description for key in dag.params} if dag else {},
@@ -88,6 +89,7 @@ def test_dags_folder_loads_without_import_errors(tmp_path):
         "evaluate",
     }
     assert bag["retries"]["finetune"] == 2 and bag["retries"]["start_run"] == 0
+    assert bag["colours"]["not_promoted"] != bag["colours"]["promote"]  # a rejected run is marked
     # No cron in params.yaml: runs start by hand, or from monitoring's feedback Asset.
     assert "flywheel_feedback" in bag["schedule"]
 

@@ -15,6 +15,7 @@ standard library at module level.
                     PagerDuty-style webhook: its host, port and schema make the URL).
   gate_branch       after the run is saved: `promote` when metrics/gate.json says the gate
                     passed, `not_promoted` otherwise (a decision, not a crash).
+  explain_rejection not_promoted: the gate's reasons and the report's path, in its log and XCom.
   publish_feedback  the monitoring DAG's Asset event for exported feedback, with the reason and
                     the report in its extra; asset-scheduled training starts from it.
 """
@@ -238,6 +239,17 @@ def gate_branch(project: str) -> str:
         return "promote"
     log.warning("not promoted: %s", "; ".join(gate.get("reasons", [])))
     return "not_promoted"
+
+
+def explain_rejection(project: str) -> list[str]:
+    """not_promoted: the gate's reasons and where the evaluation report is, in the task's log and
+    XCom, so a rejected run says why where it is looked at (it ended as one more green box)."""
+    gate = json.loads((Path(project) / "metrics/gate.json").read_text())
+    log.warning("the promotion gate rejected this run's model; nothing is promoted. Its reasons:")
+    for reason in gate.get("reasons", []):
+        log.warning("  - %s", reason)
+    log.warning("the evaluation report: %s", (Path(project) / "reports/evaluate/index.html").resolve())
+    return gate.get("reasons", [])
 
 
 def retraining_asked(project: str) -> dict | bool:
