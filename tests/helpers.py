@@ -12,7 +12,10 @@ import yaml
 
 from flywheel.config import parse_params
 from flywheel.data.records import RECORD_SCHEMA, content_id
+from flywheel.orchestration.dvc_graph import load_stages
 from tests.conftest import REPO, run
+
+STAGES = tuple(load_stages(REPO / "dvc.yaml"))  # every stage of the pipeline, in dvc.yaml's order
 
 
 def record(prompt: str, response: str, *, context: str | None = None, source: str = "test") -> dict:

@@ -17,24 +17,11 @@ from flywheel.data.sample import off_topic_prompts
 from flywheel.orchestration.runs import experiment_name
 from tests.airflow_stack import AirflowStack
 from tests.conftest import commit_all, free_port, git_copy, postgres_database, run
-from tests.helpers import QUICK_TRAINING, experiments
+from tests.helpers import QUICK_TRAINING, STAGES, experiments
 from tests.test_monitor import log_traffic
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
-STAGES = (
-    "ingest",
-    "clean",
-    "validate",
-    "split",
-    "base",
-    "finetune",
-    "preferences",
-    "reward",
-    "rlhf",
-    "evaluate",
-    "summary",
-)
 CHANGED = {"evaluate.test_examples": 50}  # the form field the test changes (1000 in params.yaml)
 
 

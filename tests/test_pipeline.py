@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import free_port, run
-from tests.helpers import QUICK_TRAINING
+from tests.helpers import QUICK_TRAINING, STAGES
 
 pytestmark = pytest.mark.slow
 
@@ -25,21 +25,6 @@ DAG_TEST_SCRIPT = textwrap.dedent("""
     states = {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
     print(json.dumps({"state": str(dag_run.state), "tasks": states}))
 """)
-
-
-STAGES = (
-    "ingest",
-    "clean",
-    "validate",
-    "split",
-    "base",
-    "finetune",
-    "preferences",
-    "reward",
-    "rlhf",
-    "evaluate",
-    "summary",
-)
 
 
 def metrics(project, stage: str) -> dict:
