@@ -119,6 +119,7 @@ def _outcome(result, shown: int) -> dict:
 def _run_checkpoint(frame, config: ValidateParams, project: Path, run_name: str):
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")  # no usage statistics leave the machine
     import great_expectations as gx
+    from great_expectations.core.run_identifier import RunIdentifier
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="file", project_root_dir=str(project))
@@ -146,8 +147,6 @@ def _run_checkpoint(frame, config: ValidateParams, project: Path, run_name: str)
             },
         )
     )
-    from great_expectations.core.run_identifier import RunIdentifier
-
     result = checkpoint.run(batch_parameters={"dataframe": frame}, run_id=RunIdentifier(run_name=run_name))
     (validation,) = result.run_results.values()
     return validation.results

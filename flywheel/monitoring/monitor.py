@@ -11,12 +11,13 @@ One run judges the last `monitor.window_hours` of the request log:
                  answers, and the share of "down" ratings in the window's feedback.
   operations     5xx share and p95 latency from the log.
 
-Each check has a value, a threshold and pass/fail in metrics/monitor.json; the Evidently report of
-the run is written to reports/monitoring/<time>.html and added to the Evidently workspace in
-data/monitoring/workspace (`make monitoring-ui`). A window with fewer than `min_prompts` distinct
-prompts gets "insufficient data", not a verdict. A window larger than `max_requests` is sampled
-uniformly (seeded) for the drift tests, whose power only grows with the sample: the run stays well
-under a minute for 100,000 logged requests.
+Each check has a value, a threshold and pass/fail in metrics/monitor.json, and in Evidently
+(flywheel/monitoring/dashboard.py): reports/monitoring/<time>.html holds every check with its
+test, <time>-drift.html the drift detail, and both are runs of the workspace in
+data/monitoring/workspace, whose dashboard has a panel per check (`make monitoring-ui`).
+A window with fewer than `min_prompts` distinct prompts gets "insufficient data", not a verdict.
+A window larger than `max_requests` is sampled uniformly (seeded) for the drift tests, whose power
+only grows with the sample: the run stays well under a minute for 100,000 logged requests.
 
 When a check fails in a run that may retrain (`flywheel monitor --retrain`, as the
 flywheel_monitoring DAG runs it), and no retraining was asked for within `cooldown_hours`, the
