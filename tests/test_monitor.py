@@ -120,6 +120,7 @@ def test_drifted_traffic_fails_exports_the_window_and_asks_for_retraining_once(p
 
     retrain = result["retrain"]
     assert retrain["triggered"] and "input_drift" in retrain["reason"]
+    assert retrain["report"] == result["report"] and retrain["report"].startswith("reports/monitoring/")
     traffic = [json.loads(line) for line in (root / retrain["traffic"]).read_text().splitlines()]
     assert len(traffic) == 200 and traffic[0]["messages"][0]["content"].startswith("How do I")
     feedback = (root / retrain["feedback"]).read_text().splitlines()

@@ -83,7 +83,7 @@ class Webhook(BaseHTTPRequestHandler):
         pass
 
 
-def test_airflow_run_with_a_bad_param_fails_before_any_stage_and_alerts(project_copy, tmp_path):
+def test_airflow_refuses_a_bad_param_before_any_stage_and_alerts(project_copy, tmp_path):
     port = free_port()
     server = HTTPServer(("127.0.0.1", port), Webhook)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -95,11 +95,20 @@ def test_airflow_run_with_a_bad_param_fails_before_any_stage_and_alerts(project_
         "AIRFLOW_CONN_FLYWHEEL_ALERTS": f"http://127.0.0.1:{port}/hooks/flywheel",
     }
     run(["airflow", "db", "migrate"], tmp_path, **env)
+    dags = str(project_copy / "dags")
     try:
-        result = run(
-            ["python", "-c", DAG_TEST_SCRIPT, str(project_copy / "dags"), json.dumps({"ingest.chunk_size": -5})],
+        # Out of the form's bounds (the typed params' own): Airflow refuses it, no run starts.
+        refused = run(
+            ["python", "-c", DAG_TEST_SCRIPT, dags, json.dumps({"ingest.chunk_size": -5})],
             project_copy,
+            check=False,
             **env,
+        )
+        assert refused.returncode != 0
+        assert "Invalid input for param ingest.chunk_size: -5 is less than the minimum of 1" in refused.stderr
+        # A param the form does not offer: the run's first task refuses it, before any stage.
+        result = run(
+            ["python", "-c", DAG_TEST_SCRIPT, dags, json.dumps({"evaluate.test_examples": 5})], project_copy, **env
         )
     finally:
         server.shutdown()
@@ -117,4 +126,4 @@ def test_airflow_run_with_a_bad_param_fails_before_any_stage_and_alerts(project_
     # One alert, not one per retry: a bad param is not retried.
     [alert] = Webhook.received
     assert alert["task_id"] == "start_run" and alert["dag_id"] == "flywheel_training"
-    assert "ingest.chunk_size" in alert["error"] and "not retried" in alert["error"]
+    assert "evaluate.test_examples" in alert["error"] and "not retried" in alert["error"]

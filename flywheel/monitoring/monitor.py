@@ -274,7 +274,7 @@ def run(params: Params, now: datetime | None = None, request_log=None, may_retra
                 "(the flywheel_monitoring DAG retrains; the cooldown is left alone)",
             }
         elif failed:
-            result["retrain"] = ask_for_retraining(failed, report, requests, request_log, now, config)
+            result["retrain"] = ask_for_retraining(failed, result["report"], requests, request_log, now, config)
         return result
     finally:
         if own_log:
@@ -302,7 +302,7 @@ def save_reports(checks: list[Check], drift_snapshot, tags: list[str], result: d
 
 
 def ask_for_retraining(
-    failed: list[str], report: Path, requests: list[dict], request_log, now: datetime, config: MonitorParams
+    failed: list[str], report: str, requests: list[dict], request_log, now: datetime, config: MonitorParams
 ) -> dict:
     if in_cooldown(now, config):
         return {
