@@ -22,9 +22,9 @@ workspace, one DVC lock. Transient failures are retried with backoff; Flywheel's
 failures (exit 2: bad params, bad data, failed validation) fail at once; every final failure
 calls flywheel.orchestration.airflow_tasks.alert.
 
-Cheap to parse: besides Airflow it imports PyYAML, flywheel.config (pydantic), flywheel.params_file
-and flywheel.orchestration's dvc_graph, airflow_tasks and runs (standard library only); no stage
-code, torch, pyarrow or pandas. It is built from params.yaml as it is between runs (a run applies
+Cheap to parse: besides Airflow it imports PyYAML, flywheel.config (pydantic), flywheel.params_file,
+flywheel.orchestration.runs and flywheel.orchestration's dvc_graph and airflow_tasks (standard
+library only); no stage code, torch, pyarrow or pandas. It is built from params.yaml as it is between runs (a run applies
 its form values to params.yaml until it ends): a run does not change the DAG's version.
 """
 
