@@ -63,6 +63,13 @@ def test_dvc_repro_builds_the_outputs_and_a_second_run_is_a_no_op(project_copy):
     gate = metrics(project_copy, "gate")
     assert gate["decision"] in ("staging", "rejected") and gate["passed"] == (not gate["reasons"])
     assert (project_copy / "reports/evaluate/index.html").is_file()
+    assert metrics(project_copy, "summary")["gate"] == gate["decision"]  # the DVC metric people compare
+
+    # The curated curves, on a page that draws offline (DVC's own loads Vega from a CDN).
+    run(["dvc", "plots", "show"], project_copy)
+    page = (project_copy / "dvc_plots/index.html").read_text()
+    assert "vegaEmbed(" in page and "cdn.jsdelivr.net" not in page
+    assert page.count("vegaEmbed('#") == 7
 
     second = run(["dvc", "repro"], project_copy)
     assert "Running stage" not in second.stdout
