@@ -24,8 +24,9 @@ calls flywheel.orchestration.airflow_tasks.alert.
 
 Cheap to parse: besides Airflow it imports PyYAML, flywheel.config (pydantic), flywheel.params_file,
 flywheel.orchestration.runs and flywheel.orchestration's dvc_graph and airflow_tasks (standard
-library only); no stage code, torch, pyarrow or pandas. It is built from params.yaml as it is between runs (a run applies
-its form values to params.yaml until it ends): a run does not change the DAG's version.
+library only); no stage code, torch, pyarrow or pandas. It is built from params.yaml as it is
+between runs (a run applies its form values to params.yaml until it ends): a run does not change
+the DAG's version.
 """
 
 from __future__ import annotations
