@@ -7,7 +7,7 @@ key or the file; nothing downstream ever sees an unchecked value.
 from __future__ import annotations
 
 import difflib
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -897,9 +897,15 @@ def _allowed_range(loc: tuple) -> str:
 _FORM_KEYWORDS = ("type", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "anyOf")
 
 
+@cache
+def _params_json_schema() -> dict:
+    """Params' JSON schema, built once: the DAG asks it for each form field at every parse."""
+    return Params.model_json_schema()
+
+
 def param_schema(key: str) -> dict:
     """The JSON schema of one dotted param (its type, allowed values and bounds), for a form."""
-    schema = Params.model_json_schema()
+    schema = _params_json_schema()
     node = schema
     for part in key.split("."):
         node = _resolve(node, schema["$defs"]).get("properties", {}).get(part)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +93,14 @@ def _value_span(text: str, key: str) -> tuple[int, int]:
     return node.start_mark.index, node.end_mark.index
 
 
+@lru_cache(maxsize=2)
+def _composed(text: str) -> yaml.Node:
+    """The file's node tree, composed once for all the keys asked of the same text."""
+    return yaml.compose(text)
+
+
 def _key_and_value(text: str, key: str) -> tuple[yaml.Node, yaml.Node]:
-    name, node = None, yaml.compose(text)
+    name, node = None, _composed(text)
     for part in key.split("."):
         name, node = next((name, value) for name, value in node.value if name.value == part)
     return name, node

@@ -123,8 +123,9 @@ def prepare(server: Server, endpoint: str, messages: list[dict], prompt: str, bo
 
 
 def check_model(engine: Engine, name: str | None) -> None:
-    """A request names one of the served model's ids (its name or its version), as /v1/models
-    lists them: any name used to be answered, so a client asking for "gpt-4" got this model."""
+    """A request names one of the served model's ids (its directory's name, its version or the
+    registry's stable name), as /v1/models lists them: any name used to be answered, so a client
+    asking for "gpt-4" got this model."""
     if name is not None and name not in engine.ids:
         raise ApiError(
             404,
