@@ -36,14 +36,7 @@ host() {
 }
 
 install_packages() {
-    if [[ "$(id -u)" != 0 ]] || ! command -v apt-get >/dev/null; then
-        echo "engine.sh: $* not installed and this is not a Debian machine run as root; install" \
-             "Docker and point DOCKER_HOST at its engine (or run 'make test DOCKER_TESTS=0')" >&2
-        exit 1
-    fi
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y --no-install-recommends "$@" >/dev/null \
-        || { apt-get update >/dev/null && apt-get install -y --no-install-recommends "$@" >/dev/null; }
+    "$ROOT/infra/apt-install.sh" "point DOCKER_HOST at a Docker engine (or run 'make test DOCKER_TESTS=0')" "$@"
 }
 
 start() {
