@@ -5,7 +5,11 @@ host's cores. In a container with a CPU quota, under an affinity mask, or beside
 oversubscribes the CPUs, and training was seen running 10-50x slower than with one thread. So
 every command that computes sizes its pools first: `runtime.threads` in params.yaml when set,
 else OMP_NUM_THREADS when the user or a launcher set it, else the CPUs this process may use
-(affinity mask and cgroup quota) shared among the ranks a launcher started on this node.
+(affinity mask and cgroup quota) shared among the ranks a launcher started on this node, less
+the CPUs other processes keep busy as it starts. That last part matters on a shared machine: with
+one of two cores taken by another job, two torch threads made fine-tuning the demo's model 4x
+slower than on idle cores (each parallel region waits for the thread that shares a core), one
+thread less than 2x.
 Standard library only: it runs before torch is imported, so the pools start at the right size.
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 POOL_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -22,6 +27,8 @@ POOL_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 CHOSEN_VARIABLE = "FLYWHEEL_THREADS"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROCESS_CGROUP = Path("/proc/self/cgroup")
+PROC_STAT = Path("/proc/stat")
+BUSY_SAMPLE_S = 0.3  # how long the other processes' load is sampled before choosing
 
 
 def _cgroup_v2_limit(root: Path, process_cgroup: Path) -> float | None:
@@ -65,6 +72,31 @@ def available_cpus(cgroup_root: Path = CGROUP_ROOT, process_cgroup: Path = PROCE
     return max(1, cpus)
 
 
+def busy_elsewhere(cpus: set[int], sample_s: float = BUSY_SAMPLE_S, stat: Path = PROC_STAT) -> float:
+    """How many of `cpus` other processes kept busy over the next `sample_s` seconds (this one
+    sleeps meanwhile): 0.0 where /proc/stat cannot be read."""
+    before = _cpu_times(stat, cpus)
+    time.sleep(sample_s)
+    after = _cpu_times(stat, cpus)
+    busy = 0.0
+    for cpu, (idle, total) in after.items():
+        idle_before, total_before = before.get(cpu, (idle, total))
+        if total > total_before:
+            busy += 1 - (idle - idle_before) / (total - total_before)
+    return busy
+
+
+def _cpu_times(stat: Path, cpus: set[int]) -> dict[int, tuple[int, int]]:
+    """(idle, total) jiffies of each of `cpus`, from /proc/stat's cpuN lines (idle + iowait idle)."""
+    times = {}
+    for line in _read(stat).splitlines():
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            values = [int(value) for value in fields[:8]]
+            times[int(name[3:])] = (values[3] + values[4], sum(values))
+    return times
+
+
 def local_processes() -> int:
     """Processes a launcher started on this node (torchrun: LOCAL_WORLD_SIZE, DeepSpeed: LOCAL_SIZE)."""
     for variable in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
@@ -80,7 +112,15 @@ def choose(requested: int = 0) -> int:
     user_set = os.environ.get("OMP_NUM_THREADS", "")
     if user_set.isdigit() and int(user_set) > 0 and user_set != os.environ.get(CHOSEN_VARIABLE):
         return int(user_set)
-    return max(1, available_cpus() // local_processes())
+    ranks = local_processes()
+    if ranks > 1:  # the launcher's ranks start together: each one's start-up is not another job
+        return max(1, available_cpus() // ranks)
+    cpus = available_cpus()
+    return max(1, min(cpus, round(cpus - busy_elsewhere(_allowed_cpus()))))
+
+
+def _allowed_cpus() -> set[int]:
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
 
 
 def configure(requested: int = 0) -> int:

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -49,14 +50,47 @@ def test_a_cgroup_v1_quota_caps_the_affinity_mask(tmp_path, monkeypatch):
 
 def test_params_then_the_users_omp_then_a_fair_share_per_launched_rank(clean_env, monkeypatch):
     monkeypatch.setattr(threads, "available_cpus", lambda: 8)
+    monkeypatch.setattr(threads, "busy_elsewhere", lambda cpus: 0.0)
     assert threads.choose(3) == 3
     assert threads.choose() == 8
+    monkeypatch.setattr(threads, "busy_elsewhere", lambda cpus: 2.8)  # another job on about 3 CPUs
+    assert threads.choose() == 5
+    monkeypatch.setattr(threads, "busy_elsewhere", lambda cpus: 8.0)
+    assert threads.choose() == 1
     clean_env.setenv("LOCAL_SIZE", "4")  # DeepSpeed's launcher started four ranks on this node
     assert threads.choose() == 2
     clean_env.setenv("OMP_NUM_THREADS", "5")  # the user's choice is kept
     assert threads.choose() == 5
     clean_env.setenv(threads.CHOSEN_VARIABLE, "5")  # ... but Flywheel's own, inherited, is re-divided
     assert threads.choose() == 2
+
+
+def test_the_cpus_other_processes_keep_busy_are_read_from_proc_stat(tmp_path, monkeypatch):
+    stat = tmp_path / "stat"
+    # cpuN user nice system idle iowait ...: over the sample cpu0 is busy, cpu1 idle, cpu2 half
+    stat.write_text("cpu 0 0 0 0 0\ncpu0 100 0 0 0 0\ncpu1 0 0 0 100 0\ncpu2 50 0 0 50 0\n")
+    after = "cpu 0 0 0 0 0\ncpu0 200 0 0 0 0\ncpu1 0 0 0 200 0\ncpu2 90 0 10 50 50\n"
+    monkeypatch.setattr(threads.time, "sleep", lambda seconds: stat.write_text(after))
+    assert threads.busy_elsewhere({0, 1, 2}, stat=stat) == pytest.approx(1.5)
+    assert threads.busy_elsewhere({0, 1}, stat=tmp_path / "missing") == 0.0
+
+
+def test_a_busy_cpu_is_left_to_the_process_keeping_it_busy():
+    """One CPU of two spinning in another process: a new process takes one thread, not two."""
+    two = sorted(os.sched_getaffinity(0))[:2]
+    if len(two) < 2:
+        pytest.skip("needs two CPUs")
+    spinner = subprocess.Popen(
+        [sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{two[0]}}})\nwhile True: pass"]
+    )
+    time.sleep(0.2)  # spinning
+    try:
+        code = f"import os; os.sched_setaffinity(0, {set(two)}); from flywheel import threads; print(threads.choose())"
+        env = {k: v for k, v in os.environ.items() if k not in (*threads.POOL_VARIABLES, threads.CHOSEN_VARIABLE)}
+        output = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    finally:
+        spinner.kill()
+    assert output.stdout.split() == ["1"]
 
 
 def test_a_process_pinned_to_one_cpu_runs_torch_on_one_thread():
