@@ -50,7 +50,7 @@ from flywheel.orchestration.airflow_tasks import (
 )
 from flywheel.orchestration.dvc_graph import load_stages, upstream_of
 from flywheel.orchestration.runs import params_outside_runs
-from flywheel.params_file import comment_of
+from flywheel.params_file import choices_in, comment_of
 
 PROJECT = project_dir(__file__)
 JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
@@ -69,6 +69,8 @@ def trigger_form(params_text: str, params_yaml: dict) -> dict[str, Param]:
             schema["type"] = [json_type, "null"] if value is None else json_type
         schema.pop("anyOf", None)
         said = comment_of(params_text, key)
+        if "enum" in schema and (choices := choices_in(said, schema["enum"])):
+            schema["values_display"] = choices  # the drop-down shows each choice with what it does
         form[key] = Param(
             value,
             title=key,

@@ -129,6 +129,16 @@ def comment_of(text: str, key: str) -> str:
     return " ".join(part.lstrip("#").strip() for part in said).strip()
 
 
+def choices_in(comment: str, choices: list) -> dict[str, str]:
+    """What a comment says of each allowed value, written as 'full: every weight | lora: adapters'
+    ({'full': 'full: every weight', ...}); {} unless it names every choice."""
+    said = {}
+    for part in comment.split(" | "):
+        value = part.split(":", 1)[0].strip()
+        said[value] = part.strip()
+    return {str(choice): said[str(choice)] for choice in choices} if all(str(c) in said for c in choices) else {}
+
+
 def _flow_yaml(value: Any) -> str:
     """One value as YAML on one line, quoted as it must be inside a flow mapping ({a: 'x, y'}):
     500, 5.0e-05, 'a: b', [q_proj, v_proj], {r: 8}, null."""

@@ -3,7 +3,7 @@ import yaml
 
 from flywheel.config import load_params, parse_params
 from flywheel.errors import ParamsError
-from flywheel.params_file import apply_overrides
+from flywheel.params_file import apply_overrides, choices_in
 from tests.conftest import BIN, REPO, run
 
 
@@ -131,6 +131,13 @@ def test_a_near_miss_key_gets_a_suggestion(tmp_path):
     data["ingest"]["chunk_sise"] = 10
     with pytest.raises(ParamsError, match=r"ingest\.chunk_sise: unknown key \(did you mean 'chunk_size'\?\)"):
         parse_params(data)
+
+
+def test_a_comment_describes_choices_only_when_it_names_every_one():
+    said = "skip: models/aligned is the SFT model | fail"
+    assert choices_in(said, ["skip", "fail"]) == {"skip": "skip: models/aligned is the SFT model", "fail": "fail"}
+    assert choices_in(said, ["skip", "fail", "retry"]) == {}
+    assert choices_in("records per row group", ["full", "lora"]) == {}
 
 
 def test_cli_reports_bad_params_without_traceback(tmp_path):
