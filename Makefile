@@ -16,7 +16,18 @@ export DVC_NO_ANALYTICS := 1
 DOCKER_TESTS ?= 1
 ENGINE := infra/docker/engine.sh
 
-.PHONY: demo real-model test test-fast lint airflow install docker-engine docker-base monitoring-ui
+# The browser tests drive a headless Chromium through its driver: CHROMIUM and CHROMEDRIVER, by
+# default Debian's chromium and chromium-driver, which `make browser` installs if missing (root
+# only). `make test BROWSER_TESTS=0` skips them.
+BROWSER_TESTS ?= 1
+export CHROMIUM ?= /usr/bin/chromium
+export CHROMEDRIVER ?= /usr/bin/chromedriver
+
+# pytest -m for the kinds of test switched off above, e.g. "not docker and not browser".
+SKIPPED := $(if $(filter 1,$(DOCKER_TESTS)),,docker) $(if $(filter 1,$(BROWSER_TESTS)),,browser)
+NOT_SKIPPED := $(wordlist 2,99,$(foreach mark,$(SKIPPED),and not $(mark)))
+
+.PHONY: demo real-model test test-fast lint airflow install docker-engine docker-base browser monitoring-ui
 
 install: $(VENV)/.installed
 
@@ -45,7 +56,12 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 	@touch $@
 	@echo "Installed: $(VENV) (activate it with: . $(VENV)/bin/activate)"
 
+# params.yaml's training is sized to keep the demo within 15 minutes on 2 shared cores;
+# `make demo FULL=1` first applies params.full.yaml, which trains longer.
+FULL ?= 0
+
 demo: install
+	$(if $(filter 1,$(FULL)),flywheel params apply --from params.full.yaml)
 	dvc repro
 	@echo
 	@echo "Pipeline up to date. Metrics: metrics/*.json (dvc metrics show); stage graph: dvc dag."
@@ -70,13 +86,13 @@ real-model: install
 	flywheel params apply --from params.smollm2.yaml
 	$(MAKE) --no-print-directory demo
 
-test: install $(if $(filter 1,$(DOCKER_TESTS)),docker-base)
+test: install $(if $(filter 1,$(DOCKER_TESTS)),docker-base) $(if $(filter 1,$(BROWSER_TESTS)),browser)
 	$(if $(filter 1,$(DOCKER_TESTS)),DOCKER_HOST="$$($(ENGINE) host)") HF_HUB_OFFLINE=1 \
-		python -m pytest $(if $(filter 1,$(DOCKER_TESTS)),,-m "not docker")
+		python -m pytest $(if $(NOT_SKIPPED),-m "$(NOT_SKIPPED)")
 
 # The unit tier: no Docker, PostgreSQL, model training or services (a few minutes on 2 cores).
 test-fast: install
-	HF_HUB_OFFLINE=1 python -m pytest -m "not slow and not docker and not postgres"
+	HF_HUB_OFFLINE=1 python -m pytest -m "not slow and not docker and not postgres and not browser"
 
 # Style, and the import contracts that keep the package layered (pyproject.toml).
 lint: install
@@ -89,6 +105,12 @@ docker-engine:
 
 docker-base: docker-engine
 	$(ENGINE) base
+
+browser:
+	@test -x "$(CHROMIUM)" -a -x "$(CHROMEDRIVER)" || { \
+		echo "Installing Debian's chromium and chromium-driver for the browser tests"; \
+		infra/apt-install.sh "set CHROMIUM and CHROMEDRIVER (or run 'make test BROWSER_TESTS=0')" \
+			chromium chromium-driver; }
 
 airflow: install
 	flywheel airflow

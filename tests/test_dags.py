@@ -68,12 +68,16 @@ def test_dags_folder_loads_without_import_errors(tmp_path):
     assert bag["params"] == {
         "ingest.chunk_size": 10000,
         "clean.dedup.minhash.threshold": 0.7,
-        "finetune.training.epochs": 12.0,
+        "finetune.training.epochs": 6.0,
         "finetune.training.learning_rate": 0.001,
         "finetune.method": "full",
     }
     # The form offers what the typed params allow, with params.yaml's comments as the help.
     assert bag["form"]["finetune.method"]["enum"] == ["full", "lora"]
+    assert bag["form"]["finetune.method"]["values_display"] == {
+        "full": "full: every weight is trained",
+        "lora": "lora: low-rank adapters on the projections (finetune.lora)",
+    }
     assert bag["form"]["ingest.chunk_size"]["minimum"] == 1
     assert bag["form"]["clean.dedup.minhash.threshold"]["maximum"] == 1
     chunk_size_help = "Records per Parquet row group; bounds memory. For this run only."
