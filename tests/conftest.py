@@ -93,11 +93,24 @@ def commit_all(repo: Path, message: str, init: bool = False) -> None:
 
 
 def pytest_collection_modifyitems(items) -> None:
-    """A test that needs a trained model is slow, whatever it says: `make test-fast` cannot pick up
-    a test that trains by forgetting its marker."""
+    """A test that needs a trained model is slow, and one that opens a browser is a browser test,
+    whatever they say: `make test-fast` and BROWSER_TESTS=0 cannot pick one up by its forgetting
+    a marker."""
     for item in items:
-        if "trained_sft" in getattr(item, "fixturenames", ()):
+        fixtures = getattr(item, "fixturenames", ())
+        if "trained_sft" in fixtures:
             item.add_marker(pytest.mark.slow)
+        if "browser" in fixtures:
+            item.add_marker(pytest.mark.browser)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """A headless Chromium that reaches no host but 127.0.0.1 (tests/browser.py)."""
+    from tests.browser import chromium
+
+    with chromium() as driver:
+        yield driver
 
 
 @pytest.fixture

@@ -12,10 +12,13 @@ import time
 
 import psutil
 import pytest
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 
 from flywheel.data.sample import off_topic_prompts
 from flywheel.orchestration.runs import experiment_name
 from tests.airflow_stack import AirflowStack
+from tests.browser import internet_requests, screenshot, wait_for
 from tests.conftest import commit_all, free_port, git_copy, postgres_database, run
 from tests.helpers import QUICK_TRAINING, STAGES, experiments
 from tests.test_monitor import log_traffic
@@ -42,6 +45,7 @@ def stack(tmp_path_factory):
                         "ingest.chunk_size",
                         "finetune.training.epochs",
                         "evaluate.test_examples",
+                        "finetune.method",
                     ],
                     "airflow.retry_delay_s": 1,
                     "monitor.schedule": None,  # the test starts every run itself
@@ -98,6 +102,44 @@ def kill_the_worker_running(stack: AirflowStack, run_id: str, stage: str, timeou
 
 def params_of(experiment: dict) -> dict:
     return experiment["params"]["params.yaml"]["data"]
+
+
+def test_the_trigger_form_offers_the_method_as_a_choice_with_descriptions(stack, browser):
+    stack.wait_for_dag("flywheel_training")
+    browser.get(f"{stack.base}/")  # the simple auth manager's login page first
+    wait_for(browser, lambda b: b.find_elements(By.NAME, "username"), what="the login page")
+    browser.find_element(By.NAME, "username").send_keys("admin")
+    browser.find_element(By.NAME, "password").send_keys(stack.password, Keys.ENTER)
+    wait_for(browser, lambda b: "/auth/login" not in b.current_url, what="the logged-in home page")
+
+    browser.get(f"{stack.base}/dags/flywheel_training")
+    button_named(browser, "Trigger").click()
+    button_named(browser, "finetune").click()  # the form's section of finetune's params
+    field = wait_for(browser, lambda b: b.find_elements(By.ID, "element_finetune.method"), what="the field")[0]
+    combobox = field.find_element(By.CSS_SELECTOR, "input[role=combobox]")
+    combobox.click()
+    options = wait_for(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "[id*='-option-']"), what="the choices")
+    screenshot(browser, "airflow-trigger-form")
+    assert [option.text for option in options] == [
+        "full: every weight is trained",
+        "lora: low-rank adapters on the projections (finetune.lora)",
+    ]
+    options[1].click()
+    assert field.find_element(By.CSS_SELECTOR, "input[type=hidden]").get_attribute("value") == "lora"
+    helper = browser.find_element(By.ID, f"field::{combobox.get_attribute('id')}::helper-text")
+    assert helper.text.startswith("Full: every weight is trained") and helper.text.endswith("For this run only.")
+    assert internet_requests(browser) == []
+
+
+def button_named(browser, text: str):
+    """The first button that says `text`, once it shows."""
+    return wait_for(
+        browser,
+        lambda b: next(
+            (button for button in b.find_elements(By.TAG_NAME, "button") if button.text.strip() == text), None
+        ),
+        what=f"the {text!r} button",
+    )
 
 
 def test_a_ui_trigger_with_a_changed_param_survives_a_killed_worker_and_is_recorded(stack):

@@ -4,11 +4,13 @@ window for training and asks for retraining once (then cools down); canaries and
 are judged on a live `flywheel serve`; too little traffic gets no verdict; the
 flywheel_monitoring DAG publishes the feedback Asset with the reason when a run fails."""
 
+import contextlib
 import json
 import random
 import shutil
 import subprocess
 import textwrap
+from collections.abc import Iterator
 
 import httpx
 import pyarrow.parquet as pq
@@ -16,7 +18,10 @@ import pytest
 
 from flywheel.data.sample import off_topic_prompts
 from flywheel.modeling import record_messages
+from flywheel.monitoring.checks import Check
+from flywheel.monitoring.dashboard import add_to_workspace, checks_snapshot
 from flywheel.serving.request_log import RequestLog
+from tests.browser import internet_requests, screenshot, wait_for
 from tests.conftest import BIN, REPO, free_port, run, subprocess_env, wait_until_ready
 
 FLYWHEEL = str(BIN / "flywheel")
@@ -144,23 +149,70 @@ def test_drifted_traffic_fails_exports_the_window_and_asks_for_retraining_once(p
     assert "negative_feedback_rate" in page and "latency_p95_ms" in page
 
 
-def evidently_ui(workspace) -> tuple[list[dict], dict]:
-    """What `make monitoring-ui` shows: the Evidently UI's runs of the flywheel project and its dashboard."""
+@contextlib.contextmanager
+def evidently_ui_server(workspace) -> Iterator[str]:
+    """What `make monitoring-ui` runs, on a free port: yields its address."""
     port = free_port()
     ui = subprocess.Popen(
         [str(BIN / "evidently"), "ui", "--workspace", str(workspace), "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    base = f"http://127.0.0.1:{port}/api"
+    address = f"http://127.0.0.1:{port}"
     try:
-        wait_until_ready(f"{base}/projects", ui, timeout=90)
-        project = next(p for p in httpx.get(f"{base}/projects").json() if p["name"] == "flywheel")
-        snapshots = httpx.get(f"{base}/projects/{project['id']}/snapshots").json()
-        return snapshots, httpx.get(f"{base}/v2/dashboards/{project['id']}").json()
+        wait_until_ready(f"{address}/api/projects", ui, timeout=90)
+        yield address
     finally:
         ui.terminate()
         ui.wait()
+
+
+def flywheel_project(address: str) -> dict:
+    return next(p for p in httpx.get(f"{address}/api/projects").json() if p["name"] == "flywheel")
+
+
+def evidently_ui(workspace) -> tuple[list[dict], dict]:
+    """What the Evidently UI holds: the flywheel project's runs and its dashboard."""
+    with evidently_ui_server(workspace) as address:
+        project = flywheel_project(address)
+        snapshots = httpx.get(f"{address}/api/projects/{project['id']}/snapshots").json()
+        return snapshots, httpx.get(f"{address}/api/v2/dashboards/{project['id']}").json()
+
+
+def test_the_evidently_ui_draws_a_panel_per_check_over_the_runs_offline(tmp_path, browser):
+    workspace = tmp_path / "workspace"
+    for hallucination_rate in (0.1, 0.3, 0.2):  # three monitoring runs, the second failing
+        checks = [
+            Check("hallucination_rate", hallucination_rate, 0.25, hallucination_rate <= 0.25, "unsupported answers"),
+            Check("latency_p95_ms", 120.0, 2000.0, True, "request latency"),
+        ]
+        snapshot = checks_snapshot(checks, tags=["model:v0.0.1"], metadata={})
+        add_to_workspace(workspace, [snapshot], checks)
+    with evidently_ui_server(workspace) as address:
+        browser.get(f"{address}/projects/{flywheel_project(address)['id']}")
+        # Each panel: its check's name, rule and detail over a line with a point per run.
+        points = wait_for(browser, lambda b: len(points_per_panel(b)) == 2 and points_per_panel(b), what="panels")
+        screenshot(browser, "evidently-dashboard")
+        assert points == {"hallucination_rate": 3, "latency_p95_ms": 3}
+        page = browser.execute_script("return document.body.innerText")
+        assert "passes at <= 0.25; unsupported answers" in page
+        assert internet_requests(browser) == []
+
+
+def points_per_panel(browser) -> dict[str, int]:
+    """The points drawn in each dashboard panel's chart, by the panel's title (a panel: the
+    smallest element around the chart that shows one check's rule)."""
+    return browser.execute_script("""
+        const points = {};
+        for (const chart of document.querySelectorAll("svg")) {
+            const drawn = chart.querySelectorAll("circle").length;
+            let panel = chart;
+            while (panel && !(panel.innerText || "").includes("passes at")) panel = panel.parentElement;
+            const panels = panel ? panel.innerText.split("passes at").length - 1 : 0;
+            if (panels === 1 && drawn) points[panel.innerText.split("\\n")[0].trim()] = drawn;
+        }
+        return points;
+    """)
 
 
 def test_canaries_and_self_consistency_are_judged_on_the_live_endpoint(project, trained_sft):

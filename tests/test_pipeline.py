@@ -6,11 +6,13 @@ import json
 import textwrap
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import free_port, run
+from tests.browser import internet_requests, screenshot, wait_for
+from tests.conftest import free_port, git_copy, run
 from tests.helpers import QUICK_TRAINING, STAGES
 
 pytestmark = pytest.mark.slow
@@ -31,11 +33,18 @@ def metrics(project, stage: str) -> dict:
     return json.loads((project / f"metrics/{stage}.json").read_text())
 
 
-def test_dvc_repro_builds_the_outputs_and_a_second_run_is_a_no_op(project_copy):
-    run(["flywheel", "params", "apply", "--json", json.dumps(QUICK_TRAINING)], project_copy)
-    first = run(["dvc", "repro"], project_copy)
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory) -> tuple[Path, str]:
+    """A fresh copy after `dvc repro` with quick training, and what the repro printed."""
+    project = git_copy(tmp_path_factory.mktemp("pipeline") / "project")
+    run(["flywheel", "params", "apply", "--json", json.dumps(QUICK_TRAINING)], project)
+    return project, run(["dvc", "repro"], project).stdout
+
+
+def test_dvc_repro_builds_the_outputs_and_a_second_run_is_a_no_op(reproduced):
+    project_copy, printed = reproduced
     for stage in STAGES:
-        assert f"Running stage '{stage}'" in first.stdout
+        assert f"Running stage '{stage}'" in printed
     ingest = metrics(project_copy, "ingest")
     assert ingest["read"] == ingest["records"] + ingest["preferences"] + ingest["quarantined"]
 
@@ -74,6 +83,57 @@ def test_dvc_repro_builds_the_outputs_and_a_second_run_is_a_no_op(project_copy):
     second = run(["dvc", "repro"], project_copy)
     assert "Running stage" not in second.stdout
     assert "Data and pipelines are up to date" in second.stdout
+
+
+def test_the_report_pages_render_in_a_browser_with_no_internet(reproduced, browser):
+    project, _ = reproduced
+    # The evaluation report: one self-contained file, every section with its tables.
+    browser.get((project / "reports/evaluate/index.html").as_uri())
+    headings = browser.execute_script("return [...document.querySelectorAll('h2')].map(h => h.innerText)")
+    assert headings[:5] == [
+        "Promotion gate",
+        "Metrics",
+        "Task score by source",
+        "Hallucination detector",
+        "Safety probe",
+    ]
+    assert browser.execute_script("return document.querySelectorAll('table tr').length") > 20
+    assert metrics(project, "gate")["decision"] in browser.execute_script("return document.body.innerText")
+    screenshot(browser, "evaluation-report")
+    assert internet_requests(browser) == []
+
+    # dvc plots show: each of the 7 curated curves drawn by Vega, inlined in the page.
+    run(["dvc", "plots", "show"], project)
+    browser.get((project / "dvc_plots/index.html").as_uri())
+    marks = wait_for(browser, lambda b: len(marks_per_plot(b)) == 7 and marks_per_plot(b), what="the plots")
+    assert all(count > 0 for count in marks.values()), marks
+    screenshot(browser, "dvc-plots")
+    assert internet_requests(browser) == []
+
+    # Data Docs: the run listed by its name with its pass icon (a vendored web font), and its page.
+    browser.get((project / "reports/validate/index.html").as_uri())
+    row = wait_for(
+        browser,
+        lambda b: b.find_elements("css selector", ".ge-index-page-validation-results-table tbody tr"),
+        what="runs",
+    )
+    assert len(row) == 1 and "local" in row[0].text  # dvc repro outside an Airflow run: "local"
+    icon = row[0].find_element("css selector", ".ge-success-icon")
+    assert icon.size["width"] > 0
+    assert browser.execute_script("return document.fonts.check('16px \"Font Awesome 6 Free\"')")
+    screenshot(browser, "data-docs")
+    assert internet_requests(browser) == []
+
+
+def marks_per_plot(browser) -> dict[str, int]:
+    """The marks Vega drew in each plot of dvc's page, by the plot's element id."""
+    return browser.execute_script("""
+        const marks = {};
+        for (const plot of document.querySelectorAll(".vega-embed")) {
+            marks[plot.id] = plot.querySelectorAll("path, line, rect, circle, symbol").length;
+        }
+        return marks;
+    """)
 
 
 class Webhook(BaseHTTPRequestHandler):
