@@ -7,9 +7,9 @@ every command that computes sizes its pools first: `runtime.threads` in params.y
 else OMP_NUM_THREADS when the user or a launcher set it, else the CPUs this process may use
 (affinity mask and cgroup quota) shared among the ranks a launcher started on this node, less
 the CPUs other processes keep busy as it starts. That last part matters on a shared machine: with
-one of two cores taken by another job, two torch threads made fine-tuning the demo's model 4x
-slower than on idle cores (each parallel region waits for the thread that shares a core), one
-thread less than 2x.
+one of two cores spinning in another job, two torch threads fine-tuned the demo's model at 80 s an
+epoch (each parallel region waits for the thread that shares a core), one thread at 22 s, as fast
+as two threads on idle cores.
 Standard library only: it runs before torch is imported, so the pools start at the right size.
 """
 
@@ -65,7 +65,7 @@ def _read(path: Path) -> str:
 
 def available_cpus(cgroup_root: Path = CGROUP_ROOT, process_cgroup: Path = PROCESS_CGROUP) -> int:
     """The CPUs this process may use: its affinity mask, capped by a cgroup CPU quota."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = len(_allowed_cpus())
     quota = _cgroup_v2_limit(cgroup_root, process_cgroup) or _cgroup_v1_limit(cgroup_root)
     if quota:
         cpus = min(cpus, math.ceil(quota))
