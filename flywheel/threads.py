@@ -6,10 +6,10 @@ oversubscribes the CPUs, and training was seen running 10-50x slower than with o
 every command that computes sizes its pools first: `runtime.threads` in params.yaml when set,
 else OMP_NUM_THREADS when the user or a launcher set it, else the CPUs this process may use
 (affinity mask and cgroup quota) shared among the ranks a launcher started on this node, less
-the CPUs other processes keep busy as it starts. That last part matters on a shared machine: with
-one of two cores spinning in another job, two torch threads fine-tuned the demo's model at 80 s an
-epoch (each parallel region waits for the thread that shares a core), one thread at 22 s, as fast
-as two threads on idle cores.
+the CPUs other processes keep (mostly) busy as it starts. That last part matters on a shared
+machine: with one of two cores spinning in another job, two torch threads fine-tuned the demo's
+model at 80 s an epoch (each parallel region waits for the thread that shares a core), one thread
+at 22 s, as fast as two threads on idle cores.
 Standard library only: it runs before torch is imported, so the pools start at the right size.
 """
 
@@ -116,7 +116,10 @@ def choose(requested: int = 0) -> int:
     if ranks > 1:  # the launcher's ranks start together: each one's start-up is not another job
         return max(1, available_cpus() // ranks)
     cpus = available_cpus()
-    return max(1, min(cpus, round(cpus - busy_elsewhere(_allowed_cpus()))))
+    # A CPU counts as taken when others keep it at least 3/4 busy: a browser or a server idling
+    # along costs a thread nothing, a job spinning on a core costs one.
+    taken = int(busy_elsewhere(_allowed_cpus()) + 0.25)
+    return max(1, cpus - taken)
 
 
 def _allowed_cpus() -> set[int]:

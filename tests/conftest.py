@@ -104,9 +104,10 @@ def pytest_collection_modifyitems(items) -> None:
             item.add_marker(pytest.mark.browser)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def browser():
-    """A headless Chromium that reaches no host but 127.0.0.1 (tests/browser.py)."""
+    """A headless Chromium that reaches no host but 127.0.0.1 (tests/browser.py), one per test: a
+    page left open (the Airflow UI polling a stopped server) kept a CPU a third busy."""
     from tests.browser import chromium
 
     with chromium() as driver:

@@ -55,6 +55,8 @@ def test_params_then_the_users_omp_then_a_fair_share_per_launched_rank(clean_env
     assert threads.choose() == 8
     monkeypatch.setattr(threads, "busy_elsewhere", lambda cpus: 2.8)  # another job on about 3 CPUs
     assert threads.choose() == 5
+    monkeypatch.setattr(threads, "busy_elsewhere", lambda cpus: 0.6)  # a browser, a server: no CPU taken
+    assert threads.choose() == 8
     monkeypatch.setattr(threads, "busy_elsewhere", lambda cpus: 8.0)
     assert threads.choose() == 1
     clean_env.setenv("LOCAL_SIZE", "4")  # DeepSpeed's launcher started four ranks on this node
