@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from flywheel import modeling, paths
 from flywheel.config import parse_params
 from flywheel.errors import FlywheelError
-from flywheel.training import distributed, finetune
+from flywheel.training import distributed, finetune, trainer_args
 from tests.conftest import BIN, project_with, run, subprocess_env
 
 pytestmark = pytest.mark.slow
@@ -206,3 +206,15 @@ def test_multi_node_launch_commands():
         "params.yaml",
         "rlhf",
     ]
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [("fpu avx2 avx512f avx512_bf16", True), ("fpu avx2 amx_tile amx_bf16", True), ("fpu sse4_2 avx2 fma", False)],
+)
+def test_bf16_on_a_cpu_that_emulates_it_trains_in_fp32(tmp_path, flags, expected, capsys):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: a CPU\nflags\t\t: {flags}\n")
+    assert trainer_args.precision_flags("bf16", cpuinfo) == {"bf16": expected, "fp16": False}
+    assert ("bf16 would be emulated" in capsys.readouterr().out) is not expected
+    assert trainer_args.precision_flags("fp32", cpuinfo) == {"bf16": False, "fp16": False}

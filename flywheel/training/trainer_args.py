@@ -11,14 +11,32 @@ from pathlib import Path
 
 from flywheel.config import DistributedParams, TrainerParams
 
+CPUINFO = Path("/proc/cpuinfo")
+NATIVE_BF16 = {"amx_bf16", "avx512_bf16"}  # /proc/cpuinfo flags of CPUs that compute bf16 in hardware
 
-def precision_flags(requested: str) -> dict:
-    """bf16/fp16 TrainingArguments flags; auto is bf16 on a GPU that has it, else fp32."""
+
+def precision_flags(requested: str, cpuinfo: Path = CPUINFO) -> dict:
+    """bf16/fp16 TrainingArguments flags; auto is bf16 on a GPU that has it, else fp32. bf16 asked
+    of a CPU without AMX-BF16 or AVX512-BF16 trains in fp32, and says so: there bf16 is emulated,
+    and LoRA on SmolLM2 ran 2 steps in 14 minutes (an AMD EPYC with AVX2 only) instead of 90."""
     import torch
 
+    on_gpu = torch.cuda.is_available()
     if requested == "auto":
-        requested = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+        requested = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
+    elif requested == "bf16" and not on_gpu and not cpu_flags(cpuinfo) & NATIVE_BF16:
+        print("precision: bf16 asked, but this CPU has no AMX-BF16 or AVX512-BF16 (bf16 would be emulated): fp32")
+        requested = "fp32"
     return {"bf16": requested == "bf16", "fp16": requested == "fp16"}
+
+
+def cpu_flags(cpuinfo: Path = CPUINFO) -> set[str]:
+    """The first CPU's feature flags; empty where /proc/cpuinfo cannot be read (not Linux)."""
+    try:
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
 
 
 def arguments(training: TrainerParams, distributed: DistributedParams, *, has_eval: bool) -> dict:
