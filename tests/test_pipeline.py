@@ -116,13 +116,13 @@ def test_the_report_pages_render_in_a_browser_with_no_internet(reproduced, brows
 
     # Data Docs: the run listed by its name with its pass icon (a vendored web font).
     browser.get((project / "reports/validate/index.html").as_uri())
-    row = wait_for(
+    rows = wait_for(
         browser,
         lambda b: b.find_elements("css selector", ".ge-index-page-validation-results-table tbody tr"),
         what="runs",
     )
-    assert len(row) == 1 and "local" in row[0].text  # dvc repro outside an Airflow run: "local"
-    icon = row[0].find_element("css selector", ".ge-success-icon")
+    assert len(rows) == 1 and "local" in rows[0].text  # dvc repro outside an Airflow run: "local"
+    icon = rows[0].find_element("css selector", ".ge-success-icon")
     assert icon.size["width"] > 0
     fonts = browser.execute_script("return [...document.fonts].map(f => [f.family, f.status])")
     assert ["Font Awesome 6 Free", "loaded"] in fonts, fonts

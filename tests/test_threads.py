@@ -17,6 +17,11 @@ def clean_env(monkeypatch):
     return monkeypatch
 
 
+def unsized_env() -> dict[str, str]:
+    """This environment without thread-pool sizes, so a child chooses its own."""
+    return {k: v for k, v in os.environ.items() if k not in (*threads.POOL_VARIABLES, threads.CHOSEN_VARIABLE)}
+
+
 def _cgroup_v2(tmp_path, cpu_max: str | None, parent_cpu_max: str | None = None):
     (tmp_path / "job/step").mkdir(parents=True)
     if parent_cpu_max:
@@ -88,8 +93,9 @@ def test_a_busy_cpu_is_left_to_the_process_keeping_it_busy():
     time.sleep(0.2)  # spinning
     try:
         code = f"import os; os.sched_setaffinity(0, {set(two)}); from flywheel import threads; print(threads.choose())"
-        env = {k: v for k, v in os.environ.items() if k not in (*threads.POOL_VARIABLES, threads.CHOSEN_VARIABLE)}
-        output = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        output = subprocess.run(
+            [sys.executable, "-c", code], env=unsized_env(), capture_output=True, text=True, check=True
+        )
     finally:
         spinner.kill()
     assert output.stdout.split() == ["1"]
@@ -101,8 +107,7 @@ def test_a_process_pinned_to_one_cpu_runs_torch_on_one_thread():
         "from flywheel import threads; chosen = threads.configure()\n"
         "import torch; print(chosen, torch.get_num_threads(), os.environ['OMP_NUM_THREADS'])"
     )
-    env = {k: v for k, v in os.environ.items() if k not in (*threads.POOL_VARIABLES, threads.CHOSEN_VARIABLE)}
-    output = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    output = subprocess.run([sys.executable, "-c", code], env=unsized_env(), capture_output=True, text=True, check=True)
     assert output.stdout.split() == ["1", "1", "1"]
 
 
