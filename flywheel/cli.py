@@ -35,6 +35,10 @@ STAGES: dict[str, tuple[str, str]] = {
         "flywheel.training.base",
         "import finetune.base_model (tiny, smollm2, a .gguf, a model dir, a hub id) -> models/base",
     ),
+    "retain": (
+        "flywheel.training.retain",
+        "answer general prompts with the base model, kept in SFT against forgetting -> data/processed/retain.parquet",
+    ),
     "finetune": (
         "flywheel.training.finetune",
         "supervised fine-tuning (TRL, DeepSpeed-ready) of the base model -> models/sft",

@@ -386,6 +386,22 @@ class DistributedParams(_Section):
         return self
 
 
+class RetainParams(_Section):
+    """Against forgetting (self-distillation replay): prompts outside the task, answered by the
+    base model itself, mixed into SFT, and preferred over a refusal in the preference pairs."""
+
+    prompts: str | None = Field(default=None, description="a JSONL file under data/raw of general prompts; null: off")
+    field: str = Field(default="prompt", description="the field of each line that holds the prompt")
+    license: str = Field(default="unknown", description="the prompts' licence, recorded on each example")
+    examples: int = Field(default=0, ge=0, description="prompts answered: the file's first ones")
+    max_new_tokens: int = Field(default=256, ge=1, description="an answer not finished within this is dropped")
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_under_raw_dir(cls, path: str | None) -> str | None:
+        return None if path is None else glob_under_raw_dir(path)
+
+
 class FinetuneParams(_Section):
     base_model: str = Field(
         default="tiny", description="'tiny', 'smollm2' (bundled), a .gguf file, a local model directory or a hub id"
@@ -395,6 +411,7 @@ class FinetuneParams(_Section):
     lora: LoraParams = Field(default_factory=LoraParams)
     training: TrainingParams = Field(default_factory=TrainingParams)
     distributed: DistributedParams = Field(default_factory=DistributedParams)
+    retain: RetainParams = Field(default_factory=RetainParams)
 
 
 # Answer scorers (flywheel/scoring.py); `auto` chooses one per source from its references.

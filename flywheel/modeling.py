@@ -233,12 +233,15 @@ def generate(
     model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int, batch_size: int = 32
 ) -> list[str]:
     """Greedy answers to conversations that end with a user turn."""
-    return [
-        text
-        for text, _ in _decode_new(
-            model, tokenizer, conversations, batch_size, max_new_tokens=max_new_tokens, do_sample=False
-        )
-    ]
+    counted = generate_counted(model, tokenizer, conversations, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return [text for text, _ in counted]
+
+
+def generate_counted(
+    model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int, batch_size: int = 32
+) -> list[tuple[str, int]]:
+    """Greedy answers with the number of tokens each took: `max_new_tokens` means cut off."""
+    return _decode_new(model, tokenizer, conversations, batch_size, max_new_tokens=max_new_tokens, do_sample=False)
 
 
 def timed_answer(model, tokenizer, conversation: list[dict], *, max_new_tokens: int) -> tuple[str, int, float]:

@@ -72,6 +72,10 @@ DECONTAMINATED = Artifact(Path("data/processed/decontaminated.parquet"), "split"
 # base
 BASE_MODEL = Artifact(Path("models/base"), "base", marker="source.json")
 
+# retain
+RETAIN = Artifact(Path("data/processed/retain.parquet"), "retain")
+RETAIN_REMOVED = Artifact(Path("data/interim/retain/removed.jsonl"), "retain")
+
 # finetune
 SFT_MODEL = Artifact(Path("models/sft"), "finetune", marker="config.json")
 SFT_CURVES = Artifact(Path("dvclive/finetune"), "finetune")

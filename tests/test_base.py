@@ -15,7 +15,7 @@ from flywheel.errors import FlywheelError
 from flywheel.io import read_records
 from flywheel.training import base
 from tests.conftest import BIN, REPO, free_port, project_with, run, subprocess_env, wait_until_ready
-from tests.helpers import write_records
+from tests.helpers import record, write_records
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -90,11 +90,15 @@ def test_lora_sft_on_it_learns_the_task_and_saves_the_adapter_and_the_merged_mod
         },
     )
     write_records(root / paths.EVAL, read_records(root / paths.EVAL)[:32])  # a short eval loss
+    retained = [record("Name three primary colours.", "Red, yellow and blue.", source="retain")]
+    write_records(root / paths.RETAIN, retained)  # the retain stage's output (its own test is below)
     shutil.copytree(smollm2 / paths.BASE_MODEL, root / paths.BASE_MODEL)
     run([str(BIN / "flywheel"), "finetune"], root)
 
     metrics = json.loads((root / "metrics/finetune.json").read_text())
     assert metrics["method"] == "lora" and metrics["steps"] >= 90
+    assert metrics["retain_examples"] == 1
+    assert metrics["trained_examples"] == metrics["train_examples"] + 1
     # SmolLM2 answers the sample's prompts at length: no exact match before, most after.
     assert metrics["task_score_before"] <= 0.1 and metrics["task_score_after"] >= 0.5, metrics
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"] / 2, metrics
@@ -112,6 +116,44 @@ def test_lora_sft_on_it_learns_the_task_and_saves_the_adapter_and_the_merged_mod
     ids = tokenizer.apply_chat_template(FRANCE, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         assert torch.allclose(merged(**ids).logits, with_adapter(**ids).logits, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_retain_writes_down_its_own_answers_to_general_prompts(smollm2, sample_splits, tmp_path):
+    root = project_with(tmp_path, sample_splits)
+    shutil.copytree(smollm2 / paths.BASE_MODEL, root / paths.BASE_MODEL)
+    held_out = read_records(root / paths.TEST)[0]["prompt"]
+    prompts = root / "data/raw/general.jsonl"
+    prompts.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["What is the capital of France?", held_out, "Write a long story about a dragon.", "Name a colour."]
+    prompts.write_text("".join(json.dumps({"q": line}) + "\n" for line in lines))
+    settings = {"prompts": "data/raw/general.jsonl", "field": "q", "examples": 3, "max_new_tokens": 24}
+    run(
+        [
+            str(BIN / "flywheel"),
+            "params",
+            "apply",
+            "--json",
+            json.dumps(
+                {"finetune.base_model": "smollm2"}
+                | {f"finetune.retain.{key}": value for key, value in settings.items()}
+            ),
+        ],
+        root,
+    )
+    run([str(BIN / "flywheel"), "retain"], root)
+
+    metrics = json.loads((root / "metrics/retain.json").read_text())
+    removed = [json.loads(line) for line in (root / paths.RETAIN_REMOVED).read_text().splitlines()]
+    kept = read_records(root / paths.RETAIN)
+    # Every line read is kept or removed with a reason: the test prompt is held out, the story
+    # does not finish in 24 tokens, and the fourth line is read in the held-out prompt's place.
+    assert metrics["prompts_read"] == 4 and metrics["answered"] == 3
+    assert metrics["removed_by_reason"] == {"held_out_prompt": 1, "unfinished": 1}
+    assert metrics["kept"] + metrics["removed"] == metrics["prompts_read"] == len(kept) + len(removed)
+    # The base model's own answer, in real English, as an SFT record.
+    france = next(row for row in kept if row["prompt"] == lines[0])
+    assert "Paris" in france["response"] and france["source"] == "retain"
 
 
 @pytest.mark.slow

@@ -170,7 +170,7 @@ def test_a_stage_added_to_dvc_yaml_appears_in_the_dag_with_dvcs_edges(project_co
     ours = upstream_of(load_stages(dvc_yaml))
     assert sorted([up, down] for down, ups in ours.items() for up in ups) == dvc_edges
     # a directory dep (data/processed holds split's and preferences' outputs), a file inside an out
-    assert ours["distill"] == {"split", "preferences", "tokenizer"}
+    assert ours["distill"] == {"split", "retain", "preferences", "tokenizer"}
     assert ours["report"] == {"ingest", "validate"}  # metrics files are outputs too
 
     bag = load_dagbag(project_copy / "dags", tmp_path)
@@ -182,11 +182,12 @@ def test_a_stage_added_to_dvc_yaml_appears_in_the_dag_with_dvcs_edges(project_co
         "validate": ["clean"],
         "split": ["clean", "validate"],
         "base": ["start_run"],
-        "finetune": ["base", "split"],
+        "retain": ["base", "split"],
+        "finetune": ["base", "retain", "split"],
         "tokenizer": ["split"],
-        "distill": ["preferences", "split", "tokenizer"],
+        "distill": ["preferences", "retain", "split", "tokenizer"],
         "report": ["ingest", "validate"],
-        "preferences": ["finetune", "ingest", "split"],
+        "preferences": ["finetune", "ingest", "retain", "split"],
         "reward": ["finetune", "preferences"],
         "rlhf": ["finetune", "preferences", "reward", "split"],
         "evaluate": ["base", "finetune", "preferences", "reward", "rlhf", "split"],

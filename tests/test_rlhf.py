@@ -48,7 +48,8 @@ def test_preference_pairs_from_every_source_add_up(with_pairs):
     metrics = metrics_of(with_pairs, "preferences")
     candidates = sum(metrics["candidates"].values())
     assert candidates == metrics["train"] + metrics["eval"] + metrics["removed"]
-    assert all(count > 0 for count in metrics["candidates"].values())  # ingest, feedback, on-policy
+    assert all(metrics["candidates"][origin] > 0 for origin in ("ingest", "feedback", "on_policy"))
+    assert metrics["candidates"]["retain"] == 0  # the tiny model retains nothing (test_base: SmolLM2)
     feedback = metrics["feedback"]
     assert feedback["events"] == feedback["paired"] + feedback["unpaired_ratings"] + feedback["quarantined"]
     assert (feedback["unpaired_ratings"], feedback["quarantined"]) == (5, 3)  # as planted

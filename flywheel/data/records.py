@@ -67,7 +67,7 @@ def history_of(row: dict) -> list:
 
 
 def origin_of(pair: dict) -> str:
-    """Where a preference pair came from: ingest, feedback or on_policy."""
+    """Where a preference pair came from: ingest, feedback, on_policy or retain."""
     return metadata_of(pair).get("origin", "ingest")
 
 

@@ -1,6 +1,8 @@
 """finetune: supervised fine-tuning (TRL SFTTrainer) of the base model on the train split.
 
 Input:  data/processed/train.parquet, data/processed/eval.parquet
+        data/processed/retain.parquet  the base model's own answers to general prompts, trained on
+                                       beside the task against forgetting (flywheel/training/retain.py)
 Output: models/sft/              the model in Hugging Face format (safetensors, tokenizer with
                                  its chat template, config) and a model card with lineage
         dvclive/finetune/        training curves (`dvc plots show`)
@@ -31,7 +33,7 @@ from flywheel.errors import FlywheelError
 from flywheel.io import atomic_dir, read_records
 from flywheel.training import distributed, lengths, trainer_args
 
-INPUTS = {"train": paths.TRAIN, "eval": paths.EVAL}
+INPUTS = {"train": paths.TRAIN, "eval": paths.EVAL, "retain": paths.RETAIN}
 CHECKPOINTS = Path("models/.checkpoints/sft")  # local resumable state, not an artifact
 
 
@@ -160,7 +162,7 @@ def train(params: Params, root: Path) -> dict | None:
     from trl import SFTTrainer
 
     config = params.finetune
-    train_rows, eval_rows = (read_records(artifact.require(root)) for artifact in INPUTS.values())
+    train_rows, eval_rows, retain_rows = (read_records(artifact.require(root)) for artifact in INPUTS.values())
     if not train_rows:
         raise FlywheelError(
             "the train split is empty: nothing to fine-tune on; check the clean "
@@ -174,7 +176,7 @@ def train(params: Params, root: Path) -> dict | None:
         tokenizer = AutoTokenizer.from_pretrained(resume_from)  # the vocabulary the weights know
 
     limits = length_limits(config)
-    train_examples, train_counts = fitted_examples(tokenizer, train_rows, limits, "train")
+    train_examples, train_counts = fitted_examples(tokenizer, train_rows + retain_rows, limits, "train")
     eval_examples, eval_counts = fitted_examples(tokenizer, eval_rows, limits, "eval")
 
     curves = trainer_args.live_callback(root, paths.SFT_CURVES, resume=bool(resume_from))
@@ -217,6 +219,7 @@ def train(params: Params, root: Path) -> dict | None:
         "task_examples": len(probe),
         "task_scorers": scorers,
         "train_examples": len(train_rows),
+        "retain_examples": len(retain_rows),
         "trained_examples": len(train_examples),
         "lengths": lengths.summary(limits, {"train": train_counts, "eval": eval_counts}),
         "steps": result.global_step,
@@ -262,10 +265,13 @@ def report(metrics: dict) -> str:
     def fmt(value):
         return "n/a" if value is None else f"{value:.3f}"
 
+    retained = (
+        f" + {metrics['retain_examples']:,} retained (the base model's own)" if metrics.get("retain_examples") else ""
+    )
     resumed = f", resumed from step {metrics['resumed_from_step']}" if metrics["resumed_from_step"] else ""
     return "\n".join(
         [
-            f"finetune: {metrics['train_examples']:,} examples, {metrics['steps']:,} steps in "
+            f"finetune: {metrics['train_examples']:,} examples{retained}, {metrics['steps']:,} steps in "
             f"{metrics['train_seconds']:.0f} s ({metrics['train_tokens_per_second'] or 0:,.0f} tokens/s){resumed}",
             lengths.report_line(metrics["lengths"], "train", "examples"),
             *(f"  warning: {warning}" for warning in metrics["lengths"]["warnings"]),

@@ -5,6 +5,8 @@ Input:  data/interim/ingest/preferences.parquet  preference records from ingest 
         models/sft + data/processed/train.parquet on-policy pairs: the SFT model's own samples,
                                                   judged against the train references by the
                                                   task scorers evaluate uses (evaluate.scoring)
+        data/processed/retain.parquet             the base model's answers to general prompts, each
+                                                  preferred over the refusal the other pairs teach
         data/processed/{eval,test}.parquet        prompts no pair may carry (decontamination)
 Output: data/processed/preferences/{train,eval}.parquet  the pairs, held-out ones split by prompt
         data/interim/preferences/removed.jsonl    every pair or feedback event not used, with its reason
@@ -381,12 +383,41 @@ def _removed_pair(pair: dict, reason: str, detail: str) -> dict:
     }
 
 
+def answer_over_refusal_pairs(candidates: list[dict], root: Path) -> tuple[list[dict], dict]:
+    """Each retained answer (the base model's own, to a general prompt) preferred over the refusal
+    the other pairs prefer most often. Pairs that only ever prefer refusing teach a small model to
+    refuse whatever is not the task (SmolLM2 refused "Give me one tip for a job interview."):
+    these teach it when not to."""
+    retained = read_records(paths.RETAIN.require(root))
+    refusals = Counter(pair["chosen"] for pair in candidates if scoring.is_refusal(pair["chosen"]))
+    counts = {"retained_answers": len(retained), "refusal": None, "pairs": 0}
+    if not retained or not refusals:
+        return [], counts
+    refusal = refusals.most_common(1)[0][0]
+    pairs = [
+        make_pair(
+            row["prompt"],
+            row["response"],
+            refusal,
+            origin="retain",
+            source=row["source"],
+            license=row["license"],
+            ingested_at=row["ingested_at"],
+            record_id=row["id"],
+        )
+        for row in retained
+    ]
+    return pairs, {**counts, "refusal": refusal, "pairs": len(pairs)}
+
+
 def run(params: Params, root: Path = Path(".")) -> dict:
     config = params.preferences
     candidates = ingested_pairs(root)
     from_feedback, removed, feedback_counts = feedback_pairs(config.feedback, root)
     from_policy, policy_counts = on_policy_pairs(config.on_policy, params.evaluate.scoring, root)
     candidates += from_feedback + from_policy
+    from_retain, retain_counts = answer_over_refusal_pairs(candidates, root)
+    candidates += from_retain
     contaminating = held_out_prompts(root) if config.decontaminate else {}
 
     seen: dict[tuple, str] = {}
@@ -416,7 +447,8 @@ def run(params: Params, root: Path = Path(".")) -> dict:
             by_source[pair["source"]][name] += 1
     return {
         "candidates": {
-            origin: sum(origin_of(p) == origin for p in candidates) for origin in ("ingest", "feedback", "on_policy")
+            origin: sum(origin_of(p) == origin for p in candidates)
+            for origin in ("ingest", "feedback", "on_policy", "retain")
         },
         "train": len(kept["train"]),
         "eval": len(kept["eval"]),
@@ -425,6 +457,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         "by_source": dict(sorted(by_source.items())),
         "feedback": feedback_counts,
         "on_policy": policy_counts,
+        "answer_over_refusal": retain_counts,
         "pii_redacted": dict(sorted(pii_counts.items())),
     }
 
@@ -470,6 +503,12 @@ def report(metrics: dict) -> str:
             f"  on-policy samples judged by {judged}; max_new_tokens {generation['max_new_tokens']} "
             f"({generation['rule']}), fits {generation.get('references_fitting', 0)} of "
             f"{generation['references']} references"
+        )
+    retained = metrics["answer_over_refusal"]
+    if retained["pairs"]:
+        lines.append(
+            f"  retained answers: {retained['pairs']:,} pairs, each the base model's answer to a general prompt "
+            f"preferred over {retained['refusal']!r}"
         )
     if not metrics["train"]:
         lines.append(
