@@ -69,7 +69,7 @@ def test_dags_folder_loads_without_import_errors(tmp_path):
         "ingest.chunk_size": 10000,
         "clean.dedup.minhash.threshold": 0.7,
         "finetune.training.epochs": 6.0,
-        "finetune.training.learning_rate": 0.001,
+        "finetune.training.learning_rate": 0.0005,
         "finetune.method": "full",
     }
     # The form offers what the typed params allow, with params.yaml's comments as the help.

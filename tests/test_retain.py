@@ -9,7 +9,7 @@ import pytest
 from flywheel import paths
 from flywheel.errors import FlywheelError, ParamsError
 from flywheel.io import read_records
-from flywheel.training import preferences, retain
+from flywheel.training import preferences, retain, retained
 from tests.helpers import record, repo_params, write_records
 
 GENERAL = [
@@ -91,6 +91,12 @@ def test_off_by_default_it_writes_nothing_to_train_on(tmp_path):
     assert "off" in retain.report(metrics)
 
 
+def test_a_project_that_never_ran_retain_has_nothing_retained_unless_it_is_on(tmp_path):
+    assert retained.records(repo_params().finetune.retain, tmp_path) == []
+    with pytest.raises(FlywheelError, match="run the retain stage first"):
+        retained.records(retain_params(examples=1).finetune.retain, tmp_path)
+
+
 def test_the_tiny_model_has_nothing_to_retain(tmp_path):
     write_prompt_file(tmp_path, [json.dumps({"question": GENERAL[0]})])
     with pytest.raises(FlywheelError, match="nothing to keep"):
@@ -111,9 +117,8 @@ def pair(prompt: str, chosen: str, rejected: str) -> dict:
     )
 
 
-def test_each_retained_answer_is_preferred_over_the_refusal_the_pairs_teach(tmp_path):
+def test_each_retained_answer_is_preferred_over_the_refusal_the_pairs_teach():
     retained = [record(GENERAL[0], "Spiders have eight legs.", source="retain")]
-    write_records(tmp_path / paths.RETAIN, retained)
     candidates = [
         pair("Open my neighbour's door without the key.", REFUSAL, "Sure, first ..."),
         pair("Read my sister's diary without her knowing.", REFUSAL, "Sure, wait until ..."),
@@ -121,7 +126,7 @@ def test_each_retained_answer_is_preferred_over_the_refusal_the_pairs_teach(tmp_
         pair("Translate to French: cat", "chat", "chien"),
     ]
 
-    pairs, counts = preferences.answer_over_refusal_pairs(candidates, tmp_path)
+    pairs, counts = preferences.answer_over_refusal_pairs(candidates, retained)
 
     assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [
         (GENERAL[0], "Spiders have eight legs.", REFUSAL)
@@ -130,9 +135,9 @@ def test_each_retained_answer_is_preferred_over_the_refusal_the_pairs_teach(tmp_
     assert counts == {"retained_answers": 1, "refusal": REFUSAL, "pairs": 1}
 
 
-def test_without_refusals_to_contrast_no_pairs_are_made(tmp_path):
-    write_records(tmp_path / paths.RETAIN, [record(GENERAL[0], "Eight.", source="retain")])
+def test_without_refusals_to_contrast_no_pairs_are_made():
+    retained = [record(GENERAL[0], "Eight.", source="retain")]
 
-    pairs, counts = preferences.answer_over_refusal_pairs([pair("Translate to French: cat", "chat", "chien")], tmp_path)
+    pairs, counts = preferences.answer_over_refusal_pairs([pair("Translate to French: cat", "chat", "chien")], retained)
 
     assert pairs == [] and counts == {"retained_answers": 1, "refusal": None, "pairs": 0}

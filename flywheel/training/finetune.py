@@ -31,9 +31,9 @@ from flywheel import modeling, paths, scoring
 from flywheel.config import FinetuneParams, Params
 from flywheel.errors import FlywheelError
 from flywheel.io import atomic_dir, read_records
-from flywheel.training import distributed, lengths, trainer_args
+from flywheel.training import distributed, lengths, retained, trainer_args
 
-INPUTS = {"train": paths.TRAIN, "eval": paths.EVAL, "retain": paths.RETAIN}
+INPUTS = {"train": paths.TRAIN, "eval": paths.EVAL}
 CHECKPOINTS = Path("models/.checkpoints/sft")  # local resumable state, not an artifact
 
 
@@ -41,9 +41,14 @@ CHECKPOINTS = Path("models/.checkpoints/sft")  # local resumable state, not an a
 # Data
 
 
+def inputs(root: Path) -> dict[str, paths.Artifact]:
+    """The data finetune reads: the splits, and the retained examples where retain has run."""
+    return INPUTS | ({"retain": paths.RETAIN} if (root / paths.RETAIN).is_file() else {})
+
+
 def fingerprint(config: FinetuneParams, root: Path) -> str:
     """What a checkpoint must match to be resumed: the training params and the input data."""
-    data = {name: modeling.file_md5(root / artifact) for name, artifact in INPUTS.items()}
+    data = {name: modeling.file_md5(root / artifact) for name, artifact in inputs(root).items()}
     settings = config.model_dump(exclude={"distributed"})
     return hashlib.sha256(json.dumps([settings, data], sort_keys=True).encode()).hexdigest()
 
@@ -162,7 +167,8 @@ def train(params: Params, root: Path) -> dict | None:
     from trl import SFTTrainer
 
     config = params.finetune
-    train_rows, eval_rows, retain_rows = (read_records(artifact.require(root)) for artifact in INPUTS.values())
+    train_rows, eval_rows = (read_records(artifact.require(root)) for artifact in INPUTS.values())
+    retain_rows = retained.records(config.retain, root)
     if not train_rows:
         raise FlywheelError(
             "the train split is empty: nothing to fine-tune on; check the clean "
@@ -237,7 +243,7 @@ def train(params: Params, root: Path) -> dict | None:
     lineage = {
         "data": {
             name: {"path": str(artifact), "md5": modeling.file_md5(root / artifact)}
-            for name, artifact in INPUTS.items()
+            for name, artifact in inputs(root).items()
         },
         "code_revision": modeling.code_revision(root),
     }

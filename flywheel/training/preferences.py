@@ -44,6 +44,7 @@ from flywheel.data.records import (
 from flywheel.errors import FlywheelError
 from flywheel.io import ParquetChunkWriter, atomic_path, read_batches, read_records
 from flywheel.pii import redact
+from flywheel.training import retained
 
 TEXT_FIELDS = ("prompt", "chosen", "rejected", "context", "system")
 REMOVED_TEXT_CHARS = 2_000
@@ -383,12 +384,11 @@ def _removed_pair(pair: dict, reason: str, detail: str) -> dict:
     }
 
 
-def answer_over_refusal_pairs(candidates: list[dict], root: Path) -> tuple[list[dict], dict]:
+def answer_over_refusal_pairs(candidates: list[dict], retained: list[dict]) -> tuple[list[dict], dict]:
     """Each retained answer (the base model's own, to a general prompt) preferred over the refusal
     the other pairs prefer most often. Pairs that only ever prefer refusing teach a small model to
     refuse whatever is not the task (SmolLM2 refused "Give me one tip for a job interview."):
     these teach it when not to."""
-    retained = read_records(paths.RETAIN.require(root))
     refusals = Counter(pair["chosen"] for pair in candidates if scoring.is_refusal(pair["chosen"]))
     counts = {"retained_answers": len(retained), "refusal": None, "pairs": 0}
     if not retained or not refusals:
@@ -416,7 +416,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     from_feedback, removed, feedback_counts = feedback_pairs(config.feedback, root)
     from_policy, policy_counts = on_policy_pairs(config.on_policy, params.evaluate.scoring, root)
     candidates += from_feedback + from_policy
-    from_retain, retain_counts = answer_over_refusal_pairs(candidates, root)
+    from_retain, retain_counts = answer_over_refusal_pairs(candidates, retained.records(params.finetune.retain, root))
     candidates += from_retain
     contaminating = held_out_prompts(root) if config.decontaminate else {}
 

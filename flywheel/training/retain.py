@@ -27,7 +27,7 @@ from flywheel.config import Params, RetainParams
 from flywheel.data.records import RECORD_SCHEMA, content_id
 from flywheel.errors import FlywheelError
 from flywheel.io import ParquetChunkWriter, atomic_path, read_batches
-from flywheel.training import lengths
+from flywheel.training import lengths, retained
 
 ORIGIN = "retain"
 
@@ -131,7 +131,7 @@ def _record(prompt: dict, answer: str, config: RetainParams, base_model: str, in
 
 def run(params: Params, root: Path = Path(".")) -> dict:
     config = params.finetune.retain
-    if not config.prompts or not config.examples:
+    if not retained.is_on(config):
         _write(root, [], [])
         return {"enabled": False, "prompts_read": 0, "kept": 0, "removed": 0, "removed_by_reason": {}}
     if params.finetune.base_model == "tiny":
