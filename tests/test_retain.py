@@ -141,3 +141,18 @@ def test_without_refusals_to_contrast_no_pairs_are_made():
     pairs, counts = preferences.answer_over_refusal_pairs([pair("Translate to French: cat", "chat", "chien")], retained)
 
     assert pairs == [] and counts == {"retained_answers": 1, "refusal": None, "pairs": 0}
+
+
+def test_losing_most_answers_is_a_warning():
+    metrics = {
+        "enabled": True,
+        "prompts": "data/raw/general/prompts.jsonl",
+        "prompts_read": 10,
+        "answered": 10,
+        "kept": 4,
+        "removed": 6,
+        "removed_by_reason": {"unfinished": 6},
+        "answer_tokens": {"p50": 200.0, "max": 250},
+    }
+    assert "warning: fewer than half the answers were kept" in retain.report(metrics)
+    assert "warning" not in retain.report(metrics | {"kept": 5, "removed": 5, "removed_by_reason": {"unfinished": 5}})

@@ -193,9 +193,15 @@ def report(metrics: dict) -> str:
         return "retain: off (finetune.retain.prompts is null or examples 0): SFT trains on the task alone"
     reasons = ", ".join(f"{reason} {count:,}" for reason, count in metrics["removed_by_reason"].items())
     median = metrics["answer_tokens"]["p50"] or 0
-    return (
+    lines = [
         f"retain: {metrics['prompts_read']:,} prompts read from {metrics['prompts']}, {metrics['answered']:,} "
         f"answered by the base model, {metrics['kept']:,} kept (median {median:.0f} tokens), "
-        f"{metrics['removed']:,} removed ({reasons or 'none'})\n"
-        f"  wrote {paths.RETAIN}, {paths.RETAIN_REMOVED}"
-    )
+        f"{metrics['removed']:,} removed ({reasons or 'none'})"
+    ]
+    if metrics["kept"] < metrics["answered"] / 2:
+        lines.append(
+            "  warning: fewer than half the answers were kept: raise finetune.retain.max_new_tokens or "
+            f"finetune.training.max_length, or see why in {paths.RETAIN_REMOVED}"
+        )
+    lines.append(f"  wrote {paths.RETAIN}, {paths.RETAIN_REMOVED}")
+    return "\n".join(lines)
