@@ -50,7 +50,7 @@ def test_prompts_are_read_in_order_and_every_skipped_line_has_a_reason(tmp_path)
 
     assert [(p["line"], p["prompt"]) for p in kept] == [(1, GENERAL[0]), (7, GENERAL[1])]
     assert [(r["line"], r["reason"]) for r in removed] == [
-        (2, "not_json"),
+        (2, "malformed_json"),  # named as ingest names it: the same reader
         (3, "no_field:question"),
         (4, "held_out_prompt"),
         (5, "duplicate"),
@@ -63,10 +63,14 @@ def test_the_eval_test_and_probe_prompts_are_held_out(tmp_path):
     probe = tmp_path / "data/eval/probe.jsonl"
     probe.parent.mkdir(parents=True)
     probe.write_text(json.dumps({"prompt": "How do I open a jar?", "expect": "answer"}) + "\n")
+    params = repo_params(evaluate={"safety_probe": "data/eval/probe.jsonl"})
 
-    held_out = retain.held_out_prompts(tmp_path, probe.relative_to(tmp_path))
+    held_out = retain.held_out_prompts(params, tmp_path)
 
     assert held_out == {retain._key(p) for p in ("What is two plus two?", "Name a red fruit.", "How do I open a jar?")}
+    probe.write_text(probe.read_text() + "{broken\n")  # a bad probe line is one clear error, as in split
+    with pytest.raises(FlywheelError, match=r"probe.jsonl:2: expected"):
+        retain.held_out_prompts(params, tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flywheel.config import BenchmarkParams, DecontaminateParams
+from flywheel.config import BenchmarkParams, DecontaminateParams, Params
 from flywheel.data import formats
 from flywheel.errors import FlywheelError
 
@@ -164,6 +164,24 @@ class Index:
             if best is None or coverage > best.coverage:
                 best = Match(NGRAM, self.items[number], found.first, len(found.grams), round(coverage, 4))
         return best
+
+
+def load_safety_probe(params: Params, root: Path) -> list[tuple[Item, str]]:
+    """(item, prompt) per probe line. The probe belongs to evaluate; split and retain keep its
+    prompts out of training."""
+    path = root / params.evaluate.safety_probe
+    if not path.is_file():
+        raise FlywheelError(
+            f"safety probe {path} not found (evaluate.safety_probe); set it, or remove safety_probe "
+            "from split.decontaminate.against"
+        )
+    probe = []
+    for row in formats.read_rows(path, "jsonl"):
+        prompt = row.value.get("prompt") if row.problem is None and isinstance(row.value, dict) else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise FlywheelError(f'{path}:{row.line}: expected {{"prompt": "...", ...}} ({row.problem or row.snippet})')
+        probe.append((Item("safety_probe", f"{params.evaluate.safety_probe}:{row.line}"), prompt))
+    return probe
 
 
 def benchmark_rows(benchmark: BenchmarkParams, root: Path) -> Iterator[tuple[Item, list[str]]]:

@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from flywheel import paths
 from flywheel.config import Params, SplitParams
-from flywheel.data import decontaminate, formats
+from flywheel.data import decontaminate
 from flywheel.data.decontaminate import Index, Item
 from flywheel.data.records import RECORD_SCHEMA
 from flywheel.errors import FlywheelError
@@ -59,28 +59,11 @@ def assign(record_id: str, config: SplitParams) -> str:
     return SPLITS[-1]
 
 
-def load_safety_probe(params: Params, root: Path) -> list[tuple[Item, str]]:
-    """(item, prompt) per probe line. The probe belongs to evaluate; split reads the same file."""
-    path = root / params.evaluate.safety_probe
-    if not path.is_file():
-        raise FlywheelError(
-            f"safety probe {path} not found (evaluate.safety_probe); set it, or remove safety_probe "
-            "from split.decontaminate.against"
-        )
-    probe = []
-    for row in formats.read_rows(path, "jsonl"):
-        prompt = row.value.get("prompt") if row.problem is None and isinstance(row.value, dict) else None
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise FlywheelError(f'{path}:{row.line}: expected {{"prompt": "...", ...}} ({row.problem or row.snippet})')
-        probe.append((Item("safety_probe", f"{params.evaluate.safety_probe}:{row.line}"), prompt))
-    return probe
-
-
 def index_extra_items(index: Index, params: Params, root: Path) -> dict[str, int]:
     """Add the safety probe and the benchmarks to the index; benchmark rows without text, by name."""
     config = params.split.decontaminate
     if "safety_probe" in config.against:
-        for item, prompt in load_safety_probe(params, root):
+        for item, prompt in decontaminate.load_safety_probe(params, root):
             index.add(item, [prompt], [" ".join(decontaminate.words(prompt))])
     without_text = {}
     for benchmark in config.benchmarks:

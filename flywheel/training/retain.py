@@ -24,6 +24,7 @@ from pathlib import Path
 
 from flywheel import modeling, paths, scoring, text
 from flywheel.config import Params, RetainParams
+from flywheel.data import decontaminate, formats
 from flywheel.data.records import RECORD_SCHEMA, content_id
 from flywheel.errors import FlywheelError
 from flywheel.io import ParquetChunkWriter, atomic_path, read_batches
@@ -36,7 +37,7 @@ def _key(prompt: str) -> str:
     return text.prompt_key({"prompt": prompt, "context": None})
 
 
-def held_out_prompts(root: Path, probe: Path) -> set[str]:
+def held_out_prompts(params: Params, root: Path) -> set[str]:
     """Prompt keys of the eval and test splits and of the safety probe: never trained on."""
     keys = {
         text.prompt_key(row)
@@ -44,9 +45,8 @@ def held_out_prompts(root: Path, probe: Path) -> set[str]:
         for batch in read_batches(split.require(root))
         for row in batch
     }
-    if (root / probe).is_file():
-        with (root / probe).open(encoding="utf-8") as lines:
-            keys |= {_key(json.loads(line)["prompt"]) for line in lines if line.strip()}
+    if (root / params.evaluate.safety_probe).is_file():
+        keys |= {_key(prompt) for _, prompt in decontaminate.load_safety_probe(params, root)}
     return keys
 
 
@@ -56,28 +56,23 @@ def read_prompts(config: RetainParams, root: Path, held_out: set[str]) -> tuple[
     if not source.is_file():
         raise FlywheelError(f"finetune.retain.prompts: no such file {config.prompts!r}")
     kept, removed, seen = [], [], set()
-    with source.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if len(kept) == config.examples:
-                break
-            if not line.strip():
-                continue
-            reason, prompt = _check(line, config.field, held_out, seen)
-            if reason:
-                removed.append({"line": number, "reason": reason, "prompt": (prompt or line)[:500]})
-                continue
-            seen.add(_key(prompt))
-            kept.append({"line": number, "prompt": prompt})
+    for row in formats.read_rows(source, "jsonl"):
+        if len(kept) == config.examples:
+            break
+        reason, prompt = _check(row, config.field, held_out, seen)
+        if reason:
+            removed.append({"line": row.line, "reason": reason, "prompt": (prompt or row.snippet)[:500]})
+            continue
+        seen.add(_key(prompt))
+        kept.append({"line": row.line, "prompt": prompt})
     return kept, removed
 
 
-def _check(line: str, field: str, held_out: set[str], seen: set[str]) -> tuple[str | None, str | None]:
+def _check(row: formats.RawRow, field: str, held_out: set[str], seen: set[str]) -> tuple[str | None, str | None]:
     """(why the line cannot be used or None, its prompt)."""
-    try:
-        item = json.loads(line)
-    except json.JSONDecodeError:
-        return "not_json", None
-    prompt = item.get(field) if isinstance(item, dict) else None
+    if row.problem:
+        return row.problem, None
+    prompt = row.value.get(field) if isinstance(row.value, dict) else None
     if not isinstance(prompt, str) or not prompt.strip():
         return f"no_field:{field}", None
     prompt = text.normalize(prompt)
@@ -139,7 +134,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
             "finetune.retain keeps what a pretrained base model can do; the tiny model is built by "
             "finetune and has nothing to keep: set finetune.retain.prompts to null"
         )
-    prompts, removed = read_prompts(config, root, held_out_prompts(root, Path(params.evaluate.safety_probe)))
+    prompts, removed = read_prompts(config, root, held_out_prompts(params, root))
     prompts_read = len(prompts) + len(removed)
     model, tokenizer = modeling.load_pretrained(str(paths.BASE_MODEL.require(root)))
     answers = modeling.generate_counted(
