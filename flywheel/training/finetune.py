@@ -271,13 +271,13 @@ def report(metrics: dict) -> str:
     def fmt(value):
         return "n/a" if value is None else f"{value:.3f}"
 
-    retained = (
+    retained_note = (
         f" + {metrics['retain_examples']:,} retained (the base model's own)" if metrics.get("retain_examples") else ""
     )
     resumed = f", resumed from step {metrics['resumed_from_step']}" if metrics["resumed_from_step"] else ""
     return "\n".join(
         [
-            f"finetune: {metrics['train_examples']:,} examples{retained}, {metrics['steps']:,} steps in "
+            f"finetune: {metrics['train_examples']:,} examples{retained_note}, {metrics['steps']:,} steps in "
             f"{metrics['train_seconds']:.0f} s ({metrics['train_tokens_per_second'] or 0:,.0f} tokens/s){resumed}",
             lengths.report_line(metrics["lengths"], "train", "examples"),
             *(f"  warning: {warning}" for warning in metrics["lengths"]["warnings"]),

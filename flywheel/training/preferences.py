@@ -384,14 +384,14 @@ def _removed_pair(pair: dict, reason: str, detail: str) -> dict:
     }
 
 
-def answer_over_refusal_pairs(candidates: list[dict], retained: list[dict]) -> tuple[list[dict], dict]:
+def answer_over_refusal_pairs(candidates: list[dict], retained_rows: list[dict]) -> tuple[list[dict], dict]:
     """Each retained answer (the base model's own, to a general prompt) preferred over the refusal
     the other pairs prefer most often. Pairs that only ever prefer refusing teach a small model to
     refuse whatever is not the task (SmolLM2 refused "Give me one tip for a job interview."):
     these teach it when not to."""
     refusals = Counter(pair["chosen"] for pair in candidates if scoring.is_refusal(pair["chosen"]))
-    counts = {"retained_answers": len(retained), "refusal": None, "pairs": 0}
-    if not retained or not refusals:
+    counts = {"retained_answers": len(retained_rows), "refusal": None, "pairs": 0}
+    if not retained_rows or not refusals:
         return [], counts
     refusal = refusals.most_common(1)[0][0]
     pairs = [
@@ -405,7 +405,7 @@ def answer_over_refusal_pairs(candidates: list[dict], retained: list[dict]) -> t
             ingested_at=row["ingested_at"],
             record_id=row["id"],
         )
-        for row in retained
+        for row in retained_rows
     ]
     return pairs, {**counts, "refusal": refusal, "pairs": len(pairs)}
 
@@ -504,11 +504,11 @@ def report(metrics: dict) -> str:
             f"({generation['rule']}), fits {generation.get('references_fitting', 0)} of "
             f"{generation['references']} references"
         )
-    retained = metrics["answer_over_refusal"]
-    if retained["pairs"]:
+    contrast = metrics["answer_over_refusal"]
+    if contrast["pairs"]:
         lines.append(
-            f"  retained answers: {retained['pairs']:,} pairs, each the base model's answer to a general prompt "
-            f"preferred over {retained['refusal']!r}"
+            f"  retained answers: {contrast['pairs']:,} pairs, each the base model's answer to a general prompt "
+            f"preferred over {contrast['refusal']!r}"
         )
     if not metrics["train"]:
         lines.append(
