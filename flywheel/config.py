@@ -807,8 +807,22 @@ class AirflowParams(_Section):
     )
 
 
+class RayParams(_Section):
+    address: str | None = Field(
+        default=None,
+        description="a running cluster to join (ray://host:10001, or host:6379 from a node of it); null: "
+        "RAY_ADDRESS where set, else a local cluster sized to the CPUs this process may use",
+    )
+    partition_rows: int = Field(default=10_000, ge=1, description="records per Ray task (bounds a worker's memory)")
+
+
 class RuntimeParams(_Section):
     """How processes use the machine. No stage lists this section as a dep: the work is the same."""
+
+    executor: Literal["local", "ray"] = Field(
+        default="local", description="where ingest, clean and split run: this process, or a Ray cluster"
+    )
+    ray: RayParams = Field(default_factory=RayParams)
 
     threads: int = Field(
         default=0,

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-POOL_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+POOL_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "RAYON_NUM_THREADS")  # rayon: rensa
 # What configure() chose, so a child (a launched rank) can tell Flywheel's OMP_NUM_THREADS, which it
 # re-divides among the ranks, from one a user or launcher set, which it keeps.
 CHOSEN_VARIABLE = "FLYWHEEL_THREADS"

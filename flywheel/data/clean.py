@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from flywheel import paths, text
 from flywheel.config import CleanParams, Params, QualityFilterParams
-from flywheel.data import minhash
+from flywheel.data import dedup, minhash
+from flywheel.data.executor import open_executor
 from flywheel.data.records import RECORD_SCHEMA
 from flywheel.io import ParquetChunkWriter, atomic_path, read_batches
 from flywheel.pii import PLACEHOLDER_PATTERN, redact
@@ -136,63 +137,48 @@ def removed_row(
 
 
 @dataclass
-class Survivors:
-    """What the first pass keeps per surviving record: enough to decide duplicates."""
+class CleanedBatch:
+    """One batch through cleaning and the quality filters: what a (possibly remote) task returns."""
 
-    ids: list[str] = field(default_factory=list)
-    keys: list[bytes] = field(default_factory=list)
-    signatures: list[np.ndarray] = field(default_factory=list)
-
-
-def exact_duplicates(survivors: Survivors) -> dict[int, int]:
-    """position -> position of the record kept in its place. The kept one has the smallest id
-    (then the earliest position), so the choice does not depend on file order."""
-    best: dict[bytes, int] = {}
-    for position, key in enumerate(survivors.keys):
-        kept = best.get(key)
-        if kept is None or survivors.ids[position] < survivors.ids[kept]:
-            best[key] = position
-    return {position: best[key] for position, key in enumerate(survivors.keys) if best[key] != position}
+    kept: list[dict] = field(default_factory=list)
+    removed: list[dict] = field(default_factory=list)
+    removed_by: Counter = field(default_factory=Counter)
+    pii: Counter = field(default_factory=Counter)
+    records_with_pii: int = 0
+    markup_tags: int = 0
+    records_with_markup: int = 0
+    keys: list[bytes] = field(default_factory=list)  # the exact-match key of each kept record
+    signatures: np.ndarray | None = None  # their MinHash signatures, where near dedup is on
 
 
-def near_duplicates(
-    signatures: np.ndarray, ids: list[str], candidates: np.ndarray, settings: minhash.MinHashSettings
-) -> dict[int, tuple[int, float]]:
-    """position -> (position kept in its place, estimated similarity to it), over `candidates`.
-
-    Within each LSH cluster, members are visited by id; one is removed only if it is at least
-    `threshold` similar to a member already kept, so a chain a~b~c never removes c for being
-    like a only through b.
-    """
-    subset = signatures[candidates]
-    pairs, _ = minhash.near_duplicate_pairs(subset, settings)
-    labels = minhash.cluster_labels(len(candidates), pairs)
-    members: dict[int, list[int]] = {}
-    for local in np.flatnonzero(np.bincount(labels)[labels] > 1):
-        members.setdefault(int(labels[local]), []).append(int(local))
-    removed = {}
-    for group in members.values():
-        kept: list[int] = []
-        for local in sorted(group, key=lambda m: (ids[candidates[m]], m)):
-            similarity = [(float((subset[local] == subset[k]).mean()), k) for k in kept]
-            best = max(similarity, default=(0.0, -1))
-            if best[0] >= settings.threshold:
-                removed[int(candidates[local])] = (int(candidates[best[1]]), best[0])
-            else:
-                kept.append(local)
-    return removed
+def clean_batch(records: list[dict], config: CleanParams) -> CleanedBatch:
+    result = CleanedBatch()
+    for record in records:
+        cleaned, pii, tags = clean_record(record, config)
+        result.pii.update(pii)
+        result.records_with_pii += bool(pii)
+        result.markup_tags += tags
+        result.records_with_markup += bool(tags)
+        problem = quality_problem(cleaned, config.filters)
+        if problem:
+            result.removed.append(removed_row(cleaned, *problem))
+            result.removed_by[problem[0]] += 1
+            continue
+        result.kept.append(cleaned)
+        result.keys.append(exact_key(cleaned))
+    if config.dedup.near and result.kept:
+        hasher = minhash.MinHasher(minhash.settings_from(config.dedup.minhash))
+        result.signatures = hasher.signatures(map(minhash.dedup_text, result.kept))
+    return result
 
 
 def run(params: Params, root: Path = Path(".")) -> dict:
     config = params.clean
     source = paths.INGESTED_RECORDS.require(root)
-    hasher = minhash.MinHasher(minhash.settings_from(config.dedup.minhash))
-    removed_by: Counter[str] = Counter()
-    pii_counts: Counter[str] = Counter()
-    records_with_pii = 0
-    markup_tags = records_with_markup = 0
+    settings = minhash.settings_from(config.dedup.minhash)
+    totals = CleanedBatch()
     total = 0
-    survivors = Survivors()
+    survivors = dedup.Survivors()
 
     with contextlib.ExitStack() as stack:
         kept_tmp, removed_tmp = (
@@ -203,31 +189,33 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         removed = ParquetChunkWriter(removed_tmp, REMOVED_SCHEMA)
         first_pass = ParquetChunkWriter(scratch, RECORD_SCHEMA)
         progress = stack.enter_context(tqdm(desc="clean", unit=" records", disable=None))
+        executor = stack.enter_context(open_executor(params.runtime))
+        batch_size = config.batch_size if executor.name == "local" else params.runtime.ray.partition_rows
 
-        for batch in read_batches(source, config.batch_size):
-            batch_survivors = []
-            for record in batch:
-                total += 1
-                cleaned, pii, tags = clean_record(record, config)
-                pii_counts.update(pii)
-                records_with_pii += bool(pii)
-                markup_tags += tags
-                records_with_markup += bool(tags)
-                problem = quality_problem(cleaned, config.filters)
-                if problem:
-                    removed.add(removed_row(cleaned, *problem))
-                    removed_by[problem[0]] += 1
-                    continue
-                first_pass.add(cleaned)
-                batch_survivors.append(cleaned)
-                survivors.ids.append(cleaned["id"])
-                survivors.keys.append(exact_key(cleaned))
-            if config.dedup.near and batch_survivors:
-                survivors.signatures.append(hasher.signatures(map(minhash.dedup_text, batch_survivors)))
-            progress.update(len(batch))
+        # Pass 1, batch by batch (on Ray, a task per batch): clean, filter, sign.
+        for batch in executor.map(clean_batch, read_batches(source, batch_size), config):
+            for row in batch.removed:
+                removed.add(row)
+            for record in batch.kept:
+                first_pass.add(record)
+                survivors.ids.append(record["id"])
+            survivors.keys += batch.keys
+            if batch.signatures is not None:
+                survivors.signatures.append(batch.signatures)
+            total += len(batch.kept) + len(batch.removed)
+            _add_counts(totals, batch)
+            progress.update(len(batch.kept) + len(batch.removed))
         first_pass.close()
 
-        duplicates = decide_duplicates(survivors, config, hasher.settings)
+        duplicates = dedup.decide(
+            survivors,
+            config.dedup.exact,
+            config.dedup.near,
+            settings,
+            on_ray=executor.name == "ray",
+            partition_rows=params.runtime.ray.partition_rows,
+        )
+        # Pass 2: the survivors streamed out, duplicates to the removed file.
         kept = ParquetChunkWriter(kept_tmp, RECORD_SCHEMA)
         position = 0
         for batch in read_batches(scratch, config.batch_size):
@@ -240,7 +228,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
                     removed.add(
                         removed_row(record, reason, duplicate_of=survivors.ids[kept_position], similarity=similarity)
                     )
-                    removed_by[reason] += 1
+                    totals.removed_by[reason] += 1
                 position += 1
         kept.close()
         removed.close()
@@ -249,27 +237,19 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         "in": total,
         "kept": kept.rows,
         "removed": removed.rows,
-        "removed_by_reason": dict(sorted(removed_by.items())),
-        "pii_redacted": dict(sorted(pii_counts.items())),
-        "records_with_pii": records_with_pii,
-        "markup_stripped": {"tags": markup_tags, "records": records_with_markup},
+        "removed_by_reason": dict(sorted(totals.removed_by.items())),
+        "pii_redacted": dict(sorted(totals.pii.items())),
+        "records_with_pii": totals.records_with_pii,
+        "markup_stripped": {"tags": totals.markup_tags, "records": totals.records_with_markup},
     }
 
 
-def decide_duplicates(
-    survivors: Survivors, config: CleanParams, settings: minhash.MinHashSettings
-) -> dict[int, tuple[str, int, float]]:
-    """position -> (reason, position kept in its place, similarity)."""
-    decisions: dict[int, tuple[str, int, float]] = {}
-    if config.dedup.exact:
-        for position, kept in exact_duplicates(survivors).items():
-            decisions[position] = ("exact_duplicate", kept, 1.0)
-    if config.dedup.near and survivors.ids:
-        signatures = np.concatenate(survivors.signatures)
-        candidates = np.array([p for p in range(len(survivors.ids)) if p not in decisions], dtype=np.int64)
-        for position, (kept, similarity) in near_duplicates(signatures, survivors.ids, candidates, settings).items():
-            decisions[position] = ("near_duplicate", kept, similarity)
-    return decisions
+def _add_counts(totals: CleanedBatch, batch: CleanedBatch) -> None:
+    totals.removed_by.update(batch.removed_by)
+    totals.pii.update(batch.pii)
+    totals.records_with_pii += batch.records_with_pii
+    totals.markup_tags += batch.markup_tags
+    totals.records_with_markup += batch.records_with_markup
 
 
 def report(metrics: dict) -> str:

@@ -1,0 +1,61 @@
+"""The data stages on Ray: the same outputs as in one process, on a real local cluster."""
+
+import random
+
+import pytest
+
+from flywheel import paths
+from flywheel.data import clean
+from tests.helpers import read_rows, record, repo_params, write_records
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def planted_corpus(originals: int, seed: int = 0) -> list[dict]:
+    """Distinct notes, a third with near copies (a few words changed) and a tenth with exact
+    copies (case and spacing changed), shuffled, with some records every filter removes."""
+    rng = random.Random(seed)
+    vocabulary = [f"{rng.choice('bcdfgklmnprst')}{rng.choice('aeiou')}{rng.choice('lmnrst')}{n}" for n in range(3000)]
+    records = []
+    for n in range(originals):
+        words = rng.choices(vocabulary, k=rng.randint(40, 70))
+        prompt = f"Summarise note {n} for the team."
+        records.append(record(prompt, " ".join(words)))
+        if rng.random() < 1 / 3:
+            for _ in range(rng.randint(1, 2)):
+                edited = [rng.choice(vocabulary) if rng.random() < 0.03 else word for word in words]
+                records.append(record(prompt, " ".join(edited)))
+        if rng.random() < 0.1:
+            records.append(record(prompt.upper(), "  ".join(words).upper()))
+    records += [record("Say hi", "<p> </p>"), record("Garbage?", "#### $$$ %%% &&& *** !!! ??? @@@")]
+    rng.shuffle(records)
+    return records
+
+
+def run_clean(root, records, runtime):
+    write_records(root / paths.INGESTED_RECORDS, records)
+    metrics = clean.run(repo_params(runtime=runtime), root=root)
+    return metrics, read_rows(root / paths.CLEAN_RECORDS), read_rows(root / paths.CLEAN_REMOVED)
+
+
+def test_clean_on_ray_keeps_and_removes_the_same_records_as_locally(tmp_path, ray_cluster):
+    records = planted_corpus(600)
+    local = run_clean(tmp_path / "local", records, {"executor": "local"})
+    # Small partitions: many map tasks, and near duplicates whose originals are in another one.
+    on_ray = run_clean(tmp_path / "ray", records, {"executor": "ray", "ray": {"partition_rows": 97}})
+
+    (local_metrics, local_kept, local_removed), (ray_metrics, ray_kept, ray_removed) = local, on_ray
+    assert ray_metrics == local_metrics
+    assert ray_kept == local_kept
+    assert ray_removed == local_removed
+    reasons = local_metrics["removed_by_reason"]
+    assert reasons["near_duplicate"] > 100 and reasons["exact_duplicate"] > 30
+    assert {"empty_response", "symbol_ratio"} <= set(reasons)
