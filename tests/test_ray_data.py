@@ -6,6 +6,7 @@ import pytest
 
 from flywheel import paths
 from flywheel.data import clean
+from tests.conftest import run
 from tests.helpers import read_rows, record, repo_params, write_records
 
 pytestmark = pytest.mark.slow
@@ -59,3 +60,34 @@ def test_clean_on_ray_keeps_and_removes_the_same_records_as_locally(tmp_path, ra
     reasons = local_metrics["removed_by_reason"]
     assert reasons["near_duplicate"] > 100 and reasons["exact_duplicate"] > 30
     assert {"empty_response", "symbol_ratio"} <= set(reasons)
+
+
+DATA_OUTPUTS = (
+    paths.INGESTED_RECORDS,
+    paths.INGESTED_PREFERENCES,
+    paths.QUARANTINE,
+    paths.CLEAN_RECORDS,
+    paths.CLEAN_REMOVED,
+    *paths.SPLITS.values(),
+    paths.DECONTAMINATED,
+)
+
+
+def test_dvc_repro_of_the_data_stages_on_a_running_cluster_writes_what_local_writes(
+    project_copy, sample_project, ray_cluster
+):
+    """The stages join the cluster at RAY_ADDRESS, as they would a KubeRay or `ray start` one."""
+    address = ray_cluster.get_runtime_context().gcs_address
+    run(["flywheel", "params", "apply", "runtime.executor=ray", "runtime.ray.partition_rows=300"], project_copy)
+    run(["dvc", "repro", "split"], project_copy, RAY_ADDRESS=address)
+    for output in DATA_OUTPUTS:
+        assert (project_copy / output).read_bytes() == (sample_project / output).read_bytes(), output
+
+
+def test_an_unreachable_cluster_is_a_clear_error_naming_its_address(project_copy):
+    run(["flywheel", "ingest"], project_copy)
+    run(["flywheel", "params", "apply", "runtime.executor=ray"], project_copy)
+    result = run(["flywheel", "clean"], project_copy, check=False, RAY_ADDRESS="127.0.0.1:1")
+    assert result.returncode != 0
+    assert "nothing listens at '127.0.0.1:1' (runtime.ray.address or RAY_ADDRESS)" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -190,10 +190,10 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         first_pass = ParquetChunkWriter(scratch, RECORD_SCHEMA)
         progress = stack.enter_context(tqdm(desc="clean", unit=" records", disable=None))
         executor = stack.enter_context(open_executor(params.runtime))
-        batch_size = config.batch_size if executor.name == "local" else params.runtime.ray.partition_rows
 
         # Pass 1, batch by batch (on Ray, a task per batch): clean, filter, sign.
-        for batch in executor.map(clean_batch, read_batches(source, batch_size), config):
+        batches = read_batches(source, executor.batch_rows(config.batch_size))
+        for batch in executor.map(clean_batch, batches, config):
             for row in batch.removed:
                 removed.add(row)
             for record in batch.kept:
@@ -207,14 +207,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
             progress.update(len(batch.kept) + len(batch.removed))
         first_pass.close()
 
-        duplicates = dedup.decide(
-            survivors,
-            config.dedup.exact,
-            config.dedup.near,
-            settings,
-            on_ray=executor.name == "ray",
-            partition_rows=params.runtime.ray.partition_rows,
-        )
+        duplicates = dedup.decide(survivors, config.dedup.exact, config.dedup.near, settings, executor)
         # Pass 2: the survivors streamed out, duplicates to the removed file.
         kept = ParquetChunkWriter(kept_tmp, RECORD_SCHEMA)
         position = 0

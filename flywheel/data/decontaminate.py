@@ -15,9 +15,9 @@ original (a reworded question over a copied worked solution) shares an n-gram wh
 similarity is low. Long n-grams are also what a model can memorise.
 
 The evaluation side is small and indexed once (the hash of each n-gram -> the items holding it);
-train records stream past it, and only a hit costs more than a hash lookup. Python's hash of a word
-tuple is 64 bits: a chance collision is ~1e-19 per lookup, and a whole-item match is verified word by
-word.
+train records stream past it, and only a hit costs more than a hash lookup. The hashes are 64 bits
+and the same in every process (the index travels to Ray workers): a chance collision is ~1e-19 per
+lookup, and a whole-item match is verified word by word.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flywheel.config import BenchmarkParams, DecontaminateParams, Params
-from flywheel.data import formats
+from flywheel.data import formats, minhash
 from flywheel.errors import FlywheelError
 
 EXACT = "exact_contamination"
@@ -82,6 +82,7 @@ class Index:
         self._ngrams: dict[int, int | list[int]] = {}  # most n-grams belong to one item: no list for those
         self._short: dict[int, list[tuple[int, tuple[str, ...]]]] = {}  # hash of first min_words words -> items
         self._exact: dict[str, int] = {}
+        self._word_cache: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self.items)
@@ -100,9 +101,10 @@ class Index:
         for text in texts:
             tokens = words(text)
             if len(tokens) >= n:
-                own.update(hash(tuple(tokens[i : i + n])) for i in range(len(tokens) - n + 1))
+                own.update(self._gram_hashes(tokens, n))
             elif len(tokens) >= min_words:
-                self._short.setdefault(hash(tuple(tokens[:min_words])), []).append((number, tuple(tokens)))
+                first_words = self._gram_hashes(tokens[:min_words], min_words)[0]
+                self._short.setdefault(first_words, []).append((number, tuple(tokens)))
                 units += 1
         for gram in own:
             holders = self._ngrams.get(gram)
@@ -116,6 +118,9 @@ class Index:
         for text in exact_texts:
             if text:
                 self._exact.setdefault(text, number)
+
+    def _gram_hashes(self, tokens: list[str], n: int) -> list[int]:
+        return minhash.ngram_hashes(minhash.word_hashes(tokens, self._word_cache), n).tolist()
 
     def match(self, texts: list[str | None], exact_text: str | None = None) -> Match | None:
         """The item a train record (its texts, its exact text) is contaminated by, or None."""
@@ -133,8 +138,7 @@ class Index:
 
     def _find_ngrams(self, tokens: list[str], hits: dict[int, _Hits]) -> None:
         n = self.config.n
-        for i in range(len(tokens) - n + 1):
-            gram = hash(tuple(tokens[i : i + n]))
+        for i, gram in enumerate(self._gram_hashes(tokens, n)):
             holders = self._ngrams.get(gram)
             if holders is None:
                 continue
@@ -147,8 +151,8 @@ class Index:
         if not self._short:
             return
         width = self.config.min_words
-        for i in range(len(tokens) - width + 1):
-            for number, item_words in self._short.get(hash(tuple(tokens[i : i + width])), ()):
+        for i, first_words in enumerate(self._gram_hashes(tokens, width)):
+            for number, item_words in self._short.get(first_words, ()):
                 if tuple(tokens[i : i + len(item_words)]) == item_words:
                     found = hits.setdefault(number, _Hits())
                     found.grams.add(hash(item_words))

@@ -19,10 +19,14 @@ record) and makes the per-cluster decisions, which need only the clustered recor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from flywheel.data import minhash
+
+if TYPE_CHECKING:
+    from flywheel.data.executor import Executor
 
 SIMILARITY_CHUNK = 65_536  # pairs compared at once: bounds a reducer's memory
 
@@ -47,19 +51,14 @@ def id_rank(ids: list[str]) -> np.ndarray:
 
 
 def decide(
-    survivors: Survivors,
-    exact: bool,
-    near: bool,
-    settings: minhash.MinHashSettings,
-    on_ray: bool = False,
-    partition_rows: int = 10_000,
+    survivors: Survivors, exact: bool, near: bool, settings: minhash.MinHashSettings, executor: Executor
 ) -> Decisions:
     if not survivors.ids:
         return {}
     rank = id_rank(survivors.ids)
     signatures = np.concatenate(survivors.signatures) if near else None
-    if on_ray:
-        return _decide_on_ray(survivors, rank, signatures, exact, settings, partition_rows)
+    if executor.name == "ray":
+        return _decide_on_ray(survivors, rank, signatures, exact, settings, executor.batch_rows(0))
     decisions: Decisions = {}
     if exact:
         decisions.update(_exact_locally(survivors.keys, rank))

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
-from flywheel import threads
+from flywheel import net, threads
 from flywheel.errors import FlywheelError
 
 if TYPE_CHECKING:
@@ -33,9 +33,14 @@ class Executor(Protocol):
 
     def parallelism(self) -> int: ...
 
+    def batch_rows(self, local_rows: int) -> int: ...
+
 
 class LocalExecutor:
     name = "local"
+
+    def batch_rows(self, local_rows: int) -> int:
+        return local_rows
 
     def map(self, function: Callable, items: Iterable, *shared: Any) -> Iterator:
         for item in items:
@@ -48,10 +53,15 @@ class LocalExecutor:
 class RayExecutor:
     name = "ray"
 
-    def __init__(self) -> None:
+    def __init__(self, partition_rows: int) -> None:
         import ray
 
         self._ray = ray
+        self.partition_rows = partition_rows
+
+    def batch_rows(self, local_rows: int) -> int:
+        """Rows per task: runtime.ray.partition_rows, what bounds a worker's memory."""
+        return self.partition_rows
 
     def parallelism(self) -> int:
         return max(1, int(self._ray.cluster_resources().get("CPU", 1)))
@@ -77,6 +87,18 @@ def ray_address(config: RayParams) -> str | None:
     return config.address or os.environ.get("RAY_ADDRESS") or None
 
 
+def _check_reachable(address: str) -> None:
+    """Fail in a second on an address nothing listens at: ray.init retries one for ten minutes."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if address == "auto" or not port.isdigit():
+        return  # ray.init finds (or names) the cluster itself
+    if not net.listening(host or "127.0.0.1", int(port)):
+        raise FlywheelError(
+            f"runtime.executor is ray, but nothing listens at {address!r} (runtime.ray.address or RAY_ADDRESS). "
+            "Start a cluster there (`ray start --head`), fix the address, or set runtime.executor: local"
+        )
+
+
 def _connect(config: RayParams) -> bool:
     """Join the configured cluster or start a local one; False where this process already had a
     Ray session (a notebook, a test's cluster), which is then used as it is."""
@@ -86,6 +108,8 @@ def _connect(config: RayParams) -> bool:
         return False
     address = ray_address(config)
     runtime_env = {"env_vars": WORKER_ENV}
+    if address:
+        _check_reachable(address)
     try:
         if address:
             ray.init(address=address, runtime_env=runtime_env, logging_level="ERROR", log_to_driver=False)
@@ -113,7 +137,7 @@ def open_executor(runtime: RuntimeParams) -> Iterator[Executor]:
         return
     connected_here = _connect(runtime.ray)
     try:
-        yield RayExecutor()
+        yield RayExecutor(runtime.ray.partition_rows)
     finally:
         if connected_here:
             import ray

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import tempfile
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from tqdm import tqdm
 
 from flywheel import paths, pii
 from flywheel.config import RAW_DIR, IngestParams, Params, SourceParams
+from flywheel.data.executor import open_executor
 from flywheel.data.formats import RawRow, detect_format, read_rows
 from flywheel.data.records import PREFERENCE_SCHEMA, RECORD_SCHEMA, Rejected, map_item
 from flywheel.errors import FlywheelError
@@ -75,6 +79,17 @@ class _SourceCounts:
         self.reasons: Counter[str] = Counter()
         self.first_detail: dict[str, str] = {}  # reason -> "file:line: detail" of its first item
         self.fields_seen: Counter[str] = Counter()  # field names of the first FIELDS_SAMPLED items
+
+    def add(self, other: _SourceCounts) -> None:
+        self.files += other.files
+        self.read += other.read
+        self.records += other.records
+        self.preferences += other.preferences
+        self.reasons.update(other.reasons)
+        for reason, detail in other.first_detail.items():
+            self.first_detail.setdefault(reason, detail)
+        if sum(self.fields_seen.values()) < FIELDS_SAMPLED:
+            self.fields_seen.update(other.fields_seen)
 
     def note_fields(self, value: object) -> None:
         if isinstance(value, dict) and self.read <= FIELDS_SAMPLED:
@@ -132,6 +147,101 @@ def check_quarantine_shares(
     return warnings
 
 
+@dataclass
+class FileChunk:
+    """Up to chunk_size items of one file, mapped: what a (possibly remote) task returns."""
+
+    source: str
+    records: list[dict] = field(default_factory=list)
+    preferences: list[dict] = field(default_factory=list)
+    quarantined: list[str] = field(default_factory=list)  # JSON lines
+    tally: _SourceCounts = field(default_factory=_SourceCounts)  # counts the file in its first chunk
+
+
+@dataclass(frozen=True)
+class RawFile:
+    source: SourceParams
+    relative: str  # the path under the project root, as records and the quarantine name it
+    ingested_at: datetime
+    content: bytes | None = None  # the file's bytes where it travels to a Ray worker
+
+
+def read_file(raw: RawFile, root: Path, chunk_size: int) -> Iterator[FileChunk]:
+    """The file's items mapped to records, preferences or quarantine lines, a chunk at a time."""
+    with contextlib.ExitStack() as stack:
+        path = root / raw.relative
+        if raw.content is not None:  # a worker that may not see the project: a private copy
+            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            path = scratch / Path(raw.relative).name
+            path.write_bytes(raw.content)
+        chunk = FileChunk(raw.source.name)
+        chunk.tally.files = 1
+        for row in read_rows(path, detect_format(path, raw.source.format)):
+            _ingest_row(row, raw, chunk)
+            if chunk.tally.read == chunk_size:
+                yield chunk
+                chunk = FileChunk(raw.source.name)
+        yield chunk
+
+
+def read_whole_file(raw: RawFile, chunk_size: int) -> list[FileChunk]:
+    """read_file as one Ray task: the file arrived with it, so the project root does not matter."""
+    return list(read_file(raw, Path("."), chunk_size))
+
+
+def _ingest_row(row: RawRow, raw: RawFile, chunk: FileChunk) -> None:
+    source, tally = raw.source, chunk.tally
+    tally.read += 1
+    tally.note_fields(row.value)
+    problem, detail = row.problem, row.detail
+    if problem is None:
+        try:
+            kind, fields = map_item(row.value, source)
+        except Rejected as rejected:
+            problem, detail = rejected.reason, rejected.detail
+    if problem is not None:
+        tally.reasons[problem] += 1
+        tally.first_detail.setdefault(problem, f"{raw.relative}:{row.line}: {detail}")
+        snippet = row.snippet or json.dumps(row.value, ensure_ascii=False, default=str)[:300]
+        snippet = pii.redact(snippet)[0]  # the quarantine is pushed with the run
+        entry = {
+            "source": source.name,
+            "file": raw.relative,
+            "line": row.line,
+            "reason": problem,
+            "detail": detail,
+            "snippet": snippet,
+        }
+        chunk.quarantined.append(json.dumps(entry, ensure_ascii=False))
+        return
+    fields.update(
+        source=source.name,
+        license=source.license,
+        ingested_at=raw.ingested_at,
+        metadata=_metadata(raw.relative, row, fields),
+    )
+    if kind == "record":
+        chunk.records.append(fields)
+        tally.records += 1
+    else:
+        chunk.preferences.append(fields)
+        tally.preferences += 1
+
+
+def raw_files(plan: list[tuple[SourceParams, list[Path]]], root: Path, with_content: bool) -> Iterator[RawFile]:
+    for source, files in plan:
+        for path in files:
+            # The file's modification time, not the clock: ingest re-run on unchanged files
+            # (say, because data/raw/feedback changed) writes the same bytes, so DVC skips
+            # every stage downstream of it.
+            yield RawFile(
+                source,
+                path.relative_to(root).as_posix(),
+                datetime.fromtimestamp(int(path.stat().st_mtime), UTC),
+                path.read_bytes() if with_content else None,
+            )
+
+
 def run(params: Params, root: Path = Path(".")) -> dict:
     config = params.ingest
     plan = resolve_sources(config.sources, root)
@@ -143,59 +253,23 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         preferences = ParquetChunkWriter(preferences_tmp, PREFERENCE_SCHEMA, config.chunk_size)
         quarantine = stack.enter_context(open(quarantine_tmp, "w", encoding="utf-8"))
         progress = stack.enter_context(tqdm(desc="ingest", unit=" items", disable=None))
+        executor = stack.enter_context(open_executor(params.runtime))
 
-        for source, files in plan:
-            tally = counts[source.name]
-            for path in files:
-                tally.files += 1
-                relative = path.relative_to(root).as_posix()
-                # The file's modification time, not the clock: ingest re-run on unchanged files
-                # (say, because data/raw/feedback changed) writes the same bytes, so DVC skips
-                # every stage downstream of it.
-                ingested_at = datetime.fromtimestamp(int(path.stat().st_mtime), UTC)
-                for row in read_rows(path, detect_format(path, source.format)):
-                    tally.read += 1
-                    tally.note_fields(row.value)
-                    if tally.read % 1000 == 0:
-                        progress.update(1000)
-                    problem, detail = row.problem, row.detail
-                    if problem is None:
-                        try:
-                            kind, fields = map_item(row.value, source)
-                        except Rejected as rejected:
-                            problem, detail = rejected.reason, rejected.detail
-                    if problem is not None:
-                        tally.reasons[problem] += 1
-                        tally.first_detail.setdefault(problem, f"{relative}:{row.line}: {detail}")
-                        snippet = row.snippet or json.dumps(row.value, ensure_ascii=False, default=str)[:300]
-                        snippet = pii.redact(snippet)[0]  # the quarantine is pushed with the run
-                        quarantine.write(
-                            json.dumps(
-                                {
-                                    "source": source.name,
-                                    "file": relative,
-                                    "line": row.line,
-                                    "reason": problem,
-                                    "detail": detail,
-                                    "snippet": snippet,
-                                },
-                                ensure_ascii=False,
-                            )
-                            + "\n"
-                        )
-                        continue
-                    fields.update(
-                        source=source.name,
-                        license=source.license,
-                        ingested_at=ingested_at,
-                        metadata=_metadata(relative, row, fields),
-                    )
-                    if kind == "record":
-                        records.add(fields)
-                        tally.records += 1
-                    else:
-                        preferences.add(fields)
-                        tally.preferences += 1
+        # One task per file on Ray (the file travels with it: workers need no shared filesystem);
+        # locally, each file streamed a chunk at a time. Either way, in the order of the plan.
+        files = raw_files(plan, root, with_content=executor.name == "ray")
+        if executor.name == "ray":
+            chunks = (c for whole in executor.map(read_whole_file, files, config.chunk_size) for c in whole)
+        else:
+            chunks = (c for raw in files for c in read_file(raw, root, config.chunk_size))
+        for chunk in chunks:
+            counts[chunk.source].add(chunk.tally)
+            for row in chunk.records:
+                records.add(row)
+            for row in chunk.preferences:
+                preferences.add(row)
+            quarantine.writelines(line + "\n" for line in chunk.quarantined)
+            progress.update(chunk.tally.read)
         records.close()
         preferences.close()
         quarantine.close()

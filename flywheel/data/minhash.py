@@ -67,6 +67,27 @@ def _mix(values: np.ndarray) -> np.ndarray:
     return values ^ (values >> np.uint64(31))
 
 
+def word_hashes(words: list[str], cache: dict[str, int]) -> np.ndarray:
+    """64-bit hashes of words, the same in every process (Python's str hash is salted per
+    process, and hashes travel to and from Ray workers); `cache` keeps the ones computed."""
+    if len(cache) >= _WORD_CACHE_LIMIT:
+        cache.clear()  # bounded memory on open-ended vocabularies
+    for word in set(words).difference(cache):
+        cache[word] = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "little")
+    return np.fromiter(map(cache.__getitem__, words), dtype=np.uint64, count=len(words))
+
+
+def ngram_hashes(word_hash_values: np.ndarray, n: int) -> np.ndarray:
+    """A 64-bit hash of every run of n consecutive words (a polynomial over the word hashes, mixed)."""
+    count = len(word_hash_values) - n + 1
+    if count <= 0:
+        return np.empty(0, dtype=np.uint64)
+    combined = np.zeros(count, dtype=np.uint64)
+    for k in range(n):
+        combined = combined * _ROW_MULTIPLIERS[0] + word_hash_values[k : k + count]
+    return _mix(combined)
+
+
 @dataclass(frozen=True)
 class MinHashSettings:
     shingle_size: int = 3
@@ -94,12 +115,7 @@ class MinHasher:
         self._word_hashes: dict[str, int] = {}
 
     def _word_hashes_of(self, words: list[str]) -> np.ndarray:
-        cache = self._word_hashes
-        if len(cache) >= _WORD_CACHE_LIMIT:
-            cache.clear()  # bounded memory on open-ended vocabularies
-        for word in set(words).difference(cache):
-            cache[word] = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "little")
-        return np.fromiter(map(cache.__getitem__, words), dtype=np.uint64, count=len(words))
+        return word_hashes(words, self._word_hashes)
 
     def _shingle_hashes(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """All shingle hashes of the batch, and where each document's shingles start."""

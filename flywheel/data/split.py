@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -27,6 +28,7 @@ from flywheel import paths
 from flywheel.config import Params, SplitParams
 from flywheel.data import decontaminate
 from flywheel.data.decontaminate import Index, Item
+from flywheel.data.executor import open_executor
 from flywheel.data.records import RECORD_SCHEMA
 from flywheel.errors import FlywheelError
 from flywheel.io import ParquetChunkWriter, atomic_path, read_batches
@@ -99,6 +101,38 @@ def decontaminated_row(record: dict, match: decontaminate.Match) -> dict:
     }
 
 
+@dataclass
+class CheckedTrain:
+    """One batch's train records against the index: what a (possibly remote) task returns."""
+
+    kept: list[dict] = field(default_factory=list)
+    removed: list[dict] = field(default_factory=list)  # decontaminated rows
+    reasons: Counter = field(default_factory=Counter)
+    sources: Counter = field(default_factory=Counter)  # the evaluation source each removal matched
+    train_sources: Counter = field(default_factory=Counter)  # train records per record source
+    removed_sources: Counter = field(default_factory=Counter)  # removed ones per record source
+
+
+def check_train_records(records: list[dict], index: Index, config: SplitParams) -> CheckedTrain:
+    checked = CheckedTrain()
+    for record in records:
+        if assign(record["id"], config) != "train":
+            continue
+        match = None
+        if len(index):
+            exact = decontaminate.record_exact_text(record)
+            match = index.match(record_texts(record, config), exact)
+        checked.train_sources[record["source"]] += 1
+        if match is None:
+            checked.kept.append(record)
+        else:
+            checked.removed.append(decontaminated_row(record, match))
+            checked.reasons[match.reason] += 1
+            checked.sources[match.item.source] += 1
+            checked.removed_sources[record["source"]] += 1
+    return checked
+
+
 def run(params: Params, root: Path = Path(".")) -> dict:
     config = params.split
     checks = config.decontaminate
@@ -115,6 +149,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         dropped = ParquetChunkWriter(
             stack.enter_context(atomic_path(root / paths.DECONTAMINATED)), DECONTAMINATED_SCHEMA
         )
+        executor = stack.enter_context(open_executor(params.runtime))
         # Pass 1: eval and test are written and indexed; train waits until the index is complete.
         for batch in read_batches(source):
             for record in batch:
@@ -127,24 +162,18 @@ def run(params: Params, root: Path = Path(".")) -> dict:
                     exact = [decontaminate.record_exact_text(record)]
                     index.add(Item(name, record["id"]), record_texts(record, config), exact)
         without_text = index_extra_items(index, params, root) if enabled else {}
-        # Pass 2: train records, each checked against the index.
-        for batch in read_batches(source):
-            for record in batch:
-                if assign(record["id"], config) != "train":
-                    continue
-                match = None
-                if len(index):
-                    exact = decontaminate.record_exact_text(record)
-                    match = index.match(record_texts(record, config), exact)
-                train_sources[record["source"]] += 1
-                if match is None:
-                    writers["train"].add(record)
-                    counts["train"] += 1
-                else:
-                    dropped.add(decontaminated_row(record, match))
-                    reasons[match.reason] += 1
-                    sources[match.item.source] += 1
-                    removed_sources[record["source"]] += 1
+        # Pass 2: train records, each checked against the index (on Ray, a task per batch).
+        batches = read_batches(source, executor.batch_rows(10_000))
+        for checked in executor.map(check_train_records, batches, index, config):
+            for record in checked.kept:
+                writers["train"].add(record)
+            for row in checked.removed:
+                dropped.add(row)
+            counts["train"] += len(checked.kept)
+            reasons.update(checked.reasons)
+            sources.update(checked.sources)
+            train_sources.update(checked.train_sources)
+            removed_sources.update(checked.removed_sources)
         for writer in (*writers.values(), dropped):
             writer.close()
 
