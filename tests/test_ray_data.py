@@ -1,7 +1,10 @@
 """The data stages on Ray: the same outputs as in one process, on a real local cluster."""
 
+import concurrent.futures
 import random
+import time
 
+import psutil
 import pytest
 
 from flywheel import paths
@@ -91,3 +94,25 @@ def test_an_unreachable_cluster_is_a_clear_error_naming_its_address(project_copy
     assert result.returncode != 0
     assert "nothing listens at '127.0.0.1:1' (runtime.ray.address or RAY_ADDRESS)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def kill_first_worker_running(task_name: str, timeout: float = 60) -> int | None:
+    """SIGKILL the first Ray worker seen executing `task_name`; its pid, or None if none ran."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for process in psutil.process_iter(["pid", "cmdline"]):
+            if any(part.startswith(f"ray::{task_name}") for part in process.info["cmdline"] or ()):
+                process.kill()
+                return process.info["pid"]
+        time.sleep(0.05)
+    return None
+
+
+def test_a_worker_killed_mid_stage_is_retried_and_the_output_is_the_same(tmp_path, ray_cluster):
+    records = planted_corpus(3000, seed=1)
+    local = run_clean(tmp_path / "local", records, {"executor": "local"})
+    with concurrent.futures.ThreadPoolExecutor(1) as killer:
+        killed = killer.submit(kill_first_worker_running, "clean_batch")
+        on_ray = run_clean(tmp_path / "ray", records, {"executor": "ray", "ray": {"partition_rows": 200}})
+    assert killed.result() is not None, "no worker ran clean_batch while the stage ran"
+    assert on_ray == local
