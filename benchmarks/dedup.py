@@ -1,33 +1,42 @@
-"""Near-duplicate detection: quality and speed of Flywheel's MinHash LSH against datasketch's.
+"""Near-duplicate detection: Flywheel's MinHash LSH against rensa's and datasketch's, and the
+clean stage's dedup on 1M documents in one process against the same on a local Ray cluster.
 
-    python benchmarks/dedup.py [--docs 20000] [--million]
+    python benchmarks/dedup.py [--docs 20000] [--million] [--ray-cpus 2]
 
 Generates ~100-word documents and plants near-duplicates of a share of them with known edit rates
-(word substitutions, insertions, deletions, and a swap of two passages). Both implementations get
+(word substitutions, insertions, deletions, and a swap of two passages). Every implementation gets
 the same documents, shingles (word 3-grams), 128 permutations, 32 bands x 4 rows and threshold,
 and the same final step (a candidate pair counts if its estimated Jaccard reaches the threshold;
 clusters are connected components). Quality is pairwise precision / recall / F1 of "same
 cluster" against the planted clusters; speed is documents per second through the whole of
-signatures + LSH + clustering, in one process with numpy limited to one thread (per core).
+signatures + LSH + clustering, in one process with numpy and rayon limited to one thread. The
+columns: Flywheel as clean runs it (numpy shingle hashes, rensa's minima); Flywheel's earlier
+all-numpy minima (kept here as the measured alternative); rensa end to end (its R-MinHash and
+LSH, shingles as strings); datasketch.
 
---million also runs Flywheel alone on 1,000,000 documents generated batch by batch, as the clean
-stage streams them, and reports time and peak RSS.
-Goals (issue #3): F1 >= 0.95 and not below datasketch's; >= 5x datasketch's docs/s;
->= 3,000 docs/s per core; 1M documents on 2 cores under 4 GB peak RSS.
+--million runs the clean stage's own dedup path (signatures a batch at a time, then
+flywheel.data.dedup.decide) on 1,000,000 documents read from a Parquet file: once in this process
+on one CPU, once on a local Ray cluster of --ray-cpus CPUs (tasks per 10,000 documents, the dedup
+shuffles). It reports docs/s, peak RSS of the driver and of the largest Ray worker, and F1 of the
+stage's decisions (each removed document joined to the one kept in its place).
+Goals (issues #3, #21): F1 >= 0.95 and not below datasketch's; Ray on 2 CPUs >= 1.7x one process
+on 1 CPU at the same F1.
 """
 
 from __future__ import annotations
 
 import os
 
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS"):
     os.environ[_var] = "1"  # measure per core
 
 import argparse  # noqa: E402
 import random  # noqa: E402
-import resource  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from math import comb  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import scipy.sparse.csgraph  # noqa: E402,F401  (imported up front: neither side pays for it)
@@ -95,6 +104,55 @@ def flywheel_clusters(docs: list[str]) -> np.ndarray:
     return minhash.cluster_labels(len(docs), pairs)
 
 
+class NumpyMinima(minhash.MinHasher):
+    """Flywheel's signatures before rensa: the minimum of each hash function h(x) = (a*x + b) >> 32
+    over the shingles, in numpy, one multiply and one reduction over (num_perm, shingles)."""
+
+    def __init__(self, settings: minhash.MinHashSettings):
+        super().__init__(settings)
+        rng = np.random.default_rng(settings.seed)
+        self._a = rng.integers(1, 2**63, settings.num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        self._b = rng.integers(0, 2**63, settings.num_perm, dtype=np.uint64)
+
+    def signatures(self, texts, batch_size: int = 128) -> np.ndarray:
+        texts = list(texts)
+        result = np.empty((len(texts), self.settings.num_perm), dtype=np.uint32)
+        for start in range(0, len(texts), batch_size):
+            shingles, offsets = self._shingle_hashes(texts[start : start + batch_size])
+            permuted = np.empty((len(self._a), len(shingles)), dtype=np.uint64)
+            np.add(shingles[None, :], self._b[:, None], out=permuted)
+            permuted *= self._a[:, None]
+            minima = np.minimum.reduceat(permuted, offsets, axis=1)
+            result[start : start + len(offsets)] = (minima >> np.uint64(32)).T
+        return result
+
+
+def numpy_minima_clusters(docs: list[str]) -> np.ndarray:
+    signatures = NumpyMinima(SETTINGS).signatures(docs)
+    pairs, _ = minhash.near_duplicate_pairs(signatures, SETTINGS)
+    return minhash.cluster_labels(len(docs), pairs)
+
+
+def shingle_strings(doc: str) -> list[str]:
+    words = minhash.tokenize(doc)
+    return [" ".join(words[i : i + 3]) for i in range(max(len(words) - 2, 1))]
+
+
+def rensa_clusters(docs: list[str]) -> np.ndarray:
+    from rensa import RMinHash, RMinHashLSH
+
+    hashes = RMinHash.from_token_sets([shingle_strings(doc) for doc in docs], SETTINGS.num_perm, SETTINGS.seed)
+    lsh = RMinHashLSH(SETTINGS.threshold, SETTINGS.num_perm, SETTINGS.bands)
+    lsh.insert_many(hashes)
+    pairs = [
+        (index, other)
+        for index, candidates in enumerate(lsh.query_all(hashes))
+        for other in candidates
+        if other > index and hashes[index].jaccard(hashes[other]) >= SETTINGS.threshold
+    ]
+    return minhash.cluster_labels(len(docs), np.array(pairs, dtype=np.int64).reshape(-1, 2))
+
+
 def datasketch_clusters(docs: list[str]) -> np.ndarray:
     from datasketch import MinHash, MinHashLSH
 
@@ -142,60 +200,142 @@ def compare(count: int) -> None:
     )
     print(f"settings: {SETTINGS}\n")
     rows = []
-    for name, method in (("flywheel", flywheel_clusters), ("datasketch", datasketch_clusters)):
+    methods = {
+        "flywheel": flywheel_clusters,
+        "flywheel-numpy": numpy_minima_clusters,
+        "rensa": rensa_clusters,
+        "datasketch": datasketch_clusters,
+    }
+    for name, method in methods.items():
         started = time.perf_counter()
         predicted = method(docs)
         elapsed = time.perf_counter() - started
         rows.append((name, *pairwise_scores(predicted, truth), len(docs) / elapsed, elapsed))
-    print(f"{'':<12}{'precision':>10}{'recall':>9}{'F1':>8}{'docs/s':>11}{'seconds':>9}")
+    print(f"{'':<16}{'precision':>10}{'recall':>9}{'F1':>8}{'docs/s':>11}{'seconds':>9}{'vs flywheel':>13}")
+    ours = rows[0][4]
     for name, precision, recall, f1, rate, elapsed in rows:
-        print(f"{name:<12}{precision:>10.4f}{recall:>9.4f}{f1:>8.4f}{rate:>11,.0f}{elapsed:>9.1f}")
-    (_, _, _, f1_ours, rate_ours, _), (_, _, _, f1_theirs, rate_theirs, _) = rows
-    print(f"\nspeed-up over datasketch: {rate_ours / rate_theirs:.1f}x   F1 difference: {f1_ours - f1_theirs:+.4f}")
+        print(f"{name:<16}{precision:>10.4f}{recall:>9.4f}{f1:>8.4f}{rate:>11,.0f}{elapsed:>9.1f}{rate / ours:>12.2f}x")
 
 
-def million(total: int = 1_000_000, batch_originals: int = 30_000) -> None:
-    corpus = Corpus(seed=1)
-    hasher = minhash.MinHasher(SETTINGS)
-    signatures, labels = [], []
-    generating = hashing = 0.0
-    while len(labels) < total:
-        started = time.perf_counter()
-        docs, batch_labels = corpus.batch(batch_originals, len(labels) and labels[-1] + 1)
-        docs, batch_labels = docs[: total - len(labels)], batch_labels[: total - len(labels)]
-        generating += time.perf_counter() - started
-        started = time.perf_counter()
-        signatures.append(hasher.signatures(docs))  # the texts of a batch are dropped after this
-        hashing += time.perf_counter() - started
-        labels += batch_labels
+def write_corpus(path: Path, total: int, batch_originals: int = 30_000) -> np.ndarray:
+    """`total` documents with planted near-duplicates, in Parquet row groups; their true labels."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    corpus, labels = Corpus(seed=1), []
+    with pq.ParquetWriter(path, pa.schema([("text", pa.string())])) as writer:
+        while len(labels) < total:
+            docs, batch_labels = corpus.batch(batch_originals, len(labels) and labels[-1] + 1)
+            docs = docs[: total - len(labels)]
+            labels += batch_labels[: len(docs)]
+            writer.write_table(pa.table({"text": docs}), row_group_size=10_000)
+    return np.array(labels)
+
+
+def sign(texts: list[str]) -> np.ndarray:
+    """What a clean task computes per batch for dedup (its other work is cleaning and filtering)."""
+    return minhash.MinHasher(SETTINGS).signatures(texts)
+
+
+class PeakRss(threading.Thread):
+    """The largest resident set of this process and of any Ray worker, sampled every 0.2 s."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.driver = self.worker = 0
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self.stopping.wait(0.2):
+            self.driver = max(self.driver, me.memory_info().rss)
+            for process in psutil.process_iter(["cmdline", "memory_info"]):
+                if (process.info["cmdline"] or [""])[0].startswith("ray::") and process.info["memory_info"]:
+                    self.worker = max(self.worker, process.info["memory_info"].rss)
+
+
+def dedup_corpus(path: Path, executor) -> tuple[np.ndarray, float, PeakRss]:
+    """The clean stage's dedup path over the corpus: labels (each removed document joined to the
+    one kept in its place), seconds, peak RSS."""
+    import pyarrow.parquet as pq
+
+    from flywheel.data import dedup
+
+    peak = PeakRss()
+    peak.start()
     started = time.perf_counter()
-    signature_matrix = np.concatenate(signatures)
-    del signatures
-    pairs, _ = minhash.near_duplicate_pairs(signature_matrix, SETTINGS)
-    predicted = minhash.cluster_labels(len(signature_matrix), pairs)
-    clustering = time.perf_counter() - started
-    precision, recall, f1 = pairwise_scores(predicted, np.array(labels))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    dedup_seconds = hashing + clustering
-    print(
-        f"\n1M run: {len(signature_matrix):,} documents; near-dup dedup took {dedup_seconds:.0f} s "
-        f"({hashing:.0f} s signatures + {clustering:.0f} s LSH and clusters; "
-        f"{len(signature_matrix) / dedup_seconds:,.0f} docs/s on one core; generating the corpus "
-        f"took another {generating:.0f} s)"
-    )
-    print(
-        f"        peak RSS {peak:,.0f} MB (goal < 4,096 MB); precision {precision:.4f} recall {recall:.4f} F1 {f1:.4f}"
-    )
+    texts = (batch.column("text").to_pylist() for batch in pq.ParquetFile(path).iter_batches(10_000))
+    survivors = dedup.Survivors()
+    for signatures in executor.map(sign, texts):
+        survivors.signatures.append(signatures)
+    count = sum(len(part) for part in survivors.signatures)
+    survivors.ids = [f"{n:09d}" for n in range(count)]
+    signing = time.perf_counter() - started
+    decisions = dedup.decide(survivors, False, True, SETTINGS, executor)
+    elapsed = time.perf_counter() - started
+    print(f"  ({executor.name}: signatures {signing:.1f} s, duplicate decisions {elapsed - signing:.1f} s)")
+    peak.stopping.set()
+    peak.join()
+    labels = np.arange(count)
+    for position, (_, kept, _) in decisions.items():
+        labels[position] = kept
+    return labels, elapsed, peak
+
+
+def million(total: int, ray_cpus: int) -> None:
+    import ray
+
+    from flywheel.data.executor import WORKER_ENV, LocalExecutor, RayExecutor
+
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "corpus.parquet"
+        started = time.perf_counter()
+        truth = write_corpus(path, total)
+        print(
+            f"\n{total:,} documents ({len(truth) - len(np.unique(truth)):,} planted near-duplicates) "
+            f"written in {time.perf_counter() - started:.0f} s; the clean stage's dedup on them:"
+        )
+        runs = {"local, 1 CPU": lambda: dedup_corpus(path, LocalExecutor())}
+
+        def on_ray():
+            ray.init(
+                address="local",
+                num_cpus=ray_cpus,
+                include_dashboard=False,
+                logging_level="ERROR",
+                runtime_env={"env_vars": WORKER_ENV},
+            )
+            try:
+                return dedup_corpus(path, RayExecutor(10_000))
+            finally:
+                ray.shutdown()
+
+        runs[f"ray, {ray_cpus} CPUs"] = on_ray
+        print(f"{'':<16}{'docs/s':>9}{'seconds':>9}{'F1':>8}{'driver RSS':>12}{'worker RSS':>12}")
+        rates = []
+        for name, method in runs.items():
+            labels, elapsed, peak = method()
+            _, _, f1 = pairwise_scores(labels, truth)
+            rates.append(total / elapsed)
+            print(
+                f"{name:<16}{rates[-1]:>9,.0f}{elapsed:>9.1f}{f1:>8.4f}{peak.driver / 2**20:>9,.0f} MB"
+                f"{(f'{peak.worker / 2**20:,.0f} MB' if peak.worker else '-'):>12}"
+            )
+        print(f"ray on {ray_cpus} CPUs / one process on 1 CPU: {rates[1] / rates[0]:.2f}x (goal >= 1.7x)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=20_000)
-    parser.add_argument("--million", action="store_true", help="also run 1,000,000 documents")
+    parser.add_argument("--million", action="store_true", help="also run the stage's dedup on 1,000,000 documents")
+    parser.add_argument("--total", type=int, default=1_000_000, help="documents in the --million run")
+    parser.add_argument("--ray-cpus", type=int, default=2)
     args = parser.parse_args()
     compare(args.docs)
     if args.million:
-        million()
+        million(args.total, args.ray_cpus)
 
 
 if __name__ == "__main__":

@@ -34,8 +34,9 @@ def kill_namespace(name: str) -> None:
     subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
-def start_node(host: str, env: dict, *arguments: str) -> None:
+def start_node(host: str, env: dict, temp_dir: str, *arguments: str) -> None:
     command = ["ip", "netns", "exec", host, "ray", "start", "--num-cpus", "1", "--disable-usage-stats"]
+    command += ["--temp-dir", temp_dir]  # not /tmp/ray, where a later ray.init() would find this cluster
     command += ["--object-store-memory", str(OBJECT_STORE_BYTES), *arguments]
     subprocess.run(command, env=env, check=True, capture_output=True)
 
@@ -51,6 +52,7 @@ def two_hosts():
     devices = {"head": f"fwh{suffix}", "worker": f"fww{suffix}"}
     addresses = {"head": f"{SUBNET}.1", "worker": f"{SUBNET}.2"}
     env = subprocess_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
+    temp_dir = f"/tmp/fw-ray-{suffix}"  # short: Ray's socket paths live under it
     try:
         ip("link", "add", devices["head"], "type", "veth", "peer", "name", devices["worker"])
         for role, host in hosts.items():
@@ -60,22 +62,15 @@ def two_hosts():
             ip("-n", host, "addr", "add", f"{addresses[role]}/24", "dev", devices[role])
             ip("-n", host, "link", "set", devices[role], "up")
         head = f"{addresses['head']}:{GCS_PORT}"
-        start_node(
-            hosts["head"],
-            env,
-            "--head",
-            "--node-ip-address",
-            addresses["head"],
-            "--port",
-            str(GCS_PORT),
-            "--include-dashboard=false",
-        )
-        start_node(hosts["worker"], env, "--address", head, "--node-ip-address", addresses["worker"])
+        head_options = ["--head", "--port", str(GCS_PORT), "--include-dashboard=false"]
+        start_node(hosts["head"], env, temp_dir, *head_options, "--node-ip-address", addresses["head"])
+        start_node(hosts["worker"], env, temp_dir, "--address", head, "--node-ip-address", addresses["worker"])
         yield head, env, hosts
     finally:
         for host in hosts.values():
             kill_namespace(host)
         subprocess.run(["ip", "link", "del", devices["head"]], capture_output=True)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 class TaskWatcher(threading.Thread):

@@ -213,5 +213,23 @@ def _decide_on_ray(
             [reducer.remote(starts, settings.threshold, signature_refs, *[m[r] for m in mapped]) for r in range(shards)]
         )
         edges = np.concatenate([np.empty((0, 2), dtype=np.int64), *forests])
-        decisions.update(_keep_first_by_id(_clusters(count, edges), signatures, rank, settings.threshold))
+        clusters = _clusters(count, edges)
+        keeper = ray.remote(keep_first_in_clusters)
+        tasks = []
+        for group in np.array_split(np.arange(len(clusters)), shards):
+            members = np.concatenate([np.empty(0, dtype=np.int64), *(clusters[c] for c in group)])
+            sizes = [len(clusters[c]) for c in group]
+            tasks.append(keeper.remote(members, sizes, signatures[members], rank[members], settings.threshold))
+        for part in ray.get(tasks):
+            decisions.update(part)
     return decisions
+
+
+def keep_first_in_clusters(
+    members: np.ndarray, sizes: list[int], signatures: np.ndarray, rank: np.ndarray, threshold: float
+) -> Decisions:
+    """A task: the per-cluster decisions for some clusters, whose members (positions) come one
+    cluster after another, with their signatures and ranks in the same order."""
+    rows = np.split(np.arange(len(members)), np.cumsum(sizes)[:-1]) if sizes else []
+    decided = _keep_first_by_id(rows, signatures, rank, threshold)
+    return {int(members[row]): (reason, int(members[kept]), sim) for row, (reason, kept, sim) in decided.items()}

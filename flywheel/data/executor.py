@@ -115,6 +115,7 @@ def _connect(config: RayParams) -> bool:
             ray.init(address=address, runtime_env=runtime_env, logging_level="ERROR", log_to_driver=False)
         else:
             ray.init(
+                address="local",  # a new cluster, even where `ray start` left one running on this machine
                 num_cpus=threads.available_cpus(),
                 include_dashboard=False,
                 runtime_env=runtime_env,
