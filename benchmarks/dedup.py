@@ -32,6 +32,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "RAYO
 
 import argparse  # noqa: E402
 import random  # noqa: E402
+import resource  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -207,6 +208,7 @@ def compare(count: int) -> None:
         "datasketch": datasketch_clusters,
     }
     for name, method in methods.items():
+        method(docs[:2000])  # warm-up: imports, first calls, CPU caches; the first column paid for them
         started = time.perf_counter()
         predicted = method(docs)
         elapsed = time.perf_counter() - started
@@ -237,34 +239,30 @@ def sign(texts: list[str]) -> np.ndarray:
     return minhash.MinHasher(SETTINGS).signatures(texts)
 
 
-class PeakRss(threading.Thread):
-    """The largest resident set of this process and of any Ray worker, sampled every 0.2 s."""
+class PeakWorkerRss(threading.Thread):
+    """The largest resident set of any Ray worker, sampled every half second."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
-        self.driver = self.worker = 0
+        self.peak = 0
         self.stopping = threading.Event()
 
     def run(self) -> None:
         import psutil
 
-        me = psutil.Process()
-        while not self.stopping.wait(0.2):
-            self.driver = max(self.driver, me.memory_info().rss)
+        while not self.stopping.wait(0.5):
             for process in psutil.process_iter(["cmdline", "memory_info"]):
                 if (process.info["cmdline"] or [""])[0].startswith("ray::") and process.info["memory_info"]:
-                    self.worker = max(self.worker, process.info["memory_info"].rss)
+                    self.peak = max(self.peak, process.info["memory_info"].rss)
 
 
-def dedup_corpus(path: Path, executor) -> tuple[np.ndarray, float, PeakRss]:
-    """The clean stage's dedup path over the corpus: labels (each removed document joined to the
-    one kept in its place), seconds, peak RSS."""
+def dedup_corpus(path: Path, executor) -> dict:
+    """The clean stage's dedup path over the corpus, timed; labels join each removed document to
+    the one kept in its place."""
     import pyarrow.parquet as pq
 
     from flywheel.data import dedup
 
-    peak = PeakRss()
-    peak.start()
     started = time.perf_counter()
     texts = (batch.column("text").to_pylist() for batch in pq.ParquetFile(path).iter_batches(10_000))
     survivors = dedup.Survivors()
@@ -274,54 +272,88 @@ def dedup_corpus(path: Path, executor) -> tuple[np.ndarray, float, PeakRss]:
     survivors.ids = [f"{n:09d}" for n in range(count)]
     signing = time.perf_counter() - started
     decisions = dedup.decide(survivors, False, True, SETTINGS, executor)
-    elapsed = time.perf_counter() - started
-    print(f"  ({executor.name}: signatures {signing:.1f} s, duplicate decisions {elapsed - signing:.1f} s)")
-    peak.stopping.set()
-    peak.join()
     labels = np.arange(count)
     for position, (_, kept, _) in decisions.items():
         labels[position] = kept
-    return labels, elapsed, peak
+    return {"labels": labels, "seconds": time.perf_counter() - started, "signing": signing}
+
+
+def one_run(path: Path, executor_name: str, ray_cpus: int) -> None:
+    """One row of the --million table, in a process of its own (so ru_maxrss is this run's);
+    prints it as JSON."""
+    import json
+
+    from flywheel.data.executor import WORKER_ENV, LocalExecutor, RayExecutor
+
+    workers = PeakWorkerRss()
+    if executor_name == "local":
+        result = dedup_corpus(path, LocalExecutor())
+    else:
+        import ray
+
+        ray.init(
+            address="local",
+            num_cpus=ray_cpus,
+            include_dashboard=False,
+            logging_level="ERROR",
+            runtime_env={"env_vars": WORKER_ENV},
+        )
+        workers.start()
+        try:
+            result = dedup_corpus(path, RayExecutor(10_000))
+        finally:
+            workers.stopping.set()
+            ray.shutdown()
+    _, _, f1 = pairwise_scores(result["labels"], np.load(path.with_suffix(".truth.npy")))
+    driver_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    row = {
+        "seconds": result["seconds"],
+        "signing": result["signing"],
+        "f1": f1,
+        "driver_mb": driver_mb,
+        "worker_mb": workers.peak / 2**20,
+    }
+    print(json.dumps(row))
 
 
 def million(total: int, ray_cpus: int) -> None:
-    import ray
-
-    from flywheel.data.executor import WORKER_ENV, LocalExecutor, RayExecutor
+    import json
+    import subprocess
+    import sys
 
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "corpus.parquet"
         started = time.perf_counter()
         truth = write_corpus(path, total)
+        np.save(path.with_suffix(".truth.npy"), truth)
         print(
             f"\n{total:,} documents ({len(truth) - len(np.unique(truth)):,} planted near-duplicates) "
-            f"written in {time.perf_counter() - started:.0f} s; the clean stage's dedup on them:"
+            f"written in {time.perf_counter() - started:.0f} s; the clean stage's dedup on them, each run "
+            "in a process of its own:"
         )
-        runs = {"local, 1 CPU": lambda: dedup_corpus(path, LocalExecutor())}
-
-        def on_ray():
-            ray.init(
-                address="local",
-                num_cpus=ray_cpus,
-                include_dashboard=False,
-                logging_level="ERROR",
-                runtime_env={"env_vars": WORKER_ENV},
-            )
-            try:
-                return dedup_corpus(path, RayExecutor(10_000))
-            finally:
-                ray.shutdown()
-
-        runs[f"ray, {ray_cpus} CPUs"] = on_ray
-        print(f"{'':<16}{'docs/s':>9}{'seconds':>9}{'F1':>8}{'driver RSS':>12}{'worker RSS':>12}")
+        print(
+            f"{'':<14}{'docs/s':>9}{'seconds':>9}{'(signing':>10}{'deciding)':>11}{'F1':>8}"
+            f"{'driver RSS':>12}{'worker RSS':>12}"
+        )
         rates = []
-        for name, method in runs.items():
-            labels, elapsed, peak = method()
-            _, _, f1 = pairwise_scores(labels, truth)
-            rates.append(total / elapsed)
+        for executor, name in (("local", "local, 1 CPU"), ("ray", f"ray, {ray_cpus} CPUs")):
+            command = [
+                sys.executable,
+                __file__,
+                "--one-run",
+                executor,
+                "--corpus",
+                str(path),
+                "--ray-cpus",
+                str(ray_cpus),
+            ]
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            row = json.loads(output.strip().splitlines()[-1])
+            rates.append(total / row["seconds"])
+            worker = f"{row['worker_mb']:,.0f} MB" if row["worker_mb"] else "-"
             print(
-                f"{name:<16}{rates[-1]:>9,.0f}{elapsed:>9.1f}{f1:>8.4f}{peak.driver / 2**20:>9,.0f} MB"
-                f"{(f'{peak.worker / 2**20:,.0f} MB' if peak.worker else '-'):>12}"
+                f"{name:<14}{rates[-1]:>9,.0f}{row['seconds']:>9.1f}{row['signing']:>10.1f}"
+                f"{row['seconds'] - row['signing']:>11.1f}{row['f1']:>8.4f}{row['driver_mb']:>9,.0f} MB{worker:>12}"
             )
         print(f"ray on {ray_cpus} CPUs / one process on 1 CPU: {rates[1] / rates[0]:.2f}x (goal >= 1.7x)")
 
@@ -332,7 +364,12 @@ def main() -> None:
     parser.add_argument("--million", action="store_true", help="also run the stage's dedup on 1,000,000 documents")
     parser.add_argument("--total", type=int, default=1_000_000, help="documents in the --million run")
     parser.add_argument("--ray-cpus", type=int, default=2)
+    parser.add_argument("--one-run", choices=("local", "ray"), help=argparse.SUPPRESS)  # a --million row
+    parser.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one_run:
+        one_run(args.corpus, args.one_run, args.ray_cpus)
+        return
     compare(args.docs)
     if args.million:
         million(args.total, args.ray_cpus)

@@ -8,12 +8,12 @@ The rules, the same in this process and on a Ray cluster:
   members are visited by id and one is removed only if it is at least `threshold` similar to a
   member already kept, so a chain a~b~c never removes c for being like a only through b.
 
-On Ray (as Data-Juicer and NeMo Curator do it) both are hash shuffles: each partition's exact
-keys, and its LSH band keys, are cut into shards by key, so equal keys meet in one reduce task.
-A band's reducer pairs each bucket with its first member (the smallest position, as locally),
+On Ray (as Data-Juicer and NeMo Curator do it) both are shuffles: each partition's exact keys are
+cut into shards by key, and its LSH band keys by band, so equal keys meet in one reduce task. A
+band's reducer pairs each bucket with its first member (the smallest position, as locally),
 verifies the pairs against the signatures in the object store and returns a union-find forest of
 what it joined; the driver merges the forests (connected components over at most one edge per
-record) and makes the per-cluster decisions, which need only the clustered records.
+record), and tasks make the per-cluster decisions, which need only the clustered records.
 """
 
 from __future__ import annotations
@@ -134,13 +134,17 @@ def first_of_each_key(*pieces: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tup
 
 
 def shard_band_keys(signatures: np.ndarray, start: int, excluded: np.ndarray, bands: int, rows: int, shards: int):
-    """Map: this partition's (band key, position) rows for every band, cut into shards by key;
-    records already removed as exact duplicates take no part, as locally."""
+    """Map: this partition's (band key, position) rows, band b going to shard b % shards, as
+    [(keys, positions) of each of the shard's bands]; records already removed as exact
+    duplicates take no part, as locally."""
     positions = np.arange(start, start + len(signatures), dtype=np.int64)
     taking_part = ~excluded[positions]
-    keys = np.concatenate([minhash.band_keys(signatures[taking_part], band, rows) for band in range(bands)])
-    positions = np.tile(positions[taking_part], bands)
-    return _split_by_shard(shards, _shard_of(keys, shards), keys, positions)
+    signatures, positions = signatures[taking_part], positions[taking_part]
+    pieces = [
+        [(minhash.band_keys(signatures, band, rows), positions) for band in range(shard, bands, shards)]
+        for shard in range(shards)
+    ]
+    return pieces if shards > 1 else pieces[0]
 
 
 def _rows_at(parts: list[np.ndarray], starts: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -153,12 +157,17 @@ def _rows_at(parts: list[np.ndarray], starts: np.ndarray, positions: np.ndarray)
 
 
 def verified_forest(starts: np.ndarray, threshold: float, signature_refs: list, *pieces) -> np.ndarray:
-    """Reduce: one shard of the band keys -> star pairs per bucket -> the pairs at least
+    """Reduce: one shard's bands -> star pairs per bucket -> the pairs at least
     `threshold` similar -> (record, root) edges of the components they form (union-find)."""
     import ray
 
-    keys, positions = (np.concatenate(column) for column in zip(*pieces))
-    pairs = minhash.unique_pairs([minhash.star_pairs(keys, positions)])
+    # Each piece is one partition's rows of this shard's bands; a band's rows from all of them,
+    # in partition order, have ascending positions, as star_pairs needs.
+    found = []
+    for band_pieces in zip(*pieces):
+        keys, positions = (np.concatenate(column) for column in zip(*band_pieces))
+        found.append(minhash.star_pairs(keys, positions))
+    pairs = minhash.unique_pairs(found)
     if not len(pairs):
         return np.empty((0, 2), dtype=np.int64)
     parts = ray.get(signature_refs)  # zero-copy on this node's object store
@@ -173,6 +182,18 @@ def verified_forest(starts: np.ndarray, threshold: float, signature_refs: list, 
     roots = np.full(labels.max() + 1 if len(labels) else 0, len(nodes), dtype=np.int64)
     np.minimum.at(roots, labels, np.arange(len(nodes)))
     return np.stack([nodes, nodes[roots[labels]]], axis=1)
+
+
+def _shuffle(mapper, inputs: list[tuple], reducer, shards: int, *reducer_args) -> list:
+    """A Ray hash shuffle: a map task per input (argument tuple) cuts its output into `shards`;
+    the reduce task of each shard gets that shard of every map output. The reducers' results."""
+    import ray
+
+    map_task = ray.remote(mapper).options(num_returns=shards)
+    mapped = [map_task.remote(*arguments, shards) for arguments in inputs]
+    mapped = [refs if shards > 1 else [refs] for refs in mapped]
+    reduce_task = ray.remote(reducer)
+    return ray.get([reduce_task.remote(*reducer_args, *[refs[shard] for refs in mapped]) for shard in range(shards)])
 
 
 def _decide_on_ray(
@@ -191,38 +212,36 @@ def _decide_on_ray(
     decisions: Decisions = {}
     if exact:
         keys = np.array(survivors.keys, dtype=f"S{len(survivors.keys[0])}")
-        mapper = ray.remote(shard_exact_keys).options(num_returns=shards)
-        mapped = [mapper.remote(keys[s : s + partition_rows], rank[s : s + partition_rows], s, shards) for s in starts]
-        mapped = [m if shards > 1 else [m] for m in mapped]
-        reducer = ray.remote(first_of_each_key)
-        for removed, kept in ray.get([reducer.remote(*[m[r] for m in mapped]) for r in range(shards)]):
+        inputs = [(keys[s : s + partition_rows], rank[s : s + partition_rows], int(s)) for s in starts]
+        for removed, kept in _shuffle(shard_exact_keys, inputs, first_of_each_key, shards):
             decisions.update((int(p), ("exact_duplicate", int(k), 1.0)) for p, k in zip(removed, kept))
     if signatures is not None:
         excluded = np.zeros(count, dtype=bool)
         excluded[list(decisions)] = True
         excluded_ref = ray.put(excluded)
         signature_refs = [ray.put(signatures[s : s + partition_rows]) for s in starts]
-        mapper = ray.remote(shard_band_keys).options(num_returns=shards)
-        mapped = [
-            mapper.remote(ref, int(s), excluded_ref, settings.bands, settings.rows, shards)
-            for ref, s in zip(signature_refs, starts)
-        ]
-        mapped = [m if shards > 1 else [m] for m in mapped]
-        reducer = ray.remote(verified_forest)
-        forests = ray.get(
-            [reducer.remote(starts, settings.threshold, signature_refs, *[m[r] for m in mapped]) for r in range(shards)]
+        inputs = [(ref, int(s), excluded_ref, settings.bands, settings.rows) for ref, s in zip(signature_refs, starts)]
+        band_shards = min(shards, settings.bands)
+        forests = _shuffle(
+            shard_band_keys, inputs, verified_forest, band_shards, starts, settings.threshold, signature_refs
         )
-        edges = np.concatenate([np.empty((0, 2), dtype=np.int64), *forests])
-        clusters = _clusters(count, edges)
-        keeper = ray.remote(keep_first_in_clusters)
-        tasks = []
-        for group in np.array_split(np.arange(len(clusters)), shards):
-            members = np.concatenate([np.empty(0, dtype=np.int64), *(clusters[c] for c in group)])
-            sizes = [len(clusters[c]) for c in group]
-            tasks.append(keeper.remote(members, sizes, signatures[members], rank[members], settings.threshold))
-        for part in ray.get(tasks):
-            decisions.update(part)
+        clusters = _clusters(count, np.concatenate([np.empty((0, 2), dtype=np.int64), *forests]))
+        decisions.update(_decide_clusters_on_ray(clusters, signatures, rank, settings.threshold, shards))
     return decisions
+
+
+def _decide_clusters_on_ray(
+    clusters: list[np.ndarray], signatures: np.ndarray, rank: np.ndarray, threshold: float, tasks: int
+) -> Decisions:
+    import ray
+
+    keeper = ray.remote(keep_first_in_clusters)
+    running = []
+    for group in np.array_split(np.arange(len(clusters)), tasks):
+        members = np.concatenate([np.empty(0, dtype=np.int64), *(clusters[c] for c in group)])
+        sizes = [len(clusters[c]) for c in group]
+        running.append(keeper.remote(members, sizes, signatures[members], rank[members], threshold))
+    return {position: decision for part in ray.get(running) for position, decision in part.items()}
 
 
 def keep_first_in_clusters(

@@ -169,8 +169,9 @@ def band_keys(signatures: np.ndarray, band: int, rows: int) -> np.ndarray:
 def star_pairs(keys: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """(k, 2) pairs joining every member of a bucket (documents with equal keys) to the bucket's
     smallest position: linear in the bucket size, and enough to connect the bucket's component.
-    Depends only on the (key, position) set, not its order, so shards of it give the same pairs."""
-    order = np.lexsort((positions, keys))
+    `positions` must be ascending (one band's documents in order, however many partitions they
+    came from): a stable sort by key then leaves each bucket's members in position order."""
+    order = np.argsort(keys, kind="stable")
     sorted_keys = keys[order]
     is_start = np.ones(len(order), dtype=bool)
     is_start[1:] = sorted_keys[1:] != sorted_keys[:-1]
