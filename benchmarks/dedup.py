@@ -234,9 +234,10 @@ def write_corpus(path: Path, total: int, batch_originals: int = 30_000) -> np.nd
     return np.array(labels)
 
 
-def sign(texts: list[str]) -> np.ndarray:
-    """What a clean task computes per batch for dedup (its other work is cleaning and filtering)."""
-    return minhash.MinHasher(SETTINGS).signatures(texts)
+def sign(batch) -> np.ndarray:
+    """What a clean task computes per batch (an Arrow record batch) for dedup; its other work is
+    cleaning and filtering."""
+    return minhash.MinHasher(SETTINGS).signatures(batch.column("text").to_pylist())
 
 
 class PeakWorkerRss(threading.Thread):
@@ -264,9 +265,8 @@ def dedup_corpus(path: Path, executor) -> dict:
     from flywheel.data import dedup
 
     started = time.perf_counter()
-    texts = (batch.column("text").to_pylist() for batch in pq.ParquetFile(path).iter_batches(10_000))
     survivors = dedup.Survivors()
-    for signatures in executor.map(sign, texts):
+    for signatures in executor.map(sign, pq.ParquetFile(path).iter_batches(10_000)):
         survivors.signatures.append(signatures)
     count = sum(len(part) for part in survivors.signatures)
     survivors.ids = [f"{n:09d}" for n in range(count)]

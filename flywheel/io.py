@@ -113,10 +113,16 @@ class ParquetChunkWriter:
 
 def read_batches(path: str | os.PathLike, batch_size: int = 10_000) -> Iterator[list[dict]]:
     """Rows of a Parquet file as dicts, a batch at a time (memory stays bounded)."""
+    for batch in read_arrow_batches(path, batch_size):
+        yield batch.to_pylist()
+
+
+def read_arrow_batches(path: str | os.PathLike, batch_size: int = 10_000) -> Iterator[pa.RecordBatch]:
+    """A Parquet file a batch at a time, as Arrow: what a Ray task is sent (it serialises without
+    a Python object per value, and the task, not the driver, makes the dicts)."""
     import pyarrow.parquet as pq
 
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
-        yield batch.to_pylist()
+    yield from pq.ParquetFile(path).iter_batches(batch_size=batch_size)
 
 
 def read_records(path: str | os.PathLike) -> list[dict]:

@@ -29,7 +29,7 @@ from flywheel.config import CleanParams, Params, QualityFilterParams
 from flywheel.data import dedup, minhash
 from flywheel.data.executor import open_executor
 from flywheel.data.records import RECORD_SCHEMA
-from flywheel.io import ParquetChunkWriter, atomic_path, read_batches
+from flywheel.io import ParquetChunkWriter, atomic_path, read_arrow_batches, read_batches
 from flywheel.pii import PLACEHOLDER_PATTERN, redact
 
 REMOVED_TEXT_CHARS = 2_000  # removed records keep this much of each text field, for review
@@ -151,9 +151,9 @@ class CleanedBatch:
     signatures: np.ndarray | None = None  # their MinHash signatures, where near dedup is on
 
 
-def clean_batch(records: list[dict], config: CleanParams) -> CleanedBatch:
+def clean_batch(batch: pa.RecordBatch, config: CleanParams) -> CleanedBatch:
     result = CleanedBatch()
-    for record in records:
+    for record in batch.to_pylist():
         cleaned, pii, tags = clean_record(record, config)
         result.pii.update(pii)
         result.records_with_pii += bool(pii)
@@ -192,7 +192,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         executor = stack.enter_context(open_executor(params.runtime))
 
         # Pass 1, batch by batch (on Ray, a task per batch): clean, filter, sign.
-        batches = read_batches(source, executor.batch_rows(config.batch_size))
+        batches = read_arrow_batches(source, executor.batch_rows(config.batch_size))
         for batch in executor.map(clean_batch, batches, config):
             for row in batch.removed:
                 removed.add(row)

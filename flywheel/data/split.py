@@ -31,7 +31,7 @@ from flywheel.data.decontaminate import Index, Item
 from flywheel.data.executor import open_executor
 from flywheel.data.records import RECORD_SCHEMA
 from flywheel.errors import FlywheelError
-from flywheel.io import ParquetChunkWriter, atomic_path, read_batches
+from flywheel.io import ParquetChunkWriter, atomic_path, read_arrow_batches, read_batches
 
 SPLITS = tuple(paths.SPLITS)
 DECONTAMINATED_SCHEMA = pa.schema(
@@ -113,9 +113,9 @@ class CheckedTrain:
     removed_sources: Counter = field(default_factory=Counter)  # removed ones per record source
 
 
-def check_train_records(records: list[dict], index: Index, config: SplitParams) -> CheckedTrain:
+def check_train_records(batch: pa.RecordBatch, index: Index, config: SplitParams) -> CheckedTrain:
     checked = CheckedTrain()
-    for record in records:
+    for record in batch.to_pylist():
         if assign(record["id"], config) != "train":
             continue
         match = None
@@ -163,7 +163,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
                     index.add(Item(name, record["id"]), record_texts(record, config), exact)
         without_text = index_extra_items(index, params, root) if enabled else {}
         # Pass 2: train records, each checked against the index (on Ray, a task per batch).
-        batches = read_batches(source, executor.batch_rows(10_000))
+        batches = read_arrow_batches(source, executor.batch_rows(10_000))
         for checked in executor.map(check_train_records, batches, index, config):
             for record in checked.kept:
                 writers["train"].add(record)
