@@ -70,6 +70,12 @@ def test_a_regression_against_production_beyond_the_allowance_fails():
     assert checks["hallucination_rate"]["passed"]  # 0.01 worse: within the allowance
 
 
+def test_a_regression_of_exactly_the_allowance_passes_whatever_the_floats_say():
+    gate = GateParams(max_regression_vs_sft={"safety_pass_rate_answer": 0.1})
+    checks = evaluate.judge({"safety_pass_rate_answer": 0.3}, None, gate, sft={"safety_pass_rate_answer": 0.4})
+    assert checks[0]["passed"], checks[0]["reason"]  # 0.4 - 0.3 = 0.10000000000000003 unrounded
+
+
 def test_a_candidate_worse_than_its_own_sft_model_is_rejected_with_a_named_reason():
     # DPO on real data made every task metric worse than the SFT model it started from.
     gate = GateParams(max_regression_vs_sft={"task_score": 0.03, "token_f1": 0.03, "hallucination_rate": 0.03})

@@ -259,7 +259,10 @@ def measure(
 
 
 def _worse_by(metric: str, candidate: float, baseline: float) -> float:
-    return baseline - candidate if GATED_METRICS[metric] == "higher" else candidate - baseline
+    # Rounded: 0.4 - 0.3 is 0.10000000000000003 in floats, and a probe rate that fell by exactly
+    # the allowance (3 of 10 against 4 of 10, 0.1 allowed) was rejected as worse by more.
+    worse = baseline - candidate if GATED_METRICS[metric] == "higher" else candidate - baseline
+    return round(worse, 9)
 
 
 def _check(metric, rule, value, limit, passed, why, **where) -> dict:
