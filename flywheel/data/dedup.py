@@ -19,14 +19,11 @@ record), and tasks make the per-cluster decisions, which need only the clustered
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from flywheel.data import minhash
-
-if TYPE_CHECKING:
-    from flywheel.data.executor import Executor
+from flywheel.data.executor import Executor, RayExecutor
 
 SIMILARITY_CHUNK = 65_536  # pairs compared at once: bounds a reducer's memory
 
@@ -57,8 +54,8 @@ def decide(
         return {}
     rank = id_rank(survivors.ids)
     signatures = np.concatenate(survivors.signatures) if near else None
-    if executor.name == "ray":
-        return _decide_on_ray(survivors, rank, signatures, exact, settings, executor.batch_rows(0))
+    if isinstance(executor, RayExecutor):
+        return _decide_on_ray(survivors, rank, signatures, exact, settings, executor)
     decisions: Decisions = {}
     if exact:
         decisions.update(_exact_locally(survivors.keys, rank))
@@ -202,12 +199,11 @@ def _decide_on_ray(
     signatures: np.ndarray | None,
     exact: bool,
     settings: minhash.MinHashSettings,
-    partition_rows: int,
+    executor: RayExecutor,
 ) -> Decisions:
     import ray
 
-    count = len(survivors.ids)
-    shards = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    count, partition_rows, shards = len(survivors.ids), executor.partition_rows, executor.cpus()
     starts = np.arange(0, count, partition_rows, dtype=np.int64)
     decisions: Decisions = {}
     if exact:

@@ -31,8 +31,6 @@ class Executor(Protocol):
 
     def map(self, function: Callable, items: Iterable, *shared: Any) -> Iterator: ...
 
-    def parallelism(self) -> int: ...
-
     def batch_rows(self, local_rows: int) -> int: ...
 
 
@@ -45,9 +43,6 @@ class LocalExecutor:
     def map(self, function: Callable, items: Iterable, *shared: Any) -> Iterator:
         for item in items:
             yield function(item, *shared)
-
-    def parallelism(self) -> int:
-        return 1
 
 
 class RayExecutor:
@@ -63,7 +58,7 @@ class RayExecutor:
         """Rows per task: runtime.ray.partition_rows, what bounds a worker's memory."""
         return self.partition_rows
 
-    def parallelism(self) -> int:
+    def cpus(self) -> int:
         return max(1, int(self._ray.cluster_resources().get("CPU", 1)))
 
     def map(self, function: Callable, items: Iterable, *shared: Any) -> Iterator:
@@ -74,7 +69,7 @@ class RayExecutor:
         task = ray.remote(function)
         shared_refs = [ray.put(value) for value in shared]  # sent to the object store once
         pending: deque = deque()
-        window = TASKS_IN_FLIGHT_PER_CPU * self.parallelism()
+        window = TASKS_IN_FLIGHT_PER_CPU * self.cpus()
         for item in items:
             pending.append(task.remote(item, *shared_refs))
             if len(pending) >= window:
