@@ -114,9 +114,6 @@ class MinHasher:
         self.settings = settings
         self._word_hashes: dict[str, int] = {}
 
-    def _word_hashes_of(self, words: list[str]) -> np.ndarray:
-        return word_hashes(words, self._word_hashes)
-
     def _shingle_hashes(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """All shingle hashes of the batch, and where each document's shingles start."""
         n = self.settings.shingle_size
@@ -126,7 +123,7 @@ class MinHasher:
         # the next document, and a document shorter than n words is one shingle of all its words.
         flat = np.zeros(int(lengths.sum()) + n * (len(tokens) + 1), dtype=np.uint64)
         word_positions = np.arange(int(lengths.sum())) + n * np.repeat(np.arange(len(tokens)), lengths)
-        flat[word_positions] = self._word_hashes_of([word for words in tokens for word in words])
+        flat[word_positions] = word_hashes([word for words in tokens for word in words], self._word_hashes)
         combined = np.zeros(len(flat) - n, dtype=np.uint64)
         for k in range(n):
             combined += flat[k : k + len(combined)] * _ROW_MULTIPLIERS[k]
