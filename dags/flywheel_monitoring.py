@@ -30,10 +30,9 @@ from flywheel.orchestration.airflow_tasks import (
     publish_feedback,
     retraining_asked,
 )
-from flywheel.orchestration.runs import params_outside_runs
 
 PROJECT = project_dir(__file__)
-params_yaml = yaml.safe_load(params_outside_runs(PROJECT).read_text()) or {}  # not a running run's values
+params_yaml = yaml.safe_load((PROJECT / "params.yaml").read_text()) or {}
 
 with DAG(
     dag_id="flywheel_monitoring",

@@ -1,32 +1,32 @@
 """flywheel_training: the training pipeline, one task per DVC stage, built from dvc.yaml.
 
   start_run     `flywheel run start`: new feedback exports put under DVC; the trigger form's
-                params validated and applied for this run only (a bad value fails here, before
-                any stage)
-  <stages>      one task per dvc.yaml stage, edges from its deps and outs: `dvc repro
-                --single-item <stage>`, so DVC skips a stage whose inputs have not changed (a
-                re-run after a killed worker redoes only what did not finish). GPU stages run in
-                the pool airflow.gpu_pool.
+                params validated and applied in the run's own workspace (a bad value fails here,
+                before any stage); the run's state recorded in git
+  <stages>      one task per dvc.yaml stage, edges from its deps and outs: `flywheel run stage`,
+                i.e. `dvc repro --pull --single-item <stage>` in a workspace made from the run's
+                state (git) and data (the DVC remote) on whichever worker runs it, so DVC skips a
+                stage whose inputs have not changed and a retry redoes only what did not finish.
+                GPU stages run in the pool airflow.gpu_pool.
   save_run      `flywheel run save`: the run becomes the DVC experiment named after it (params,
-                metrics, dvc.lock), its data and models are pushed to the DVC remote, params.yaml
-                goes back as it was
-  gate          the evaluate stage's decision (metrics/gate.json): promote or not_promoted
+                metrics, dvc.lock) in the project; its data and models are in the DVC remote
+  gate          the evaluate stage's decision (metrics/gate.json, in save_run's XCom)
   promote       `flywheel run promote`: the run's experiment commit becomes a registry version
                 in staging
   not_promoted  the gate rejected the run: the run succeeds, this task (red) logs the reasons and
                 the evaluation report's path
 
 Scheduled by airflow.schedule (cron, in params.yaml) and by the flywheel_feedback Asset that
-flywheel_monitoring publishes when it exports feedback for retraining. Runs never overlap: one
-workspace, one DVC lock. Transient failures are retried with backoff; Flywheel's expected
+flywheel_monitoring publishes when it exports feedback for retraining. Up to airflow.max_active_runs
+runs at once, each in its own workspaces (flywheel.orchestration.workspace); a run's own stages go
+one at a time (they share its state). Transient failures are retried with backoff; Flywheel's expected
 failures (exit 2: bad params, bad data, failed validation) fail at once; every final failure
 calls flywheel.orchestration.airflow_tasks.alert.
 
-Cheap to parse: besides Airflow it imports PyYAML, flywheel.config (pydantic), flywheel.params_file,
-flywheel.orchestration.runs and flywheel.orchestration's dvc_graph and airflow_tasks (standard
-library only); no stage code, torch, pyarrow or pandas. It is built from params.yaml as it is
-between runs (a run applies its form values to params.yaml until it ends): a run does not change
-the DAG's version.
+Cheap to parse: besides Airflow it imports PyYAML, flywheel.config (pydantic), flywheel.params_file
+and flywheel.orchestration's dvc_graph and airflow_tasks (standard library only); no stage code,
+torch, pyarrow or pandas. Runs apply their form values in their own workspaces, never to the
+project's params.yaml: a run does not change the DAG's version.
 """
 
 from __future__ import annotations
@@ -46,10 +46,8 @@ from flywheel.orchestration.airflow_tasks import (
     flywheel,
     gate_branch,
     project_dir,
-    stage_command,
 )
 from flywheel.orchestration.dvc_graph import load_stages, upstream_of
-from flywheel.orchestration.runs import params_outside_runs
 from flywheel.params_file import choices_in, comment_of
 
 PROJECT = project_dir(__file__)
@@ -89,7 +87,7 @@ def schedule(cron: str | None):
     return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC"), assets=[feedback])
 
 
-params_text = params_outside_runs(PROJECT).read_text()  # not a running run's values: one DAG version
+params_text = (PROJECT / "params.yaml").read_text()
 params_yaml = yaml.safe_load(params_text) or {}
 settings = params_yaml.get("airflow") or {}
 stages = load_stages(PROJECT / "dvc.yaml")
@@ -106,8 +104,8 @@ with DAG(
     schedule=schedule(settings.get("schedule")),
     start_date=datetime(2026, 1, 1),
     catchup=False,
-    max_active_runs=1,
-    # One workspace: DVC holds a repository lock while a stage runs, so stages go one at a time.
+    max_active_runs=settings.get("max_active_runs", 1),
+    # Per run (Airflow 3): a run's stages go one at a time, as each moves the run's state on.
     max_active_tasks=1,
     params=trigger_form(params_text, params_yaml),
     default_args={
@@ -126,29 +124,29 @@ with DAG(
         project=PROJECT,
         retries=0,
         command=flywheel("run", "start", "{{ run_id }}", "--run-conf", RUN_CONF),
-        doc_md="Track new feedback exports; validate this run's trigger-form values and apply them.",
+        doc_md="Track new feedback exports; validate this run's trigger-form values and apply them in its workspace.",
     )
     gpu = {"pool": settings.get("gpu_pool", "flywheel_gpu"), "queue": settings.get("gpu_queue", "default")}
     tasks = {
         name: FlywheelCommand(
             task_id=name,
             project=PROJECT,
-            command=stage_command(name),
+            command=flywheel("run", "stage", "{{ run_id }}", name),
             **(gpu if name in gpu_stages else {}),
-            doc_md=f"`{stage.cmd}` through `dvc repro --single-item {name}`",
+            doc_md=f"`{stage.cmd}` through `dvc repro --pull --single-item {name}` in the run's workspace",
         )
         for name, stage in stages.items()
     }
     save_run = FlywheelCommand(
         task_id="save_run",
         project=PROJECT,
-        command=flywheel("run", "save", "{{ run_id }}", "--run-conf", RUN_CONF),
-        doc_md="Save the run as a DVC experiment, push its data and models, restore params.yaml.",
+        command=flywheel("run", "save", "{{ run_id }}"),
+        result_xcom=True,
+        doc_md="Save the run as a DVC experiment in the project (its data and models are in the DVC remote).",
     )
     gate = BranchPythonOperator(
         task_id="gate",
         python_callable=gate_branch,
-        op_args=[str(PROJECT)],
         retries=0,
         doc_md="The evaluate stage's decision in metrics/gate.json.",
     )
@@ -161,7 +159,6 @@ with DAG(
     not_promoted = PythonOperator(
         task_id="not_promoted",
         python_callable=explain_rejection,
-        op_args=[str(PROJECT)],
         retries=0,
         doc_md="The gate rejected this run: its log and XCom give the reasons and the evaluation report.",
     )

@@ -271,62 +271,57 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="<action>", required=True)
     start = actions.add_parser(
         "start",
-        help="the run's first task: track new feedback exports, apply the trigger form's params for this run only",
+        help="the run's first task: track new feedback exports, apply the trigger form's params in the run's workspace",
     )
-    start.add_argument("run_id", help="the Airflow run id (the experiment's name is made from it)")
     start.add_argument(
         "--run-conf",
         default=None,
         help="the run's conf as JSON: its dotted keys are param overrides; other keys "
-        "(e.g. a retraining reason) describe the run and are left alone",
+        "(e.g. a retraining reason) describe the run and are recorded with it",
     )
-    save = actions.add_parser(
-        "save", help="after the last stage: dvc exp save, dvc push, params.yaml back as before the run"
-    )
-    save.add_argument("run_id")
-    save.add_argument("--run-conf", default=None, help="recorded in the experiment's message")
+    stage = actions.add_parser("stage", help="run one dvc.yaml stage of the run in a workspace made for it")
+    save = actions.add_parser("save", help="after the last stage: the run becomes a DVC experiment in the project")
     promote = actions.add_parser(
         "promote", help="the gate passed: register the run's experiment commit as a version in staging"
     )
-    promote.add_argument("run_id")
-
-
-def _run_conf_overrides(run_conf: dict, allowed: list[str]) -> dict:
-    """The param overrides in an Airflow run's conf: its dotted keys, each one of the trigger
-    form's fields (airflow.trigger_params). Anyone who may trigger a run may set those; the gate,
-    paths and the rest change only through a commit to params.yaml."""
-    from flywheel.errors import ParamsError
-
-    overrides = {key: value for key, value in run_conf.items() if "." in key}
-    refused = sorted(set(overrides) - set(allowed))
-    if refused:
-        raise ParamsError(
-            f"run conf sets {', '.join(refused)}: a run may set only airflow.trigger_params "
-            f"({', '.join(allowed) or 'none'}); add a param there in params.yaml to allow it"
+    for action in (start, stage, save, promote):
+        action.add_argument("run_id", help="the Airflow run id (the run's workspace and experiment are named from it)")
+        action.add_argument(
+            "--result-file", type=Path, default=None, help="also write the result as JSON here (for the DAG's tasks)"
         )
-    for key in sorted(set(run_conf) - set(overrides)):
-        print(f"run conf {key}={run_conf[key]!r} (not a param; recorded with the run only)")
-    return overrides
+    stage.add_argument("stage", help="the stage's name in dvc.yaml")
 
 
 @command(
     "run",
     "tool",
-    "an Airflow training run as a DVC experiment: start (params for this run only), save, promote",
+    "an Airflow training run in a workspace of its own, recorded as a DVC experiment: start, stage, save, promote",
     _run_arguments,
 )
 def run_command(args: argparse.Namespace) -> None:
+    from flywheel.config import load_params
+    from flywheel.io import write_json
     from flywheel.orchestration import runs
+    from flywheel.orchestration.workspace import Locations
 
     name = runs.experiment_name(args.run_id)
+    project = Path(os.environ.get("FLYWHEEL_PROJECT_DIR") or ".")
+    runs_root = load_params(project / "params.yaml").airflow.runs_root if (project / "params.yaml").is_file() else None
+    locations = Locations.from_environment(project, **({"runs_root": runs_root} if runs_root else {}))
     if args.action == "start":
-        run_conf, params = _json_object(args.run_conf, "--run-conf"), _load_params(args)
-        overrides = _run_conf_overrides(run_conf, params.airflow.trigger_params)
-        result = runs.start(name, overrides, params.monitor.export_dir)
+        result = runs.start(name, _json_object(args.run_conf, "--run-conf"), locations)
+    elif args.action == "stage":
+        try:
+            result = runs.stage(name, args.stage, locations)
+        except runs.StageFailed as failure:
+            print(f"error: {failure}", file=sys.stderr)
+            raise SystemExit(1) from None  # retried unless the stage itself exited with 2 (see above)
     elif args.action == "save":
-        result = runs.save(name, _json_object(args.run_conf, "--run-conf"))
+        result = runs.save(name, locations)
     else:
-        result = runs.promote(name)
+        result = runs.promote(name, locations)
+    if args.result_file:
+        write_json(args.result_file, result)
     print(runs.report(args.action, result))
 
 

@@ -805,6 +805,17 @@ class AirflowParams(_Section):
         default_factory=list,
         description="dotted params shown in the Airflow trigger form, e.g. ingest.chunk_size",
     )
+    max_active_runs: int = Field(
+        default=1, ge=1, description="flywheel_training runs at once, each in its own workspace"
+    )
+    runs_root: str = Field(
+        default=".flywheel/runs",
+        min_length=1,
+        description="where a worker makes the runs' workspaces (relative to the project); FLYWHEEL_RUNS_ROOT overrides",
+    )
+    keep_failed_workspaces_days: float = Field(
+        default=7, ge=0, description="how long a failed task's workspace is kept for inspection"
+    )
 
 
 class RayParams(_Section):

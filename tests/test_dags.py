@@ -7,7 +7,7 @@ import textwrap
 import pytest
 
 from flywheel.orchestration.dvc_graph import load_stages, upstream_of
-from tests.conftest import REPO, run
+from tests.conftest import REPO, commit_all, run
 
 HEAVY_MODULES = (
     "torch",
@@ -83,7 +83,7 @@ def test_dags_folder_loads_without_import_errors(tmp_path):
     chunk_size_help = "Records per Parquet row group; bounds memory. For this run only."
     assert bag["descriptions"]["ingest.chunk_size"] == chunk_size_help
     assert all(len(text) > len("For this run only.") for text in bag["descriptions"].values())
-    # One workspace, one DVC lock: runs never overlap, stages go one at a time.
+    # A run's stages go one at a time (per run in Airflow 3); runs at once as params.yaml allows.
     assert bag["max_active_tasks"] == 1 and bag["max_active_runs"] == 1
     assert {task for task, pool in bag["pools"].items() if pool == "flywheel_gpu"} == {
         "finetune",
@@ -105,11 +105,14 @@ def test_a_cron_in_params_schedules_training_besides_new_feedback(project_copy, 
     assert "0 3 * * *" in bag["schedule"] and "flywheel_feedback" in bag["schedule"]
 
 
-def test_a_run_in_progress_changes_neither_the_dag_version_nor_the_forms_defaults(project_copy, tmp_path):
+def test_max_active_runs_comes_from_params_and_a_run_leaves_the_dag_as_it_was(project_copy, tmp_path):
+    run(["flywheel", "params", "apply", "airflow.max_active_runs=3"], project_copy)
+    commit_all(project_copy, "three runs at once")
     before = load_dagbag(project_copy / "dags", tmp_path)
-    # What `flywheel run start` does with the form's values: params.yaml changed for the run.
+    assert before["max_active_runs"] == 3 and before["max_active_tasks"] == 1
+    # What `flywheel run start` does with the form's values: applied in the run's own workspace.
     run(["flywheel", "run", "start", "manual__1", "--run-conf", '{"finetune.method": "lora"}'], project_copy)
-    assert "method: lora" in (project_copy / "params.yaml").read_text()
+    assert "method: full" in (project_copy / "params.yaml").read_text()
     during = load_dagbag(project_copy / "dags", tmp_path)
     assert during["version_hash"] == before["version_hash"] and during["params"]["finetune.method"] == "full"
 

@@ -3,18 +3,19 @@
 Imported by the DAG files at every parse, so it imports nothing but Airflow's SDK and the
 standard library at module level.
 
-  FlywheelCommand   runs a command (a `flywheel` tool, or `dvc repro --single-item <stage>`) in
-                    the project, its output in the task log. Exit code 2, or a DVC stage that
+  FlywheelCommand   runs a command (a `flywheel` tool, e.g. `flywheel run stage <run> <stage>`)
+                    in the project, its output in the task log. Exit code 2, or a DVC stage that
                     exited with 2, is one of Flywheel's expected failures (bad params, bad data, a
                     missing engine, a failed validation): the task fails at once, without retries.
                     Anything else (a killed worker, out of memory, a flaky file system) is retried
-                    with exponential backoff; a command a killed worker left running is stopped
-                    before the retry starts.
+                    with exponential backoff; a command a killed attempt left running on this
+                    worker is stopped before the retry starts. With result_xcom, the command's
+                    JSON result (--result-file) is the task's XCom.
   alert             the failure callback: an error line in the task log and, when the Airflow
                     Connection `flywheel_alerts` exists, a JSON POST to it (a Slack/Teams/
                     PagerDuty-style webhook: its host, port and schema make the URL).
-  gate_branch       after the run is saved: `promote` when metrics/gate.json says the gate
-                    passed, `not_promoted` otherwise (a decision, not a crash).
+  gate_branch       after the run is saved: `promote` when the run's metrics/gate.json (in
+                    save_run's XCom) says the gate passed, `not_promoted` otherwise.
   explain_rejection not_promoted: the gate's reasons and the report's path, in its log and XCom.
   publish_feedback  the monitoring DAG's Asset event for exported feedback, with the reason and
                     the report in its extra; asset-scheduled training starts from it.
@@ -64,10 +65,6 @@ def flywheel(*args: str) -> list[str]:
     return [PYTHON, "-m", "flywheel", *args]
 
 
-def stage_command(stage: str) -> list[str]:
-    return [PYTHON, "-m", "dvc", "repro", "--single-item", stage]
-
-
 # What `dvc repro` prints for a person at a terminal; a run's save_run commits dvc.lock itself.
 DVC_GIT_HINTS = re.compile(
     r"^(To track the changes with git, run:|\s*git add \S*dvc\.lock.*|To enable auto staging, run:"
@@ -113,31 +110,43 @@ class FlywheelCommand(BaseOperator):
     template_fields = ("command",)
     ui_color = "#e8f0fe"
 
-    def __init__(self, *, command: list[str], project: Path, **kwargs) -> None:
+    def __init__(self, *, command: list[str], project: Path, result_xcom: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
         self.command = command
         self.project = str(project)
+        self.result_xcom = result_xcom
         self._process: subprocess.Popen | None = None
 
-    def execute(self, context) -> None:
+    def execute(self, context) -> dict | None:
+        import tempfile
+
         from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-        # A DAG's tasks never run two at a time in a workspace, so a command still registered here
-        # was orphaned by a killed worker: stop it before it races this attempt.
-        running = Path(self.project) / ".dvc/tmp/flywheel" / f"{self.dag_id}.running"
+        # A run's tasks never run two at a time (max_active_tasks), so a command still registered
+        # for this run was orphaned by a killed attempt on this worker: stop it before it races this one.
+        running = Path(self.project) / ".dvc/tmp/flywheel" / f"{self.dag_id}.{_safe(context['run_id'])}.running"
         stop_leftover(running, self.log)
-        self.log.info("in %s: %s", self.project, " ".join(self.command))
+        command = list(self.command)
+        if self.result_xcom:
+            result_file = Path(tempfile.mkdtemp(prefix="flywheel-result-")) / "result.json"
+            command += ["--result-file", str(result_file)]
+        self.log.info("in %s: %s", self.project, " ".join(command))
         # A session of its own, so on_kill (or the next attempt) stops it and all it started.
         self._process = subprocess.Popen(
-            self.command,
+            command,
             cwd=self.project,
-            env={**os.environ, **task_env(), "FLYWHEEL_RUN_NAME": context["run_id"]},  # names reports by run
+            env={
+                **os.environ,
+                **task_env(),
+                "FLYWHEEL_PROJECT_DIR": self.project,
+                "FLYWHEEL_RUN_NAME": context["run_id"],  # names reports by run
+            },
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         running.parent.mkdir(parents=True, exist_ok=True)
-        running.write_text(json.dumps({"pgid": self._process.pid, "command": self.command}))
+        running.write_text(json.dumps({"pgid": self._process.pid, "command": command}))
         try:
             tail: collections.deque[str] = collections.deque(maxlen=30)
             for line in log_lines(self._process.stdout):
@@ -147,10 +156,10 @@ class FlywheelCommand(BaseOperator):
         finally:
             running.unlink(missing_ok=True)
         if returncode == 0:
-            return
+            return json.loads(result_file.read_text()) if self.result_xcom else None
         status = exit_status(returncode, list(tail))
         last = next((line for line in reversed(tail) if line.strip()), "")
-        message = f"`{' '.join(self.command)}` exited with {status}: {last}"
+        message = f"`{' '.join(command)}` exited with {status}: {last}"
         if status == NOT_RETRYABLE_EXIT:
             raise AirflowFailException(f"{message} (not retried: fix the cause named above)")
         raise AirflowException(message)
@@ -158,6 +167,10 @@ class FlywheelCommand(BaseOperator):
     def on_kill(self) -> None:
         if self._process is not None and self._process.poll() is None:
             os.killpg(self._process.pid, signal.SIGTERM)
+
+
+def _safe(run_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", run_id)
 
 
 def _group_alive(pgid: int) -> bool:
@@ -233,22 +246,29 @@ def alert(context) -> None:
         log.error("the alert webhook %s did not take the alert: %s", ALERT_CONNECTION, error)
 
 
-def gate_branch(project: str) -> str:
-    gate = json.loads((Path(project) / "metrics/gate.json").read_text())
+def _saved_gate(ti) -> dict:
+    return ti.xcom_pull(task_ids="save_run")["gate"]
+
+
+def gate_branch(ti) -> str:
+    gate = _saved_gate(ti)
     if gate.get("passed"):
         return "promote"
     log.warning("not promoted: %s", "; ".join(gate.get("reasons", [])))
     return "not_promoted"
 
 
-def explain_rejection(project: str) -> list[str]:
+def explain_rejection(ti) -> list[str]:
     """not_promoted: the gate's reasons and where the evaluation report is, in the task's log and
     XCom, so a rejected run says why where it is looked at (it ended as one more green box)."""
-    gate = json.loads((Path(project) / "metrics/gate.json").read_text())
+    gate = _saved_gate(ti)
+    experiment = ti.xcom_pull(task_ids="save_run")["experiment"]
     log.warning("the promotion gate rejected this run's model; nothing is promoted. Its reasons:")
     for reason in gate.get("reasons", []):
         log.warning("  - %s", reason)
-    log.warning("the evaluation report: %s", (Path(project) / "reports/evaluate/index.html").resolve())
+    log.warning(
+        "the evaluation report: reports/evaluate/index.html of experiment %s (dvc exp apply %s)", experiment, experiment
+    )
     return gate.get("reasons", [])
 
 

@@ -1,43 +1,46 @@
-"""Every flywheel_training run is a version: a DVC experiment named after the Airflow run.
+"""Every flywheel_training run works in a workspace of its own and ends as a DVC experiment named
+after the Airflow run (flywheel.orchestration.workspace: how the workspace and the run's state move
+between workers through git and the DVC remote).
 
-  flywheel run start NAME [--run-conf JSON]   the run's first task: new feedback exports are put
-                                              under DVC, and the trigger form's params are applied
-                                              for this run only (as `dvc exp run -S` would)
-  flywheel run save NAME                      after the last stage: `dvc exp save` (params, metrics,
-                                              dvc.lock, plots, report), `dvc push` of the data and
-                                              models to the default remote, and params.yaml back
-                                              as it was before the run
+  flywheel run start NAME [--run-conf JSON]   the run's first task: new feedback exports in the
+                                              project are put under DVC and pushed; the trigger
+                                              form's params are applied in the run's workspace
+                                              (never in the project's checkout) and recorded
+  flywheel run stage NAME STAGE               one stage: `dvc repro --pull --single-item STAGE` in
+                                              a workspace made from the run's state, its outputs
+                                              pushed to the DVC remote, the state moved on
+  flywheel run save NAME                      after the last stage: `dvc exp save` of the run as
+                                              experiment NAME, pushed to the origin; the gate's
+                                              decision printed for the DAG's branch
   flywheel run promote NAME                   the gate passed: the experiment's commit becomes a
                                               registry version in `staging`
 
-`dvc exp show --all-commits` lists every run with its params and metrics;
-`dvc exp apply NAME` puts a run's params, dvc.lock, metrics, data and models back in the
-workspace (`dvc pull` first where the cache does not hold them).
-
-The params a run starts from are kept in .dvc/tmp/flywheel/params.before-run.yaml until `save`
-puts them back. A run that died on the way leaves it behind; the next `start` restores it first,
-so one run's trigger-form values never leak into the next.
+Each takes its stores from the environment (FLYWHEEL_GIT_ORIGIN, FLYWHEEL_RUNS_ROOT,
+FLYWHEEL_DVC_REMOTE) or, by default, the project checkout it runs in. `dvc exp show --all-commits`
+in the project lists every run with its params and metrics; `dvc exp apply NAME` (after `dvc pull`
+where the cache lacks its files) puts one back in the workspace.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from flywheel.errors import FlywheelError, ParamsError
-from flywheel.io import atomic_path
-from flywheel.params_file import apply_overrides
+from flywheel.orchestration import workspace as ws
+from flywheel.orchestration.dvc_graph import load_stages, upstream_of
+from flywheel.orchestration.workspace import Locations, Workspace, dvc, git
 
-PARAMS = Path("params.yaml")
-PARAMS_BEFORE_RUN = Path(".dvc/tmp/flywheel/params.before-run.yaml")
-# What a run changes besides params.yaml; files here that git does not track yet (a new plot, a
-# new report page) go into the experiment's commit.
-RUN_OUTPUTS = ("dvc.lock", "metrics", "dvclive", "reports")
 # Raw data goes in as its DVC pointers only (the data itself to the DVC remote, never into git).
 DATA_POINTERS = (".dvc", ".gitignore")
+GATE_FILE = "metrics/gate.json"
+# The stage that compares its candidate with the deployed model (evaluate.production_model).
+READS_PRODUCTION = "evaluate"
 
 
 def experiment_name(run_id: str) -> str:
@@ -48,121 +51,227 @@ def experiment_name(run_id: str) -> str:
     return name
 
 
-def _run(*command: str) -> str:
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise FlywheelError(f"`{' '.join(command)}` failed: {(result.stderr or result.stdout).strip()}")
-    return result.stdout
-
-
-def _untracked(paths: tuple[str, ...]) -> list[str]:
-    present = [path for path in paths if Path(path).exists()]
+def _untracked(repo: Path, paths: tuple[str, ...]) -> list[str]:
+    present = [path for path in paths if (repo / path).exists()]
     if not present:
         return []
-    listed = _run("git", "ls-files", "-z", "--others", "--exclude-standard", "--", *present)
+    listed = git(repo, "ls-files", "-z", "--others", "--exclude-standard", "--", *present)
     return [path for path in listed.split("\0") if path]
 
 
-def params_outside_runs(project: Path) -> Path:
-    """params.yaml as it is between runs: during a run, the copy kept from before it. The DAG is
-    built from this, so a run's own values do not make a new DAG version or the form's defaults."""
-    before_run = project / PARAMS_BEFORE_RUN
-    return before_run if before_run.is_file() else project / PARAMS
+def track_new_feedback(project: Path, export_dir: str) -> list[str]:
+    """`dvc add` and push the feedback exports git does not track (monitoring writes them into the
+    project between runs), so every run's experiment pins them and every worker can pull them.
+    Returns the pointers of all untracked exports: each run from now on trains on them."""
+    with ws.file_lock(project / ".dvc/tmp/flywheel/feedback.lock"):  # two runs starting at once
+        exports = [
+            path
+            for path in _untracked(project, (export_dir,))
+            if path.endswith(".jsonl") and not (project / (path + ".dvc")).exists()
+        ]
+        if exports:
+            dvc(project, "add", "--quiet", *exports)
+        pointers = [path for path in _untracked(project, ("data/raw",)) if path.endswith(DATA_POINTERS)]
+        if any(path.endswith(".dvc") for path in pointers) and _default_remote(project):
+            dvc(project, "push", "--quiet", *[path for path in pointers if path.endswith(".dvc")])
+    return pointers
 
 
-def restore_params() -> bool:
-    """Put params.yaml back as it was before the current (or a dead) run; True if there was one."""
-    if not PARAMS_BEFORE_RUN.is_file():
-        return False
-    with atomic_path(PARAMS) as tmp:
-        shutil.copyfile(PARAMS_BEFORE_RUN, tmp)
-    PARAMS_BEFORE_RUN.unlink()
-    return True
+def _default_remote(repo: Path) -> str | None:
+    result = subprocess.run(["dvc", "remote", "default"], cwd=repo, capture_output=True, text=True)
+    return (result.stdout.strip() or None) if result.returncode == 0 else None
 
 
-def track_new_feedback(export_dir: str) -> list[str]:
-    """`dvc add` the feedback exports git does not track (monitoring writes them between runs),
-    so the run's experiment pins them and `dvc push` stores them."""
-    exports = [
-        path for path in _untracked((export_dir,)) if path.endswith(".jsonl") and not Path(path + ".dvc").exists()
-    ]
-    if exports:
-        _run("dvc", "add", "--quiet", *exports)
-    return exports
+def run_conf_overrides(run_conf: dict, allowed: list[str]) -> dict:
+    """The param overrides in an Airflow run's conf: its dotted keys, each one of the trigger
+    form's fields (airflow.trigger_params). Anyone who may trigger a run may set those; the gate,
+    paths and the rest change only through a commit to params.yaml."""
+    overrides = {key: value for key, value in run_conf.items() if "." in key}
+    refused = sorted(set(overrides) - set(allowed))
+    if refused:
+        raise ParamsError(
+            f"run conf sets {', '.join(refused)}: a run may set only airflow.trigger_params "
+            f"({', '.join(allowed) or 'none'}); add a param there in params.yaml to allow it"
+        )
+    return overrides
 
 
-def start(name: str, overrides: dict, export_dir: str) -> dict:
-    restored = restore_params()
-    PARAMS_BEFORE_RUN.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(PARAMS, PARAMS_BEFORE_RUN)
-    try:
-        changes = apply_overrides(PARAMS, overrides)
-    except ParamsError:
-        PARAMS_BEFORE_RUN.unlink()
-        raise
+def start(name: str, run_conf: dict, locations: Locations) -> dict:
+    """Begin run `name` from the origin's HEAD: its params, its feedback, its first recorded state."""
+    from flywheel.config import load_params
+    from flywheel.params_file import apply_overrides
+
+    workspace = Workspace.new_run(name, locations)
+    params_file = workspace.path / "params.yaml"
+    # The base commit's params decide what a run may set, not whatever a worker has checked out.
+    params = load_params(params_file)
+    ws.prune(locations.runs_root, params.airflow.keep_failed_workspaces_days)
+    overrides = run_conf_overrides(run_conf, params.airflow.trigger_params)
+    changes = apply_overrides(params_file, overrides)
+    load_params(params_file)  # a bad value fails here, before any stage, with the key named
+    feedback = []
+    project = locations.local_origin
+    if project is not None and (project / "dvc.yaml").is_file():
+        for pointer in track_new_feedback(project, params.monitor.export_dir):
+            target = workspace.path / pointer
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(project / pointer, target)
+            feedback.append(pointer)
+    message = f"Airflow run {name}" + (f": conf {json.dumps(run_conf, sort_keys=True)}" if run_conf else "")
+    state = workspace.record(message)
+    workspace.remove()
     return {
         "run": name,
-        "restored_params_of_an_unfinished_run": restored,
+        "base": workspace.base,
+        "state": state,
         "changes": {key: list(pair) for key, pair in changes.items()},
-        "tracked_feedback": track_new_feedback(export_dir),
+        "not_params": {key: value for key, value in run_conf.items() if "." not in key},
+        "tracked_feedback": feedback,
     }
 
 
-def _experiment_commit(name: str) -> str:
-    for line in _run("git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps").splitlines():
+def _link_production_model(workspace: Workspace) -> str | None:
+    """The deployed version (the registry's `production` stage) where evaluate looks for it, fetched
+    once per host from the DVC remote: the project's models/production link is not on every host."""
+    from flywheel.config import load_params
+    from flywheel.release import registry
+
+    target = workspace.path / load_params(workspace.path / "params.yaml").evaluate.production_model
+    try:
+        version = registry.latest(registry.PRODUCTION, root=workspace.path)
+    except FlywheelError:
+        return None  # nothing deployed yet: judged against thresholds and its SFT model
+    releases = workspace.locations.runs_root / ws.RELEASES_DIR
+    fetched = releases / version
+    with ws.file_lock(releases / f"{version}.lock"):
+        if not fetched.exists():
+            registry.fetch(version, fetched, root=workspace.path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.unlink(missing_ok=True)
+    target.symlink_to(fetched)
+    return version
+
+
+def stage(name: str, stage_name: str, locations: Locations) -> dict:
+    """Run one stage of run `name` here; its output streams to this process's stdout (the task log)."""
+    from flywheel.config import load_params
+
+    workspace = Workspace.of_run(name, locations)
+    ws.prune(locations.runs_root, load_params(workspace.path / "params.yaml").airflow.keep_failed_workspaces_days)
+    production = _link_production_model(workspace) if stage_name == READS_PRODUCTION else None
+    sys.stdout.flush()
+    # --pull: the stage's inputs (and a run-cache hit's outputs) from this host's cache or the remote.
+    command = ["dvc", "repro", "--pull", "--single-item", stage_name]
+    returncode = subprocess.call(command, cwd=workspace.path)
+    if returncode != 0:
+        # The workspace stays, for inspection; dvc's own message above names the stage's failure.
+        raise StageFailed(f"`{' '.join(command)}` in {workspace.path} exited with {returncode}", returncode)
+    if _default_remote(workspace.path):
+        dvc(workspace.path, "push", "--quiet", "--run-cache", stage_name)
+    state = workspace.record(workspace.message(f"Airflow run {name}"))
+    workspace.remove()
+    return {"run": name, "stage": stage_name, "state": state, "production": production}
+
+
+class StageFailed(Exception):
+    """The stage's command failed. Not a FlywheelError (exit 2, never retried): whether it may be
+    retried is the stage's own exit status, which dvc printed in the task log."""
+
+    def __init__(self, message: str, returncode: int) -> None:
+        super().__init__(message)
+        self.returncode = returncode
+
+
+def _last_stages(repo: Path) -> list[str]:
+    upstream = upstream_of(load_stages(repo / "dvc.yaml"))
+    feeding = {parent for parents in upstream.values() for parent in parents}
+    return sorted(set(upstream) - feeding)
+
+
+def save(name: str, locations: Locations) -> dict:
+    """Record the finished run as DVC experiment `name` in the origin; its run ref goes."""
+    workspace = Workspace.of_run(name, locations)
+    last = _last_stages(workspace.path)
+    # `dvc exp save` caches the outputs of the stages it is given: the last ones, which every earlier
+    # stage's outputs fed (all of them are in the remote already, and pinned by dvc.lock).
+    dvc(workspace.path, "pull", "--quiet", *last)
+    include = _untracked(workspace.path, ws.RUN_PATHS)
+    include = [path for path in include if not path.startswith("data/raw/") or path.endswith(DATA_POINTERS)]
+    dvc(
+        workspace.path,
+        "exp",
+        "save",
+        "--force",
+        "--name",
+        name,
+        "--message",
+        workspace.message(f"Airflow run {name}"),
+        *[arg for path in include for arg in ("--include-untracked", path)],
+        *last,
+    )
+    commit = _experiment_commit(workspace.path, name)
+    ref = git(workspace.path, "for-each-ref", "--format=%(refname)", f"refs/exps/*/*/{name}").split()[0]
+    git(workspace.path, "push", "--quiet", "--force", "origin", f"{ref}:{ref}")
+    git(workspace.path, "push", "--quiet", "origin", f":{ws.run_ref(name)}")
+    gate_file = workspace.path / GATE_FILE
+    gate = json.loads(gate_file.read_text()) if gate_file.is_file() else None
+    remote = _default_remote(workspace.path)
+    workspace.remove()
+    return {"experiment": name, "commit": commit, "pushed_to": remote, "gate": gate}
+
+
+def _experiment_commit(repo: Path, name: str) -> str:
+    for line in git(repo, "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps").splitlines():
         commit, ref = line.split(" ", 1)
         if ref.rsplit("/", 1)[-1] == name:
             return commit
     raise FlywheelError(f"no DVC experiment named {name!r} (dvc exp show --all-commits lists them)")
 
 
-def _default_remote() -> str | None:
-    result = subprocess.run(["dvc", "remote", "default"], capture_output=True, text=True)
-    if result.returncode != 0:
-        return None
-    return result.stdout.strip() or None
-
-
-def save(name: str, conf: dict) -> dict:
-    """Record the workspace as experiment `name`, push its data and models, restore params."""
-    message = f"Airflow run {name}" + (f": conf {json.dumps(conf, sort_keys=True)}" if conf else "")
-    untracked = _untracked(RUN_OUTPUTS) + [path for path in _untracked(("data/raw",)) if path.endswith(DATA_POINTERS)]
-    include = [arg for path in untracked for arg in ("--include-untracked", path)]
-    _run("dvc", "exp", "save", "--force", "--name", name, "--message", message, *include)
-    commit = _experiment_commit(name)
-    remote = _default_remote()
-    if remote:
-        _run("dvc", "push", "--quiet")
-    restore_params()
-    return {"experiment": name, "commit": commit, "pushed_to": remote}
-
-
-def promote(name: str) -> dict:
+def promote(name: str, locations: Locations) -> dict:
+    """Register experiment `name`'s commit, then push the registry's new tags to the origin. Tags
+    are created once: if another promotion took the same version number first, the push is
+    refused and the task's retry numbers it anew."""
     from flywheel.release import registry
 
-    return registry.register(ref=_experiment_commit(name))
+    workspace = Workspace.clone(name, locations)
+    git(workspace.path, "fetch", "--quiet", "origin", "+refs/exps/*:refs/exps/*")
+    origin = locations.local_origin
+    lock = ws.file_lock(origin / ".git/flywheel-registry.lock") if origin else contextlib.nullcontext()
+    with lock:  # one promotion at a time on a host that holds the origin
+        before = set(git(workspace.path, "tag", "--list").split())
+        result = registry.register(root=workspace.path, ref=_experiment_commit(workspace.path, name))
+        new_tags = sorted(set(git(workspace.path, "tag", "--list").split()) - before)
+        if new_tags:
+            git(workspace.path, "push", "--quiet", "--atomic", "origin", *[f"refs/tags/{tag}" for tag in new_tags])
+    workspace.remove()
+    return result
 
 
 def report(action: str, result: dict) -> str:
     if action == "start":
-        lines = [f"run {result['run']}: params for this run only"]
-        if result["restored_params_of_an_unfinished_run"]:
-            lines.append(f"  params.yaml restored from {PARAMS_BEFORE_RUN} (an earlier run did not finish)")
-        lines += [f"  {key}: {old!r} -> {new!r}" for key, (old, new) in result["changes"].items()]
+        lines = [f"run {result['run']}: base {result['base'][:10]}, state {result['state'][:10]}"]
+        lines += [f"  {key}: {old!r} -> {new!r} (this run only)" for key, (old, new) in result["changes"].items()]
         if not result["changes"]:
-            lines.append("  no param changed: params.yaml as it is")
-        lines += [f"  now tracked by DVC: {path}" for path in result["tracked_feedback"]]
+            lines.append("  no param changed: params.yaml as committed")
+        lines += [
+            f"  run conf {key}={value!r} (not a param; recorded with the run)"
+            for key, value in result["not_params"].items()
+        ]
+        lines += [f"  feedback tracked by DVC: {path}" for path in result["tracked_feedback"]]
         return "\n".join(lines)
+    if action == "stage":
+        deployed = f"; compared with production {result['production']}" if result["production"] else ""
+        return f"run {result['run']}: stage {result['stage']} recorded at {result['state'][:10]}{deployed}"
     if action == "save":
         pushed = (
-            f"data and models pushed to DVC remote {result['pushed_to']!r}"
+            f"data and models in DVC remote {result['pushed_to']!r}"
             if result["pushed_to"]
-            else "no DVC remote configured: nothing pushed"
+            else "no DVC remote configured: data and models stay in this host's cache"
         )
         return (
-            f"experiment {result['experiment']} saved at {result['commit'][:10]}; {pushed}; "
-            f"params.yaml restored\n  see it: dvc exp show --all-commits; restore it: dvc exp apply "
-            f"{result['experiment']}"
+            f"experiment {result['experiment']} saved at {result['commit'][:10]}; {pushed}\n"
+            f"  see it: dvc exp show --all-commits; restore it: dvc exp apply {result['experiment']}"
         )
     what = "already registered as" if result["already_registered"] else "registered"
     return f"promoted: {what} {result['version']} (stage: {', '.join(result['stages'])}) at {result['commit'][:10]}"
