@@ -325,6 +325,58 @@ def run_command(args: argparse.Namespace) -> None:
     print(runs.report(args.action, result))
 
 
+def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-p",
+        "--param",
+        dest="axes",
+        action="append",
+        required=True,
+        metavar="KEY=V1,V2",
+        help="a trigger-form param and its values; several -p make a grid (one run per combination)",
+    )
+    parser.add_argument("--wait", action="store_true", help="wait for the runs and list their results")
+    parser.add_argument(
+        "--promote-best",
+        metavar="METRIC",
+        help="wait, then promote the best run the gate passed by METRIC ([file:]dotted.key of dvc exp show)",
+    )
+    parser.add_argument("--minimize", action="store_true", help="for --promote-best: lower is better")
+    parser.add_argument("--timeout", type=float, default=6 * 3600, help="seconds to wait for the runs")
+
+
+@command(
+    "sweep",
+    "tool",
+    "trigger one flywheel_training run per point of a grid of params through Airflow's API; promote the best",
+    _sweep_arguments,
+)
+def sweep_command(args: argparse.Namespace) -> None:
+    from flywheel.orchestration import runs, sweep
+    from flywheel.orchestration.workspace import Locations
+
+    params = _load_params(args)
+    points = sweep.grid(args.axes, params.airflow.trigger_params)
+    api = sweep.AirflowApi.from_environment()
+    run_ids = []
+    for point in points:
+        run_ids.append(api.trigger(point))
+        print(f"triggered {run_ids[-1]}: {json.dumps(point)}", flush=True)
+    names = [runs.experiment_name(run_id) for run_id in run_ids]
+    print(f"{len(run_ids)} runs (up to airflow.max_active_runs={params.airflow.max_active_runs} at once)")
+    if not (args.wait or args.promote_best):
+        print("see them side by side as they finish: dvc exp show --all-commits")
+        return
+    states = sweep.wait(api, run_ids, args.timeout)
+    print("\n".join(f"  {name}: {states[run_id]}" for name, run_id in zip(names, run_ids, strict=True)))
+    listed = runs.experiments(Path("."))
+    if args.promote_best:
+        name, value = sweep.best(listed, names, args.promote_best, maximize=not args.minimize)
+        print(f"best by {args.promote_best}: {name} ({value:.4g})")
+        locations = Locations.from_environment(Path("."), params.airflow.runs_root)
+        print(runs.report("promote", runs.promote(name, locations)))
+
+
 def _models_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the versions as JSON")
     actions = parser.add_subparsers(dest="action", metavar="<action>")

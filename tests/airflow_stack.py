@@ -1,11 +1,13 @@
-"""A real Airflow deployment on this machine, for the tests and benchmarks/airflow_run.py: the
-metadata database on PostgreSQL, LocalExecutor, and the api-server, scheduler and dag-processor
-as processes of their own (what infra/airflow/docker-compose.yaml runs in containers), set up by
-`flywheel airflow --setup-only` and driven through the REST API exactly as the UI drives it."""
+"""A real Airflow deployment on this machine, for the tests and benchmarks: the metadata database on
+PostgreSQL, LocalExecutor (or CeleryExecutor with workers on hosts of their own), and the
+api-server, scheduler and dag-processor as processes of their own (what
+infra/airflow/docker-compose.yaml runs in containers), set up by `flywheel airflow --setup-only`
+and driven through the REST API exactly as the UI drives it."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -23,9 +25,18 @@ FINISHED = ("success", "failed")
 
 
 class AirflowStack:
-    def __init__(self, project: Path, home: Path, database_url: str, port: int, log_port: int, **extra_env: str):
+    def __init__(
+        self,
+        project: Path,
+        home: Path,
+        database_url: str,
+        port: int,
+        log_port: int,
+        host: str = "127.0.0.1",
+        **extra_env: str,
+    ):
         self.project, self.home, self.port = project, home, port
-        self.base = f"http://127.0.0.1:{port}"
+        self.base = f"http://{host}:{port}"
         self.password = secrets.token_urlsafe(12)
         home.mkdir(parents=True, exist_ok=True)
         passwords = home / "passwords.json"
@@ -44,7 +55,7 @@ class AirflowStack:
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.base}/execution/",
-            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__HOST": host,
             "AIRFLOW__API__PORT": str(port),
             "AIRFLOW__API__BASE_URL": self.base,
             "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
@@ -97,7 +108,8 @@ class AirflowStack:
 
     def stop(self) -> None:
         for process in self.processes.values():
-            os.killpg(process.pid, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
         for process in self.processes.values():
             try:
                 process.wait(timeout=30)
@@ -144,3 +156,110 @@ class AirflowStack:
                 return run
             assert time.monotonic() < deadline, f"{dag_id} {run_id} did not finish:\n{self.log('scheduler')}"
             time.sleep(2)
+
+
+CELERY_SUBNET = "10.79.0"
+GATEWAY = f"{CELERY_SUBNET}.1"  # this machine, as the workers' hosts reach it
+REDIS_DB = 7  # the broker's database on the local Redis: emptied at the start
+
+
+@dataclasses.dataclass
+class CeleryWorker:
+    name: str  # its hostname, which Airflow records on each task instance it runs
+    namespace: str
+    root: Path  # its own AIRFLOW_HOME and runs root: no directory shared with the other workers
+    process: subprocess.Popen | None = None
+
+
+@contextlib.contextmanager
+def celery_cluster(project: Path, root: Path, database_url: str, workers: int = 2):
+    """The stack (api-server, scheduler, dag-processor) on this machine with CeleryExecutor on the
+    local Redis, and `workers` Celery workers, each on a host of its own (a network namespace with its
+    own hostname) that reaches PostgreSQL, Redis, the api-server and git (a git daemon serving the
+    project) over the bridge. The workers share no working directory: each has its own AIRFLOW_HOME,
+    workspaces and DVC cache; the run's state and data move through git and the DVC remote (a path,
+    standing in for S3). They read the DAG files from the project (in production: an image or a
+    DAG bundle)."""
+    import redis
+
+    from tests.netns import Forwarder, bridged_hosts
+
+    redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB).flushdb()
+    broker = f"redis://127.0.0.1:6379/{REDIS_DB}"
+    celery = {
+        "AIRFLOW__CORE__EXECUTOR": "airflow.providers.celery.executors.celery_executor.CeleryExecutor",
+        "AIRFLOW__CELERY__BROKER_URL": broker,
+        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + database_url,
+        # A worker that died (its host gone) stops heartbeating: its task is failed, then retried.
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "30",
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
+    }
+    from tests.conftest import free_port
+
+    with (
+        bridged_hosts(CELERY_SUBNET, workers) as hosts,
+        Forwarder(GATEWAY, 5432, 5432),
+        Forwarder(GATEWAY, 6379, 6379),
+        git_daemon(project.parent, GATEWAY),
+    ):
+        stack = AirflowStack(project, root / "home", database_url, free_port(), free_port(), host=GATEWAY, **celery)
+        started: list[CeleryWorker] = []
+        try:
+            stack.start()
+            for n, (namespace, _) in enumerate(hosts, 1):
+                worker = CeleryWorker(name=f"worker-{n}", namespace=namespace, root=root / f"worker-{n}")
+                worker.process = _start_worker(stack, worker, database_url, broker)
+                started.append(worker)
+            yield stack, started
+        finally:
+            for worker in started:
+                if worker.process and worker.process.poll() is None:
+                    os.killpg(worker.process.pid, signal.SIGKILL)
+            stack.stop()
+
+
+def _on_gateway(url: str) -> str:
+    return url.replace("127.0.0.1", GATEWAY)
+
+
+def _start_worker(stack: AirflowStack, worker: CeleryWorker, database_url: str, broker: str) -> subprocess.Popen:
+    (worker.root / "home").mkdir(parents=True, exist_ok=True)
+    env = {
+        **{key: value for key, value in stack.env.items() if "PASSWORDS_FILE" not in key},
+        "AIRFLOW_HOME": str(worker.root / "home"),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": _on_gateway(database_url),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": _on_gateway(database_url),
+        "AIRFLOW__CELERY__BROKER_URL": _on_gateway(broker),
+        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + _on_gateway(database_url),
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{stack.base}/execution/",
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": "8793",
+        "FLYWHEEL_RUNS_ROOT": str(worker.root / "runs"),
+        "FLYWHEEL_GIT_ORIGIN": f"git://{GATEWAY}/{stack.project.name}",
+        "FLYWHEEL_DVC_REMOTE": str(stack.project / ".dvc-storage"),
+    }
+    command = ["ip", "netns", "exec", worker.namespace, "unshare", "--uts", "sh", "-c"]
+    command += [f"hostname {worker.name} && exec airflow celery worker --queues default --concurrency 1"]
+    log = open(worker.root / "worker.log", "w")
+    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@contextlib.contextmanager
+def git_daemon(base: Path, host: str, port: int = 9418):
+    """`git daemon` serving the repositories under `base` (push too) at git://host/<name>."""
+    import socket
+
+    command = ["git", "daemon", "--reuseaddr", "--export-all", "--enable=receive-pack", f"--base-path={base}"]
+    daemon = subprocess.Popen(
+        [*command, f"--listen={host}", f"--port={port}", str(base)], stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+                break
+            assert time.monotonic() < deadline and daemon.poll() is None, "git daemon did not start"
+            time.sleep(0.2)
+        yield f"git://{host}"
+    finally:
+        os.killpg(daemon.pid, signal.SIGTERM)
+        daemon.wait(timeout=10)

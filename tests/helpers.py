@@ -13,7 +13,7 @@ import yaml
 from flywheel.config import parse_params
 from flywheel.data.records import RECORD_SCHEMA, content_id
 from flywheel.orchestration.dvc_graph import load_stages
-from tests.conftest import REPO, run
+from tests.conftest import REPO
 
 STAGES = tuple(load_stages(REPO / "dvc.yaml"))  # every stage of the pipeline, in dvc.yaml's order
 
@@ -66,5 +66,6 @@ QUICK_TRAINING = {
 def experiments(project: Path) -> dict[str, dict]:
     """What `dvc exp show --all-commits` lists: each experiment's name -> its recorded data
     (params, metrics, rev)."""
-    shown = json.loads(run(["dvc", "exp", "show", "--all-commits", "--json"], project).stdout)
-    return {exp["name"]: exp["revs"][0]["data"] for commit in shown for exp in commit.get("experiments") or []}
+    from flywheel.orchestration.runs import experiments as listed
+
+    return listed(project)

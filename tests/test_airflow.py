@@ -77,7 +77,7 @@ def form_defaults(details: dict) -> dict:
 
 
 def kill_the_worker_running(stack: AirflowStack, run_id: str, stage: str, timeout: float = 600) -> None:
-    """SIGKILL the task process that runs `stage` (the command it started is orphaned)."""
+    """SIGKILL the task process that runs `stage` (the `flywheel run stage` it started is orphaned)."""
     deadline = time.monotonic() + timeout
     while True:
         if stack.task_instances("flywheel_training", run_id).get(stage, {}).get("state") == "running":
@@ -86,8 +86,7 @@ def kill_the_worker_running(stack: AirflowStack, run_id: str, stage: str, timeou
                     p
                     for p in psutil.process_iter(["cmdline", "cwd"])
                     if p.info["cmdline"]
-                    and p.info["cmdline"][-1] == stage
-                    and "--single-item" in p.info["cmdline"]
+                    and p.info["cmdline"][-3:] == ["stage", run_id, stage]
                     and p.info["cwd"] == str(stack.project)
                 ),
                 None,
@@ -161,9 +160,9 @@ def test_a_ui_trigger_with_a_changed_param_survives_a_killed_worker_and_is_recor
         "promote": "skipped",
         "not_promoted": "success",
     }
-    assert tasks["finetune"]["try_number"] == 2  # killed, then retried: DVC re-ran only that stage on
+    assert tasks["finetune"]["try_number"] == 2  # killed, then retried in a new workspace of the run
 
-    # The run is a DVC experiment with the form's values; the workspace's params are as before.
+    # The run is a DVC experiment with the form's values; the project's params never changed.
     recorded = experiments(stack.project)[experiment_name(run_id)]
     assert params_of(recorded)["evaluate"]["test_examples"] == 50
     assert params_of(recorded)["finetune"]["training"]["epochs"] == QUICK_TRAINING["finetune.training.epochs"]

@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from tests.conftest import run, subprocess_env
+from tests.netns import ip, kill_namespace, require_namespaces
 from tests.test_ray_data import DATA_OUTPUTS
 
 pytestmark = pytest.mark.slow
@@ -20,18 +21,6 @@ pytestmark = pytest.mark.slow
 SUBNET = "10.77.0"
 GCS_PORT = 6380
 OBJECT_STORE_BYTES = 300_000_000  # per node; Ray's default is 30% of the machine's memory
-
-
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
-
-
-def kill_namespace(name: str) -> None:
-    listed = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
-    for pid in listed:
-        with contextlib.suppress(psutil.Error):
-            psutil.Process(int(pid)).kill()
-    subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
 def start_node(host: str, env: dict, temp_dir: str, *arguments: str) -> None:
@@ -45,8 +34,7 @@ def start_node(host: str, env: dict, temp_dir: str, *arguments: str) -> None:
 def two_hosts():
     """The head's address, the environment that reaches it, and the two hosts (network
     namespaces) by role. Token authentication is on, as on any cluster reachable over a network."""
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("network namespaces need root and iproute2")
+    require_namespaces()
     suffix = secrets.token_hex(3)
     hosts = {"head": f"fw-head-{suffix}", "worker": f"fw-worker-{suffix}"}
     devices = {"head": f"fwh{suffix}", "worker": f"fww{suffix}"}

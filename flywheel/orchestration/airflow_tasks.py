@@ -124,7 +124,7 @@ class FlywheelCommand(BaseOperator):
 
         # A run's tasks never run two at a time (max_active_tasks), so a command still registered
         # for this run was orphaned by a killed attempt on this worker: stop it before it races this one.
-        running = Path(self.project) / ".dvc/tmp/flywheel" / f"{self.dag_id}.{_safe(context['run_id'])}.running"
+        running = _running_dir(Path(self.project)) / f"{self.dag_id}.{_safe(context['run_id'])}.running"
         stop_leftover(running, self.log)
         command = list(self.command)
         if self.result_xcom:
@@ -167,6 +167,13 @@ class FlywheelCommand(BaseOperator):
     def on_kill(self) -> None:
         if self._process is not None and self._process.poll() is None:
             os.killpg(self._process.pid, signal.SIGTERM)
+
+
+def _running_dir(project: Path) -> Path:
+    """Where a worker notes the command a task runs: its runs root (FLYWHEEL_RUNS_ROOT, a worker
+    that does not write into the project), else the project's DVC temp directory."""
+    runs_root = os.environ.get("FLYWHEEL_RUNS_ROOT")
+    return Path(runs_root) / ".running" if runs_root else project / ".dvc/tmp/flywheel"
 
 
 def _safe(run_id: str) -> str:

@@ -228,6 +228,13 @@ def _experiment_commit(repo: Path, name: str) -> str:
     raise FlywheelError(f"no DVC experiment named {name!r} (dvc exp show --all-commits lists them)")
 
 
+def experiments(project: Path) -> dict[str, dict]:
+    """What `dvc exp show --all-commits` lists in the project: each experiment's name -> its data
+    (params, metrics, rev)."""
+    shown = json.loads(dvc(project, "exp", "show", "--all-commits", "--json"))
+    return {exp["name"]: exp["revs"][0]["data"] for commit in shown for exp in commit.get("experiments") or []}
+
+
 def promote(name: str, locations: Locations) -> dict:
     """Register experiment `name`'s commit, then push the registry's new tags to the origin. Tags
     are created once: if another promotion took the same version number first, the push is
