@@ -7,6 +7,7 @@ here (config, the Airflow DAG files' imports) stay light."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -154,3 +155,17 @@ def exclusive_lock(path: str | os.PathLike, holder: str) -> Iterator[None]:
         handle.write(f"pid {os.getpid()}\n")
         handle.flush()
         yield
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive lock on `path` among this host's processes (the lock file stays, empty). Not
+    re-entrant: a process that holds it and asks again waits for ever."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

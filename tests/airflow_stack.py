@@ -158,6 +158,67 @@ class AirflowStack:
             time.sleep(2)
 
 
+# A stand-in pipeline for the tests of orchestration: each stage reads what the one before wrote;
+# `train` takes long enough to be killed in; `evaluate`'s gate passes when the run's
+# evaluate.test_examples is at least 100. The real pipeline under Airflow is
+# benchmarks/airflow_run.py's and benchmarks/airflow_sweep.py's.
+STAND_IN_STAGES = ("prepare", "train", "evaluate")
+STAND_IN_DVC_YAML = """
+stages:
+  prepare:
+    cmd: python stand_in.py prepare
+    deps: [stand_in.py]
+    params: [evaluate.test_examples]
+    outs: [data/processed/stand_in.txt]
+  train:
+    cmd: python stand_in.py train
+    deps: [stand_in.py, data/processed/stand_in.txt]
+    outs: [models/aligned]
+  evaluate:
+    cmd: python stand_in.py evaluate
+    deps: [stand_in.py, models/aligned]
+    metrics:
+      - metrics/gate.json:
+          cache: false
+artifacts:
+  flywheel-model:
+    path: models/aligned
+    type: model
+"""
+STAND_IN_SCRIPT = """
+import json, pathlib, sys, time, yaml
+stage = sys.argv[1]
+if stage == "prepare":
+    examples = yaml.safe_load(open("params.yaml"))["evaluate"]["test_examples"]
+    pathlib.Path("data/processed/stand_in.txt").write_text(f"{examples} examples")
+elif stage == "train":
+    time.sleep(20)
+    pathlib.Path("models/aligned").mkdir(parents=True, exist_ok=True)
+    text = pathlib.Path("data/processed/stand_in.txt").read_text()
+    pathlib.Path("models/aligned/weights.txt").write_text(f"trained on {text}")
+else:
+    pathlib.Path("models/aligned/weights.txt").read_text()
+    pathlib.Path("metrics").mkdir(exist_ok=True)
+    examples = yaml.safe_load(open("params.yaml"))["evaluate"]["test_examples"]
+    passed = examples >= 100
+    reasons = [] if passed else [f"evaluate.test_examples is {examples}, below the stand-in's 100"]
+    decision = "staging" if passed else "rejected"
+    gate = {"passed": passed, "decision": decision, "judged_against": "a stand-in", "reasons": reasons}
+    pathlib.Path("metrics/gate.json").write_text(json.dumps(gate))
+"""
+
+
+def stand_in_project(path: Path) -> Path:
+    """A git copy of this checkout whose dvc.yaml is the stand-in pipeline (not yet committed)."""
+    from tests.conftest import git_copy
+
+    project = git_copy(path)
+    (project / "dvc.yaml").write_text(STAND_IN_DVC_YAML)
+    (project / "dvc.lock").unlink()
+    (project / "stand_in.py").write_text(STAND_IN_SCRIPT)
+    return project
+
+
 CELERY_SUBNET = "10.79.0"
 GATEWAY = f"{CELERY_SUBNET}.1"  # this machine, as the workers' hosts reach it
 REDIS_DB = 7  # the broker's database on the local Redis: emptied at the start

@@ -32,12 +32,25 @@ def sample(items: list, limit: int, seed: int) -> list:
     return items if len(items) <= limit else random.Random(seed).sample(items, limit)
 
 
+def _pull(path: Path) -> None:
+    """The reference as the checkout's dvc.lock pins it, from the DVC cache or remote: training runs
+    make it in workspaces of their own and push it there, not into this checkout."""
+    import subprocess
+
+    pulled = subprocess.run(["dvc", "pull", "--quiet", str(path)], capture_output=True, text=True)
+    if pulled.returncode != 0 or not path.is_file():
+        raise FlywheelError(
+            f"monitor.reference {path} not found, and `dvc pull {path}` could not fetch it "
+            f"({(pulled.stderr or pulled.stdout).strip()[:300]}): run the pipeline first (dvc repro split)"
+        )
+
+
 def reference_prompts(config: MonitorParams) -> list[str]:
     import pyarrow.parquet as pq
 
     path = Path(config.reference)
     if not path.is_file():
-        raise FlywheelError(f"monitor.reference {path} not found: run the pipeline first (dvc repro split)")
+        _pull(path)
     # Each record's user turn as a client would send it (an instruction's input follows it after a
     # blank line): that, not the bare `prompt` column, is what prompt_of() reads from the log.
     records = pq.read_table(path, columns=["prompt", "context"]).to_pylist()

@@ -48,13 +48,16 @@ def _overlaps(dep: str, out: str) -> bool:
     return dep == out or dep.startswith(out + "/") or out.startswith(dep + "/")
 
 
+def overlapping(deps, outs) -> bool:
+    """Whether any of `deps` is, lies inside or contains any of `outs`."""
+    return any(_overlaps(dep, out) for dep in deps for out in outs)
+
+
 def upstream_of(stages: dict[str, Stage]) -> dict[str, set[str]]:
     """For each stage, the stages whose outputs it depends on."""
     return {
         stage.name: {
-            other.name
-            for other in stages.values()
-            if other.name != stage.name and any(_overlaps(dep, out) for dep in stage.deps for out in other.outs)
+            other.name for other in stages.values() if other.name != stage.name and overlapping(stage.deps, other.outs)
         }
         for stage in stages.values()
     }

@@ -32,8 +32,9 @@ import sys
 from pathlib import Path
 
 from flywheel.errors import FlywheelError, ParamsError
+from flywheel.io import file_lock
 from flywheel.orchestration import workspace as ws
-from flywheel.orchestration.dvc_graph import load_stages, upstream_of
+from flywheel.orchestration.dvc_graph import load_stages, overlapping, upstream_of
 from flywheel.orchestration.workspace import Locations, Workspace, dvc, git
 
 # Raw data goes in as its DVC pointers only (the data itself to the DVC remote, never into git).
@@ -63,7 +64,7 @@ def track_new_feedback(project: Path, export_dir: str) -> list[str]:
     """`dvc add` and push the feedback exports git does not track (monitoring writes them into the
     project between runs), so every run's experiment pins them and every worker can pull them.
     Returns the pointers of all untracked exports: each run from now on trains on them."""
-    with ws.file_lock(project / ".dvc/tmp/flywheel/feedback.lock"):  # two runs starting at once
+    with file_lock(project / ".dvc/tmp/flywheel/feedback.lock"):  # two runs starting at once
         exports = [
             path
             for path in _untracked(project, (export_dir,))
@@ -143,7 +144,7 @@ def _link_production_model(workspace: Workspace) -> str | None:
         return None  # nothing deployed yet: judged against thresholds and its SFT model
     releases = workspace.locations.runs_root / ws.RELEASES_DIR
     fetched = releases / version
-    with ws.file_lock(releases / f"{version}.lock"):
+    with file_lock(releases / f"{version}.lock"):
         if not fetched.exists():
             registry.fetch(version, fetched, root=workspace.path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -165,7 +166,7 @@ def stage(name: str, stage_name: str, locations: Locations) -> dict:
     returncode = subprocess.call(command, cwd=workspace.path)
     if returncode != 0:
         # The workspace stays, for inspection; dvc's own message above names the stage's failure.
-        raise StageFailed(f"`{' '.join(command)}` in {workspace.path} exited with {returncode}", returncode)
+        raise StageFailed(f"`{' '.join(command)}` in {workspace.path} exited with {returncode}")
     if _default_remote(workspace.path):
         dvc(workspace.path, "push", "--quiet", "--run-cache", stage_name)
     state = workspace.record(workspace.message(f"Airflow run {name}"))
@@ -177,24 +178,27 @@ class StageFailed(Exception):
     """The stage's command failed. Not a FlywheelError (exit 2, never retried): whether it may be
     retried is the stage's own exit status, which dvc printed in the task log."""
 
-    def __init__(self, message: str, returncode: int) -> None:
-        super().__init__(message)
-        self.returncode = returncode
 
-
-def _last_stages(repo: Path) -> list[str]:
-    upstream = upstream_of(load_stages(repo / "dvc.yaml"))
+def _last_stages(repo: Path) -> tuple[list[str], list[str]]:
+    """The stages nothing depends on, and the earlier stages that made the inputs of theirs the
+    workspace lacks (in the DVC remote). `dvc pull` is given stages: a path that is one stage's
+    output and another's input may be taken as the input, which pulls nothing."""
+    stages = load_stages(repo / "dvc.yaml")
+    upstream = upstream_of(stages)
     feeding = {parent for parents in upstream.values() for parent in parents}
-    return sorted(set(upstream) - feeding)
+    last = sorted(set(upstream) - feeding)
+    missing = {dep for name in last for dep in stages[name].deps if not (repo / dep).exists()}
+    makers = {parent for name in last for parent in upstream[name] if overlapping(missing, stages[parent].outs)}
+    return last, sorted(makers)
 
 
 def save(name: str, locations: Locations) -> dict:
     """Record the finished run as DVC experiment `name` in the origin; its run ref goes."""
     workspace = Workspace.of_run(name, locations)
-    last = _last_stages(workspace.path)
-    # `dvc exp save` caches the outputs of the stages it is given: the last ones, which every earlier
-    # stage's outputs fed (all of them are in the remote already, and pinned by dvc.lock).
-    dvc(workspace.path, "pull", "--quiet", *last)
+    last, makers = _last_stages(workspace.path)
+    # `dvc exp save` caches the outputs of the stages it is given, and checks their inputs: the last
+    # stages, which every earlier stage's outputs fed (all in the remote already, pinned by dvc.lock).
+    dvc(workspace.path, "pull", "--quiet", *last, *makers)
     include = _untracked(workspace.path, ws.RUN_PATHS)
     include = [path for path in include if not path.startswith("data/raw/") or path.endswith(DATA_POINTERS)]
     dvc(
@@ -244,7 +248,7 @@ def promote(name: str, locations: Locations) -> dict:
     workspace = Workspace.clone(name, locations)
     git(workspace.path, "fetch", "--quiet", "origin", "+refs/exps/*:refs/exps/*")
     origin = locations.local_origin
-    lock = ws.file_lock(origin / ".git/flywheel-registry.lock") if origin else contextlib.nullcontext()
+    lock = file_lock(origin / ".git" / registry.LOCK) if origin else contextlib.nullcontext()
     with lock:  # one promotion at a time on a host that holds the origin
         before = set(git(workspace.path, "tag", "--list").split())
         result = registry.register(root=workspace.path, ref=_experiment_commit(workspace.path, name))

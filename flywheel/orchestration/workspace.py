@@ -22,7 +22,6 @@ succeeds and kept when it fails, for inspection, until `prune` finds it older th
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import shutil
@@ -83,18 +82,6 @@ def dvc(cwd: Path, *args: str) -> str:
 
 def run_ref(name: str) -> str:
     return f"{RUN_REFS}/{name}"
-
-
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """An exclusive lock on `path` for this host's processes (the lock file stays, empty)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @dataclass

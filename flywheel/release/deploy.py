@@ -30,7 +30,7 @@ from pathlib import Path
 from flywheel import modeling
 from flywheel.config import DeployParams, Params
 from flywheel.errors import FlywheelError, RolloutFailed
-from flywheel.io import atomic_path, write_json
+from flywheel.io import atomic_path, file_lock, write_json
 from flywheel.net import listening
 from flywheel.release import kubernetes, package, registry
 from flywheel.release.backends import (
@@ -51,6 +51,7 @@ SERVING_DIR = Path("data/serving")
 STATE_FILE = SERVING_DIR / "deployment.json"
 ROUTE_FILE = SERVING_DIR / "route.json"
 PRODUCTION_LINK = Path("models/production")
+PRODUCTION_LOCK = Path(".dvc/tmp/flywheel/production.lock")
 SWITCH_GRACE_S = 1.0
 
 
@@ -243,9 +244,10 @@ def rollout(release: Release, params: Params, target: str) -> dict:
         # sent their request yet; give them a moment before it stops accepting.
         time.sleep(SWITCH_GRACE_S)
         old.stop()
-    point_production_at(release.model_dir)
-    if release.registered:
-        registry.assign(release.version, registry.PRODUCTION)
+    with file_lock(PRODUCTION_LOCK):  # the link and the registry's stage move together
+        point_production_at(release.model_dir)
+        if release.registered:
+            registry.assign(release.version, registry.PRODUCTION)
     return state
 
 

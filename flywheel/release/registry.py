@@ -24,11 +24,15 @@ import yaml
 
 from flywheel import paths
 from flywheel.errors import FlywheelError
+from flywheel.io import file_lock
 
 ARTIFACT = paths.MODEL_NAME
 PROMOTED = "staging"
 PRODUCTION = "prod"
 REJECTED = "rejected"
+# In the repository's git directory: one registration or stage change at a time on this host (two
+# would pick the same version number, or race on a stage's tags).
+LOCK = "flywheel-registry.lock"
 GATE_FILE = str(paths.GATE)
 EVALUATE_FILE = str(paths.metrics_file("evaluate"))
 # What `flywheel models` shows of a version's lineage: the md5s its dvc.lock pins.
@@ -71,6 +75,11 @@ def _summary(gate: dict, evaluation: dict | None) -> str:
     lines = [f"gate {'passed' if gate['passed'] else 'rejected'}: judged on {gate['judged_against']}"]
     lines += [f"- {reason}" for reason in gate["reasons"]]
     return "\n".join(lines + ([figures] if figures else []))
+
+
+def _locked(repo: Path):
+    git_dir = Path(_git(repo, "rev-parse", "--git-common-dir").strip())
+    return file_lock((repo / git_dir if not git_dir.is_absolute() else git_dir) / LOCK)
 
 
 def _registered(repo: Path) -> list[dict]:
@@ -170,14 +179,15 @@ def register(root: Path = Path("."), commit: bool = False, ref: str = "HEAD") ->
             "since HEAD): commit it first, so the version pins what was evaluated\n" + pending
         )
     target = _git(repo, "rev-parse", ref).strip()
-    for entry in _registered(repo):
-        if entry["commit"] == target:
-            return {**entry, "already_registered": True}
-    message = _summary(gate, _committed_json(repo, target, EVALUATE_FILE))
-    author = _author(repo)
-    registration = gto.api.register(str(repo), ARTIFACT, target, message=message, **author)
-    stage = PROMOTED if gate["passed"] else REJECTED
-    gto.api.assign(str(repo), ARTIFACT, stage, version=registration.version, message=message, **author)
+    with _locked(repo):
+        for entry in _registered(repo):
+            if entry["commit"] == target:
+                return {**entry, "already_registered": True}
+        message = _summary(gate, _committed_json(repo, target, EVALUATE_FILE))
+        author = _author(repo)
+        registration = gto.api.register(str(repo), ARTIFACT, target, message=message, **author)
+        stage = PROMOTED if gate["passed"] else REJECTED
+        gto.api.assign(str(repo), ARTIFACT, stage, version=registration.version, message=message, **author)
     return {
         "version": registration.version,
         "commit": target,
@@ -207,12 +217,13 @@ def assign(version: str, stage: str, root: Path = Path(".")) -> None:
 
     repo = _repo(root)
     require_promotable(version, stage, repo)
-    if any(entry["version"] == version and stage in entry["stages"] for entry in _registered(repo)):
-        return  # already there (e.g. the same version deployed again)
-    # force: a version that was in `stage` before (a rollback to it) gets a new, newest tag there.
-    gto.api.assign(
-        str(repo), ARTIFACT, stage, version=version, force=True, message=f"{version} -> {stage}", **_author(repo)
-    )
+    with _locked(repo):
+        if any(entry["version"] == version and stage in entry["stages"] for entry in _registered(repo)):
+            return  # already there (e.g. the same version deployed again)
+        # force: a version that was in `stage` before (a rollback to it) gets a new, newest tag there.
+        gto.api.assign(
+            str(repo), ARTIFACT, stage, version=version, force=True, message=f"{version} -> {stage}", **_author(repo)
+        )
 
 
 def latest(stage: str, root: Path = Path(".")) -> str:
