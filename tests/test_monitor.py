@@ -302,3 +302,34 @@ def test_the_monitoring_dag_publishes_the_feedback_asset_when_the_traffic_drifte
     assert event["extra"]["reason"].startswith("monitoring failed: ")
     assert event["extra"]["report"].startswith("reports/monitoring/")
     assert (root / event["extra"]["feedback"]).is_file()
+
+
+@pytest.mark.slow
+def test_the_reference_comes_from_the_dvc_remote_when_the_checkout_lacks_it(sample_project, tmp_path, monkeypatch):
+    """Training runs make the split in workspaces of their own and push it; the project checkout
+    monitoring runs in has only dvc.lock's pointer to it."""
+    from flywheel.errors import FlywheelError
+    from flywheel.monitoring.drift import reference_prompts
+    from tests.helpers import repo_params
+
+    repo = tmp_path / "project"
+    (repo / "data/processed").mkdir(parents=True)
+    run(["git", "init", "-q"], repo)
+    run(["dvc", "init", "-q"], repo)
+    run(["dvc", "remote", "add", "-d", "storage", str(tmp_path / "remote")], repo)
+    reference = repo / "data/processed/train.parquet"
+    shutil.copyfile(sample_project / "data/processed/train.parquet", reference)
+    run(["dvc", "add", "-q", "data/processed/train.parquet"], repo)
+    run(["dvc", "push", "-q"], repo)
+    config = repo_params(monitor={"reference_size": 100}).monitor
+    monkeypatch.chdir(repo)
+    expected = reference_prompts(config)
+
+    reference.unlink()
+    shutil.rmtree(repo / ".dvc/cache")
+    assert reference_prompts(config) == expected and reference.is_file()
+    reference.unlink()
+    shutil.rmtree(repo / ".dvc/cache")
+    shutil.rmtree(tmp_path / "remote")
+    with pytest.raises(FlywheelError, match="could not fetch it"):
+        reference_prompts(config)

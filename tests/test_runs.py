@@ -208,3 +208,25 @@ def test_a_stage_of_a_run_that_never_started_says_so(repo):
     failed = flywheel_run(repo, "stage", "manual__never", "evaluate", check=False)
     assert failed.returncode == 2 and "Traceback" not in failed.stderr
     assert "run manual__never has no state" in failed.stderr
+
+
+def test_prune_removes_old_failed_workspaces_but_never_one_in_use(tmp_path):
+    import os
+    import time
+
+    from flywheel.orchestration import workspace
+
+    now = time.time()
+    for name in ("old-failed", "old-in-use", "recent-failed"):
+        (tmp_path / name).mkdir()
+    for name in ("old-failed", "old-in-use"):
+        os.utime(tmp_path / name, (now - 8 * 86400, now - 8 * 86400))
+    in_use = workspace._hold(tmp_path, "old-in-use")  # a task working there
+    try:
+        assert workspace.prune(tmp_path, keep_days=7, now=now) == ["old-failed"]
+    finally:
+        in_use.close()
+    assert sorted(path.name for path in tmp_path.iterdir() if not path.name.startswith(".")) == [
+        "old-in-use",
+        "recent-failed",
+    ]
