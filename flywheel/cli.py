@@ -302,24 +302,24 @@ def run_command(args: argparse.Namespace) -> None:
     from flywheel.config import load_params
     from flywheel.io import write_json
     from flywheel.orchestration import runs
-    from flywheel.orchestration.workspace import Locations
+    from flywheel.orchestration.workspace import Locations, StoreError
 
     name = runs.experiment_name(args.run_id)
     project = Path(os.environ.get("FLYWHEEL_PROJECT_DIR") or ".")
     runs_root = load_params(project / "params.yaml").airflow.runs_root if (project / "params.yaml").is_file() else None
     locations = Locations.from_environment(project, **({"runs_root": runs_root} if runs_root else {}))
-    if args.action == "start":
-        result = runs.start(name, _json_object(args.run_conf, "--run-conf"), locations)
-    elif args.action == "stage":
-        try:
+    try:
+        if args.action == "start":
+            result = runs.start(name, _json_object(args.run_conf, "--run-conf"), locations)
+        elif args.action == "stage":
             result = runs.stage(name, args.stage, locations)
-        except runs.StageFailed as failure:
-            print(f"error: {failure}", file=sys.stderr)
-            raise SystemExit(1) from None  # retried unless the stage itself exited with 2 (see above)
-    elif args.action == "save":
-        result = runs.save(name, locations)
-    else:
-        result = runs.promote(name, locations)
+        elif args.action == "save":
+            result = runs.save(name, locations)
+        else:
+            result = runs.promote(name, locations)
+    except (runs.StageFailed, StoreError) as failure:
+        print(f"flywheel run: error: {failure}", file=sys.stderr)
+        raise SystemExit(1) from None  # retried (a stage that itself exited with 2 is not: see its log)
     if args.result_file:
         write_json(args.result_file, result)
     print(runs.report(args.action, result))

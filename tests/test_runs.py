@@ -14,8 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import yaml
 
-from flywheel.errors import FlywheelError
-from flywheel.orchestration.workspace import Locations, Workspace
+from flywheel.orchestration.workspace import Locations, StoreError, Workspace
 from tests.conftest import BIN, REPO, run
 from tests.helpers import experiments
 
@@ -154,7 +153,7 @@ def test_a_stale_attempt_cannot_overwrite_a_newer_state(repo, tmp_path):
     stale.in_use.close()
     flywheel_run(repo, "stage", RUN_ID, "evaluate", host=tmp_path / "retry")  # its retry, elsewhere
     newer = git(repo, "rev-parse", f"refs/flywheel/runs/{EXPERIMENT}").strip()
-    with pytest.raises(FlywheelError, match="moved on"):
+    with pytest.raises(StoreError, match="moved on"):
         stale.record("the stale attempt's state")
     assert git(repo, "rev-parse", f"refs/flywheel/runs/{EXPERIMENT}").strip() == newer
 

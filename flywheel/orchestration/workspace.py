@@ -66,17 +66,22 @@ class Locations:
         return path if parsed.scheme in ("", "file") and path.is_dir() else None
 
 
+class StoreError(Exception):
+    """git or DVC failed: often the network to the origin or the remote, so the task is retried
+    (`flywheel run` exits 1). Not a FlywheelError, which Flywheel never retries."""
+
+
 def git(cwd: Path, *args: str) -> str:
     result = subprocess.run(["git", *IDENTITY, *args], cwd=cwd, capture_output=True, text=True)
     if result.returncode != 0:
-        raise FlywheelError(f"`git {' '.join(args)}` in {cwd} failed: {(result.stderr or result.stdout).strip()}")
+        raise StoreError(f"`git {' '.join(args)}` in {cwd} failed: {(result.stderr or result.stdout).strip()}")
     return result.stdout
 
 
 def dvc(cwd: Path, *args: str) -> str:
     result = subprocess.run(["dvc", *args], cwd=cwd, capture_output=True, text=True)
     if result.returncode != 0:
-        raise FlywheelError(f"`dvc {' '.join(args)}` in {cwd} failed: {(result.stderr or result.stdout).strip()}")
+        raise StoreError(f"`dvc {' '.join(args)}` in {cwd} failed: {(result.stderr or result.stdout).strip()}")
     return result.stdout
 
 
@@ -122,13 +127,12 @@ class Workspace:
         """A later task's workspace: the base commit with the run's state so far on top."""
         workspace = cls.clone(name, locations)
         ref = run_ref(name)
-        try:
-            git(workspace.path, "fetch", "--quiet", "origin", f"+{ref}:{ref}")
-        except FlywheelError as error:
+        if not git(workspace.path, "ls-remote", "origin", ref).strip():
             raise FlywheelError(
                 f"run {name} has no state in {locations.origin} ({ref}): its start_run task did not "
                 "finish, or the run was saved already"
-            ) from error
+            )
+        git(workspace.path, "fetch", "--quiet", "origin", f"+{ref}:{ref}")
         state = git(workspace.path, "rev-parse", ref).strip()
         workspace.base = git(workspace.path, "rev-parse", f"{state}^").strip()
         workspace.state = state
@@ -197,8 +201,8 @@ class Workspace:
         lease = f"--force-with-lease={ref}:{self.state or ''}"
         try:
             git(self.path, "push", "--quiet", lease, "origin", f"{commit}:{ref}")
-        except FlywheelError as error:
-            raise FlywheelError(
+        except StoreError as error:
+            raise StoreError(
                 f"run {self.name} moved on in {self.locations.origin} while this task ran (another attempt "
                 "of it recorded its state first); this attempt's result is not recorded. A retry starts "
                 "from the newer state."
