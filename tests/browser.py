@@ -47,10 +47,16 @@ def chromium() -> Iterator:
 
 
 def wait_for(driver, condition: Callable, timeout: float = 30, what: str = "the page"):
-    """Poll `condition(driver)` until it returns something truthy; fail with the page's text."""
+    """Poll `condition(driver)` until it returns something truthy; fail with the page's text. An
+    element the page replaced while `condition` read it (a React re-render) means: not yet."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
     deadline = time.monotonic() + timeout
     while True:
-        found = condition(driver)
+        try:
+            found = condition(driver)
+        except StaleElementReferenceException:  # the page re-rendered what it was reading: again
+            found = None
         if found:
             return found
         if time.monotonic() > deadline:

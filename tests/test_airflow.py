@@ -121,8 +121,8 @@ def test_the_trigger_form_offers_the_method_as_a_choice_with_descriptions(stack,
     wait_for(browser, lambda b: "/auth/login" not in b.current_url, what="the logged-in home page")
 
     browser.get(f"{stack.base}/dags/flywheel_training")
-    button_named(browser, "Trigger").click()
-    button_named(browser, "finetune").click()  # the form's section of finetune's params
+    click_button(browser, "Trigger")
+    click_button(browser, "finetune")  # the form's section of finetune's params
     field = wait_for(browser, lambda b: b.find_elements(By.ID, "element_finetune.method"), what="the field")[0]
     combobox = field.find_element(By.CSS_SELECTOR, "input[role=combobox]")
     combobox.click()
@@ -139,15 +139,19 @@ def test_the_trigger_form_offers_the_method_as_a_choice_with_descriptions(stack,
     assert internet_requests(browser) == []
 
 
-def button_named(browser, text: str):
-    """The first button that says `text`, once it shows."""
-    return wait_for(
-        browser,
-        lambda b: next(
+def click_button(browser, text: str) -> None:
+    """Click the first button that says `text`, once it shows (again if the page re-rendered it)."""
+
+    def clicked(b) -> bool:
+        button = next(
             (button for button in b.find_elements(By.TAG_NAME, "button") if button.text.strip() == text), None
-        ),
-        what=f"the {text!r} button",
-    )
+        )
+        if button is None:
+            return False
+        button.click()
+        return True
+
+    wait_for(browser, clicked, what=f"the {text!r} button")
 
 
 def test_a_ui_trigger_with_a_changed_param_survives_a_killed_worker_and_is_recorded(stack):

@@ -218,3 +218,13 @@ def test_bf16_on_a_cpu_that_emulates_it_trains_in_fp32(tmp_path, flags, expected
     assert trainer_args.precision_flags("bf16", cpuinfo) == {"bf16": expected, "fp16": False}
     assert ("bf16 would be emulated" in capsys.readouterr().out) is not expected
     assert trainer_args.precision_flags("fp32", cpuinfo) == {"bf16": False, "fp16": False}
+
+
+def test_a_checkpoint_killed_while_it_was_written_is_not_resumed(tmp_path):
+    for step in (40, 80, 120):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / "checkpoint-40/trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-80/trainer_state.json").write_text("{}")
+    assert finetune.last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-80")
+    assert not (tmp_path / "checkpoint-120").exists()  # half-written: the Trainer would fail on it
+    assert finetune.last_complete_checkpoint(tmp_path / "nothing-yet") is None

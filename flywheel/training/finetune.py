@@ -53,13 +53,23 @@ def fingerprint(config: FinetuneParams, root: Path) -> str:
     return hashlib.sha256(json.dumps([settings, data], sort_keys=True).encode()).hexdigest()
 
 
+def last_complete_checkpoint(directory: Path) -> str | None:
+    """The newest checkpoint-N the Trainer finished writing (its trainer_state.json, written last,
+    is there). A run killed while it wrote one leaves it half-written: that one goes."""
+    numbered = [path for path in directory.glob("checkpoint-*") if path.is_dir() and path.name[11:].isdigit()]
+    for checkpoint in sorted(numbered, key=lambda path: int(path.name[11:]), reverse=True):
+        if (checkpoint / "trainer_state.json").is_file():
+            return str(checkpoint)
+        print(f"finetune: {checkpoint} was not finished (killed while saving): removed")
+        shutil.rmtree(checkpoint)
+    return None
+
+
 def resumable_checkpoint(directory: Path, expected: str) -> str | None:
     """The last checkpoint of an interrupted run with the same fingerprint; stale ones go."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     marker = directory / "fingerprint.txt"
     if directory.is_dir() and marker.is_file() and marker.read_text().strip() == expected:
-        return get_last_checkpoint(str(directory))
+        return last_complete_checkpoint(directory)
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     marker.write_text(expected + "\n")
