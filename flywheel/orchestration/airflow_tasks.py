@@ -156,7 +156,7 @@ class FlywheelCommand(BaseOperator):
         finally:
             running.unlink(missing_ok=True)
         if returncode == 0:
-            return json.loads(result_file.read_text()) if self.result_xcom else None
+            return _read_and_remove(result_file) if self.result_xcom else None
         status = exit_status(returncode, list(tail))
         last = next((line for line in reversed(tail) if line.strip()), "")
         message = f"`{' '.join(command)}` exited with {status}: {last}"
@@ -167,6 +167,15 @@ class FlywheelCommand(BaseOperator):
     def on_kill(self) -> None:
         if self._process is not None and self._process.poll() is None:
             os.killpg(self._process.pid, signal.SIGTERM)
+
+
+def _read_and_remove(result_file: Path) -> dict:
+    import shutil
+
+    try:
+        return json.loads(result_file.read_text())
+    finally:
+        shutil.rmtree(result_file.parent, ignore_errors=True)
 
 
 def _running_dir(project: Path) -> Path:
