@@ -35,7 +35,7 @@ from flywheel.errors import FlywheelError, ParamsError
 from flywheel.io import file_lock
 from flywheel.orchestration import workspace as ws
 from flywheel.orchestration.dvc_graph import load_stages, overlapping, upstream_of
-from flywheel.orchestration.workspace import Locations, Workspace, dvc, git
+from flywheel.orchestration.workspace import Locations, Workspace, default_remote, dvc, git
 
 # Raw data goes in as its DVC pointers only (the data itself to the DVC remote, never into git).
 DATA_POINTERS = (".dvc", ".gitignore")
@@ -73,14 +73,9 @@ def track_new_feedback(project: Path, export_dir: str) -> list[str]:
         if exports:
             dvc(project, "add", "--quiet", *exports)
         pointers = [path for path in _untracked(project, ("data/raw",)) if path.endswith(DATA_POINTERS)]
-        if any(path.endswith(".dvc") for path in pointers) and _default_remote(project):
+        if any(path.endswith(".dvc") for path in pointers) and default_remote(project):
             dvc(project, "push", "--quiet", *[path for path in pointers if path.endswith(".dvc")])
     return pointers
-
-
-def _default_remote(repo: Path) -> str | None:
-    result = subprocess.run(["dvc", "remote", "default"], cwd=repo, capture_output=True, text=True)
-    return (result.stdout.strip() or None) if result.returncode == 0 else None
 
 
 def run_conf_overrides(run_conf: dict, allowed: list[str]) -> dict:
@@ -167,7 +162,7 @@ def stage(name: str, stage_name: str, locations: Locations) -> dict:
     if returncode != 0:
         # The workspace stays, for inspection; dvc's own message above names the stage's failure.
         raise StageFailed(f"`{' '.join(command)}` in {workspace.path} exited with {returncode}")
-    if _default_remote(workspace.path):
+    if default_remote(workspace.path):
         dvc(workspace.path, "push", "--quiet", "--run-cache", stage_name)
     state = workspace.record(workspace.message(f"Airflow run {name}"))
     workspace.remove()
@@ -213,22 +208,22 @@ def save(name: str, locations: Locations) -> dict:
         *[arg for path in include for arg in ("--include-untracked", path)],
         *last,
     )
-    commit = _experiment_commit(workspace.path, name)
-    ref = git(workspace.path, "for-each-ref", "--format=%(refname)", f"refs/exps/*/*/{name}").split()[0]
+    ref, commit = _experiment_ref(workspace.path, name)
     git(workspace.path, "push", "--quiet", "--force", "origin", f"{ref}:{ref}")
     git(workspace.path, "push", "--quiet", "origin", f":{ws.run_ref(name)}")
     gate_file = workspace.path / GATE_FILE
     gate = json.loads(gate_file.read_text()) if gate_file.is_file() else None
-    remote = _default_remote(workspace.path)
+    remote = default_remote(workspace.path)
     workspace.remove()
     return {"experiment": name, "commit": commit, "pushed_to": remote, "gate": gate}
 
 
-def _experiment_commit(repo: Path, name: str) -> str:
+def _experiment_ref(repo: Path, name: str) -> tuple[str, str]:
+    """DVC experiment `name`'s ref (refs/exps/<baseline>/<name>) and commit."""
     for line in git(repo, "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps").splitlines():
         commit, ref = line.split(" ", 1)
         if ref.rsplit("/", 1)[-1] == name:
-            return commit
+            return ref, commit
     raise FlywheelError(f"no DVC experiment named {name!r} (dvc exp show --all-commits lists them)")
 
 
@@ -251,7 +246,7 @@ def promote(name: str, locations: Locations) -> dict:
     lock = file_lock(origin / ".git" / registry.LOCK) if origin else contextlib.nullcontext()
     with lock:  # one promotion at a time on a host that holds the origin
         before = set(git(workspace.path, "tag", "--list").split())
-        result = registry.register(root=workspace.path, ref=_experiment_commit(workspace.path, name))
+        result = registry.register(root=workspace.path, ref=_experiment_ref(workspace.path, name)[1])
         new_tags = sorted(set(git(workspace.path, "tag", "--list").split()) - before)
         if new_tags:
             git(workspace.path, "push", "--quiet", "--atomic", "origin", *[f"refs/tags/{tag}" for tag in new_tags])

@@ -85,6 +85,12 @@ def dvc(cwd: Path, *args: str) -> str:
     return result.stdout
 
 
+def default_remote(repo: Path) -> str | None:
+    """The name of the repository's default DVC remote, or None where it has none."""
+    result = subprocess.run(["dvc", "remote", "default"], cwd=repo, capture_output=True, text=True)
+    return (result.stdout.strip() or None) if result.returncode == 0 else None
+
+
 def run_ref(name: str) -> str:
     return f"{RUN_REFS}/{name}"
 
@@ -148,15 +154,12 @@ class Workspace:
         cache = self.locations.runs_root / CACHE_DIR
         cache.mkdir(parents=True, exist_ok=True)
         dvc(self.path, "cache", "dir", "--local", str(cache))
-        remote = dvc(self.path, "remote", "default").strip() if self._has_default_remote() else None
+        remote = default_remote(self.path)
         if remote is None:
             return
         url = self.locations.dvc_remote or self._remote_url_from_origin(remote)
         if url:
             dvc(self.path, "remote", "modify", "--local", remote, "url", url)
-
-    def _has_default_remote(self) -> bool:
-        return subprocess.run(["dvc", "remote", "default"], cwd=self.path, capture_output=True).returncode == 0
 
     def _remote_url_from_origin(self, remote: str) -> str | None:
         """A remote given as a relative path means: relative to the origin's .dvc/ directory (DVC's
