@@ -126,13 +126,12 @@ def start(name: str, run_conf: dict, locations: Locations) -> dict:
     }
 
 
-def _link_production_model(workspace: Workspace) -> str | None:
+def _link_production_model(workspace: Workspace, production_model: str) -> str | None:
     """The deployed version (the registry's `production` stage) where evaluate looks for it, fetched
     once per host from the DVC remote: the project's models/production link is not on every host."""
-    from flywheel.config import load_params
     from flywheel.release import registry
 
-    target = workspace.path / load_params(workspace.path / "params.yaml").evaluate.production_model
+    target = workspace.path / production_model
     try:
         version = registry.latest(registry.PRODUCTION, root=workspace.path)
     except FlywheelError:
@@ -153,8 +152,10 @@ def stage(name: str, stage_name: str, locations: Locations) -> dict:
     from flywheel.config import load_params
 
     workspace = Workspace.of_run(name, locations)
-    ws.prune(locations.runs_root, load_params(workspace.path / "params.yaml").airflow.keep_failed_workspaces_days)
-    production = _link_production_model(workspace) if stage_name == READS_PRODUCTION else None
+    params = load_params(workspace.path / "params.yaml")
+    ws.prune(locations.runs_root, params.airflow.keep_failed_workspaces_days)
+    reads_production = stage_name == READS_PRODUCTION
+    production = _link_production_model(workspace, params.evaluate.production_model) if reads_production else None
     sys.stdout.flush()
     # --pull: the stage's inputs (and a run-cache hit's outputs) from this host's cache or the remote.
     command = ["dvc", "repro", "--pull", "--single-item", stage_name]
