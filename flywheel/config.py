@@ -369,21 +369,46 @@ class TrainingParams(TrainerParams):
 
 
 class DistributedParams(_Section):
-    launcher: Literal["none", "deepspeed", "accelerate"] = "none"
+    launcher: Literal["none", "deepspeed", "accelerate", "torchrun"] = "none"
     num_gpus: int = Field(
         default=0, ge=0, description="a launcher's GPUs per node; launcher none uses the GPU torch sees, else the CPU"
     )
+    cpu_ranks: int = Field(
+        default=1, ge=1, description="a launcher's ranks per node where num_gpus is 0: CPU workers over gloo"
+    )
     num_nodes: int = Field(default=1, ge=1)
     hostfile: ProjectPath | None = Field(default=None, description="DeepSpeed hostfile, for several nodes")
+    main_address: str | None = Field(
+        default=None, description="several nodes: node 0's address, which every node reaches (the rendezvous)"
+    )
+    main_port: int = Field(default=29500, ge=1, le=65535, description="several nodes: the rendezvous port on node 0")
     deepspeed_config: ProjectPath | None = Field(default=None, description="e.g. infra/deepspeed/zero2.json")
+    accelerate_config: ProjectPath | None = Field(
+        default=None, description="accelerate launch's config file, e.g. infra/accelerate/fsdp2.yaml"
+    )
+    collective_timeout_s: int = Field(
+        default=1800,
+        ge=10,
+        description="a rank waiting longer on the others fails the job; above what rank 0 does alone (probes)",
+    )
 
     @model_validator(mode="after")
     def _launcher_fits(self) -> DistributedParams:
-        if self.launcher == "none" and (self.num_gpus > 1 or self.num_nodes > 1):
-            raise ValueError("several GPUs or nodes need launcher: deepspeed or accelerate")
+        if self.launcher == "none" and (self.num_gpus > 1 or self.num_nodes > 1 or self.cpu_ranks > 1):
+            raise ValueError("several GPUs, CPU ranks or nodes need launcher: deepspeed, accelerate or torchrun")
+        if self.num_nodes > 1 and not self.main_address:
+            raise ValueError("several nodes need main_address: node 0's address, reachable from every node")
         if self.num_nodes > 1 and not self.hostfile and self.launcher == "deepspeed":
             raise ValueError("several nodes with deepspeed need a hostfile")
+        if self.accelerate_config and self.launcher != "accelerate":
+            raise ValueError("accelerate_config is read by launcher: accelerate only")
+        if self.deepspeed_config and self.launcher == "torchrun":
+            raise ValueError("deepspeed_config with torchrun: use launcher deepspeed (or accelerate)")
         return self
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.num_gpus or self.cpu_ranks
 
 
 class RetainParams(_Section):

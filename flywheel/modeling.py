@@ -216,8 +216,14 @@ def _decode_new(
             ]
             encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             with torch.no_grad():
+                # synced_gpus off: one process answers on a whole model. Under ZeRO-3 with several
+                # ranks, transformers would otherwise wait for the other ranks at every token.
                 output = model.generate(
-                    **encoded, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **generation
+                    **encoded,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                    synced_gpus=False,
+                    **generation,
                 )
             new_tokens = output[:, encoded["input_ids"].shape[1] :]
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

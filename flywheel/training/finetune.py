@@ -14,8 +14,9 @@ Loss is on the assistant's tokens only; short examples are packed into rows of `
 An example longer than `max_length` is dropped, truncated or fails the stage, as
 `training.length_policy` says, before TRL sees it (flywheel/training/lengths.py); every example
 is counted in metrics/finetune.json `lengths`, with each split's token-length percentiles.
-One process on the CPU or one GPU; with `distributed.launcher` deepspeed or accelerate, the stage
-launches its workers through that launcher (several GPUs, several nodes via a hostfile).
+One process on the CPU or one GPU; with `distributed.launcher` deepspeed, accelerate or torchrun,
+the stage launches its ranks through that launcher (GPUs or CPU ranks, one node or several:
+flywheel/training/distributed.py).
 """
 
 from __future__ import annotations
@@ -47,29 +48,35 @@ def inputs(root: Path) -> dict[str, paths.Artifact]:
 
 
 def fingerprint(config: FinetuneParams, root: Path) -> str:
-    """What a checkpoint must match to be resumed: the training params and the input data."""
+    """What a checkpoint must match to be resumed: the training params, the ranks' layout (a ZeRO
+    checkpoint holds a shard per rank and loads into the same layout only) and the input data."""
     data = {name: modeling.file_md5(root / artifact) for name, artifact in inputs(root).items()}
-    settings = config.model_dump(exclude={"distributed"})
+    settings = config.model_dump(exclude={"distributed": {"main_address", "main_port", "collective_timeout_s"}})
     return hashlib.sha256(json.dumps([settings, data], sort_keys=True).encode()).hexdigest()
 
 
 def last_complete_checkpoint(directory: Path) -> str | None:
     """The newest checkpoint-N the Trainer finished writing (its trainer_state.json, written last,
-    is there). A run killed while it wrote one leaves it half-written: that one goes."""
+    after every rank's shards, is there). A run killed while it wrote one leaves it half-written:
+    rank 0 removes that one (every rank skips it)."""
     numbered = [path for path in directory.glob("checkpoint-*") if path.is_dir() and path.name[11:].isdigit()]
     for checkpoint in sorted(numbered, key=lambda path: int(path.name[11:]), reverse=True):
         if (checkpoint / "trainer_state.json").is_file():
             return str(checkpoint)
-        print(f"finetune: {checkpoint} was not finished (killed while saving): removed")
-        shutil.rmtree(checkpoint)
+        if distributed.is_rank_zero():
+            print(f"finetune: {checkpoint} was not finished (killed while saving): removed")
+            shutil.rmtree(checkpoint, ignore_errors=True)
     return None
 
 
 def resumable_checkpoint(directory: Path, expected: str) -> str | None:
-    """The last checkpoint of an interrupted run with the same fingerprint; stale ones go."""
+    """The last checkpoint of an interrupted run with the same fingerprint; stale ones go. Every
+    rank decides alike from what it reads; rank 0 alone deletes and writes."""
     marker = directory / "fingerprint.txt"
     if directory.is_dir() and marker.is_file() and marker.read_text().strip() == expected:
         return last_complete_checkpoint(directory)
+    if not distributed.is_rank_zero():
+        return None
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     marker.write_text(expected + "\n")
@@ -142,19 +149,19 @@ def _point_at_base(adapter: Path, final: Path, base: Path) -> None:
     config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _save(trainer, tokenizer, config: FinetuneParams, root: Path) -> None:
+def _save(model, tokenizer, config: FinetuneParams, root: Path) -> None:
     """Write the final model beside models/sft, then swap it in: never a half-written model."""
     target = root / paths.SFT_MODEL
     with atomic_dir(target) as staging:
         if config.method == "lora" and config.lora.merge:
             # The adapter itself is kept (adapter/, loadable on models/base as it is), and the
             # weights with it folded in are the model: serving and the next stages need no PEFT.
-            trainer.save_model(str(staging / "adapter"))
+            model.save_pretrained(staging / "adapter")
             tokenizer.save_pretrained(staging / "adapter")
             _point_at_base(staging / "adapter", target / "adapter", root / paths.BASE_MODEL)
-            trainer.model.merge_and_unload().save_pretrained(staging)
+            model.merge_and_unload().save_pretrained(staging)
         else:
-            trainer.save_model(str(staging))  # gathers ZeRO-3 shards; a LoRA adapter when unmerged
+            model.save_pretrained(staging)  # a LoRA adapter when unmerged
             if config.method == "lora":
                 _point_at_base(staging, target, root / paths.BASE_MODEL)
         tokenizer.save_pretrained(staging)
@@ -205,28 +212,35 @@ def train(params: Params, root: Path) -> dict | None:
         peft_config=_peft_config(config),
         callbacks=[curves],
     )
+    if config.method == "lora" and distributed.is_sharded(trainer):
+        raise FlywheelError(
+            "LoRA with ZeRO-3 or FSDP is not supported: the adapter is small, so shard its optimizer "
+            "state with ZeRO-2 (finetune.distributed.deepspeed_config: infra/deepspeed/zero2.json)"
+        )
     probe = eval_rows[: config.training.eval_examples]
     scorers = scoring.scorers_for(probe, params.evaluate.scoring)
-    # DeepSpeed builds an evaluation-only engine before training for ZeRO-3 alone.
-    can_evaluate_first = eval_examples and distributed.zero_stage(config.distributed) in (None, 3)
-    before = {
-        "eval_loss": trainer.evaluate()["eval_loss"] if can_evaluate_first else None,
-        "task_score": _task_score(trainer.model, tokenizer, probe, scorers, config),
-    }
+    # The probe is answered by rank 0 on the model as loaded, before DeepSpeed wraps (ZeRO-3:
+    # partitions) it. The loss before training is evaluated in one process only (transformers 5):
+    # after an evaluation, train() left the model out of DDP and two ranks trained apart, without
+    # a gradient exchanged; ZeRO-2 cannot evaluate first, and after ZeRO-3's evaluation-only
+    # engine the training step found no engine.
+    task_before = _task_score(model, tokenizer, probe, scorers, config) if distributed.is_rank_zero() else None
+    can_evaluate_first = eval_examples and trainer.args.world_size == 1 and not config.distributed.deepspeed_config
+    before = {"eval_loss": trainer.evaluate()["eval_loss"] if can_evaluate_first else None, "task_score": task_before}
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - started
-    if not trainer.is_world_process_zero():
-        return None
+    engine = distributed.training_engine(trainer)
+    eval_loss_after = trainer.evaluate()["eval_loss"] if eval_examples else None
+    model = distributed.trained_model(trainer, root / CHECKPOINTS / "final")
+    if model is None:
+        return None  # not rank 0: it writes the outputs
     resumed_step = int(resume_from.rsplit("-", 1)[1]) if resume_from else 0
-    after = {
-        "eval_loss": trainer.evaluate()["eval_loss"] if eval_examples else None,
-        "task_score": _task_score(trainer.model, tokenizer, probe, scorers, config),
-    }
+    after = {"eval_loss": eval_loss_after, "task_score": _task_score(model, tokenizer, probe, scorers, config)}
     curves.live.log_metric("task_score", after["task_score"], plot=False)
     curves.live.end()
 
-    _save(trainer, tokenizer, config, root)
+    _save(model, tokenizer, config, root)
     metrics = {
         "eval_loss_before": before["eval_loss"],
         "eval_loss_after": after["eval_loss"],
@@ -243,10 +257,10 @@ def train(params: Params, root: Path) -> dict | None:
         "train_seconds": round(seconds, 1),
         "train_tokens_per_second": round(_tokens_seen(trainer, resumed_step) / seconds, 1),
         "resumed_from_step": resumed_step,
-        "parameters": sum(p.numel() for p in trainer.model.parameters()),
+        "parameters": sum(p.numel() for p in model.parameters()),
         "method": config.method,
         "base_model": config.base_model,
-        "engine": type(trainer.model_wrapped).__name__,
+        "engine": engine,
         "world_size": trainer.args.world_size,
         "zero_stage": distributed.zero_stage(config.distributed),
     }

@@ -14,6 +14,7 @@ metrics/reward.json `lengths` counts every pair of both splits.
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from flywheel import modeling, paths
 from flywheel.config import Params, RlhfParams
 from flywheel.io import atomic_dir
 from flywheel.training import alignment, distributed, lengths, trainer_args
+
+CHECKPOINTS = Path("models/.checkpoints/reward")  # the Trainer's output_dir; gone when the stage ends
 
 
 def ranks_chosen_first(model, tokenizer, pairs: list[dict]) -> list[bool]:
@@ -68,7 +71,7 @@ def train(params: Params, root: Path) -> dict | None:
 
     training = config.reward_model.training
     args = RewardConfig(
-        output_dir=str(root / "models/.checkpoints/reward"),
+        output_dir=str(root / CHECKPOINTS),
         max_length=training.max_length,
         center_rewards_coefficient=config.reward_model.center_rewards_coefficient,
         **trainer_args.arguments(training, config.distributed, has_eval=bool(eval_examples)),
@@ -82,13 +85,18 @@ def train(params: Params, root: Path) -> dict | None:
         processing_class=tokenizer,
         callbacks=[callback],
     )
-    accuracy_before = alignment.share(ranks_chosen_first(model, tokenizer, eval_pairs))
+    # Rank 0 measures, on the model as loaded and on the model whole after training.
+    accuracy_before = (
+        alignment.share(ranks_chosen_first(model, tokenizer, eval_pairs)) if distributed.is_rank_zero() else None
+    )
     started = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - started
-    if not trainer.is_world_process_zero():
-        return None
-    ranked_first = ranks_chosen_first(trainer.model, tokenizer, eval_pairs)
+    engine = distributed.training_engine(trainer)
+    model = distributed.trained_model(trainer, root / CHECKPOINTS / "final")
+    if model is None:
+        return None  # not rank 0: it writes the outputs
+    ranked_first = ranks_chosen_first(model, tokenizer, eval_pairs)
     callback.live.end()
 
     metrics = {
@@ -101,11 +109,13 @@ def train(params: Params, root: Path) -> dict | None:
         "pairwise_accuracy": alignment.share(ranked_first),
         "pairwise_accuracy_by_source": alignment.share_by_source(eval_pairs, ranked_first),
         "steps": result.global_step,
+        "engine": engine,
+        "world_size": trainer.args.world_size,
         "train_seconds": round(seconds, 1),
     }
 
     with atomic_dir(root / paths.REWARD_MODEL) as staging:
-        trainer.save_model(str(staging))
+        model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         modeling.write_model_card(
             staging,
@@ -116,6 +126,7 @@ def train(params: Params, root: Path) -> dict | None:
             metrics=metrics,
             pipeline_tag="text-classification",
         )
+    shutil.rmtree(root / CHECKPOINTS, ignore_errors=True)
     return metrics
 
 

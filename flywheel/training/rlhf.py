@@ -276,7 +276,10 @@ def train(params: Params, root: Path) -> dict | None:
     model, tokenizer = alignment.load_sft(root)
     probe = read_records(paths.EVAL.require(root))[: config.eval_examples]
     scorers = scoring.scorers_for(probe, params.evaluate.scoring)
-    before = measure(model, tokenizer, eval_pairs, probe, scorers, reward_model, config)
+    # Rank 0 measures, on the model as loaded and on the model whole after training.
+    before = None
+    if distributed.is_rank_zero():
+        before = measure(model, tokenizer, eval_pairs, probe, scorers, reward_model, config)
 
     if config.method == "dpo":
         datasets, length_metrics = dpo_datasets(config, tokenizer, train_pairs, eval_pairs)
@@ -293,9 +296,10 @@ def train(params: Params, root: Path) -> dict | None:
     started = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - started
-    if not trainer.is_world_process_zero():
-        return None
-    aligned = trainer.model
+    engine = distributed.training_engine(trainer)
+    aligned = distributed.trained_model(trainer, root / CHECKPOINTS / "final")
+    if aligned is None:
+        return None  # not rank 0: it writes the outputs
     after = measure(aligned, tokenizer, eval_pairs, probe, scorers, reward_model, config)
     reference, _ = alignment.load_sft(root)
     kl = kl_from_reference(aligned, reference, tokenizer, eval_pairs, config)
@@ -310,6 +314,8 @@ def train(params: Params, root: Path) -> dict | None:
         "task_examples": len(probe),
         "task_scorers": scorers,
         "steps": result.global_step,
+        "engine": engine,
+        "world_size": trainer.args.world_size,
         "train_seconds": round(seconds, 1),
         "kl_from_sft": kl,
         "sft": before,
@@ -318,7 +324,7 @@ def train(params: Params, root: Path) -> dict | None:
     }
 
     with atomic_dir(root / paths.ALIGNED_MODEL) as staging:
-        trainer.save_model(str(staging))
+        aligned.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         modeling.write_model_card(
             staging,

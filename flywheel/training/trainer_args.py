@@ -60,17 +60,24 @@ def arguments(training: TrainerParams, distributed: DistributedParams, *, has_ev
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
         deepspeed=distributed.deepspeed_config,
+        ddp_timeout=distributed.collective_timeout_s,  # GPUs; CPU ranks: distributed.prepare_process
         **precision_flags(training.precision),
     )
 
 
 def live_callback(root: Path, directory: Path, *, resume: bool = False):
-    """dvclive curves of a trainer's logs, in `directory` (a stage's declared plots). GRPO logs
-    None for a reward function no prompt in the batch had (e.g. correctness without references),
-    which dvclive refuses: those are left out."""
+    """dvclive curves of a trainer's logs, in `directory` (a stage's declared plots), written by
+    rank 0 alone (another rank's Live would empty the directory as it starts). GRPO logs None for a
+    reward function no prompt in the batch had (e.g. correctness without references), which
+    dvclive refuses: those are left out."""
     from dvclive.huggingface import DVCLiveCallback
+    from transformers import TrainerCallback
 
     from dvclive import Live
+    from flywheel.training import distributed
+
+    if not distributed.is_rank_zero():
+        return TrainerCallback()
 
     class Callback(DVCLiveCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
