@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -13,7 +14,7 @@ from flywheel import modeling, paths
 from flywheel.config import parse_params
 from flywheel.errors import FlywheelError
 from flywheel.training import distributed, finetune, trainer_args
-from tests.conftest import BIN, project_with, run, subprocess_env
+from tests.conftest import BIN, REPO, project_with, run, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -83,25 +84,6 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(sample_splits, tmp_path):
     assert (root / paths.SFT_MODEL / "model.safetensors").is_file()
 
 
-def test_deepspeed_zero2_through_the_launcher_on_cpu(sample_splits, tmp_path):
-    root = project_with(
-        tmp_path,
-        sample_splits,
-        finetune={
-            **QUICK,
-            "distributed.launcher": "deepspeed",
-            "distributed.deepspeed_config": "infra/deepspeed/zero2.json",
-        },
-    )
-    result = flywheel_finetune(root)
-    assert "launching:" in result.stdout
-    assert "deepspeed --no_local_rank --num_gpus 1 --module flywheel" in result.stdout
-    metrics = metrics_of(root)
-    assert (metrics["engine"], metrics["zero_stage"], metrics["world_size"]) == ("DeepSpeedEngine", 2, 1)
-    assert metrics["steps"] > 0
-    assert (root / paths.SFT_MODEL / "model.safetensors").is_file()
-
-
 def test_lora_adapter_is_merged_into_plain_weights(sample_splits, tmp_path):
     root = project_with(tmp_path, sample_splits, finetune={**QUICK, "method": "lora"})
     flywheel_finetune(root)
@@ -159,8 +141,9 @@ def test_tokenizer_without_chat_template_is_refused(tmp_path):
         modeling.load_pretrained(str(tmp_path / "base"))
 
 
-def test_multi_node_launch_commands():
-    deepspeed = parse_params(
+def test_multi_node_launch_commands(monkeypatch):
+    """What each node runs, for each launcher: the commands docs/training.md gives users."""
+    eight_gpus_two_nodes = parse_params(
         {
             "ingest": {"sources": [{"name": "x", "path": "data/raw/x", "kind": "pair"}]},
             "finetune": {
@@ -169,43 +152,70 @@ def test_multi_node_launch_commands():
                     "num_gpus": 8,
                     "num_nodes": 2,
                     "hostfile": "infra/deepspeed/hostfile",
+                    "main_address": "10.0.0.1",
                     "deepspeed_config": "infra/deepspeed/zero3.json",
                 }
             },
         }
+    ).finetune.distributed
+    stage = ["flywheel", "--params", "params.yaml", "finetune"]
+    monkeypatch.delenv(distributed.NODE_RANK_VARIABLE, raising=False)
+    over_ssh = distributed.launch_command(eight_gpus_two_nodes, "params.yaml", "finetune")
+    assert over_ssh[1:] == [
+        *"--no_local_rank --num_gpus 8 --master_addr 10.0.0.1 --master_port 29500".split(),
+        *"--num_nodes 2 --hostfile infra/deepspeed/hostfile --module".split(),
+        *stage,
+    ]
+    monkeypatch.setenv(distributed.NODE_RANK_VARIABLE, "1")
+    on_each_node = distributed.launch_command(eight_gpus_two_nodes, "params.yaml", "finetune")
+    assert on_each_node[-8:] == [*"--no_ssh --node_rank 1 --module".split(), *stage]
+
+    accelerate = eight_gpus_two_nodes.model_copy(update={"launcher": "accelerate"})
+    assert distributed.launch_command(accelerate, "params.yaml", "finetune")[1:] == [
+        *"launch --num_processes 16 --num_machines 2 --machine_rank 1 --main_process_ip 10.0.0.1".split(),
+        *"--main_process_port 29500 --use_deepspeed --deepspeed_config_file infra/deepspeed/zero3.json -m".split(),
+        *stage,
+    ]
+    torchrun = eight_gpus_two_nodes.model_copy(update={"launcher": "torchrun", "deepspeed_config": None})
+    assert distributed.launch_command(torchrun, "params.yaml", "finetune")[1:] == [
+        *"--nnodes=2 --nproc-per-node=8 --node-rank=1 --master-addr=10.0.0.1 --master-port=29500 -m".split(),
+        *stage,
+    ]
+    monkeypatch.delenv(distributed.NODE_RANK_VARIABLE)
+    with pytest.raises(FlywheelError, match="set FLYWHEEL_NODE_RANK on each node"):
+        distributed.launch_command(torchrun, "params.yaml", "finetune")
+
+
+def test_requests_the_machine_cannot_meet_are_refused_before_anything_starts(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("hostfile").write_text("node-a slots=2  # the first node\nnode-b slots=1\n")
+    params = parse_params(
+        {
+            "ingest": {"sources": [{"name": "x", "path": "data/raw/x", "kind": "pair"}]},
+            "finetune": {
+                "distributed": {
+                    "launcher": "deepspeed",
+                    "cpu_ranks": 2,
+                    "num_nodes": 3,
+                    "hostfile": "hostfile",
+                    "main_address": "10.0.0.1",
+                }
+            },
+        }
+    ).finetune.distributed
+    with pytest.raises(FlywheelError, match="num_nodes is 3 but the hostfile hostfile names 2 host"):
+        distributed.check_hardware(params, "finetune")
+    with pytest.raises(FlywheelError, match="gives node-b fewer slots"):
+        distributed.check_hardware(params.model_copy(update={"num_nodes": 2}), "finetune")
+    with pytest.raises(FlywheelError, match="ask for 1 GPU"):
+        distributed.check_hardware(params.model_copy(update={"num_gpus": 1}), "finetune")
+    # On CPU ranks accelerate and the Trainer quietly run DDP where FSDP is asked for.
+    Path("fsdp2.yaml").write_text((REPO / "infra/accelerate/fsdp2.yaml").read_text())
+    fsdp_on_cpus = params.model_copy(
+        update={"launcher": "accelerate", "num_nodes": 1, "hostfile": None, "accelerate_config": "fsdp2.yaml"}
     )
-    command = distributed.launch_command(deepspeed.finetune.distributed, "params.yaml", "finetune")
-    assert command[1:] == [
-        "--no_local_rank",
-        "--num_gpus",
-        "8",
-        "--num_nodes",
-        "2",
-        "--hostfile",
-        "infra/deepspeed/hostfile",
-        "--module",
-        "flywheel",
-        "--params",
-        "params.yaml",
-        "finetune",
-    ]
-    accelerate = deepspeed.finetune.distributed.model_copy(update={"launcher": "accelerate"})
-    command = distributed.launch_command(accelerate, "params.yaml", "rlhf")
-    assert command[1:] == [
-        "launch",
-        "--num_processes",
-        "16",
-        "--num_machines",
-        "2",
-        "--use_deepspeed",
-        "--deepspeed_config_file",
-        "infra/deepspeed/zero3.json",
-        "-m",
-        "flywheel",
-        "--params",
-        "params.yaml",
-        "rlhf",
-    ]
+    with pytest.raises(FlywheelError, match="asks for FSDP, which needs GPUs"):
+        distributed.check_hardware(fsdp_on_cpus, "finetune")
 
 
 @pytest.mark.parametrize(
