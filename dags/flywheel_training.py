@@ -7,7 +7,8 @@
                 i.e. `dvc repro --pull --single-item <stage>` in a workspace made from the run's
                 state (git) and data (the DVC remote) on whichever worker runs it, so DVC skips a
                 stage whose inputs have not changed and a retry redoes only what did not finish.
-                GPU stages run in the pool airflow.gpu_pool.
+                GPU stages run in the pool airflow.gpu_pool, on the queue airflow.gpu_queue,
+                each taking a slot per GPU its launcher asks for (num_gpus x num_nodes)
   save_run      `flywheel run save`: the run becomes the DVC experiment named after it (params,
                 metrics, dvc.lock) in the project; its data and models are in the DVC remote
   gate          the evaluate stage's decision (metrics/gate.json, in save_run's XCom)
@@ -98,6 +99,26 @@ if gpu_stages - set(stages):
         f"airflow.gpu_stages in params.yaml names stages dvc.yaml does not have: {sorted(gpu_stages - set(stages))}"
     )
 
+# The training stages' launchers read their GPUs and nodes from these params sections.
+DISTRIBUTED_SECTIONS = {"finetune": "finetune", "reward": "rlhf", "rlhf": "rlhf"}
+
+
+def gpu_slots(stage: str) -> int:
+    """Pool slots a stage takes: its GPUs on every node (a multi-node stage's task is node 0,
+    which launches the others); 1 for a stage on the CPU or one GPU."""
+    section = (params_yaml.get(DISTRIBUTED_SECTIONS.get(stage, "")) or {}).get("distributed") or {}
+    return max(1, section.get("num_gpus") or 0) * (section.get("num_nodes") or 1)
+
+
+pool_size = settings.get("gpu_pool_slots", 1)
+too_big = {name: gpu_slots(name) for name in gpu_stages if gpu_slots(name) > pool_size}
+if too_big:
+    raise ValueError(
+        f"stages ask for more GPUs than airflow.gpu_pool_slots ({pool_size}) holds, and would wait "
+        f"forever: {too_big} (GPUs per node x nodes, from <section>.distributed); raise gpu_pool_slots "
+        "to the GPUs your workers have, or ask for fewer"
+    )
+
 with DAG(
     dag_id="flywheel_training",
     description="DVC stages from dvc.yaml: raw data to an evaluated model; every run a DVC experiment",
@@ -132,7 +153,7 @@ with DAG(
             task_id=name,
             project=PROJECT,
             command=flywheel("run", "stage", "{{ run_id }}", name),
-            **(gpu if name in gpu_stages else {}),
+            **({**gpu, "pool_slots": gpu_slots(name)} if name in gpu_stages else {}),
             doc_md=f"`{stage.cmd}` through `dvc repro --pull --single-item {name}` in the run's workspace",
         )
         for name, stage in stages.items()

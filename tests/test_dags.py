@@ -36,6 +36,7 @@ DAGBAG_SCRIPT = textwrap.dedent("""
         "max_active_tasks": dag.max_active_tasks if dag else None,
         "max_active_runs": dag.max_active_runs if dag else None,
         "pools": {t.task_id: t.pool for t in dag.tasks} if dag else {},
+        "pool_slots": {t.task_id: t.pool_slots for t in dag.tasks} if dag else {},
         "retries": {t.task_id: t.retries for t in dag.tasks} if dag else {},
         "colours": {t.task_id: t.ui_color for t in dag.tasks} if dag else {},
         "schedule": repr(dag.timetable) if dag else None,
@@ -103,6 +104,25 @@ def test_a_cron_in_params_schedules_training_besides_new_feedback(project_copy, 
     bag = load_dagbag(project_copy / "dags", tmp_path)
     assert bag["errors"] == {}
     assert "0 3 * * *" in bag["schedule"] and "flywheel_feedback" in bag["schedule"]
+
+
+def test_a_stage_takes_a_pool_slot_per_gpu_and_more_than_the_pool_holds_is_refused(project_copy, tmp_path):
+    four_gpus_on_two_nodes = {
+        "finetune.distributed.launcher": "torchrun",
+        "finetune.distributed.num_gpus": 4,
+        "finetune.distributed.num_nodes": 2,
+        "finetune.distributed.main_address": "10.0.0.1",
+        "airflow.gpu_pool_slots": 8,
+    }
+    run(["flywheel", "params", "apply", "--json", json.dumps(four_gpus_on_two_nodes)], project_copy)
+    bag = load_dagbag(project_copy / "dags", tmp_path)
+    assert bag["errors"] == {}
+    assert (bag["pool_slots"]["finetune"], bag["pool_slots"]["rlhf"], bag["pool_slots"]["evaluate"]) == (8, 1, 1)
+
+    run(["flywheel", "params", "apply", "airflow.gpu_pool_slots=4"], project_copy)
+    bag = load_dagbag(project_copy / "dags", tmp_path)
+    (error,) = bag["errors"].values()
+    assert "more GPUs than airflow.gpu_pool_slots (4) holds" in error and "'finetune': 8" in error
 
 
 def test_max_active_runs_comes_from_params_and_a_run_leaves_the_dag_as_it_was(project_copy, tmp_path):
