@@ -141,23 +141,22 @@ def test_tokenizer_without_chat_template_is_refused(tmp_path):
         modeling.load_pretrained(str(tmp_path / "base"))
 
 
+def distributed_params(**settings):
+    """finetune.distributed as params.yaml would give it, checked."""
+    sources = [{"name": "x", "path": "data/raw/x", "kind": "pair"}]
+    return parse_params({"ingest": {"sources": sources}, "finetune": {"distributed": settings}}).finetune.distributed
+
+
 def test_multi_node_launch_commands(monkeypatch):
     """What each node runs, for each launcher: the commands docs/training.md gives users."""
-    eight_gpus_two_nodes = parse_params(
-        {
-            "ingest": {"sources": [{"name": "x", "path": "data/raw/x", "kind": "pair"}]},
-            "finetune": {
-                "distributed": {
-                    "launcher": "deepspeed",
-                    "num_gpus": 8,
-                    "num_nodes": 2,
-                    "hostfile": "infra/deepspeed/hostfile",
-                    "main_address": "10.0.0.1",
-                    "deepspeed_config": "infra/deepspeed/zero3.json",
-                }
-            },
-        }
-    ).finetune.distributed
+    eight_gpus_two_nodes = distributed_params(
+        launcher="deepspeed",
+        num_gpus=8,
+        num_nodes=2,
+        hostfile="infra/deepspeed/hostfile",
+        main_address="10.0.0.1",
+        deepspeed_config="infra/deepspeed/zero3.json",
+    )
     stage = ["flywheel", "--params", "params.yaml", "finetune"]
     monkeypatch.delenv(distributed.NODE_RANK_VARIABLE, raising=False)
     over_ssh = distributed.launch_command(eight_gpus_two_nodes, "params.yaml", "finetune")
@@ -189,20 +188,9 @@ def test_multi_node_launch_commands(monkeypatch):
 def test_requests_the_machine_cannot_meet_are_refused_before_anything_starts(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("hostfile").write_text("node-a slots=2  # the first node\nnode-b slots=1\n")
-    params = parse_params(
-        {
-            "ingest": {"sources": [{"name": "x", "path": "data/raw/x", "kind": "pair"}]},
-            "finetune": {
-                "distributed": {
-                    "launcher": "deepspeed",
-                    "cpu_ranks": 2,
-                    "num_nodes": 3,
-                    "hostfile": "hostfile",
-                    "main_address": "10.0.0.1",
-                }
-            },
-        }
-    ).finetune.distributed
+    params = distributed_params(
+        launcher="deepspeed", cpu_ranks=2, num_nodes=3, hostfile="hostfile", main_address="10.0.0.1"
+    )
     with pytest.raises(FlywheelError, match="num_nodes is 3 but the hostfile hostfile names 2 host"):
         distributed.check_hardware(params, "finetune")
     with pytest.raises(FlywheelError, match="gives node-b fewer slots"):
