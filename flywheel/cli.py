@@ -138,7 +138,7 @@ def run_stage(name: str, params_path: str) -> None:
             write_json(paths.metrics_file(name), failure.metrics)
             raise
     if metrics is None:
-        return  # a launched worker other than rank 0: rank 0 writes the outputs
+        return  # a rank other than 0, or a node other than node 0: rank 0 writes the outputs
     write_json(paths.metrics_file(name), metrics)
     print(module.report(metrics))
     print(f"{name}: took {time.monotonic() - started:.0f} s")
