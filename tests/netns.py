@@ -66,6 +66,14 @@ def bridged_hosts(subnet: str, count: int):
         subprocess.run(["ip", "link", "del", bridge], capture_output=True)
 
 
+def interface_of(namespace: str) -> str:
+    """The namespace's own interface (its veth; lo aside): what GLOO_SOCKET_IFNAME names, as the
+    hostname resolves to no address inside a namespace."""
+    links = subprocess.run(["ip", "-n", namespace, "-o", "link"], capture_output=True, text=True).stdout
+    names = [line.split(":")[1].strip().split("@")[0] for line in links.splitlines()]
+    return next(name for name in names if name != "lo")
+
+
 class Forwarder(threading.Thread):
     """Listen on (host, port) and pass each connection through to 127.0.0.1:<target_port>."""
 

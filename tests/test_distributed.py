@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 from flywheel import paths
 from flywheel.training import finetune
 from tests.conftest import BIN, project_with, run, subprocess_env
-from tests.netns import bridged_hosts
+from tests.netns import bridged_hosts, interface_of
 
 pytestmark = pytest.mark.slow
 
@@ -149,13 +149,6 @@ def test_zero3_killed_rank_fails_the_job_and_the_rerun_resumes_its_shards(
     assert metrics["resumed_from_step"] >= 20 and metrics["zero_stage"] == 3
     assert abs(losses(root)[-1] - losses(one_process)[-1]) < LOSS_TOLERANCE
     assert_same_model(root, one_process)
-
-
-def interface_of(namespace: str) -> str:
-    """The namespace's veth (gloo binds the interface GLOO_SOCKET_IFNAME names: the hostname
-    resolves to no address inside a namespace)."""
-    links = subprocess.run(["ip", "-n", namespace, "-o", "link"], capture_output=True, text=True).stdout
-    return next(line.split(":")[1].strip().split("@")[0] for line in links.splitlines() if "fwi" in line)
 
 
 def test_two_nodes_meet_at_a_rendezvous_on_the_bridge(sample_splits, tmp_path, one_process, extensions):
