@@ -1,6 +1,7 @@
 """Fine-tuning on two ranks for real, on the CPU: the DeepSpeed launcher starting two processes
-that all-reduce (ZeRO-2) or partition the parameters (ZeRO-3) over gloo, a rank killed mid-run,
-and two nodes made of network namespaces that meet at a rendezvous on a bridge address.
+that all-reduce (ZeRO-2) or partition the parameters (ZeRO-3) over gloo, torchrun's DDP, a rank
+killed mid-run, and two nodes made of network namespaces that meet at a rendezvous on a bridge
+address.
 
 Each run trains the same tiny model on the sample for the same steps with the same global batch
 (one process: 2 rows a step; two ranks: 1 row each), so the loss curves must agree."""
@@ -42,8 +43,8 @@ def extensions(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("torch_extensions")
 
 
-def finetune_in(root: Path, extensions: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
-    return run([str(BIN / "flywheel"), "finetune"], root, check=check, TORCH_EXTENSIONS_DIR=str(extensions), **env)
+def finetune_in(root: Path, extensions: Path) -> subprocess.CompletedProcess:
+    return run([str(BIN / "flywheel"), "finetune"], root, TORCH_EXTENSIONS_DIR=str(extensions))
 
 
 def losses(root: Path) -> list[float]:
