@@ -42,6 +42,7 @@ def bridged_hosts(subnet: str, count: int):
     suffix = secrets.token_hex(3)
     bridge = f"fwbr{suffix}"
     hosts = [(f"fw-host{n}-{suffix}", f"{subnet}.{n + 2}") for n in range(count)]
+    forward = None
     try:
         try:
             ip("link", "add", bridge, "type", "bridge")
@@ -49,6 +50,7 @@ def bridged_hosts(subnet: str, count: int):
             pytest.skip(f"cannot make a bridge here: {error.stderr.strip()}")
         ip("addr", "add", f"{subnet}.1/24", "dev", bridge)
         ip("link", "set", bridge, "up")
+        forward = _accept_forwarding(bridge)
         for n, (host, address) in enumerate(hosts):
             outside, inside = f"fwo{n}{suffix}", f"fwi{n}{suffix}"
             ip("netns", "add", host)
@@ -64,6 +66,20 @@ def bridged_hosts(subnet: str, count: int):
         for host, _ in hosts:
             kill_namespace(host)
         subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+        if forward:
+            subprocess.run(["iptables", "-D", *forward], capture_output=True)
+
+
+def _accept_forwarding(bridge: str) -> list[str] | None:
+    """Let the hosts on the bridge reach each other where a firewall drops forwarded packets: a
+    Docker engine sets FORWARD's policy to DROP, and with bridge-nf-call-iptables on, traffic
+    between two ports of a bridge passes FORWARD (a two-node training run hung at its rendezvous
+    after the Docker tests). Returns the rule to delete, or None without iptables."""
+    if shutil.which("iptables") is None:
+        return None
+    rule = ["FORWARD", "-i", bridge, "-o", bridge, "-j", "ACCEPT"]
+    subprocess.run(["iptables", "-I", *rule], check=True, capture_output=True)
+    return rule
 
 
 def interface_of(namespace: str) -> str:

@@ -152,6 +152,18 @@ def test_zero3_killed_rank_fails_the_job_and_the_rerun_resumes_its_shards(
     assert_same_model(root, one_process)
 
 
+def finished(processes: list[subprocess.Popen], timeout_s: float) -> list[str]:
+    """Each process's output once all have ended; past the timeout all are killed and the test
+    fails with every node's output (a hang shows where each one stood)."""
+    try:
+        return [process.communicate(timeout=timeout_s)[0] for process in processes]
+    except subprocess.TimeoutExpired:
+        for process in processes:
+            process.kill()
+        outputs = [process.communicate()[0][-4000:] for process in processes]
+        pytest.fail("a node did not finish within {} s:\n{}".format(timeout_s, "\n-----\n".join(outputs)))
+
+
 def test_two_nodes_meet_at_a_rendezvous_on_the_bridge(sample_splits, tmp_path, one_process, extensions):
     """Each node a network namespace with its own checkout, started as on two machines: the same
     params (hostfile, main_address) and FLYWHEEL_NODE_RANK set on each node."""
@@ -182,7 +194,7 @@ def test_two_nodes_meet_at_a_rendezvous_on_the_bridge(sample_splits, tmp_path, o
             )
             for n, (root, (namespace, _)) in enumerate(zip(roots, hosts))
         ]
-        outputs = [node.communicate(timeout=300)[0] for node in nodes]
+        outputs = finished(nodes, timeout_s=240)
     assert [node.returncode for node in nodes] == [0, 0], outputs
     assert "--no_ssh --node_rank 1" in outputs[1] and f"--master_addr {address0}" in outputs[1]
     assert metrics_of(roots[0])["world_size"] == 2
