@@ -110,8 +110,9 @@ def gpu_slots(stage: str) -> int:
     return max(1, section.get("num_gpus") or 0) * (section.get("num_nodes") or 1)
 
 
+slots = {name: gpu_slots(name) for name in gpu_stages}
 pool_size = settings.get("gpu_pool_slots", 1)
-too_big = {name: gpu_slots(name) for name in gpu_stages if gpu_slots(name) > pool_size}
+too_big = {name: count for name, count in slots.items() if count > pool_size}
 if too_big:
     raise ValueError(
         f"stages ask for more GPUs than airflow.gpu_pool_slots ({pool_size}) holds, and would wait "
@@ -153,7 +154,7 @@ with DAG(
             task_id=name,
             project=PROJECT,
             command=flywheel("run", "stage", "{{ run_id }}", name),
-            **({**gpu, "pool_slots": gpu_slots(name)} if name in gpu_stages else {}),
+            **({**gpu, "pool_slots": slots[name]} if name in gpu_stages else {}),
             doc_md=f"`{stage.cmd}` through `dvc repro --pull --single-item {name}` in the run's workspace",
         )
         for name, stage in stages.items()

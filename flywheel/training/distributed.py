@@ -62,9 +62,10 @@ def check_hardware(distributed: DistributedParams, section: str) -> None:
                 f"{section}.distributed asks for {distributed.ranks_per_node} rank(s) per node but the hostfile "
                 f"gives {', '.join(short)} fewer slots"
             )
-    if distributed.num_nodes > 1 and node_rank(distributed) >= distributed.num_nodes:
+    node = node_rank(distributed)
+    if node >= distributed.num_nodes:
         raise FlywheelError(
-            f"{NODE_RANK_VARIABLE}={node_rank(distributed)} but {section}.distributed.num_nodes is "
+            f"{NODE_RANK_VARIABLE}={node} but {section}.distributed.num_nodes is "
             f"{distributed.num_nodes} (nodes count from 0)"
         )
 
@@ -216,12 +217,14 @@ def training_engine(trainer) -> str:
     return engine
 
 
-def trained_model(trainer, scratch: Path):
+def trained_model(trainer):
     """The trained model, whole and unwrapped, on rank 0 (None on the others, which must still call
     this: they take part in the gather). Sharded weights are gathered by the Trainer's own saving
-    (ZeRO-3's 16-bit gather, FSDP's full state dict) into `scratch` and loaded back from there."""
+    (ZeRO-3's 16-bit gather, FSDP's full state dict) into final/ of its output_dir (the stage's
+    checkpoints, removed when it ends) and loaded back from there."""
     if not is_sharded(trainer):
         return trainer.model if trainer.is_world_process_zero() else None
+    scratch = Path(trainer.args.output_dir) / "final"
     trainer.save_model(str(scratch))
     if not trainer.is_world_process_zero():
         return None

@@ -232,7 +232,7 @@ def train(params: Params, root: Path) -> dict | None:
     seconds = time.perf_counter() - started
     engine = distributed.training_engine(trainer)
     eval_loss_after = trainer.evaluate()["eval_loss"] if eval_examples else None
-    model = distributed.trained_model(trainer, root / CHECKPOINTS / "final")
+    model = distributed.trained_model(trainer)
     if model is None:
         return None  # not rank 0: it writes the outputs
     resumed_step = int(resume_from.rsplit("-", 1)[1]) if resume_from else 0

@@ -93,7 +93,7 @@ def train(params: Params, root: Path) -> dict | None:
     result = trainer.train()
     seconds = time.perf_counter() - started
     engine = distributed.training_engine(trainer)
-    model = distributed.trained_model(trainer, root / CHECKPOINTS / "final")
+    model = distributed.trained_model(trainer)
     if model is None:
         return None  # not rank 0: it writes the outputs
     ranked_first = ranks_chosen_first(model, tokenizer, eval_pairs)

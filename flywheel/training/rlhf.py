@@ -297,7 +297,7 @@ def train(params: Params, root: Path) -> dict | None:
     result = trainer.train()
     seconds = time.perf_counter() - started
     engine = distributed.training_engine(trainer)
-    aligned = distributed.trained_model(trainer, root / CHECKPOINTS / "final")
+    aligned = distributed.trained_model(trainer)
     if aligned is None:
         return None  # not rank 0: it writes the outputs
     after = measure(aligned, tokenizer, eval_pairs, probe, scorers, reward_model, config)
