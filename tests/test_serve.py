@@ -94,7 +94,8 @@ def test_openai_clients_are_told_what_this_server_does_not_do(server):
         client.chat.completions.create(model="gpt-4", messages=[RED_CAT])
     assert unknown.value.code == "model_not_found" and "'sft'" in unknown.value.message
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
-    for asked in ({"tools": [tool]}, {"response_format": {"type": "json_object"}}, {"stop": ["\n"]}):
+    refused_here = ({"tools": [tool]}, {"response_format": {"type": "json_object"}}, {"logprobs": True})
+    for asked in (*refused_here, {"n": 2, "stream": True}):
         with pytest.raises(openai.BadRequestError) as refused:  # ignored before: plain text came back
             client.chat.completions.create(model="sft", messages=[RED_CAT], **asked)
         assert refused.value.code == "unsupported_parameter" and refused.value.param == next(iter(asked))
@@ -107,6 +108,25 @@ def test_openai_clients_are_told_what_this_server_does_not_do(server):
     )
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 2
     assert chunks[-1].usage.total_tokens == chunks[-1].usage.prompt_tokens + chunks[-1].usage.completion_tokens
+
+
+def test_n_choices_stop_sequences_and_seeds_as_openai_clients_use_them(server):
+    base, _, _ = server
+    client = _client(base)
+    two = client.chat.completions.create(model="sft", messages=[RED_CAT], n=2)
+    assert [c.message.content for c in two.choices] == ["rouge chat"] * 2  # greedy: the same twice
+    one = client.chat.completions.create(model="sft", messages=[RED_CAT])
+    assert two.usage.completion_tokens == 2 * one.usage.completion_tokens
+    stopped = client.chat.completions.create(model="sft", messages=[RED_CAT], stop=[" chat", "zz"])
+    assert (stopped.choices[0].message.content, stopped.choices[0].finish_reason) == ("rouge", "stop")
+    assert stopped.usage.completion_tokens < one.usage.completion_tokens
+    pieces = list(client.chat.completions.create(model="sft", messages=[RED_CAT], stop=" chat", stream=True))
+    assert "".join(p.choices[0].delta.content or "" for p in pieces if p.choices) == "rouge"
+    sampled = [
+        client.completions.create(model="sft", prompt="the", max_tokens=12, temperature=2.0, seed=seed).choices[0]
+        for seed in (1, 1, 2)
+    ]
+    assert sampled[0].text == sampled[1].text != sampled[2].text
 
 
 def test_streamed_answers_arrive_as_server_sent_events_and_match_the_whole_answer(server):

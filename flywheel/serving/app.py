@@ -6,8 +6,9 @@
   GET  /healthz         the process is up;  GET /readyz: the model is loaded
   GET  /metrics         Prometheus: requests, latency, batch sizes, tokens, errors
 
-The handlers are in flywheel/serving/routes.py. Concurrent requests are generated in batches
-(flywheel/serving/batching.py). Every request is logged, PII-redacted, to the request log
+The handlers are in flywheel/serving/routes.py. The engine that generates (serve.engine) is built in
+(flywheel/serving/engine.py: concurrent requests in batches) or vLLM behind this gateway
+(flywheel/serving/external.py). Every request is logged, PII-redacted, to the request log
 (flywheel/serving/request_log.py) by a background thread; SIGTERM stops the server gracefully and
 the log is drained before the process exits. Responses name the model version. API keys: see
 flywheel/serving/auth.py; with none configured the API is open (a warning says so).
@@ -29,7 +30,7 @@ from flywheel import modeling
 from flywheel.config import ServeParams
 from flywheel.serving import routes
 from flywheel.serving.auth import KEYS_FILE_VARIABLE, KEYS_VARIABLE, RateLimiter, load_api_keys
-from flywheel.serving.engine import Engine
+from flywheel.serving.engine import load_engine
 from flywheel.serving.schemas import ApiError
 
 DRAIN_SECONDS = 20
@@ -43,7 +44,7 @@ def create_app(config: ServeParams, model_dir: Path, request_log, api_keys: list
 
     def load() -> None:
         try:
-            server.engine = Engine(config, model_dir, server.registry)
+            server.engine = load_engine(config, model_dir, server.registry)
         except Exception as error:  # readyz reports it; the process stays up to say so
             server.load_error = f"{type(error).__name__}: {error}"
             print(f"flywheel serve: the model could not be loaded: {server.load_error}", flush=True)
@@ -55,7 +56,7 @@ def create_app(config: ServeParams, model_dir: Path, request_log, api_keys: list
         # Shutdown (SIGTERM, Ctrl-C) runs this before uvicorn returns or re-raises the signal:
         # queued generations finish, then every logged request is written.
         if server.engine is not None:
-            server.engine.batcher.close()
+            server.engine.close()
         request_log.close()
         print(f"flywheel serve: stopped; {request_log.written:,} requests logged", flush=True)
 

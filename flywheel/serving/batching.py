@@ -2,9 +2,10 @@
 
 One worker thread owns the model. A request waits at most `max_wait_ms` for others to join it, and
 a batch holds at most `max_batch_size`; requests batch together only when they decode the same way
-(greedy, or sampling at the same temperature and top_p). Each request keeps its own `max_tokens`:
-the batch generates up to the largest, and each answer is cut at its own limit, which gives the
-same text as generating it alone (a token never depends on the tokens after it).
+(greedy, or sampling at the same temperature, top_p and seed). Each request keeps its own
+`max_tokens` and stop sequences: the batch generates up to the largest, and each answer is cut at
+its own limit, which gives the same text as generating it alone (a token never depends on the
+tokens after it).
 """
 
 from __future__ import annotations
@@ -26,11 +27,17 @@ class Job:
     max_tokens: int
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
-    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    seed: int | None = None  # sampling: the same seed, alone, gives the same answer
+    stop: list[str] = field(default_factory=list)  # the answer ends before the first of these
+    logprobs: int | None = None  # top log-probabilities per token (external engines only)
+    user: str | None = None  # OpenAI's end-user id, passed on to an external engine
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future, init=False)
 
     @property
     def decoding(self) -> tuple:
-        return ("greedy",) if self.temperature < MIN_TEMPERATURE else ("sample", self.temperature, self.top_p)
+        if self.temperature < MIN_TEMPERATURE:
+            return ("greedy",)
+        return ("sample", self.temperature, self.top_p, self.seed)
 
 
 @dataclass
@@ -38,7 +45,8 @@ class Answer:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop": the model ended it; "length": max_tokens reached
+    finish_reason: str  # "stop": the model ended it, or a stop sequence; "length": max_tokens reached
+    logprobs: dict | None = None  # the completions API's shape (external engines)
 
 
 def _options(job: Job, tokenizer) -> dict:
@@ -51,6 +59,32 @@ def _options(job: Job, tokenizer) -> dict:
     }
 
 
+def first_stop(text: str, stops: list[str]) -> int | None:
+    """Where the earliest stop sequence starts in `text`, or None."""
+    found = [index for stop in stops if (index := text.find(stop)) >= 0]
+    return min(found) if found else None
+
+
+def _answer(tokenizer, new: list[int], job: Job, prompt_tokens: int) -> Answer:
+    """A row's new tokens as its answer: cut at the end token, or before a stop sequence (counting
+    the tokens generated up to the one that completed it, as OpenAI does), or at max_tokens."""
+    new = new[: job.max_tokens]
+    ended = tokenizer.eos_token_id in new
+    if ended:
+        new = new[: new.index(tokenizer.eos_token_id)]
+    text = tokenizer.decode(new, skip_special_tokens=True).lstrip()  # the answer starts after a space
+    if (cut := first_stop(text, job.stop)) is not None:
+        spent = _tokens_until_stop(tokenizer, new, job.stop)
+        return Answer(text[:cut].rstrip(), prompt_tokens, spent, "stop")
+    return Answer(text.rstrip(), prompt_tokens, len(new) + int(ended), "stop" if ended else "length")
+
+
+def _tokens_until_stop(tokenizer, new: list[int], stops: list[str]) -> int:
+    """How many of the new tokens it took to complete a stop sequence."""
+    decoded = (tokenizer.decode(new[:count], skip_special_tokens=True).lstrip() for count in range(1, len(new) + 1))
+    return next(count for count, text in enumerate(decoded, 1) if first_stop(text, stops) is not None)
+
+
 def generate_batch(model, tokenizer, jobs: list[Job]) -> list[Answer]:
     """One model.generate call for jobs that decode the same way."""
     import torch
@@ -59,25 +93,17 @@ def generate_batch(model, tokenizer, jobs: list[Job]) -> list[Answer]:
     encoded = tokenizer([job.prompt for job in jobs], return_tensors="pt", padding=True, add_special_tokens=False).to(
         model.device
     )
+    if jobs[0].seed is not None and jobs[0].decoding[0] == "sample":
+        torch.manual_seed(jobs[0].seed)  # this thread alone generates whole answers
     with torch.no_grad():
         output = model.generate(
             **encoded, max_new_tokens=max(job.max_tokens for job in jobs), **_options(jobs[0], tokenizer)
         )
-    answers = []
-    for row, job in enumerate(jobs):
-        new = output[row, encoded["input_ids"].shape[1] :].tolist()[: job.max_tokens]
-        ended = tokenizer.eos_token_id in new
-        if ended:
-            new = new[: new.index(tokenizer.eos_token_id)]
-        answers.append(
-            Answer(
-                text=tokenizer.decode(new, skip_special_tokens=True).strip(),
-                prompt_tokens=int(encoded["attention_mask"][row].sum()),
-                completion_tokens=len(new) + int(ended),
-                finish_reason="stop" if ended else "length",
-            )
-        )
-    return answers
+    prompt_width = encoded["input_ids"].shape[1]
+    return [
+        _answer(tokenizer, output[row, prompt_width:].tolist(), job, int(encoded["attention_mask"][row].sum()))
+        for row, job in enumerate(jobs)
+    ]
 
 
 # A stream whose generation stalls this long (no new text) ends with an error.

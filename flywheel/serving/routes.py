@@ -7,11 +7,8 @@ on app.state.server, made by flywheel/serving/app.py.
 from __future__ import annotations
 
 import asyncio
-import functools
 import hmac
 import json
-import queue
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -21,8 +18,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from flywheel.config import ServeParams
 from flywheel.serving.auth import CANARY_HEADER, CANARY_PREFIX, RateLimiter, key_name
-from flywheel.serving.batching import STREAM_STALL_S, Job, Stream
-from flywheel.serving.engine import Engine
+from flywheel.serving.batching import Answer, Job
+from flywheel.serving.engine import Engine, Generation
 from flywheel.serving.schemas import ApiError, ChatRequest, CompletionRequest, FeedbackRequest, GenerationRequest
 
 CHAT = "/v1/chat/completions"
@@ -42,17 +39,17 @@ class Server:
     api_keys: list[str]
     registry: object  # prometheus_client's CollectorRegistry
     limiter: RateLimiter = field(init=False)
-    streams: threading.BoundedSemaphore = field(init=False)  # a slot per stream being generated
     engine: Engine | None = None
     load_error: str | None = None
 
     def __post_init__(self) -> None:
         self.limiter = RateLimiter(self.config.rate_limit_per_minute)
-        self.streams = threading.BoundedSemaphore(self.config.max_streams)
 
     def ready_engine(self) -> Engine:
         if self.engine is None:
             raise ApiError(503, self.load_error or "the model is still loading", "server_error")
+        if (failure := self.engine.failure()) is not None:
+            raise ApiError(503, failure, "server_error")
         return self.engine
 
 
@@ -111,15 +108,29 @@ def prepare(server: Server, endpoint: str, messages: list[dict], prompt: str, bo
             400, f"the prompt is {len(prompt):,} characters; this server takes at most {config.max_prompt_chars:,}"
         )
     engine = server.ready_engine()
+    if (refused := engine.refusal(body)) is not None:
+        raise ApiError(400, refused[1], code="unsupported_parameter", param=refused[0])
     check_model(engine, body.model)
     job = Job(
         prompt=engine.chat_prompt(messages) if endpoint == CHAT else prompt,
         max_tokens=budget(body, config),
         temperature=body.temperature,
         top_p=body.top_p,
+        seed=body.seed,
+        stop=body.stop_sequences,
+        logprobs=logprobs_asked(endpoint, body),
+        user=body.user,
     )
     check_prompt_tokens(engine, job)
     return engine, job
+
+
+def logprobs_asked(endpoint: str, body: GenerationRequest) -> int | None:
+    """How many top log-probabilities a token gets, or None: chat asks with logprobs: true and
+    top_logprobs: k; completions with logprobs: k."""
+    if endpoint == CHAT:
+        return (body.top_logprobs or 0) if body.logprobs else None
+    return None if body.logprobs is None or body.logprobs is False else int(body.logprobs)
 
 
 def check_model(engine: Engine, name: str | None) -> None:
@@ -165,13 +176,15 @@ async def complete(
     prompt: str,
     body: GenerationRequest,
     canary: bool = False,
-):
+) -> tuple[str, Generation, Engine]:
     engine, job = prepare(server, endpoint, messages, prompt, body)
     started = time.perf_counter()
     logged_key = client if server.api_keys else None  # without keys the client is an address: not logged
     logged_endpoint = f"{CANARY_PREFIX}{endpoint}" if canary else endpoint
     try:
-        answer = await asyncio.wrap_future(engine.batcher.submit(job))
+        generation = await engine.generate(job, body.n)
+    except ApiError:  # the engine refused the request (a 400 in its words): the client's, not logged
+        raise
     except Exception as error:
         print(f"flywheel serve: generation failed ({endpoint}): {error!r}", flush=True)  # what the 500 points to
         server.request_log.log_request(
@@ -184,19 +197,20 @@ async def complete(
             error=str(error),
         )
         raise ApiError(500, "generation failed; see the server log", "server_error") from None
+    # With n > 1 the log keeps the first choice (the row's response); the token counts are all of them.
     request_id = server.request_log.log_request(
         endpoint=logged_endpoint,
         messages=messages,
-        response=answer.text,
+        response=generation.choices[0].text,
         status=200,
         model_version=engine.version,
-        prompt_tokens=answer.prompt_tokens,
-        completion_tokens=answer.completion_tokens,
+        prompt_tokens=generation.prompt_tokens,
+        completion_tokens=generation.completion_tokens,
         latency_ms=1000 * (time.perf_counter() - started),
         api_key=logged_key,
         request_id=new_id(endpoint),
     )
-    return request_id, answer, token_usage(answer.prompt_tokens, answer.completion_tokens), engine
+    return request_id, generation, engine
 
 
 def token_usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -207,90 +221,98 @@ def token_usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
-def stream(
+async def stream(
     server: Server, endpoint: str, client: str, messages: list[dict], prompt: str, body: GenerationRequest, chunk
 ) -> StreamingResponse:
     """Server-sent events: a chunk per piece of text as it is generated, a last chunk with the
     finish reason, then [DONE]. The whole answer is logged when the stream ends."""
     engine, job = prepare(server, endpoint, messages, prompt, body)
-    if not server.streams.acquire(blocking=False):
-        raise ApiError(
-            429,
-            f"this server generates at most {server.config.max_streams} streams at once; retry shortly",
-            "rate_limit_error",
-            code="rate_limit_exceeded",
-        )
     request_id, started = new_id(endpoint), time.perf_counter()
-    generation = Stream(engine.model, engine.tokenizer, job, on_end=server.streams.release)
-    pieces = iter(generation)
-
-    @functools.cache
-    def count_tokens(text: str) -> int:
-        """Tokens in the answer, by re-tokenising it: the streamer hands over text, not tokens."""
-        return len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+    generation = await engine.stream(job)  # refused (429, 400) before any event is sent
 
     async def events():
-        text, error = "", None
         try:
-            try:
-                while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
-                    piece = piece if text else piece.lstrip()  # the answer starts after a space
-                    if piece:
-                        text += piece
-                        yield f"data: {json.dumps(chunk(request_id, engine, piece, None))}\n\n"
-                error = generation.error
-            except queue.Empty:
-                error = TimeoutError(f"no text for {STREAM_STALL_S} s")
-            if error is not None:
-                print(f"flywheel serve: stream {request_id} failed: {error!r}", flush=True)
+            async for piece in generation.pieces():
+                yield f"data: {json.dumps(chunk(request_id, engine, piece, None))}\n\n"
+            if generation.error is not None:
+                print(f"flywheel serve: stream {request_id} failed: {generation.error!r}", flush=True)
                 failure = ApiError(500, "generation failed; see the server log", "server_error")
                 yield f"data: {json.dumps(failure.body())}\n\n"
             else:
-                finish = "length" if count_tokens(text) >= job.max_tokens else "stop"
-                yield f"data: {json.dumps(chunk(request_id, engine, '', finish))}\n\n"
+                yield f"data: {json.dumps(chunk(request_id, engine, '', generation.finish_reason))}\n\n"
                 if body.include_usage:  # OpenAI's last chunk: no choices, the whole answer's usage
                     last = chunk(request_id, engine, "", None) | {"choices": []}
-                    last["usage"] = token_usage(engine.prompt_tokens(job.prompt), count_tokens(text))
+                    last["usage"] = token_usage(generation.prompt_tokens, generation.completion_tokens)
                     yield f"data: {json.dumps(last)}\n\n"
             yield "data: [DONE]\n\n"
         finally:  # also when the client goes away mid-stream: generation stops, what was sent is logged
-            generation.cancel()
+            await generation.close()
             server.request_log.log_request(
                 endpoint=endpoint,
                 messages=messages,
-                response=text.strip(),
-                status=200 if error is None else 500,
+                response=generation.text.strip(),
+                status=200 if generation.error is None else 500,
                 model_version=engine.version,
                 latency_ms=1000 * (time.perf_counter() - started),
-                completion_tokens=count_tokens(text),
+                prompt_tokens=generation.prompt_tokens,
+                completion_tokens=generation.completion_tokens,
                 api_key=client if server.api_keys else None,
                 request_id=request_id,
-                error=None if error is None else repr(error),
+                error=None if generation.error is None else repr(generation.error),
             )
 
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
-def completion(request_id: str, engine: Engine, kind: str, choice: dict, **extra) -> dict:
-    """An OpenAI completion object (or chunk) of one choice; the model version is its fingerprint."""
+def completion(request_id: str, engine: Engine, kind: str, choices: list[dict], **extra) -> dict:
+    """An OpenAI completion object (or chunk); the model version is its fingerprint."""
     return {
         "id": request_id,
         "object": kind,
         "created": int(time.time()),
         "model": engine.name,
         "system_fingerprint": engine.version,
-        "choices": [{"index": 0, **choice}],
+        "choices": [{"index": index, **choice} for index, choice in enumerate(choices)],
         **extra,
     }
 
 
 def chat_chunk(request_id: str, engine: Engine, piece: str, finish: str | None) -> dict:
     delta = {"role": "assistant", "content": piece} if piece else {}
-    return completion(request_id, engine, "chat.completion.chunk", {"delta": delta, "finish_reason": finish})
+    return completion(request_id, engine, "chat.completion.chunk", [{"delta": delta, "finish_reason": finish}])
 
 
 def text_chunk(request_id: str, engine: Engine, piece: str, finish: str | None) -> dict:
-    return completion(request_id, engine, "text_completion", {"text": piece, "finish_reason": finish, "logprobs": None})
+    return completion(
+        request_id, engine, "text_completion", [{"text": piece, "finish_reason": finish, "logprobs": None}]
+    )
+
+
+def chat_logprobs(logprobs: dict | None) -> dict | None:
+    """The completions API's log-probabilities (tokens, token_logprobs, top_logprobs) in the chat
+    API's shape (content: a {token, logprob, bytes, top_logprobs} per token)."""
+    if logprobs is None:
+        return None
+
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    tops = logprobs.get("top_logprobs") or [None] * len(logprobs["tokens"])
+    return {
+        "content": [
+            {**entry(token, logprob), "top_logprobs": [entry(t, lp) for t, lp in (top or {}).items()]}
+            for token, logprob, top in zip(logprobs["tokens"], logprobs["token_logprobs"], tops)
+        ]
+    }
+
+
+def chat_choice(answer: Answer) -> dict:
+    message = {"role": "assistant", "content": answer.text}
+    return {"finish_reason": answer.finish_reason, "message": message, "logprobs": chat_logprobs(answer.logprobs)}
+
+
+def text_choice(answer: Answer) -> dict:
+    return {"text": answer.text, "finish_reason": answer.finish_reason, "logprobs": answer.logprobs}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,15 +325,14 @@ async def chat_completions(body: ChatRequest, request: Request):
     messages = [m.model_dump() for m in body.messages]
     prompt = "\n".join(m["content"] for m in messages)
     if body.stream:
-        return stream(server, CHAT, client, messages, prompt, body, chat_chunk)
+        return await stream(server, CHAT, client, messages, prompt, body, chat_chunk)
     # The monitor's canary queries are marked so that they are not counted as user traffic.
-    request_id, answer, usage, engine = await complete(
+    request_id, generation, engine = await complete(
         server, CHAT, client, messages, prompt, body, canary=CANARY_HEADER in request.headers
     )
-    message = {"role": "assistant", "content": answer.text}
-    return completion(
-        request_id, engine, "chat.completion", {"finish_reason": answer.finish_reason, "message": message}, usage=usage
-    )
+    usage = token_usage(generation.prompt_tokens, generation.completion_tokens)
+    choices = [chat_choice(answer) for answer in generation.choices]
+    return completion(request_id, engine, "chat.completion", choices, usage=usage)
 
 
 @router.post(COMPLETIONS)
@@ -319,10 +340,11 @@ async def completions(body: CompletionRequest, request: Request):
     server, client = server_of(request), authorise(request)
     messages = [{"role": "user", "content": body.prompt}]
     if body.stream:
-        return stream(server, COMPLETIONS, client, messages, body.prompt, body, text_chunk)
-    request_id, answer, usage, engine = await complete(server, COMPLETIONS, client, messages, body.prompt, body)
-    choice = {"text": answer.text, "finish_reason": answer.finish_reason, "logprobs": None}
-    return completion(request_id, engine, "text_completion", choice, usage=usage)
+        return await stream(server, COMPLETIONS, client, messages, body.prompt, body, text_chunk)
+    request_id, generation, engine = await complete(server, COMPLETIONS, client, messages, body.prompt, body)
+    usage = token_usage(generation.prompt_tokens, generation.completion_tokens)
+    choices = [text_choice(answer) for answer in generation.choices]
+    return completion(request_id, engine, "text_completion", choices, usage=usage)
 
 
 @router.get("/v1/models")
@@ -364,17 +386,19 @@ async def healthz():
 @router.get("/readyz")
 async def readyz(request: Request):
     server = server_of(request)
-    if server.engine is None:
-        return JSONResponse(
-            {"status": "failed" if server.load_error else "loading", "error": server.load_error}, status_code=503
-        )
-    return {"status": "ready", "model": server.engine.name, "version": server.engine.version}
+    failure = server.load_error or (server.engine.failure() if server.engine is not None else None)
+    if server.engine is None or failure is not None:
+        return JSONResponse({"status": "failed" if failure else "loading", "error": failure}, status_code=503)
+    engine = server.engine
+    return {"status": "ready", "model": engine.name, "version": engine.version, "engine": server.config.engine}
 
 
 @router.get("/metrics")
 async def metrics(request: Request):
+    """The gateway's metrics, then the engine's own (vllm:*) when it is an external one."""
     from prometheus_client import generate_latest
 
-    return PlainTextResponse(
-        generate_latest(server_of(request).registry).decode(), media_type="text/plain; version=0.0.4"
-    )
+    server = server_of(request)
+    engine_metrics = await server.engine.metrics_text() if server.engine is not None else ""
+    text = generate_latest(server.registry).decode() + (engine_metrics + "\n" if engine_metrics else "")
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4")

@@ -1,10 +1,10 @@
 """What the API takes and how it refuses: OpenAI's request shapes, the feedback request, and the
 error every refusal is.
 
-Fields OpenAI defines that this server cannot honour (tools, JSON mode, stop sequences, logprobs,
-penalties) are refused with a 400 naming the field when they ask for something: ignoring them
-answered a tool call or a JSON request with plain text. Other unknown fields are ignored, as
-OpenAI's server does."""
+Fields OpenAI defines that this server cannot honour (tools, JSON mode, logit bias, penalties; logprobs
+on the built-in engine) are refused with a 400 naming the field when they ask for something:
+ignoring them answered a tool call or a JSON request with plain text. Other unknown fields are
+ignored, as OpenAI's server does."""
 
 from __future__ import annotations
 
@@ -27,6 +27,10 @@ def _unicode_text(text: str) -> str:
 
 Text = Annotated[str, AfterValidator(_unicode_text)]
 
+MAX_CHOICES = 16  # n: OpenAI takes up to 128; more than this is a batch job, not a request
+MAX_LOGPROBS = 20  # top_logprobs: OpenAI's limit
+StopSequence = Annotated[Text, Field(min_length=1, max_length=256)]
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -42,7 +46,12 @@ class GenerationRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=0.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    seed: int | None = None
+    user: Annotated[str, Field(max_length=256)] | None = None  # passed to the engine; OpenAI's end-user id
+    stop: StopSequence | Annotated[list[StopSequence], Field(max_length=4)] | None = None  # OpenAI: up to 4
+    logprobs: bool | Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None  # chat: bool; completions: top count
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # chat only
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Asked for, these change what an answer is; at their defaults they ask for nothing.
@@ -51,9 +60,6 @@ class GenerationRequest(BaseModel):
     functions: list | None = None
     function_call: str | dict | None = None
     response_format: dict | None = None
-    stop: str | list | None = None
-    logprobs: bool | int | None = None
-    top_logprobs: int | None = None
     logit_bias: dict | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -66,14 +72,15 @@ class GenerationRequest(BaseModel):
             "functions": bool(self.functions),
             "function_call": self.function_call not in (None, "none", "auto"),
             "response_format": (self.response_format or {"type": "text"}).get("type") != "text",
-            "stop": bool(self.stop),
-            "logprobs": bool(self.logprobs),
-            "top_logprobs": bool(self.top_logprobs),
             "logit_bias": bool(self.logit_bias),
             "presence_penalty": bool(self.presence_penalty),
             "frequency_penalty": bool(self.frequency_penalty),
         }
         return next((name for name, is_asked in asked.items() if is_asked), None)
+
+    @property
+    def stop_sequences(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     @property
     def include_usage(self) -> bool:
