@@ -731,7 +731,7 @@ class ServeParams(_Section):
     port: int = Field(default=8000, ge=1, le=65535)
     max_batch_size: int = Field(default=16, ge=1, description="requests generated together, at most")
     max_wait_ms: float = Field(default=10.0, ge=0, description="how long a request waits for others to batch with")
-    max_streams: int = Field(default=8, ge=1, description="streamed answers generated at once, at most (each its own)")
+    max_streams: int = Field(default=64, ge=1, description="streams open at once, at most (built-in engine)")
     max_prompt_chars: int = Field(default=8000, ge=1)
     max_tokens: int = Field(default=256, ge=1, description="the most a request may ask for")
     default_max_tokens: int = Field(default=64, ge=1)

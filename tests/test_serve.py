@@ -148,23 +148,24 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server):
     words = ["red cat", "big dog", "old house", "blue sea", "green tree", "small bird", "hot bread", "new book"] * 2
     client = _client(base, OTHER_KEY)
 
-    def ask(phrase):
-        return (
-            client.chat.completions.create(
-                model="sft", messages=[{"role": "user", "content": f"Translate to French: {phrase}"}], max_tokens=16
-            )
-            .choices[0]
-            .message.content
-        )
+    def ask(phrase, stream):
+        messages = [{"role": "user", "content": f"Translate to French: {phrase}"}]
+        answer = client.chat.completions.create(model="sft", messages=messages, max_tokens=16, stream=stream)
+        if stream:
+            return "".join(chunk.choices[0].delta.content or "" for chunk in answer if chunk.choices)
+        return answer.choices[0].message.content
 
     with ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(ask, words))
+        answers = list(pool.map(ask, words, [False] * 8 + [True] * 8))  # half of them streamed
     assert answers[:8] == answers[8:]  # the same prompt gets the same answer whatever its batch
     assert answers[0] == "rouge chat"
     metrics = httpx.get(f"{base}/metrics").text
     batches = float(_metric(metrics, "flywheel_batch_size_count"))
     requests = float(_metric(metrics, "flywheel_batch_size_sum"))
     assert requests / batches > 1.5, "concurrent requests were not batched"
+    streams = float(_metric(metrics, "flywheel_streams_per_batch_sum"))
+    batches_with_streams = batches - float(_metric(metrics, 'flywheel_streams_per_batch_bucket{le="0.0"}'))
+    assert streams / batches_with_streams > 1.5, "concurrent streams were not batched"
 
 
 def _metric(text: str, name: str) -> str:

@@ -31,6 +31,10 @@ class Job:
     stop: list[str] = field(default_factory=list)  # the answer ends before the first of these
     logprobs: int | None = None  # top log-probabilities per token (external engines only)
     user: str | None = None  # OpenAI's end-user id, passed on to an external engine
+    # A streamed job gets each new token id here as its batch generates it (see _RowStreamer).
+    tokens: queue.Queue | None = None
+    emitted: int = field(default=0, init=False)
+    cancelled: threading.Event = field(default_factory=threading.Event, init=False)  # the client went away
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future, init=False)
 
     @property
@@ -86,80 +90,74 @@ def _tokens_until_stop(tokenizer, new: list[int], stops: list[str]) -> int:
 
 
 def generate_batch(model, tokenizer, jobs: list[Job]) -> list[Answer]:
-    """One model.generate call for jobs that decode the same way."""
+    """One model.generate call for jobs that decode the same way; streamed jobs get their tokens
+    step by step as the batch generates them."""
     import torch
+    from transformers import StoppingCriteriaList
 
     tokenizer.padding_side = "left"  # generation continues from the right edge
     encoded = tokenizer([job.prompt for job in jobs], return_tensors="pt", padding=True, add_special_tokens=False).to(
         model.device
     )
     if jobs[0].seed is not None and jobs[0].decoding[0] == "sample":
-        torch.manual_seed(jobs[0].seed)  # this thread alone generates whole answers
+        torch.manual_seed(jobs[0].seed)  # this thread alone generates
+    prompt_width = encoded["input_ids"].shape[1]
+    streamed = any(job.tokens is not None for job in jobs)
     with torch.no_grad():
         output = model.generate(
-            **encoded, max_new_tokens=max(job.max_tokens for job in jobs), **_options(jobs[0], tokenizer)
+            **encoded,
+            max_new_tokens=max(job.max_tokens for job in jobs),
+            stopping_criteria=StoppingCriteriaList([_RowsDone(jobs, prompt_width)]),
+            streamer=_RowStreamer(jobs, tokenizer.eos_token_id) if streamed else None,
+            **_options(jobs[0], tokenizer),
         )
-    prompt_width = encoded["input_ids"].shape[1]
     return [
         _answer(tokenizer, output[row, prompt_width:].tolist(), job, int(encoded["attention_mask"][row].sum()))
         for row, job in enumerate(jobs)
     ]
 
 
-# A stream whose generation stalls this long (no new text) ends with an error.
+# A stream whose generation stalls this long (no new token) ends with an error.
 STREAM_STALL_S = 60
 
 
-class Stream:
-    """One streamed answer: its text pieces as the model generates them (one request, not batched:
-    a streamed answer should not wait for a batch to finish). Generation runs on its own thread;
-    if it fails, the pieces end and `error` says why (instead of the reader waiting for text that
-    never comes), and `cancel()` stops it when the client has gone. `on_end` runs when the
-    generation thread is done, however it ended."""
+class _RowsDone:
+    """A StoppingCriteria: each row stops at its own max_tokens, or when its client has gone;
+    generation ends when every row has (instead of at the batch's largest max_tokens)."""
 
-    def __init__(self, model, tokenizer, job: Job, on_end=lambda: None):
-        from transformers import TextIteratorStreamer
+    def __init__(self, jobs: list[Job], prompt_width: int):
+        self.jobs, self.prompt_width = jobs, prompt_width
 
-        self.error: Exception | None = None
-        self._cancelled = threading.Event()
-        self._streamer = TextIteratorStreamer(
-            tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=STREAM_STALL_S
-        )
-        encoded = tokenizer(job.prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
-        arguments = {"max_new_tokens": job.max_tokens, **_options(job, tokenizer)}
-        threading.Thread(
-            target=self._generate, args=(model, encoded, arguments, on_end), name="stream", daemon=True
-        ).start()
-
-    def _generate(self, model, encoded, arguments: dict, on_end) -> None:
+    def __call__(self, input_ids, scores, **kwargs):
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
 
-        cancelled = self._cancelled
+        generated = input_ids.shape[1] - self.prompt_width
+        return torch.tensor([job.cancelled.is_set() or generated >= job.max_tokens for job in self.jobs])
 
-        class UntilCancelled(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool)
 
-        try:
-            with torch.no_grad():
-                model.generate(
-                    **encoded,
-                    streamer=self._streamer,
-                    stopping_criteria=StoppingCriteriaList([UntilCancelled()]),
-                    **arguments,
-                )
-        except Exception as error:  # the reader ends the stream with an error event
-            self.error = error
-            self._streamer.end()
-        finally:
-            on_end()
+class _RowStreamer:
+    """A generate() streamer for a batch: each step's new token goes to the job of its row when
+    that job is streamed, until the row has ended (its end token, max_tokens or cancel)."""
 
-    def cancel(self) -> None:
-        self._cancelled.set()
+    def __init__(self, jobs: list[Job], eos_token_id: int):
+        self.jobs, self.eos_token_id = jobs, eos_token_id
+        self.prompt_seen = False
+        self.ended = [False] * len(jobs)
 
-    def __iter__(self):
-        return iter(self._streamer)
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # generate() first hands over the prompts
+            self.prompt_seen = True
+            return
+        for row, token in enumerate(value.tolist()):
+            job = self.jobs[row]
+            if job.tokens is None or self.ended[row]:
+                continue
+            job.emitted += 1
+            job.tokens.put(token)
+            self.ended[row] = token == self.eos_token_id or job.emitted >= job.max_tokens or job.cancelled.is_set()
+
+    def end(self) -> None:
+        pass
 
 
 class Batcher:
@@ -169,7 +167,7 @@ class Batcher:
         self._generate = generate
         self._max_batch_size = max_batch_size
         self._max_wait = max_wait_ms / 1000
-        self._on_batch = on_batch or (lambda size, tokens, seconds: None)
+        self._on_batch = on_batch or (lambda jobs, answers, seconds: None)
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._held: list[Job] = []  # taken off the queue but decoding differently from the batch
         self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
@@ -208,7 +206,7 @@ class Batcher:
             answers = self._generate(batch)
         except Exception as error:
             return error
-        self._on_batch(len(batch), sum(a.completion_tokens for a in answers), time.perf_counter() - started)
+        self._on_batch(batch, answers, time.perf_counter() - started)
         for job, answer in zip(batch, answers):
             job.future.set_result(answer)
         return None
@@ -218,9 +216,12 @@ class Batcher:
             if self._run(batch) is None:
                 continue
             # One request can fail a whole batch; each is tried alone so that only it fails (the
-            # server answers it with a 500, the others with their answers).
+            # server answers it with a 500, the others with their answers). A stream that has sent
+            # tokens already fails: trying again would send them twice.
             for job in batch:
-                if (error := self._run([job])) is not None:
+                if job.emitted:
+                    job.future.set_exception(RuntimeError("generation failed mid-stream"))
+                elif (error := self._run([job])) is not None:
                     job.future.set_exception(error)
         for job in self._held:
             job.future.set_exception(RuntimeError("the server is shutting down"))

@@ -104,20 +104,25 @@ def max_positions(model_dir: Path) -> int:
 
 
 class TransformersEngine(Engine):
-    """The model loaded here; whole answers batched on one worker thread, streams each on its own."""
+    """The model loaded here; whole answers and streams batched together on one worker thread."""
 
-    def __init__(self, config: ServeParams, model_dir: Path, registry):
+    def __init__(self, model, tokenizer, *, name: str, version: str, config: ServeParams, registry):
         from prometheus_client import Counter, Histogram
 
         from flywheel.serving import batching
 
-        modeling.require_model(model_dir)
-        self.model, self.tokenizer = modeling.load_pretrained(str(model_dir))
+        self.model, self.tokenizer = model, tokenizer
         self.model.eval()
-        self.name, self.version = model_dir.name, modeling.model_version(model_dir)
+        self.name, self.version = name, version
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
         self.batch_sizes = Histogram(
             "flywheel_batch_size", "requests per generated batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=registry
+        )
+        self.streams_per_batch = Histogram(
+            "flywheel_streams_per_batch",
+            "streamed requests per generated batch (they batch with each other and with whole answers)",
+            buckets=(0, 1, 2, 4, 8, 16, 32, 64),
+            registry=registry,
         )
         self.tokens = Counter("flywheel_generated_tokens", "tokens generated", registry=registry)
         self.generation_seconds = Counter(
@@ -126,9 +131,10 @@ class TransformersEngine(Engine):
             registry=registry,
         )
 
-        def record(size, tokens, seconds):
-            self.batch_sizes.observe(size)
-            self.tokens.inc(tokens)
+        def record(jobs: list[Job], answers: list[Answer], seconds: float) -> None:
+            self.batch_sizes.observe(len(jobs))
+            self.streams_per_batch.observe(sum(job.tokens is not None for job in jobs))
+            self.tokens.inc(sum(answer.completion_tokens for answer in answers))
             self.generation_seconds.inc(seconds)
 
         self.batcher = batching.Batcher(
@@ -138,7 +144,14 @@ class TransformersEngine(Engine):
             on_batch=record,
         )
         self.max_streams = config.max_streams
-        self.stream_slots = threading.BoundedSemaphore(config.max_streams)  # each stream is a thread
+        self.stream_slots = threading.BoundedSemaphore(config.max_streams)
+
+    @classmethod
+    def load(cls, config: ServeParams, model_dir: Path, registry) -> TransformersEngine:
+        modeling.require_model(model_dir)
+        model, tokenizer = modeling.load_pretrained(str(model_dir))
+        version = modeling.model_version(model_dir)
+        return cls(model, tokenizer, name=model_dir.name, version=version, config=config, registry=registry)
 
     def refusal(self, body: GenerationRequest) -> tuple[str, str] | None:
         if body.logprobs or body.top_logprobs:
@@ -169,47 +182,67 @@ class TransformersEngine(Engine):
 
 
 class BuiltinStream(TextStream):
-    """A generation thread's text, held back while it could be the start of a stop sequence."""
+    """A streamed job in the batcher: its tokens decoded as they come, the text held back while it
+    could be the start of a stop sequence."""
 
     def __init__(self, engine: TransformersEngine, job: Job):
-        from flywheel.serving.batching import Stream
-
-        self._engine, self._job = engine, job
-        self._generation = Stream(engine.model, engine.tokenizer, job, on_end=engine.stream_slots.release)
+        self._engine, self._job = engine, replace(job, tokens=queue.Queue())
+        self._ended = False
         self.prompt_tokens = engine.prompt_tokens(job.prompt)
+        future = engine.batcher.submit(self._job)
+        future.add_done_callback(lambda _: self._job.tokens.put(None))  # after its last token
+
+    def _next_token(self) -> int | None:
+        return self._job.tokens.get(timeout=STREAM_STALL_S)
 
     async def pieces(self):
-        generated, sent, stopped = iter(self._generation), 0, None
+        ids, sent, stopped = [], 0, None
         held = max((len(stop) for stop in self._job.stop), default=1) - 1
         try:
-            while (piece := await asyncio.to_thread(next, generated, None)) is not None:
-                self.text += piece if self.text else piece.lstrip()  # the answer starts after a space
-                if (stopped := first_stop(self.text, self._job.stop)) is not None:
+            while (token := await asyncio.to_thread(self._next_token)) is not None:
+                ids.append(token)
+                text = self._engine.tokenizer.decode(ids, skip_special_tokens=True).lstrip()
+                if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+                    continue
+                self.text = text
+                if (stopped := first_stop(text, self._job.stop)) is not None:
+                    await self.close()
                     break
-                if len(self.text) - held > sent:
-                    yield self.text[sent : len(self.text) - held]
-                    sent = len(self.text) - held
-            self.error = self._generation.error
+                if len(text) - held > sent:
+                    yield text[sent : len(text) - held]
+                    sent = len(text) - held
         except queue.Empty:
-            self.error = TimeoutError(f"no text for {STREAM_STALL_S} s")
-        if self.error is not None:
-            return
-        self.completion_tokens = self._engine.prompt_tokens(self.text)  # up to and with the stop sequence
-        if stopped is not None:
+            self.error = TimeoutError(f"no token for {STREAM_STALL_S} s")
             await self.close()
+            return
+        finally:
+            self._finish()
+        answer_error = self._job.future.exception() if self._job.future.done() else None
+        if answer_error is not None:
+            self.error = answer_error
+            return
+        self.completion_tokens = len(ids)
+        if stopped is not None:
             self.text, self.finish_reason = self.text[:stopped], "stop"
         else:
-            self.finish_reason = "length" if self.completion_tokens >= self._job.max_tokens else "stop"
+            self.finish_reason = self._job.future.result().finish_reason
         if len(self.text) > sent:
             yield self.text[sent:]
 
+    def _finish(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self._engine.stream_slots.release()
+
     async def close(self) -> None:
-        self._generation.cancel()
+        self._job.cancelled.set()
+        self._finish()
 
 
 def load_engine(config: ServeParams, model_dir: Path, registry) -> Engine:
+    """The engine serve.engine names, loaded (an external one started and ready)."""
     if config.engine == "vllm":
         from flywheel.serving.external import VllmEngine
 
         return VllmEngine(config, model_dir, registry)
-    return TransformersEngine(config, model_dir, registry)
+    return TransformersEngine.load(config, model_dir, registry)
