@@ -114,7 +114,7 @@ def test_local_rollouts_are_health_gated_and_a_broken_version_is_rolled_back(rel
     assert "deployed v0.0.1 (local)" in first.stdout and "registry: prod" in first.stdout
     state = _state(repo)
     url = state["url"]
-    assert state["health"] == "ready" and state["serving_version"] == "v0.0.1"
+    assert state["health"] == "ready" and state["serving_version"] == "v0.0.1" and state["engine"] == "transformers"
     assert "prod" in _stages(repo)["v0.0.1"]
     assert (repo / "models/production").resolve() == (repo / "models/releases/v0.0.1").resolve()
 

@@ -282,14 +282,15 @@ def status() -> dict:
     try:
         code, body = _http(f"{state['url']}/readyz", timeout=3)
         health = body.get("status", str(code)) if code else "unreachable"
-        serving = body.get("version")
+        serving, engine = body.get("version"), body.get("engine")
     except OSError as error:
-        health, serving = f"unreachable ({error})", None
+        health, serving, engine = f"unreachable ({error})", None, None
     return {
         "deployed": True,
         **state,
         "health": health,
         "serving_version": serving,
+        "engine": engine,
         "router_alive": alive(*_router_of(state)),
         "backend_alive": Backend(**state["backend"]).alive(),
     }
@@ -336,6 +337,7 @@ def describe_status(state: dict) -> str:
             f"url:      {state['url']}/v1",
             f"health:   {state['health']}"
             + (f" (serving {state['serving_version']})" if state["serving_version"] else ""),
+            f"engine:   {state.get('engine') or 'unknown (not answering)'}",
             f"router:   {_running(state['router_alive'])} (pid {state['router_pid']})",
             f"backend:  {_running(state['backend_alive'])} ({state['backend']['kind']} {state['backend']['ref']})",
             f"since:    {state['deployed_at']}",

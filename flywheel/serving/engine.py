@@ -40,8 +40,12 @@ class Engine:
     tokenizer: object
     max_positions: int
 
-    # A request field this engine cannot honour, with why: a 400 that says so (see refusal()).
     def refusal(self, body: GenerationRequest) -> tuple[str, str] | None:
+        """(the field, why) when the request asks for what this engine cannot do: a 400 says so."""
+        if body.stream and body.n > 1:  # the gateway streams one choice and its text
+            return "n", "n > 1 with stream is not supported by this server; ask for n choices without stream"
+        if body.stream and body.logprobs:
+            return "logprobs", "logprobs with stream are not supported by this server; ask without stream"
         return None
 
     @property
@@ -157,9 +161,7 @@ class TransformersEngine(Engine):
         if body.logprobs or body.top_logprobs:
             field = "logprobs" if body.logprobs else "top_logprobs"
             return field, f"{field} is not supported by the built-in engine (serve.engine: vllm returns them)"
-        if body.stream and body.n > 1:
-            return "n", "n > 1 with stream is not supported by the built-in engine (serve.engine: vllm streams them)"
-        return None
+        return super().refusal(body)
 
     async def generate(self, job: Job, n: int) -> Generation:
         # n choices are n copies of the job: they decode the same way, so they share a batch.
