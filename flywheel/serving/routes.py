@@ -186,17 +186,7 @@ async def complete(
     except ApiError:  # the engine refused the request (a 400 in its words): the client's, not logged
         raise
     except Exception as error:
-        print(f"flywheel serve: generation failed ({endpoint}): {error!r}", flush=True)  # what the 500 points to
-        server.request_log.log_request(
-            endpoint=logged_endpoint,
-            messages=messages,
-            response=None,
-            status=500,
-            model_version=engine.version,
-            api_key=logged_key,
-            error=str(error),
-        )
-        raise ApiError(500, "generation failed; see the server log", "server_error") from None
+        raise failed(server, engine, logged_endpoint, messages, logged_key, error) from None
     # With n > 1 the log keeps the first choice (the row's response); the token counts are all of them.
     request_id = server.request_log.log_request(
         endpoint=logged_endpoint,
@@ -211,6 +201,22 @@ async def complete(
         request_id=new_id(endpoint),
     )
     return request_id, generation, engine
+
+
+def failed(server: Server, engine: Engine, endpoint: str, messages: list[dict], key: str | None, error) -> ApiError:
+    """A generation that failed: said in the server's output, logged with status 500, and the 500
+    the client gets."""
+    print(f"flywheel serve: generation failed ({endpoint}): {error!r}", flush=True)  # what the 500 points to
+    server.request_log.log_request(
+        endpoint=endpoint,
+        messages=messages,
+        response=None,
+        status=500,
+        model_version=engine.version,
+        api_key=key,
+        error=str(error),
+    )
+    return ApiError(500, "generation failed; see the server log", "server_error")
 
 
 def token_usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -228,7 +234,12 @@ async def stream(
     finish reason, then [DONE]. The whole answer is logged when the stream ends."""
     engine, job = prepare(server, endpoint, messages, prompt, body)
     request_id, started = new_id(endpoint), time.perf_counter()
-    generation = await engine.stream(job)  # refused (429, 400) before any event is sent
+    try:
+        generation = await engine.stream(job)  # refused (429, 400) before any event is sent
+    except ApiError:
+        raise
+    except Exception as error:  # the engine could not be reached
+        raise failed(server, engine, endpoint, messages, client if server.api_keys else None, error) from None
 
     async def events():
         try:
