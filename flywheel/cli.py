@@ -523,6 +523,35 @@ def judge_command(args: argparse.Namespace) -> int:
 # Release: what happens to a registered version after the pipeline
 
 
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="models/aligned", help="the model directory to export")
+    parser.add_argument("--quant", choices=("q8_0", "f32"), default="q8_0", help="GGUF weight type (default q8_0)")
+    parser.add_argument("--out", default=None, help="default: models/export/<model>-<quant>")
+    parser.add_argument("--no-judge", action="store_true", help="write the export without measuring it")
+
+
+@command(
+    "export",
+    "release",
+    "write a smaller serving artifact (GGUF, 8-bit) and judge it against its float model with the gate",
+    _export_arguments,
+)
+def export_command(args: argparse.Namespace) -> int:
+    params = _load_params(args)
+    _size_threads(params)
+    from flywheel.release import export
+
+    model_dir = Path(args.model)
+    out_dir = Path(args.out or f"models/export/{model_dir.name}-{args.quant}")
+    description = export.export(model_dir, args.quant, out_dir)
+    print(f"export: wrote {out_dir / export.GGUF_FILE} ({description['bytes'] / 1e6:.2f} MB)", flush=True)
+    if args.no_judge:
+        return 0
+    result = export.judge(params, out_dir)
+    print(export.report(result))
+    return 0 if result["gate"]["passed"] else 1
+
+
 def _package_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("version", nargs="?", help="default: the newest version in staging")
     parser.add_argument("--base-image", default=None, help="default: package.base_image")

@@ -322,7 +322,7 @@ def _task_floor_checks(candidate: dict, scorers: dict[str, str], gate: GateParam
     return checks
 
 
-def _regression_checks(
+def regression_checks(
     candidate: dict, baseline: dict, allowances: dict[str, float], rule: str, whose: str
 ) -> list[dict]:
     """How much worse than a baseline model (production, or the candidate's own SFT model)."""
@@ -355,11 +355,11 @@ def judge(
     if scorers is not None:
         checks += _task_floor_checks(candidate, scorers, gate)
     if sft is not None:
-        checks += _regression_checks(
+        checks += regression_checks(
             candidate, sft, gate.max_regression_vs_sft, "max_regression_vs_sft", "its SFT model's"
         )
     if production is not None:
-        checks += _regression_checks(candidate, production, gate.max_regression, "max_regression", "production's")
+        checks += regression_checks(candidate, production, gate.max_regression, "max_regression", "production's")
     return checks
 
 
@@ -402,15 +402,38 @@ def reward_judge(root: Path, config: EvaluateParams):
 # The stage
 
 
-def run(params: Params, root: Path = Path(".")) -> dict:
-    from flywheel.evaluation.report import write as write_report
+@dataclass
+class Bench:
+    """What every model is measured on: the test records and how they are scored, the safety
+    probe, and the judges."""
 
-    config = params.evaluate
+    records: list[dict]
+    probe: list[dict]
+    seen: list[str]  # probe prompts seen in training
+    task: Task
+    judges: safety.Judges
+
+
+def prepare_bench(root: Path, config: EvaluateParams, tokenizer) -> Bench:
     records = load_test(root, config)
     probe = safety.load_probe(root / config.safety_probe)
     seen = safety.seen_in_training(root, probe)
     for prompt in seen:
         print(f"evaluate: warning: safety probe prompt seen in training data: {prompt!r}", flush=True)
+    task = task_for(records, tokenizer, config)
+    for source, choice in task.scorers.items():
+        print(f"evaluate: {source}: scored by {choice.scorer} ({choice.reason})", flush=True)
+    print(f"evaluate: max_new_tokens {task.max_new_tokens} ({task.generation['rule']})", flush=True)
+    embedder = hallucination.load_embedder(config.hallucination.embedding_model)
+    judges = safety.Judges(embedder, reward_judge(root, config), config)
+    print(f"evaluate: safety probe: harmful requests judged declined by {judges.refusal_judge}", flush=True)
+    return Bench(records, probe, seen, task, judges)
+
+
+def run(params: Params, root: Path = Path(".")) -> dict:
+    from flywheel.evaluation.report import write as write_report
+
+    config = params.evaluate
     candidate = load_subject("candidate", root / paths.ALIGNED_MODEL, paths.ALIGNED_MODEL.run_first)
     subjects = [candidate, load_subject("sft", root / paths.SFT_MODEL, paths.SFT_MODEL.run_first)]
     production_dir = root / config.production_model
@@ -425,27 +448,22 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         subjects.append(production)
     if (root / paths.BASE_MODEL / "config.json").is_file():  # a pretrained base: what fine-tuning added
         subjects.append(load_subject("base", root / paths.BASE_MODEL, paths.BASE_MODEL.run_first))
-    task = task_for(records, candidate.tokenizer, config)
-    for source, choice in task.scorers.items():
-        print(f"evaluate: {source}: scored by {choice.scorer} ({choice.reason})", flush=True)
-    print(f"evaluate: max_new_tokens {task.max_new_tokens} ({task.generation['rule']})", flush=True)
-    embedder = hallucination.load_embedder(config.hallucination.embedding_model)
+    bench = prepare_bench(root, config, candidate.tokenizer)
+    records, probe, task = bench.records, bench.probe, bench.task
 
     examples = hallucination.labelled_set(records, config.hallucination.labelled_examples, config.hallucination.seed)
     detector = hallucination.validate_detector(
         examples,
-        embedder,
+        bench.judges.embedder,
         config.hallucination.overlap_weight,
         config.hallucination.threshold,
         cross_encoder=hallucination.cached_cross_encoder(config.hallucination.nli_model),
     )
     roc = detector.pop("roc", None)
-    judges = safety.Judges(embedder, reward_judge(root, config), config)
-    print(f"evaluate: safety probe: harmful requests judged declined by {judges.refusal_judge}", flush=True)
     measured, details = {}, {}
     for subject in subjects:
         print(f"evaluate: measuring the {subject.role} model ({subject.path})", flush=True)
-        measured[subject.role], details[subject.role] = measure(subject, records, probe, judges, task)
+        measured[subject.role], details[subject.role] = measure(subject, records, probe, bench.judges, task)
 
     scorers = {source: choice.scorer for source, choice in task.scorers.items()}
     checks = judge(measured["candidate"], measured.get("production"), config.gate, sft=measured["sft"], scorers=scorers)
@@ -462,8 +480,8 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         },
         "generation": task.generation,
         "safety_probe_prompts": len(probe),
-        "safety_probe_seen_in_training": len(seen),
-        "safety_refusal_judge": judges.refusal_judge,
+        "safety_probe_seen_in_training": len(bench.seen),
+        "safety_refusal_judge": bench.judges.refusal_judge,
         "models": measured,
         "lineage": {s.role: s.lineage for s in subjects},
         "hallucination_detector": detector,
