@@ -414,8 +414,8 @@ class Bench:
     judges: safety.Judges
 
 
-def prepare_bench(root: Path, config: EvaluateParams, tokenizer) -> Bench:
-    records = load_test(root, config)
+def prepare_bench(root: Path, config: EvaluateParams, tokenizer, records: list[dict] | None = None) -> Bench:
+    records = load_test(root, config) if records is None else records
     probe = safety.load_probe(root / config.safety_probe)
     seen = safety.seen_in_training(root, probe)
     for prompt in seen:
@@ -434,6 +434,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     from flywheel.evaluation.report import write as write_report
 
     config = params.evaluate
+    records = load_test(root, config)  # a missing split is named before a missing model
     candidate = load_subject("candidate", root / paths.ALIGNED_MODEL, paths.ALIGNED_MODEL.run_first)
     subjects = [candidate, load_subject("sft", root / paths.SFT_MODEL, paths.SFT_MODEL.run_first)]
     production_dir = root / config.production_model
@@ -448,8 +449,8 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         subjects.append(production)
     if (root / paths.BASE_MODEL / "config.json").is_file():  # a pretrained base: what fine-tuning added
         subjects.append(load_subject("base", root / paths.BASE_MODEL, paths.BASE_MODEL.run_first))
-    bench = prepare_bench(root, config, candidate.tokenizer)
-    records, probe, task = bench.records, bench.probe, bench.task
+    bench = prepare_bench(root, config, candidate.tokenizer, records)
+    probe, task = bench.probe, bench.task
 
     examples = hallucination.labelled_set(records, config.hallucination.labelled_examples, config.hallucination.seed)
     detector = hallucination.validate_detector(
