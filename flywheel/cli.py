@@ -539,10 +539,11 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
 def export_command(args: argparse.Namespace) -> int:
     params = _load_params(args)
     _size_threads(params)
+    from flywheel import paths
     from flywheel.release import export
 
     model_dir = Path(args.model)
-    out_dir = Path(args.out or f"models/export/{model_dir.name}-{args.quant}")
+    out_dir = Path(args.out or paths.EXPORTS / f"{model_dir.name}-{args.quant}")
     description = export.export(model_dir, args.quant, out_dir)
     print(f"export: wrote {out_dir / export.GGUF_FILE} ({description['bytes'] / 1e6:.2f} MB)", flush=True)
     if args.no_judge:

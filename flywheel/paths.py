@@ -100,3 +100,8 @@ RLHF_CURVES = Artifact(Path("dvclive/rlhf"), "rlhf")
 # evaluate
 EVALUATION_REPORT = Artifact(Path("reports/evaluate/index.html"), "evaluate")
 GATE = Artifact(METRICS_DIR / "gate.json", "evaluate")
+
+# flywheel export: a serving artifact beside the pipeline (not a stage's output), served by llama.cpp
+EXPORTS = Path("models/export")
+EXPORT_GGUF = "model.gguf"  # the weights, tokenizer and chat template in one file
+EXPORT_DESCRIPTION = "export.json"  # its source, size, context and (once judged) the gate's decision

@@ -7,9 +7,8 @@ import pytest
 
 from tests.conftest import BIN, copy_project, run
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_an_8_bit_export_is_a_quarter_of_the_size_answers_as_well_and_passes_the_gate(trained_sft, tmp_path):
     import gguf
 
@@ -26,9 +25,12 @@ def test_an_8_bit_export_is_a_quarter_of_the_size_answers_as_well_and_passes_the
     export = root / "models/export/sft-q8_0"
     reader = gguf.GGUFReader(export / "model.gguf")  # llama.cpp's own format, read by its own reader
     assert {tensor.tensor_type.name for tensor in reader.tensors} == {"Q8_0", "F32"}  # norms stay float
-    assert json.loads((export / "export.json").read_text())["source_version"].startswith("md5-")
+    description = json.loads((export / "export.json").read_text())
+    assert description["source_version"].startswith("md5-") and description["gate"] == "passed"  # served if passed
+    assert description["context_tokens"] == 512  # the tiny model's; llama.cpp's engine sizes its slots by it
 
 
+@pytest.mark.slow
 def test_an_unquantised_export_reads_back_to_the_same_logits(trained_sft, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -46,3 +48,15 @@ def test_an_unquantised_export_reads_back_to_the_same_logits(trained_sft, tmp_pa
     encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         assert torch.equal(model(**encoded).logits, original(**encoded).logits)  # q/k permuted there and back
+
+
+def test_the_tokenizers_split_gets_the_name_llama_cpp_knows_it_by():
+    from flywheel.errors import FlywheelError
+    from flywheel.release.export import llama_cpp_pre_tokenizer
+
+    gpt2 = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    assert llama_cpp_pre_tokenizer(gpt2) == "gpt-2"  # llama.cpp refuses "gpt2" (the tokenizer model's name)
+    digits = {"type": "Digits", "individual_digits": True}
+    assert llama_cpp_pre_tokenizer({"type": "Sequence", "pretokenizers": [digits, gpt2]}) == "smollm"
+    with pytest.raises(FlywheelError, match="no llama.cpp pre-tokenizer"):
+        llama_cpp_pre_tokenizer({"type": "Whitespace"})

@@ -22,12 +22,12 @@ import json
 import shutil
 from pathlib import Path
 
-from flywheel import modeling
+from flywheel import modeling, paths
 from flywheel.config import Params
 from flywheel.errors import FlywheelError
 from flywheel.io import write_json
 
-GGUF_FILE = "model.gguf"
+GGUF_FILE = paths.EXPORT_GGUF
 QUANTS = ("q8_0", "f32")
 BLOCK = 32  # Q8_0 quantises rows in blocks of 32 weights; a narrower row stays float32
 REPORTED = (
@@ -67,9 +67,10 @@ def export(model_dir: Path, quant: str, out_dir: Path) -> dict:
         "quant": quant,
         "bytes": (staging / GGUF_FILE).stat().st_size,
         "float_bytes": float_bytes,
+        "context_tokens": model.config.max_position_embeddings,
     }
     description["size_ratio"] = round(description["bytes"] / float_bytes, 4) if float_bytes else None
-    write_json(staging / "export.json", description)
+    write_json(staging / paths.EXPORT_DESCRIPTION, description)
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)  # whole or not at all
     return description
@@ -126,6 +127,19 @@ def _write_gguf(model, tokenizer, target: Path, quant: str) -> None:
     writer.close()
 
 
+def llama_cpp_pre_tokenizer(pre_tokenizer: dict | None) -> str:
+    """llama.cpp's name for how the text is split before BPE (it refuses a file without one it
+    knows): GPT-2's regex alone is `gpt-2`; digits split one by one first, then GPT-2's, is
+    SmolLM2's `smollm`."""
+    steps = pre_tokenizer.get("pretokenizers", [pre_tokenizer]) if pre_tokenizer else []
+    kinds = [(step["type"], step.get("individual_digits"), step.get("use_regex")) for step in steps]
+    if kinds == [("ByteLevel", None, True)]:
+        return "gpt-2"
+    if kinds == [("Digits", True, None), ("ByteLevel", None, True)]:
+        return "smollm"
+    raise FlywheelError(f"the export knows no llama.cpp pre-tokenizer for {json.dumps(pre_tokenizer)}")
+
+
 def _add_tokenizer(writer, tokenizer) -> None:
     """Byte-level BPE as llama.cpp's `gpt2` tokenizer: the vocabulary by id, the merges, which
     tokens are special, and the chat template."""
@@ -138,7 +152,7 @@ def _add_tokenizer(writer, tokenizer) -> None:
     added = {tokenizer.convert_tokens_to_ids(token) for token in tokenizer.added_tokens_encoder}
     special = set(tokenizer.all_special_ids) | added
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt2")  # GPT-2's split before BPE, as the ByteLevel pre-tokenizer does
+    writer.add_tokenizer_pre(llama_cpp_pre_tokenizer(state.get("pre_tokenizer")))
     writer.add_token_list([token for token, _ in by_id])
     writer.add_token_types(
         [gguf.TokenType.CONTROL if index in special else gguf.TokenType.NORMAL for _, index in by_id]
@@ -170,7 +184,7 @@ def judge(params: Params, export_dir: Path, root: Path = Path(".")) -> dict:
     decides. Written to metrics/export.json."""
     from flywheel.evaluation import evaluate
 
-    description = json.loads((export_dir / "export.json").read_text())
+    description = json.loads((export_dir / paths.EXPORT_DESCRIPTION).read_text())
     source = Path(description["source"])
     float_model = evaluate.load_subject("float", source, "export it from a model directory")
     model, tokenizer = load(export_dir)
@@ -198,6 +212,8 @@ def judge(params: Params, export_dir: Path, root: Path = Path(".")) -> dict:
         },
     }
     write_json(root / "metrics/export.json", result)
+    # The export carries its verdict: llama.cpp's engine refuses to serve a rejected one.
+    write_json(export_dir / paths.EXPORT_DESCRIPTION, {**description, "gate": result["gate"]["decision"]})
     return result
 
 
