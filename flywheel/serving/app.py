@@ -26,11 +26,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from flywheel import modeling
 from flywheel.config import ServeParams
 from flywheel.serving import routes
 from flywheel.serving.auth import KEYS_FILE_VARIABLE, KEYS_VARIABLE, RateLimiter, load_api_keys
-from flywheel.serving.engine import load_engine
+from flywheel.serving.engine import load_engine, require_servable
 from flywheel.serving.schemas import ApiError
 
 DRAIN_SECONDS = 20
@@ -154,7 +153,7 @@ def serve(config: ServeParams, *, host: str | None = None, port: int | None = No
             flush=True,
         )
     model_dir = Path(config.model)
-    modeling.require_model(model_dir)  # before the port opens: a typo'd path fails at once, not at readyz
+    require_servable(config, model_dir)  # before the port opens: a typo'd path fails at once, not at readyz
     request_log = RequestLog()
     app = create_app(config, model_dir, request_log, keys)
     host, port = host or config.host, port or config.port

@@ -1,8 +1,8 @@
 """The engines that generate behind the API, and what the gateway asks of each.
 
 `serve.engine` picks one: `transformers` is built in (model.generate in this process, concurrent
-requests batched: flywheel/serving/batching.py); `vllm` is an external server Flywheel starts and
-proxies to (flywheel/serving/external.py). Whatever the engine, the gateway (routes.py) does the
+requests batched: flywheel/serving/batching.py); `vllm` and `llamacpp` are external servers
+Flywheel starts and proxies to (flywheel/serving/external.py). Whatever the engine, the gateway (routes.py) does the
 rest the same way: keys and limits, the chat template (rendered here, with the model's own
 tokenizer, so every engine sees the same prompt), the request log, metrics and the drain.
 """
@@ -241,10 +241,25 @@ class BuiltinStream(TextStream):
         self._finish()
 
 
+def require_servable(config: ServeParams, model_dir: Path) -> None:
+    """What serve.engine serves is there (a model directory; for llama.cpp, a GGUF export), or a
+    clear error."""
+    if config.engine == "llamacpp":
+        from flywheel.serving.external import judged_export
+
+        judged_export(model_dir)
+    else:
+        modeling.require_model(model_dir)
+
+
 def load_engine(config: ServeParams, model_dir: Path, registry) -> Engine:
     """The engine serve.engine names, loaded (an external one started and ready)."""
     if config.engine == "vllm":
         from flywheel.serving.external import VllmEngine
 
         return VllmEngine(config, model_dir, registry)
+    if config.engine == "llamacpp":
+        from flywheel.serving.external import LlamaCppEngine
+
+        return LlamaCppEngine(config, model_dir, registry)
     return TransformersEngine.load(config, model_dir, registry)

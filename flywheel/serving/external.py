@@ -1,15 +1,17 @@
-"""An external engine behind the gateway: vLLM's OpenAI-compatible server, started by Flywheel as a
-process of its own on a private loopback port, with its own Python (`serve.engine_python`: vLLM
-pins its own torch and transformers, so it lives in an environment or image of its own).
+"""External engines behind the gateway: vLLM's OpenAI-compatible server, or llama.cpp's
+(`llama-server`, serving a GGUF export), started by Flywheel as a process of its own on a private
+loopback port. vLLM runs from a Python of its own (`serve.engine_python`: it pins its own torch and
+transformers), llama.cpp is one executable (`serve.llamacpp_server`, built by make engine-llamacpp).
 
 The gateway renders the chat template and sends every request to the engine's /v1/completions,
-so both endpoints see exactly the prompt the built-in engine would; the engine answers with its
-own batching (continuous, paged KV cache) and exact token counts. Its Prometheus metrics (vllm:*)
-are re-exported on the gateway's /metrics.
+so every engine sees exactly the prompt the built-in engine would; the engine answers with its
+own batching (continuous; paged KV cache in vLLM, slots in llama.cpp) and exact token counts. Its
+Prometheus metrics (vllm:*, llamacpp:*) are re-exported on the gateway's /metrics.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import json
 import os
@@ -18,9 +20,10 @@ import subprocess
 import threading
 import time
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 
-from flywheel import modeling
+from flywheel import modeling, paths, threads
 from flywheel.config import ServeParams
 from flywheel.errors import FlywheelError
 from flywheel.net import free_port
@@ -28,64 +31,42 @@ from flywheel.serving.batching import STREAM_STALL_S, Answer, Job
 from flywheel.serving.engine import Engine, Generation, TextStream, max_positions
 from flywheel.serving.schemas import ApiError
 
-# The engine's Python outside the project (an image's /opt/vllm/bin/python) comes from the machine's
-# environment, never from params: a run's conf must not pick what the server executes.
+# What an engine executes outside the project (an image's /opt/vllm/bin/python) comes from the
+# machine's environment, never from params: a run's conf must not pick what the server executes.
 ENGINE_PYTHON_VARIABLE = "FLYWHEEL_ENGINE_PYTHON"
+LLAMACPP_SERVER_VARIABLE = "FLYWHEEL_LLAMACPP_SERVER"
 ENGINE_MODEL_NAME = "flywheel-engine"  # what the engine serves the model as; clients never see it
 STOP_GRACE_S = 30  # the engine's own drain after the gateway's, before it is killed
 OUTPUT_LINES_KEPT = 40  # the engine's last lines, quoted when it fails to start or dies
 
 
-class VllmEngine(Engine):
-    def __init__(self, config: ServeParams, model_dir: Path, registry):
-        from transformers import AutoTokenizer
+class ExternalEngine(Engine):
+    """An OpenAI-compatible server process; subclasses say how to start it and what it serves."""
 
-        modeling.require_model(model_dir)
-        if modeling.is_adapter(model_dir):
-            raise FlywheelError(f"{model_dir} is a LoRA adapter; vLLM serves merged weights (finetune.lora.merge)")
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self.name, self.version = model_dir.name, modeling.model_version(model_dir)
-        self.max_positions = max_positions(model_dir)
+    label: str  # in messages and in the prefix of its relayed output
+    metric_prefix: str  # its own Prometheus metrics, re-exported
+
+    def __init__(self, config: ServeParams, model_dir: Path, registry):
         self.port = free_port()
         self.output: deque[str] = deque(maxlen=OUTPUT_LINES_KEPT)
-        self.process = self._start(config, model_dir)
+        self.process = self._start(self.command(config, model_dir))
         self._wait_until_healthy(config.engine_start_timeout_s)
         import httpx
 
-        # One connection per request in flight: vLLM batches them; a pool limit would queue them here.
+        # One connection per request in flight: the engine batches them; a pool limit would queue them here.
         self.client = httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{self.port}",
             timeout=httpx.Timeout(STREAM_STALL_S, connect=10),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
         )
 
+    def command(self, config: ServeParams, model_dir: Path) -> list[str]:
+        raise NotImplementedError
+
     # -- the process ----------------------------------------------------------------------------
 
-    def _start(self, config: ServeParams, model_dir: Path) -> subprocess.Popen:
-        python = Path(os.environ.get(ENGINE_PYTHON_VARIABLE) or config.engine_python)
-        if not python.is_file():
-            raise FlywheelError(
-                f"the engine's Python {python} does not exist (serve.engine_python, or {ENGINE_PYTHON_VARIABLE}): "
-                "make engine-vllm installs vLLM's CPU build there; docs/serving.md tells the GPU install"
-            )
-        command = [
-            str(python),
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(model_dir.resolve()),
-            "--served-model-name",
-            ENGINE_MODEL_NAME,
-            "--host",
-            "127.0.0.1",  # private: every request goes through the gateway's keys and log
-            "--port",
-            str(self.port),
-            "--uvicorn-log-level",
-            "warning",
-            "--disable-uvicorn-access-log",
-            *config.engine_args,
-        ]
-        print(f"flywheel serve: starting vLLM: {' '.join(command)}", flush=True)
+    def _start(self, command: list[str]) -> subprocess.Popen:
+        print(f"flywheel serve: starting {self.label}: {' '.join(command)}", flush=True)
         process = subprocess.Popen(
             command,
             env={**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")},
@@ -100,9 +81,10 @@ class VllmEngine(Engine):
 
     def _relay(self, process: subprocess.Popen) -> None:
         """The engine's output, prefixed, into the gateway's (and kept, to quote on a failure)."""
+        prefix = f"[{self.label.lower()}]"
         for line in process.stdout:
             self.output.append(line.rstrip())
-            print(f"[vllm] {line.rstrip()}", flush=True)
+            print(f"{prefix} {line.rstrip()}", flush=True)
 
     def _wait_until_healthy(self, timeout_s: float) -> None:
         import httpx
@@ -118,14 +100,14 @@ class VllmEngine(Engine):
                 pass
             time.sleep(0.5)
         self._stop()
-        raise FlywheelError(f"vLLM was not ready within serve.engine_start_timeout_s ({timeout_s:.0f} s)")
+        raise FlywheelError(f"{self.label} was not ready within serve.engine_start_timeout_s ({timeout_s:.0f} s)")
 
     def failure(self) -> str | None:
         code = self.process.poll()
         if code is None:
             return None
         last = "\n".join(list(self.output)[-15:])
-        return f"the vLLM engine exited with status {code}; its last lines:\n{last}"
+        return f"the {self.label} engine exited with status {code}; its last lines:\n{last}"
 
     def close(self) -> None:
         self._stop()
@@ -172,13 +154,18 @@ class VllmEngine(Engine):
                     prompt_tokens=usage["prompt_tokens"],
                     completion_tokens=0,
                     finish_reason=choice["finish_reason"] or "stop",
-                    logprobs=choice.get("logprobs"),
+                    logprobs=self.completion_logprobs(choice.get("logprobs")),
                 )
                 for choice in choices
             ],
             usage["prompt_tokens"],
             usage["completion_tokens"],
         )
+
+    @staticmethod
+    def completion_logprobs(logprobs: dict | None) -> dict | None:
+        """The engine's log-probabilities in the completions API's shape (vLLM's already are)."""
+        return logprobs
 
     async def stream(self, job: Job) -> TextStream:
         request = self.client.build_request("POST", "/v1/completions", json=self._payload(job, 1, stream=True))
@@ -190,21 +177,22 @@ class VllmEngine(Engine):
         return EngineStream(response)
 
     async def metrics_text(self) -> str:
-        """vLLM's own metrics (vllm:*) for the gateway's /metrics; its process metrics would clash."""
+        """The engine's own metrics (vllm:*, llamacpp:*) for the gateway's /metrics; its process
+        metrics would clash with the gateway's."""
         import httpx
 
         try:
             response = await self.client.get("/metrics", timeout=5)
         except httpx.HTTPError:  # the gateway's metrics must not fail with the engine's
             return ""
-        return "\n".join(line for line in response.text.splitlines() if _is_vllm_metric(line))
+        lines = response.text.splitlines()
+        return "\n".join(line for line in lines if _metric_name(line).startswith(self.metric_prefix))
 
 
-def _is_vllm_metric(line: str) -> bool:
-    """`# HELP vllm:x ...`, `# TYPE vllm:x ...` or a sample `vllm:x{...} 1.0`."""
+def _metric_name(line: str) -> str:
+    """`x` of `# HELP x ...`, `# TYPE x ...` or a sample `x{...} 1.0`."""
     words = line.split(" ", 3)
-    name = words[2] if line.startswith("# ") and len(words) > 2 else line
-    return name.startswith("vllm:")
+    return words[2] if line.startswith("# ") and len(words) > 2 else line
 
 
 def _answer_text(text: str) -> str:
@@ -260,3 +248,149 @@ class EngineStream(TextStream):
 
     async def close(self) -> None:
         await self._response.aclose()
+
+
+class VllmEngine(ExternalEngine):
+    """vLLM's OpenAI-compatible server on the model directory (merged weights), from its own Python."""
+
+    label = "vLLM"
+    metric_prefix = "vllm:"
+
+    def __init__(self, config: ServeParams, model_dir: Path, registry):
+        from transformers import AutoTokenizer
+
+        modeling.require_model(model_dir)
+        if modeling.is_adapter(model_dir):
+            raise FlywheelError(f"{model_dir} is a LoRA adapter; vLLM serves merged weights (finetune.lora.merge)")
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.name, self.version = model_dir.name, modeling.model_version(model_dir)
+        self.max_positions = max_positions(model_dir)
+        super().__init__(config, model_dir, registry)
+
+    def command(self, config: ServeParams, model_dir: Path) -> list[str]:
+        python = Path(os.environ.get(ENGINE_PYTHON_VARIABLE) or config.engine_python)
+        if not python.is_file():
+            raise FlywheelError(
+                f"the engine's Python {python} does not exist (serve.engine_python, or {ENGINE_PYTHON_VARIABLE}): "
+                "make engine-vllm installs vLLM's CPU build there; docs/serving.md tells the GPU install"
+            )
+        return [
+            str(python),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model_dir.resolve()),
+            "--served-model-name",
+            ENGINE_MODEL_NAME,
+            "--host",
+            "127.0.0.1",  # private: every request goes through the gateway's keys and log
+            "--port",
+            str(self.port),
+            "--uvicorn-log-level",
+            "warning",
+            "--disable-uvicorn-access-log",
+            *config.engine_args,
+        ]
+
+
+# llama.cpp splits its context among its slots; one per request batched (serve.max_batch_size),
+# each the model's whole context, up to this many tokens in all (about 0.75 GB of float16 KV cache
+# for SmolLM2-135M): more is memory a CPU pod does not have. engine_args' --ctx-size overrides it.
+LLAMACPP_MAX_CONTEXT = 32768
+
+
+class LlamaCppEngine(ExternalEngine):
+    """llama.cpp's server (`llama-server`) on a GGUF export (flywheel export): the 8-bit weights on
+    llama.cpp's own kernels, with its tokenizer files beside it for the gateway."""
+
+    label = "llama.cpp"
+    metric_prefix = "llamacpp:"
+
+    def __init__(self, config: ServeParams, model_dir: Path, registry):
+        from transformers import AutoTokenizer
+
+        description = judged_export(model_dir)
+        if description.get("gate") is None:
+            print(f"flywheel serve: {model_dir} was exported with --no-judge: the gate never measured it", flush=True)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.name = model_dir.name
+        self.version = f"{description['source_version']}-{description['quant']}"
+        self.max_positions = int(description.get("context_tokens") or 0)
+        super().__init__(config, model_dir, registry)
+
+    def command(self, config: ServeParams, model_dir: Path) -> list[str]:
+        server = Path(os.environ.get(LLAMACPP_SERVER_VARIABLE) or config.llamacpp_server)
+        if not server.is_file():
+            raise FlywheelError(
+                f"llama.cpp's server {server} does not exist (serve.llamacpp_server, or {LLAMACPP_SERVER_VARIABLE}): "
+                "make engine-llamacpp builds it"
+            )
+        slots = config.max_batch_size
+        context = min(self.max_positions * slots, LLAMACPP_MAX_CONTEXT) if self.max_positions else 0
+        return [
+            str(server),
+            "--model",
+            str((model_dir / paths.EXPORT_GGUF).resolve()),
+            "--alias",
+            ENGINE_MODEL_NAME,
+            "--host",
+            "127.0.0.1",  # private: every request goes through the gateway's keys and log
+            "--port",
+            str(self.port),
+            "--parallel",
+            str(slots),
+            "--ctx-size",
+            str(context),
+            "--threads",
+            str(threads.choose()),  # its own pool: OMP_NUM_THREADS does not size it
+            "--metrics",
+            "--log-disable",  # its per-request lines; failures still reach stderr
+            *config.engine_args,
+        ]
+
+    async def generate(self, job: Job, n: int) -> Generation:
+        """llama.cpp's usage counts one choice whatever n is: n requests of one choice each, for
+        exact counts (its slots batch them like any concurrent requests); seeded, choice i gets seed+i."""
+        if n == 1:
+            return await super().generate(job, 1)
+        jobs = [job if job.seed is None else replace(job, seed=job.seed + index) for index in range(n)]
+        generations = await asyncio.gather(*(super(LlamaCppEngine, self).generate(one, 1) for one in jobs))
+        return Generation(
+            [generation.choices[0] for generation in generations],
+            generations[0].prompt_tokens,
+            sum(generation.completion_tokens for generation in generations),
+        )
+
+    @staticmethod
+    def completion_logprobs(logprobs: dict | None) -> dict | None:
+        """llama.cpp answers the completions API with chat's shape (content: a token each)."""
+        if not logprobs or "content" not in logprobs:
+            return logprobs
+        content = logprobs["content"]
+        offsets, offset = [], 0
+        for entry in content:
+            offsets.append(offset)
+            offset += len(entry["token"])
+        tops = [entry.get("top_logprobs", []) for entry in content]
+        return {
+            "tokens": [entry["token"] for entry in content],
+            "token_logprobs": [entry["logprob"] for entry in content],
+            "top_logprobs": [{top["token"]: top["logprob"] for top in candidates} for candidates in tops],
+            "text_offset": offsets,
+        }
+
+
+def judged_export(export_dir: Path) -> dict:
+    """The export's description; refused when it is not an export or the gate rejected it."""
+    description_file = export_dir / paths.EXPORT_DESCRIPTION
+    if not (export_dir / paths.EXPORT_GGUF).is_file() or not description_file.is_file():
+        raise FlywheelError(
+            f"{export_dir} is not a GGUF export (no {paths.EXPORT_GGUF} and {paths.EXPORT_DESCRIPTION} there); "
+            f"llama.cpp serves what `flywheel export --model {export_dir}` writes into {paths.EXPORTS}/"
+        )
+    description = json.loads(description_file.read_text())
+    if description.get("gate") == "rejected":
+        raise FlywheelError(
+            f"the gate rejected the export {export_dir} (metrics/export.json says why); it is not served"
+        )
+    return description
