@@ -1,15 +1,18 @@
 """Serving engines side by side in one run, on the same model and prompts: (a) the built-in engine
 through Flywheel's gateway, (b) vLLM through the gateway, (c) the same vLLM process asked directly
-on its private port, interleaved with (b) so that the gateway's overhead is one number. At each
-concurrency, whole answers (requests/s, output tokens/s, p50/p99 latency) and then streams (time to
-first token, p50/p99). Every setup must answer every request (no 4xx/5xx), and every answer the
-gateway gave must be in its request log.
+on its private port, interleaved with (b) so that the gateway's overhead is one number, and (d) the
+model's 8-bit GGUF export (flywheel export) on llama.cpp's server, through the gateway and directly.
+At each concurrency, whole answers (requests/s, output tokens/s, p50/p99 latency) and then streams
+(time to first token, p50/p99). Every setup must answer every request (no 4xx/5xx), and every
+answer the gateway gave must be in its request log.
 
     python benchmarks/serve_engines.py [--model models/aligned] [--concurrency 1 16 64]
-        [--engines builtin vllm] [--engine-arg=--dtype --engine-arg=float32]    # the CPU defaults
-    python benchmarks/serve_engines.py --engines vllm --engine-arg=--dtype --engine-arg=bfloat16  # on a GPU
+        [--engines builtin vllm llamacpp] [--vllm-arg=--dtype --vllm-arg=float32]    # the CPU defaults
+    python benchmarks/serve_engines.py --engines vllm --vllm-arg=--dtype --vllm-arg=bfloat16  # on a GPU
 
-vLLM runs from .venv-vllm (make engine-vllm), or FLYWHEEL_ENGINE_PYTHON: a GPU build there on a GPU.
+vLLM runs from .venv-vllm (make engine-vllm), or FLYWHEEL_ENGINE_PYTHON: a GPU build there on a GPU;
+llama.cpp from .llama.cpp (make engine-llamacpp), or FLYWHEEL_LLAMACPP_SERVER. The export is
+models/export/<model>-q8_0, written and judged first (flywheel export) when it is not there.
 """
 
 from __future__ import annotations
@@ -38,13 +41,26 @@ from flywheel.serving.request_log import RequestLog  # noqa: E402
 PHRASES = ["red cat", "big dog", "old house", "blue sea", "green tree", "small bird", "hot bread", "new book"]
 
 
+ENGINES = ("builtin", "vllm", "llamacpp")
+
+
+def exported(model: str) -> str:
+    """The model's 8-bit export for llama.cpp, written and judged by the gate when missing."""
+    export = Path("models/export") / f"{Path(model).name}-q8_0"
+    if not (export / "export.json").is_file():
+        flywheel = str(Path(sys.executable).parent / "flywheel")
+        if subprocess.run([flywheel, "export", "--model", model, "--out", str(export)]).returncode != 0:
+            raise SystemExit(f"no export of {model} to serve: flywheel export failed or its gate rejected it")
+    return str(export)
+
+
 @dataclass
 class Server:
     process: subprocess.Popen
     base: str
     log_url: str
     model: str
-    engine_base: str | None = None  # vLLM's private address, asked directly for (c)
+    engine_base: str | None = None  # the external engine's private address, asked directly
     lines: list[str] = field(default_factory=list)
 
 
@@ -60,6 +76,7 @@ def start(model: str, engine: str, engine_args: list[str], workdir: Path) -> Ser
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "FLYWHEEL_REQUEST_LOG_URL": log_url}
     # absolute(), not resolve(): a venv's python is a link, and Python finds its venv from the link's path.
     environment.setdefault("FLYWHEEL_ENGINE_PYTHON", str(Path(".venv-vllm/bin/python").absolute()))
+    environment.setdefault("FLYWHEEL_LLAMACPP_SERVER", str(Path(".llama.cpp/bin/llama-server").absolute()))
     # On the CPU vLLM reserves 92% of the memory unless told its KV cache's size (GiB).
     environment.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     process = subprocess.Popen(
@@ -70,7 +87,7 @@ def start(model: str, engine: str, engine_args: list[str], workdir: Path) -> Ser
         text=True,
     )
     server = Server(process, f"http://127.0.0.1:{port}", log_url, Path(model).name)
-    # Read its output all along (a full pipe would block the server); vLLM's port is in it.
+    # Read its output all along (a full pipe would block the server); the engine's port is in it.
     threading.Thread(target=lambda: server.lines.extend(process.stdout), daemon=True).start()
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
@@ -80,7 +97,7 @@ def start(model: str, engine: str, engine_args: list[str], workdir: Path) -> Ser
                 process.terminate()
                 raise SystemExit(f"flywheel serve ({engine}) could not load its engine: {ready.json()['error']}")
             if ready.status_code == 200:
-                started = [re.search(r"starting vLLM: .* --port (\d+)", line) for line in server.lines]
+                started = [re.search(r"starting (?:vLLM|llama.cpp): .* --port (\d+)", line) for line in server.lines]
                 ports = [found.group(1) for found in started if found]
                 server.engine_base = f"http://127.0.0.1:{ports[0]}" if ports else None
                 return server
@@ -214,18 +231,19 @@ def main() -> None:
     parser.add_argument("--model", default="models/aligned")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--requests", type=int, default=128, help="per concurrency and kind (at least 2 per client)")
-    parser.add_argument("--engines", nargs="+", default=["builtin", "vllm"], choices=["builtin", "vllm"])
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES))
     parser.add_argument(
-        "--engine-arg", action="append", default=None, help="a vllm serve argument (default: --dtype float32)"
+        "--vllm-arg", action="append", default=None, help="a vllm serve argument (default: --dtype float32)"
     )
     args = parser.parse_args()
-    engine_args = args.engine_arg if args.engine_arg is not None else ["--dtype", "float32"]
+    engine_args = {"vllm": args.vllm_arg if args.vllm_arg is not None else ["--dtype", "float32"]}
     texts = prompts(args.model)
     print(f"model {args.model}; {args.requests} whole answers and {args.requests} streams per row, max_tokens 32")
     rows, throughput, unlogged = [line(COLUMNS)], {}, {}
     with tempfile.TemporaryDirectory() as workdir:
         for engine in args.engines:
-            server = start(args.model, engine, engine_args, Path(workdir))
+            model = exported(args.model) if engine == "llamacpp" else args.model
+            server = start(model, engine, engine_args.get(engine, []), Path(workdir))
             setups = [(f"{engine} via gateway", server.base, server.model)]
             if server.engine_base:
                 setups.append((f"{engine} direct", server.engine_base, "flywheel-engine"))
@@ -251,10 +269,12 @@ def main() -> None:
     print("\n".join(["", *rows, ""]))
     for engine, missing in unlogged.items():
         print(f"{engine}: answered by the gateway but not in its request log: {missing}")
-    for concurrency in args.concurrency:
-        via, direct = throughput.get(("vllm via gateway", concurrency)), throughput.get(("vllm direct", concurrency))
-        if via and direct:
-            print(f"gateway overhead at concurrency {concurrency}: {100 * (1 - via / direct):+.1f}% output tokens/s")
+    for engine in args.engines:
+        for concurrency in args.concurrency:
+            via, direct = (throughput.get((f"{engine} {how}", concurrency)) for how in ("via gateway", "direct"))
+            if via and direct:
+                overhead = 100 * (1 - via / direct)
+                print(f"{engine}: gateway overhead at concurrency {concurrency}: {overhead:+.1f}% output tokens/s")
 
 
 if __name__ == "__main__":

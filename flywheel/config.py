@@ -762,6 +762,11 @@ class KubernetesParams(_Section):
     cpu: str = "2"
     memory: str = "4Gi"
     gpus: int = Field(default=0, ge=0, description="nvidia.com/gpu per pod; 0 for CPU serving")
+    engine_image: str | None = Field(
+        default=None, description="serve.engine vllm: the engine sidecar's image (default: vLLM's, GPU or CPU build)"
+    )
+    engine_cpu: str = Field(default="4", description="the engine sidecar's CPUs (serve.engine vllm)")
+    engine_memory: str = Field(default="16Gi", description="the engine sidecar's memory (serve.engine vllm)")
     api_keys_secret: str | None = Field(default=None, description="a Secret with key api-keys (comma-separated)")
     rollout_timeout_s: int = Field(default=300, ge=1)
 

@@ -204,6 +204,23 @@ def test_kubernetes_manifests_are_rendered_with_the_version_and_resources(releas
     assert "prod" not in _stages(repo)["v0.0.1"]  # rendered is not deployed
     assert "nothing is deployed" in run([FLYWHEEL, "status"], repo, check=False).stdout
 
+    # vLLM as a sidecar in each pod, holding the GPU; the gateway proxies to it on the pod's loopback.
+    run([FLYWHEEL, "params", "apply", "serve.engine=vllm", 'serve.engine_args=["--dtype", "bfloat16"]'], repo)
+    run([FLYWHEEL, "deploy", "v0.0.1", "--target", "kubernetes"], repo, PATH=f"{BIN}:/usr/bin:/bin")
+    pod = yaml.safe_load((repo / "build/k8s/v0.0.1/deployment.yaml").read_text())["spec"]["template"]["spec"]
+    gateway, engine = pod["containers"]
+    assert "nvidia.com/gpu" not in gateway["resources"]["limits"]
+    assert engine["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert engine["image"].startswith("vllm/vllm-openai:") and engine["args"][-2:] == ["--dtype", "bfloat16"]
+    assert engine["args"][:4] == ["--model", "/srv/engine-model", "--served-model-name", "flywheel-engine"]
+    assert {"name": "FLYWHEEL_ENGINE_URL", "value": "http://127.0.0.1:8001"} in gateway["env"]
+    assert engine["readinessProbe"]["httpGet"] == {"path": "/health", "port": 8001}
+    assert pod["initContainers"][0]["image"] == "flywheel-model:v0.0.1"  # the model comes out of the version's image
+    run([FLYWHEEL, "params", "apply", "serve.engine=llamacpp"], repo)
+    deploy = [FLYWHEEL, "deploy", "v0.0.1", "--target", "kubernetes"]
+    refused = run(deploy, repo, check=False, PATH=f"{BIN}:/usr/bin:/bin")
+    assert refused.returncode != 0 and "runs vLLM as its engine sidecar" in refused.stdout + refused.stderr
+
 
 def test_packaging_without_a_docker_engine_says_how_to_get_one(release_repo, tmp_path):
     result = run(

@@ -202,3 +202,41 @@ def test_llama_cpps_log_probabilities_come_back_in_the_completions_shape():
         "top_logprobs": [{" rouge": -0.1, " vert": -2.5}, {}],
         "text_offset": [0, 6],
     }
+
+
+@pytest.mark.llamacpp
+def test_an_engine_already_running_beside_the_gateway_is_proxied_to_and_outlives_it(trained_sft, tmp_path):
+    """FLYWHEEL_ENGINE_URL (a sidecar in a Kubernetes pod): the gateway starts no engine of its own."""
+    server = REPO / ENGINES["llamacpp"].executable
+    if not server.is_file():
+        pytest.fail(f"{server} is missing: make engine-llamacpp builds it (make test LLAMACPP_TESTS=0 skips this)")
+    export = _served_model("llamacpp", trained_sft, tmp_path)
+    engine_port, port = free_port(), free_port()
+    arguments = ["--model", str(export / "model.gguf"), "--alias", "flywheel-engine", "--port", str(engine_port)]
+    engine = subprocess.Popen([str(server), *arguments, "--host", "127.0.0.1", "--threads", "1", "--log-disable"])
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    run([str(BIN / "flywheel"), "params", "apply", "serve.engine=llamacpp"], tmp_path)
+    gateway = subprocess.Popen(
+        [str(BIN / "flywheel"), "serve", "--port", str(port), "--model", str(export)],
+        cwd=tmp_path,
+        env=subprocess_env(
+            FLYWHEEL_API_KEYS=KEY,
+            FLYWHEEL_ENGINE_URL=f"http://127.0.0.1:{engine_port}",
+            FLYWHEEL_LLAMACPP_SERVER="/nonexistent",  # proof that it is not started
+            FLYWHEEL_REQUEST_LOG_URL=f"sqlite:///{tmp_path / 'requests.sqlite'}",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_until_ready(f"http://127.0.0.1:{port}/readyz", gateway)
+        chat = _client(f"http://127.0.0.1:{port}").chat.completions.create(model=export.name, messages=RED_CAT)
+        assert chat.choices[0].message.content == "rouge chat"
+        gateway.send_signal(signal.SIGTERM)
+        assert "stopped;" in gateway.communicate(timeout=60)[0]
+        assert engine.poll() is None  # the platform's to stop, not the gateway's
+    finally:
+        for process in (gateway, engine):
+            process.kill()
+            process.wait()

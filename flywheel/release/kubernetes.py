@@ -2,6 +2,11 @@
 and namespace into build/k8s/<version>/; applied with kubectl and watched until rolled out when
 kubectl has a cluster, rendered only if not. The Deployment's readiness probe is the health gate
 and the Service the stable endpoint (the local and docker targets' router plays that part).
+
+With serve.engine vllm, each pod runs vLLM's own image as a sidecar beside the gateway, with the
+GPU request: an init container copies the version's model out of the gateway's image into a
+volume both read, the engine listens on the pod's loopback only, and the gateway proxies to it
+(FLYWHEEL_ENGINE_URL). The pod is ready when both are, so a rollout waits for the engine too.
 """
 
 from __future__ import annotations
@@ -17,14 +22,25 @@ from flywheel.errors import FlywheelError, RolloutFailed
 from flywheel.io import atomic_path
 from flywheel.release import package
 from flywheel.release.backends import Release
+from flywheel.serving.external import ENGINE_URL_VARIABLE, VLLM_SERVER_MODULE, VllmEngine
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "infra" / "k8s"
 RENDERED = Path("build/k8s")
+ENGINE_PORT = 8001
+ENGINE_MODEL = "/srv/engine-model"
+# vLLM's official images, of the release whose CPU build Flywheel is tested with (not pulled here).
+VLLM_IMAGES = {"gpu": "vllm/vllm-openai:v0.32.0", "cpu": "public.ecr.aws/q9t5s3a7/vllm-cpu-release-repo:v0.32.0"}
 
 
 def render(release: Release, params: Params) -> Path:
     """infra/k8s/*.yaml with the image, replicas, resources and namespace of params.yaml."""
     config = params.deploy.kubernetes
+    external = params.serve.engine != "transformers"
+    if params.serve.engine == "llamacpp":
+        raise FlywheelError(
+            "the kubernetes target runs vLLM as its engine sidecar; no image carries a llama.cpp export yet "
+            "(serve it with flywheel serve, or set serve.engine to vllm or transformers)"
+        )
     image = package.image_tag(params.package, release.version)
     out = RENDERED / release.version
     out.mkdir(parents=True, exist_ok=True)
@@ -39,10 +55,7 @@ def render(release: Release, params: Params) -> Path:
             spec["template"]["metadata"]["labels"]["flywheel.version"] = release.version
             container = spec["template"]["spec"]["containers"][0]
             container["image"] = image
-            resources = {"cpu": config.cpu, "memory": config.memory}
-            if config.gpus:
-                resources["nvidia.com/gpu"] = config.gpus
-            container["resources"] = {"requests": dict(resources), "limits": dict(resources)}
+            container["resources"] = _resources(config.cpu, config.memory, config.gpus if not external else 0)
             if config.api_keys_secret:
                 container.setdefault("env", []).append(
                     {
@@ -50,6 +63,8 @@ def render(release: Release, params: Params) -> Path:
                         "valueFrom": {"secretKeyRef": {"name": config.api_keys_secret, "key": "api-keys"}},
                     }
                 )
+            if external:
+                _add_engine_sidecar(spec["template"]["spec"], container, params)
         elif kind == "HorizontalPodAutoscaler":
             manifest["spec"]["minReplicas"] = config.replicas
             manifest["spec"]["maxReplicas"] = max(config.max_replicas, config.replicas)
@@ -57,6 +72,53 @@ def render(release: Release, params: Params) -> Path:
         with atomic_path(out / template.name) as tmp:
             tmp.write_text(yaml.safe_dump(manifest, sort_keys=False))
     return out
+
+
+def _resources(cpu: str, memory: str, gpus: int) -> dict:
+    resources = {"cpu": cpu, "memory": memory}
+    if gpus:
+        resources["nvidia.com/gpu"] = gpus
+    return {"requests": dict(resources), "limits": dict(resources)}
+
+
+def _add_engine_sidecar(pod: dict, gateway: dict, params: Params) -> None:
+    """vLLM beside the gateway in each pod, with the model copied from the gateway's image."""
+    config = params.deploy.kubernetes
+    image = config.engine_image or VLLM_IMAGES["gpu" if config.gpus else "cpu"]
+    probe = {"httpGet": {"path": "/health", "port": ENGINE_PORT}, "periodSeconds": 5}
+    model_volume = {"name": "engine-model", "mountPath": ENGINE_MODEL}
+    pod.setdefault("initContainers", []).append(
+        {
+            "name": "engine-model",
+            "image": gateway["image"],
+            "command": ["sh", "-c", f"cp -R /srv/model/. {ENGINE_MODEL}/"],
+            "volumeMounts": [model_volume],
+        }
+    )
+    pod["containers"].append(
+        {
+            "name": "engine",
+            "image": image,
+            "command": ["python3", *VLLM_SERVER_MODULE],
+            "args": VllmEngine.server_args(params.serve, ENGINE_MODEL, "127.0.0.1", ENGINE_PORT),
+            "env": _engine_env(config.engine_memory, gpu=bool(config.gpus)),
+            "resources": _resources(config.engine_cpu, config.engine_memory, config.gpus),
+            "readinessProbe": {**probe, "failureThreshold": 3},
+            "startupProbe": {**probe, "failureThreshold": 120},  # loading and compiling: up to 10 minutes
+            "volumeMounts": [{**model_volume, "readOnly": True}],
+        }
+    )
+    pod["volumes"].append({"name": "engine-model", "emptyDir": {}})
+    gateway.setdefault("env", []).append({"name": ENGINE_URL_VARIABLE, "value": f"http://127.0.0.1:{ENGINE_PORT}"})
+
+
+def _engine_env(memory: str, gpu: bool) -> list[dict]:
+    # The pod's user has no home in vLLM's image: its caches go to a writable place.
+    env = {"HOME": "/tmp", "HF_HUB_OFFLINE": "1"}
+    if not gpu and memory.endswith("Gi") and memory[:-2].isdigit():
+        # On a CPU vLLM takes 92% of the node's memory for its KV cache unless told; half the limit.
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(memory[:-2]) // 2))
+    return [{"name": name, "value": value} for name, value in env.items()]
 
 
 def _kubectl(*args: str) -> subprocess.CompletedProcess:

