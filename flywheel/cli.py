@@ -524,7 +524,11 @@ def judge_command(args: argparse.Namespace) -> int:
 
 
 def _export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="models/aligned", help="the model directory to export")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", default="models/aligned", help="the model directory to export")
+    source.add_argument(
+        "--version", default=None, help="a registered version, into models/releases/<version>-q8_0 (what deploy serves)"
+    )
     parser.add_argument("--quant", choices=("q8_0", "f32"), default="q8_0", help="GGUF weight type (default q8_0)")
     parser.add_argument("--out", default=None, help="default: models/export/<model>-<quant>")
     parser.add_argument("--no-judge", action="store_true", help="write the export without measuring it")
@@ -540,10 +544,15 @@ def export_command(args: argparse.Namespace) -> int:
     params = _load_params(args)
     _size_threads(params)
     from flywheel import paths
-    from flywheel.release import export
+    from flywheel.release import export, package
 
-    model_dir = Path(args.model)
-    out_dir = Path(args.out or paths.EXPORTS / f"{model_dir.name}-{args.quant}")
+    if args.version:
+        if args.quant != "q8_0" or args.out:
+            raise FlywheelError("a registered version is exported as q8_0 into models/releases/ (no --quant, --out)")
+        model_dir, out_dir = package.materialise(args.version), package.release_export(args.version)
+    else:
+        model_dir = Path(args.model)
+        out_dir = Path(args.out or paths.EXPORTS / f"{model_dir.name}-{args.quant}")
     description = export.export(model_dir, args.quant, out_dir)
     print(f"export: wrote {out_dir / export.GGUF_FILE} ({description['bytes'] / 1e6:.2f} MB)", flush=True)
     if args.no_judge:

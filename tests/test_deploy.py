@@ -216,10 +216,6 @@ def test_kubernetes_manifests_are_rendered_with_the_version_and_resources(releas
     assert {"name": "FLYWHEEL_ENGINE_URL", "value": "http://127.0.0.1:8001"} in gateway["env"]
     assert engine["readinessProbe"]["httpGet"] == {"path": "/health", "port": 8001}
     assert pod["initContainers"][0]["image"] == "flywheel-model:v0.0.1"  # the model comes out of the version's image
-    run([FLYWHEEL, "params", "apply", "serve.engine=llamacpp"], repo)
-    deploy = [FLYWHEEL, "deploy", "v0.0.1", "--target", "kubernetes"]
-    refused = run(deploy, repo, check=False, PATH=f"{BIN}:/usr/bin:/bin")
-    assert refused.returncode != 0 and "runs vLLM as its engine sidecar" in refused.stdout + refused.stderr
 
 
 def test_packaging_without_a_docker_engine_says_how_to_get_one(release_repo, tmp_path):
@@ -268,6 +264,38 @@ def test_the_image_is_built_hermetically_runs_as_non_root_and_answers(release_re
     with pytest.raises(docker.errors.NotFound):
         engine.containers.get(state["backend"]["ref"])
     engine.images.remove(record["tag"])
+
+
+@pytest.mark.docker
+@pytest.mark.llamacpp
+def test_a_version_served_8_bit_by_llama_cpp_ships_in_its_image_once_the_gate_judged_it(
+    release_repo, trained_sft, tmp_path
+):
+    docker = pytest.importorskip("docker")
+    repo = tmp_path / "project"
+    shutil.copytree(release_repo, repo, symlinks=True)
+    for bench in ("data/processed", "data/eval"):  # the gate's test split and safety probe
+        shutil.copytree(trained_sft / bench, repo / bench)
+    settings = [f"deploy.port={free_port()}", "package.image=flywheel-test-model", "serve.engine=llamacpp"]
+    settings += ["evaluate.test_examples=40", "evaluate.latency_examples=2"]
+    run([FLYWHEEL, "params", "apply", *settings], repo)
+    server = {"FLYWHEEL_LLAMACPP_SERVER": str(REPO / ".llama.cpp/bin/llama-server")}  # make engine-llamacpp's
+    unjudged = run([FLYWHEEL, "package", "v0.0.3"], repo, check=False, **server)
+    assert unjudged.returncode != 0 and "flywheel export --version v0.0.3" in unjudged.stdout + unjudged.stderr
+
+    assert "gate: passed" in run([FLYWHEEL, "export", "--version", "v0.0.3"], repo).stdout
+    assert "built flywheel-test-model:v0.0.3" in run([FLYWHEEL, "package", "v0.0.3"], repo, **server).stdout
+    record = json.loads((repo / "build/package/v0.0.3.json").read_text())
+    assert record["engine"] == "llamacpp" and record["model_dir"].endswith("v0.0.3-q8_0")
+    deployed = run([FLYWHEEL, "deploy", "v0.0.3", "--target", "docker"], repo)
+    try:
+        assert "deployed v0.0.3 (docker)" in deployed.stdout
+        answer = _ask(_state(repo)["url"])
+        assert answer.system_fingerprint == "v0.0.3" and answer.choices[0].message.content == "rouge chat"
+        assert "engine:   llamacpp" in run([FLYWHEEL, "status"], repo).stdout
+    finally:
+        run([FLYWHEEL, "undeploy"], repo)
+    docker.from_env().images.remove(record["tag"])
 
 
 def test_pids_that_now_belong_to_other_processes_are_never_signalled(tmp_path):

@@ -178,7 +178,7 @@ def test_sigterm_drains_the_stream_in_flight_logs_every_answer_and_stops_the_eng
 
 def test_llama_cpp_serves_only_an_export_the_gate_did_not_reject(tmp_path):
     from flywheel.errors import FlywheelError
-    from flywheel.serving.external import judged_export
+    from flywheel.serving.engine_commands import judged_export
 
     with pytest.raises(FlywheelError, match="not a GGUF export.*flywheel export"):
         judged_export(tmp_path)  # e.g. models/aligned itself

@@ -46,6 +46,7 @@ from flywheel.release.backends import (
     tail,
 )
 from flywheel.serving.auth import client_headers
+from flywheel.serving.engine_commands import judged_export, require_servable
 
 SERVING_DIR = Path("data/serving")
 STATE_FILE = SERVING_DIR / "deployment.json"
@@ -55,14 +56,16 @@ PRODUCTION_LOCK = Path(".dvc/tmp/flywheel/production.lock")
 SWITCH_GRACE_S = 1.0
 
 
-def resolve(version: str | None, model_dir: str | None) -> Release:
+def resolve(params: Params, version: str | None, model_dir: str | None) -> Release:
     if model_dir:
         path = Path(model_dir)
-        modeling.require_model(path)
+        require_servable(params.serve, path)
+        if params.serve.engine == "llamacpp":
+            return Release(judged_export(path)["source_version"], path, registered=False)
         return Release(modeling.model_version(path), path, registered=False)
     version = version or registry.latest(registry.PROMOTED)
     registry.require_promotable(version, registry.PRODUCTION)
-    return Release(version, package.materialise(version), registered=True)
+    return Release(version, package.serving_model(params, version), registered=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,7 +270,7 @@ def deploy(params: Params, version: str | None = None, target: str | None = None
             registry.assign(version, registry.PRODUCTION)
             write_json(STATE_FILE, state)
         return state
-    release = resolve(version, model_dir)
+    release = resolve(params, version, model_dir)
     if target == "docker" and not release.registered:
         raise FlywheelError("the docker target deploys a packaged, registered version, not --model")
     return rollout(release, params, target)

@@ -4,9 +4,10 @@ kubectl has a cluster, rendered only if not. The Deployment's readiness probe is
 and the Service the stable endpoint (the local and docker targets' router plays that part).
 
 With serve.engine vllm, each pod runs vLLM's own image as a sidecar beside the gateway, with the
-GPU request: an init container copies the version's model out of the gateway's image into a
-volume both read, the engine listens on the pod's loopback only, and the gateway proxies to it
+GPU request: an init container copies the version's model out of the gateway's image into a volume
+both read, the engine listens on the pod's loopback only, and the gateway proxies to it
 (FLYWHEEL_ENGINE_URL). The pod is ready when both are, so a rollout waits for the engine too.
+llama.cpp, a CPU engine, runs inside the version's image, as on the docker target.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from flywheel.errors import FlywheelError, RolloutFailed
 from flywheel.io import atomic_path
 from flywheel.release import package
 from flywheel.release.backends import Release
-from flywheel.serving.external import ENGINE_URL_VARIABLE, VLLM_SERVER_MODULE, VllmEngine
+from flywheel.serving.engine_commands import ENGINE_URL_VARIABLE, VLLM_SERVER_MODULE, vllm_args
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "infra" / "k8s"
 RENDERED = Path("build/k8s")
@@ -35,12 +36,7 @@ VLLM_IMAGES = {"gpu": "vllm/vllm-openai:v0.32.0", "cpu": "public.ecr.aws/q9t5s3a
 def render(release: Release, params: Params) -> Path:
     """infra/k8s/*.yaml with the image, replicas, resources and namespace of params.yaml."""
     config = params.deploy.kubernetes
-    external = params.serve.engine != "transformers"
-    if params.serve.engine == "llamacpp":
-        raise FlywheelError(
-            "the kubernetes target runs vLLM as its engine sidecar; no image carries a llama.cpp export yet "
-            "(serve it with flywheel serve, or set serve.engine to vllm or transformers)"
-        )
+    sidecar = params.serve.engine == "vllm"  # llama.cpp runs inside the version's image
     image = package.image_tag(params.package, release.version)
     out = RENDERED / release.version
     out.mkdir(parents=True, exist_ok=True)
@@ -55,7 +51,7 @@ def render(release: Release, params: Params) -> Path:
             spec["template"]["metadata"]["labels"]["flywheel.version"] = release.version
             container = spec["template"]["spec"]["containers"][0]
             container["image"] = image
-            container["resources"] = _resources(config.cpu, config.memory, config.gpus if not external else 0)
+            container["resources"] = _resources(config.cpu, config.memory, config.gpus if not sidecar else 0)
             if config.api_keys_secret:
                 container.setdefault("env", []).append(
                     {
@@ -63,7 +59,7 @@ def render(release: Release, params: Params) -> Path:
                         "valueFrom": {"secretKeyRef": {"name": config.api_keys_secret, "key": "api-keys"}},
                     }
                 )
-            if external:
+            if sidecar:
                 _add_engine_sidecar(spec["template"]["spec"], container, params)
         elif kind == "HorizontalPodAutoscaler":
             manifest["spec"]["minReplicas"] = config.replicas
@@ -100,7 +96,7 @@ def _add_engine_sidecar(pod: dict, gateway: dict, params: Params) -> None:
             "name": "engine",
             "image": image,
             "command": ["python3", *VLLM_SERVER_MODULE],
-            "args": VllmEngine.server_args(params.serve, ENGINE_MODEL, "127.0.0.1", ENGINE_PORT),
+            "args": vllm_args(params.serve, ENGINE_MODEL, "127.0.0.1", ENGINE_PORT),
             "env": _engine_env(config.engine_memory, gpu=bool(config.gpus)),
             "resources": _resources(config.engine_cpu, config.engine_memory, config.gpus),
             "readinessProbe": {**probe, "failureThreshold": 3},

@@ -22,10 +22,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from flywheel import paths
 from flywheel.config import PackageParams, Params, source_file
 from flywheel.errors import FlywheelError
 from flywheel.io import atomic_dir, write_json
 from flywheel.release import registry
+from flywheel.serving.engine_commands import LLAMACPP_SERVER_VARIABLE, judged_export
 
 SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the project's own source, built as a wheel
 DOCKERFILE = SOURCE_ROOT / "infra" / "docker" / "Dockerfile"
@@ -39,6 +41,7 @@ SERVING_DISTRIBUTIONS = (
     "transformers",
     "fastapi",
     "uvicorn",
+    "httpx",
     "pydantic",
     "pyyaml",
     "sqlalchemy",
@@ -104,6 +107,43 @@ def materialise(version: str) -> Path:
         lineage_file.write_text(json.dumps({**lineage, "version": version}, indent=2) + "\n")
         readable_by_all(staging)
     return target
+
+
+def release_export(version: str) -> Path:
+    """Where `flywheel export --version V` writes V's 8-bit export, which llama.cpp serves."""
+    return RELEASES_DIR / f"{version}-q8_0"
+
+
+def serving_model(params: Params, version: str) -> Path:
+    """What serves `version`: its model, or for serve.engine llamacpp its 8-bit export, which the
+    gate must have judged (`flywheel export --version`: exporting and judging are not deploy's)."""
+    model = materialise(version)
+    if params.serve.engine != "llamacpp":
+        return model
+    target = release_export(version)
+    how = f"`flywheel export --version {version}` writes it and the gate judges it"
+    if not (target / paths.EXPORT_DESCRIPTION).is_file():
+        raise FlywheelError(f"serve.engine llamacpp serves the 8-bit export of {version}, and there is none: {how}")
+    if judged_export(target).get("gate") != "passed":
+        raise FlywheelError(f"the 8-bit export of {version} was never judged by the gate: {how}")
+    readable_by_all(target)
+    return target
+
+
+def engine_server(params: Params) -> Path | None:
+    """The engine's server the image carries: llama.cpp's, built here (make engine-llamacpp). An
+    image holds no vLLM: on Kubernetes vLLM runs beside the gateway as a sidecar of its own image."""
+    if params.serve.engine == "vllm":
+        raise FlywheelError(
+            "the serving image carries no vLLM: deploy --target kubernetes runs vLLM's own image as a sidecar; "
+            "the docker target serves serve.engine transformers or llamacpp"
+        )
+    if params.serve.engine != "llamacpp":
+        return None
+    server = Path(os.environ.get(LLAMACPP_SERVER_VARIABLE) or params.serve.llamacpp_server)
+    if not server.is_file():
+        raise FlywheelError(f"llama.cpp's server {server} does not exist: make engine-llamacpp builds it")
+    return server
 
 
 def readable_by_all(directory: Path) -> None:
@@ -189,9 +229,14 @@ def _link_tree(source: Path, target: Path) -> None:
             shutil.copy2(item, target / item.name)
 
 
-def build_context(context: Path, house: Path, model: Path, params_file: Path, bake_model: bool) -> None:
-    """Dockerfile, wheelhouse/, project/ (the flywheel wheel), model/ and params.yaml."""
+def build_context(
+    context: Path, house: Path, model: Path, params_file: Path, bake_model: bool, engine: Path | None
+) -> None:
+    """Dockerfile, wheelhouse/, project/ (the flywheel wheel), engine/, model/ and params.yaml."""
     shutil.copy(DOCKERFILE, context / "Dockerfile")
+    (context / "engine").mkdir()
+    if engine is not None:
+        shutil.copy(engine, context / "engine" / "llama-server")
     _link_tree(house, context / "wheelhouse")
     for unused in ("constraints.txt", "requirements-in.txt"):
         (context / "wheelhouse" / unused).unlink(missing_ok=True)
@@ -252,13 +297,14 @@ def package(params: Params, version: str | None = None, base_image: str | None =
     config = params.package
     version = version or registry.latest(registry.PROMOTED)
     base_image = base_image or config.base_image
+    engine = engine_server(params)
     client = docker_client()
     require_base_image(client, base_image)
-    model = materialise(version)
+    model = serving_model(params, version)
     house = wheelhouse(config)
     tag = image_tag(config, version)
     with tempfile.TemporaryDirectory(prefix="flywheel-package-") as context:
-        build_context(Path(context), house, model, source_file(params), config.bake_model)
+        build_context(Path(context), house, model, source_file(params), config.bake_model, engine)
         image = build_image(client, Path(context), tag, base_image, version, config.bake_model)
     record = {
         "version": version,
@@ -267,6 +313,7 @@ def package(params: Params, version: str | None = None, base_image: str | None =
         "size_bytes": image.attrs["Size"],
         "base_image": base_image,
         "model_baked_in": config.bake_model,
+        "engine": params.serve.engine,
         "model_dir": str(model),
     }
     write_json(RECORDS_DIR / f"{version}.json", record)

@@ -29,7 +29,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from flywheel.config import ServeParams
 from flywheel.serving import routes
 from flywheel.serving.auth import KEYS_FILE_VARIABLE, KEYS_VARIABLE, RateLimiter, load_api_keys
-from flywheel.serving.engine import load_engine, require_servable
+from flywheel.serving.engine import load_engine
+from flywheel.serving.engine_commands import require_servable
 from flywheel.serving.schemas import ApiError
 
 DRAIN_SECONDS = 20

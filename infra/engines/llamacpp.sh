@@ -5,8 +5,9 @@
 #
 # The sources come hash-checked from the machine's package index (infra/engines/llamacpp.txt); the
 # server alone is compiled, for this machine's CPU (GGML_NATIVE; GGML_NATIVE=OFF for a portable
-# build), statically linked to ggml: about 4 minutes on 2 cores. Needs cmake and a C++ compiler
-# (installed from Debian when missing, as root).
+# build), statically linked to ggml and with ggml's own thread pool rather than OpenMP, so that it
+# needs nothing beyond libstdc++ (the serving image copies it in): about 4 minutes on 2 cores. Needs
+# cmake and a C++ compiler (installed from Debian when missing, as root).
 set -euo pipefail
 
 out="$1"
@@ -30,7 +31,7 @@ command -v ninja >/dev/null && generator=(-G Ninja)
 echo "Building llama-server from $(basename "$(dirname "$(dirname "$source_dir")")") (log: $work/build.log)"
 {
     cmake -S "$source_dir" -B "$work/cmake" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
-        -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE="${GGML_NATIVE:-ON}" -DLLAMA_OPENSSL=OFF \
+        -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE="${GGML_NATIVE:-ON}" -DGGML_OPENMP=OFF -DLLAMA_OPENSSL=OFF \
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF \
         -DLLAMA_USE_PREBUILT_UI=OFF  # the web UI would be fetched from a hub; the gateway needs none
     cmake --build "$work/cmake" --target llama-server -j "$(nproc)"
