@@ -3,6 +3,9 @@
 # unpinned torch would pull several GB of CUDA wheels.
 
 PYTHON ?= python3
+# Prerequisites are prepared side by side: compiling llama.cpp's server (CPU) overlaps installing
+# environments and packages (mostly downloads). Each recipe's own lines stay in order.
+MAKEFLAGS += --jobs=3 --output-sync=line
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 TORCH := torch==2.13.0

@@ -14,5 +14,8 @@ if [[ "$(id -u)" != 0 ]] || ! command -v apt-get >/dev/null; then
     exit 1
 fi
 export DEBIAN_FRONTEND=noninteractive
+# One at a time: `make test` prepares its prerequisites in parallel, and apt takes no second caller.
+exec 9>/var/lib/apt/flywheel-install.lock
+flock 9
 apt-get install -y --no-install-recommends "$@" >/dev/null \
     || { apt-get update >/dev/null && apt-get install -y --no-install-recommends "$@" >/dev/null; }
