@@ -27,7 +27,7 @@ from flywheel.config import PackageParams, Params, source_file
 from flywheel.errors import FlywheelError
 from flywheel.io import atomic_dir, write_json
 from flywheel.release import registry
-from flywheel.serving.engine_commands import LLAMACPP_SERVER_VARIABLE, judged_export
+from flywheel.serving.engine_commands import judged_export, llamacpp_server
 
 SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the project's own source, built as a wheel
 DOCKERFILE = SOURCE_ROOT / "infra" / "docker" / "Dockerfile"
@@ -138,12 +138,7 @@ def engine_server(params: Params) -> Path | None:
             "the serving image carries no vLLM: deploy --target kubernetes runs vLLM's own image as a sidecar; "
             "the docker target serves serve.engine transformers or llamacpp"
         )
-    if params.serve.engine != "llamacpp":
-        return None
-    server = Path(os.environ.get(LLAMACPP_SERVER_VARIABLE) or params.serve.llamacpp_server)
-    if not server.is_file():
-        raise FlywheelError(f"llama.cpp's server {server} does not exist: make engine-llamacpp builds it")
-    return server
+    return llamacpp_server(params.serve) if params.serve.engine == "llamacpp" else None
 
 
 def readable_by_all(directory: Path) -> None:

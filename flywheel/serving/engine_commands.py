@@ -7,6 +7,7 @@ and check what a version serves with the same code the gateway uses (external.py
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from flywheel import modeling, paths, threads
@@ -30,6 +31,34 @@ VLLM_SERVER_MODULE = ("-m", "vllm.entrypoints.openai.api_server")
 # each the model's whole context, up to this many tokens in all (about 0.75 GB of float16 KV cache
 # for SmolLM2-135M): more is memory a CPU pod does not have. engine_args' --ctx-size overrides it.
 LLAMACPP_MAX_CONTEXT = 32768
+
+
+def vllm_python(config: ServeParams) -> Path:
+    return _installed(
+        ENGINE_PYTHON_VARIABLE,
+        config.engine_python,
+        "the engine's Python",
+        "serve.engine_python",
+        "make engine-vllm installs vLLM's CPU build there; docs/serving.md tells the GPU install",
+    )
+
+
+def llamacpp_server(config: ServeParams) -> Path:
+    return _installed(
+        LLAMACPP_SERVER_VARIABLE,
+        config.llamacpp_server,
+        "llama.cpp's server",
+        "serve.llamacpp_server",
+        "make engine-llamacpp builds it",
+    )
+
+
+def _installed(variable: str, configured: Path, what: str, setting: str, how: str) -> Path:
+    """What the environment variable names, else the configured path; a clear error if it is missing."""
+    path = Path(os.environ.get(variable) or configured)
+    if not path.is_file():
+        raise FlywheelError(f"{what} {path} does not exist ({setting}, or {variable}): {how}")
+    return path
 
 
 def vllm_args(config: ServeParams, model: str, host: str, port: int) -> list[str]:

@@ -30,14 +30,7 @@ from flywheel.net import free_port
 from flywheel.serving import engine_commands
 from flywheel.serving.batching import STREAM_STALL_S, Answer, Job
 from flywheel.serving.engine import Engine, Generation, TextStream, max_positions
-from flywheel.serving.engine_commands import (
-    ENGINE_MODEL_NAME,
-    ENGINE_PYTHON_VARIABLE,
-    ENGINE_URL_VARIABLE,
-    LLAMACPP_SERVER_VARIABLE,
-    VLLM_SERVER_MODULE,
-    judged_export,
-)
+from flywheel.serving.engine_commands import ENGINE_MODEL_NAME, ENGINE_URL_VARIABLE, VLLM_SERVER_MODULE, judged_export
 from flywheel.serving.schemas import ApiError
 
 STOP_GRACE_S = 30  # the engine's own drain after the gateway's, before it is killed
@@ -285,13 +278,7 @@ class VllmEngine(ExternalEngine):
         super().__init__(config, model_dir, registry)
 
     def executable(self, config: ServeParams) -> list[str]:
-        python = Path(os.environ.get(ENGINE_PYTHON_VARIABLE) or config.engine_python)
-        if not python.is_file():
-            raise FlywheelError(
-                f"the engine's Python {python} does not exist (serve.engine_python, or {ENGINE_PYTHON_VARIABLE}): "
-                "make engine-vllm installs vLLM's CPU build there; docs/serving.md tells the GPU install"
-            )
-        return [str(python), *VLLM_SERVER_MODULE]
+        return [str(engine_commands.vllm_python(config)), *VLLM_SERVER_MODULE]
 
     @staticmethod
     def server_args(config: ServeParams, model: str, host: str, port: int) -> list[str]:
@@ -319,13 +306,7 @@ class LlamaCppEngine(ExternalEngine):
         super().__init__(config, model_dir, registry)
 
     def executable(self, config: ServeParams) -> list[str]:
-        server = Path(os.environ.get(LLAMACPP_SERVER_VARIABLE) or config.llamacpp_server)
-        if not server.is_file():
-            raise FlywheelError(
-                f"llama.cpp's server {server} does not exist (serve.llamacpp_server, or {LLAMACPP_SERVER_VARIABLE}): "
-                "make engine-llamacpp builds it"
-            )
-        return [str(server)]
+        return [str(engine_commands.llamacpp_server(config))]
 
     def server_args(self, config: ServeParams, model: str, host: str, port: int) -> list[str]:
         return engine_commands.llamacpp_args(config, Path(model), host, port, self.max_positions)
