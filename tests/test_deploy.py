@@ -216,6 +216,8 @@ def test_kubernetes_manifests_are_rendered_with_the_version_and_resources(releas
     assert {"name": "FLYWHEEL_ENGINE_URL", "value": "http://127.0.0.1:8001"} in gateway["env"]
     assert engine["readinessProbe"]["httpGet"] == {"path": "/health", "port": 8001}
     assert pod["initContainers"][0]["image"] == "flywheel-model:v0.0.1"  # the model comes out of the version's image
+    refused = run([FLYWHEEL, "deploy", "v0.0.1", "--target", "docker"], repo, check=False)
+    assert refused.returncode != 0 and "image carries no vLLM" in refused.stderr
 
 
 def test_packaging_without_a_docker_engine_says_how_to_get_one(release_repo, tmp_path):

@@ -270,6 +270,11 @@ def deploy(params: Params, version: str | None = None, target: str | None = None
             registry.assign(version, registry.PRODUCTION)
             write_json(STATE_FILE, state)
         return state
+    if target == "docker" and params.serve.engine == "vllm":
+        raise FlywheelError(
+            "the docker target's image carries no vLLM (--target kubernetes runs vLLM's own image as a sidecar, "
+            "--target local starts it from serve.engine_python); set serve.engine to transformers or llamacpp"
+        )
     release = resolve(params, version, model_dir)
     if target == "docker" and not release.registered:
         raise FlywheelError("the docker target deploys a packaged, registered version, not --model")

@@ -133,11 +133,6 @@ def serving_model(params: Params, version: str) -> Path:
 def engine_server(params: Params) -> Path | None:
     """The engine's server the image carries: llama.cpp's, built here (make engine-llamacpp). An
     image holds no vLLM: on Kubernetes vLLM runs beside the gateway as a sidecar of its own image."""
-    if params.serve.engine == "vllm":
-        raise FlywheelError(
-            "the serving image carries no vLLM: deploy --target kubernetes runs vLLM's own image as a sidecar; "
-            "the docker target serves serve.engine transformers or llamacpp"
-        )
     return llamacpp_server(params.serve) if params.serve.engine == "llamacpp" else None
 
 
