@@ -4,8 +4,9 @@
 
 PYTHON ?= python3
 # Prerequisites are prepared side by side: compiling llama.cpp's server (CPU) overlaps installing
-# environments and packages (mostly downloads). Each recipe's own lines stay in order.
-MAKEFLAGS += --jobs=3 --output-sync=line
+# environments and packages (mostly downloads); their messages may interleave. Not --output-sync:
+# it would hold back pytest's output until the whole suite has run.
+MAKEFLAGS += --jobs=3
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 TORCH := torch==2.13.0
