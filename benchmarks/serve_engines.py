@@ -35,6 +35,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from flywheel import paths  # noqa: E402
 from flywheel.net import free_port  # noqa: E402
 from flywheel.serving.request_log import RequestLog  # noqa: E402
 
@@ -46,7 +47,7 @@ ENGINES = ("builtin", "vllm", "llamacpp")
 
 def exported(model: str) -> str:
     """The model's 8-bit export for llama.cpp, written and judged by the gate when missing."""
-    export = Path("models/export") / f"{Path(model).name}-q8_0"
+    export = paths.EXPORTS / f"{Path(model).name}-q8_0"
     if not (export / "export.json").is_file():
         flywheel = str(Path(sys.executable).parent / "flywheel")
         if subprocess.run([flywheel, "export", "--model", model, "--out", str(export)]).returncode != 0:

@@ -46,7 +46,7 @@ from flywheel.release.backends import (
     tail,
 )
 from flywheel.serving.auth import client_headers
-from flywheel.serving.engine_commands import judged_export, require_servable
+from flywheel.serving.engine_commands import judged_export
 
 SERVING_DIR = Path("data/serving")
 STATE_FILE = SERVING_DIR / "deployment.json"
@@ -59,9 +59,9 @@ SWITCH_GRACE_S = 1.0
 def resolve(params: Params, version: str | None, model_dir: str | None) -> Release:
     if model_dir:
         path = Path(model_dir)
-        require_servable(params.serve, path)
-        if params.serve.engine == "llamacpp":
+        if params.serve.engine == "llamacpp":  # a GGUF export, versioned by the model it came from
             return Release(judged_export(path)["source_version"], path, registered=False)
+        modeling.require_model(path)
         return Release(modeling.model_version(path), path, registered=False)
     version = version or registry.latest(registry.PROMOTED)
     registry.require_promotable(version, registry.PRODUCTION)

@@ -2,9 +2,10 @@
 
 `serve.engine` picks one: `transformers` is built in (model.generate in this process, concurrent
 requests batched: flywheel/serving/batching.py); `vllm` and `llamacpp` are external servers
-Flywheel starts and proxies to (flywheel/serving/external.py). Whatever the engine, the gateway (routes.py) does the
-rest the same way: keys and limits, the chat template (rendered here, with the model's own
-tokenizer, so every engine sees the same prompt), the request log, metrics and the drain.
+Flywheel starts and proxies to (flywheel/serving/external.py). Whatever the engine, the gateway
+(routes.py) does the rest the same way: keys and limits, the chat template (rendered here, with
+the model's own tokenizer, so every engine sees the same prompt), the request log, metrics and
+the drain.
 """
 
 from __future__ import annotations
